@@ -1,0 +1,195 @@
+"""Advantage estimators: a registry of functions ``-> advantages[B,T]`` (zero off the mask).
+
+Legend: ``B`` responses, ``T`` padded response positions, ``rewards[B]`` scalar outcome rewards,
+``mask[B,T]`` action tokens, ``group_ids[B]`` prompt index in ``[0, B)`` (G responses share one),
+``kl[B,T]`` a per-token KL sample (already stop-gradient), ``values[B,T]`` critic values.
+Advantages are constants of the policy loss: every estimator runs under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_rl.algo.masked import as_float_mask, group_mean_std, masked_whiten, seq_len, suffix_sum
+from megatron_rl.algo.registry import Registry, check_params, keyword_params
+
+Tensor = torch.Tensor
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+DATA_ARGS = ("rewards", "mask", "group_ids", "kl", "values")
+
+
+def compute_advantages(
+    name: str,
+    *,
+    rewards: Tensor,
+    mask: Tensor,
+    group_ids: Tensor,
+    kl: Optional[Tensor] = None,
+    values: Optional[Tensor] = None,
+    **params,
+) -> Tensor:
+    """Advantages ``[B,T]`` of the registered estimator ``name`` (see ``ADVANTAGE_ESTIMATORS``).
+
+    ``params`` are the estimator's keyword parameters; an unknown one raises ``TypeError`` naming
+    it and listing the accepted ones.
+    """
+    fn = ADVANTAGE_ESTIMATORS.get_fn(name)
+    check_params("advantage estimator", name, params, estimator_params(name))
+    with torch.no_grad():
+        return fn(rewards=rewards, mask=mask, group_ids=group_ids, kl=kl, values=values, **params)
+
+
+def estimator_params(name: str) -> dict:
+    """The tunable parameters of an estimator with their defaults."""
+    return keyword_params(ADVANTAGE_ESTIMATORS.get_fn(name), skip=DATA_ARGS)
+
+
+def last_token(mask: Tensor) -> Tensor:
+    """``[B,T]`` bool: the last action token of each sequence (none for an empty sequence)."""
+    m = mask.to(torch.int64)
+    after = m.flip(-1).cumsum(-1).flip(-1) - m  # action tokens strictly after j
+    return (m > 0) & (after == 0)
+
+
+def _normalise_in_group(x, valid, group_ids, *, norm_by_std, eps, unbiased_std, std_min=None, std_max=None):
+    mean, std, n = group_mean_std(x, valid, group_ids, unbiased=unbiased_std)
+    adv = x - mean
+    if norm_by_std:
+        if std_min is not None or std_max is not None:
+            std = std.clamp(min=std_min, max=std_max)
+        adv = adv / (std + eps)
+    # a lone response (or position) has no baseline to compare with: no learning signal
+    return torch.where(n > 1, adv, torch.zeros_like(adv))
+
+
+def _require(tensor, what: str, name: str):
+    if tensor is None:
+        raise ValueError(f"advantage estimator {name!r} needs {what}")
+    return tensor
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo")
+def grpo(
+    *, rewards, mask, group_ids, kl=None, values=None,
+    norm_by_std: bool = True, eps: float = 1e-6, unbiased_std: bool = True,
+    std_min: Optional[float] = None, std_max: Optional[float] = None,
+) -> Tensor:
+    """GRPO: ``A_g = (R_g - mean(R)) / (std(R) + eps)`` over the group, on every action token.
+
+    ``std_min/std_max`` clip the std before dividing (a near-constant group otherwise gets huge
+    advantages); ``norm_by_std=False`` is Dr.GRPO. A group of one gets advantage 0.
+    """
+    ones = torch.ones_like(rewards)
+    adv = _normalise_in_group(rewards, ones, group_ids, norm_by_std=norm_by_std, eps=eps,
+                              unbiased_std=unbiased_std, std_min=std_min, std_max=std_max)
+    return adv[:, None] * as_float_mask(mask, adv)
+
+
+@ADVANTAGE_ESTIMATORS.register("dr_grpo")
+def dr_grpo(*, rewards, mask, group_ids, kl=None, values=None) -> Tensor:
+    """Dr.GRPO: ``A_g = R_g - mean(R)`` (no std normalisation, which biases towards easy/hard
+    prompts); pair it with the ``seq-mean-token-sum`` aggregation and a constant normaliser."""
+    return grpo(rewards=rewards, mask=mask, group_ids=group_ids, norm_by_std=False)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo(*, rewards, mask, group_ids, kl=None, values=None) -> Tensor:
+    """RLOO: ``A_g = R_g - mean of the other G-1 rewards = G/(G-1) * (R_g - mean(R))``."""
+    mean, _, n = group_mean_std(rewards, torch.ones_like(rewards), group_ids)
+    adv = torch.where(n > 1, (rewards - mean) * n / (n - 1).clamp_min(1), torch.zeros_like(rewards))
+    return adv[:, None] * as_float_mask(mask, adv)
+
+
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """``G_j = sum_{k >= j, action} gamma^(#actions between) r_k``; environment tokens are skipped
+    (they neither earn reward nor count as a step)."""
+    if gamma == 1.0:
+        return suffix_sum(token_rewards, mask) * as_float_mask(mask, token_rewards)
+    m = as_float_mask(mask, token_rewards)
+    out = torch.zeros_like(token_rewards)
+    running = torch.zeros_like(token_rewards[:, 0])
+    for t in range(token_rewards.shape[1] - 1, -1, -1):
+        here = token_rewards[:, t] + gamma * running
+        running = m[:, t] * here + (1 - m[:, t]) * running
+        out[:, t] = m[:, t] * here
+    return out
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+def reinforce_pp(
+    *, rewards, mask, group_ids, kl=None, values=None,
+    kl_coef: float = 0.0, gamma: float = 1.0, baseline: str = "none",
+) -> Tensor:
+    """REINFORCE++: per-token reward ``-kl_coef * kl`` plus ``R`` at the last action token,
+    discounted returns, whitened over the whole batch. ``baseline="group"`` first subtracts the
+    group mean of ``R`` (REINFORCE++-baseline)."""
+    if baseline not in ("none", "group"):
+        raise ValueError(f"reinforce_pp baseline must be 'none' or 'group', got {baseline!r}")
+    r = rewards
+    if baseline == "group":
+        mean, _, _ = group_mean_std(rewards, torch.ones_like(rewards), group_ids)
+        r = rewards - mean
+    m = as_float_mask(mask, r)
+    token_r = last_token(mask).to(r.dtype) * r[:, None]
+    if kl_coef != 0.0:
+        token_r = token_r - kl_coef * _require(kl, "kl (kl_coef != 0)", "reinforce_pp") * m
+    return masked_whiten(discounted_returns(token_r, mask, gamma), mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("gae")
+def gae(
+    *, rewards, mask, group_ids, kl=None, values=None,
+    gamma: float = 1.0, lam: float = 1.0, kl_coef: float = 0.0, whiten: bool = True,
+) -> Tensor:
+    """GAE(gamma, lambda) with per-token reward ``-kl_coef * kl`` plus ``R`` at the last action
+    token; the bootstrap after the last token is 0. Environment tokens are skipped: the next
+    state of an action token is the next action token."""
+    v = _require(values, "values", "gae")
+    m = as_float_mask(mask, v)
+    r = last_token(mask).to(v.dtype) * rewards[:, None]
+    if kl_coef != 0.0:
+        r = r - kl_coef * _require(kl, "kl (kl_coef != 0)", "gae") * m
+    adv = torch.zeros_like(v)
+    next_v = torch.zeros_like(v[:, 0])
+    next_adv = torch.zeros_like(v[:, 0])
+    for t in range(v.shape[1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        here = delta + gamma * lam * next_adv
+        next_adv = m[:, t] * here + (1 - m[:, t]) * next_adv
+        next_v = m[:, t] * v[:, t] + (1 - m[:, t]) * next_v
+        adv[:, t] = m[:, t] * here
+    return masked_whiten(adv, mask) if whiten else adv
+
+
+def future_kl_returns(
+    rewards: Tensor, kl: Tensor, mask: Tensor, beta: float, lengths: Optional[Tensor] = None
+) -> Tensor:
+    """``r_j = R - beta / H * sum_{k >= j} K_k`` on action tokens (0 elsewhere).
+
+    ``H`` is the response's own action count (``lengths[B]`` overrides it, e.g. the global length
+    of a CP-sharded sequence). ``K`` should be stop-gradient ``lp - lp_ref`` (k1)."""
+    if lengths is None:
+        lengths = seq_len(mask, kl.dtype)
+    per_token = kl / lengths.to(kl.dtype).clamp_min(1)[:, None]
+    r = rewards[:, None].to(kl.dtype) - beta * suffix_sum(per_token, mask)
+    return r * as_float_mask(mask, r)
+
+
+@ADVANTAGE_ESTIMATORS.register("future_kl_grpo")
+def future_kl_grpo(
+    *, rewards, mask, group_ids, kl=None, values=None,
+    beta: float = 0.05, norm_by_std: bool = True, eps: float = 1e-6, unbiased_std: bool = True,
+) -> Tensor:
+    """Token-level KL-regularised GRPO: future-KL returns ``r_j`` normalised per position ``j``
+    across the responses of the group that have an action token at ``j``.
+
+    A position with a single valid response gets advantage 0. The KL lives in the advantage only:
+    adding a KL term to the loss as well would count it twice.
+    """
+    r = future_kl_returns(rewards, _require(kl, "kl", "future_kl_grpo"), mask, beta)
+    adv = _normalise_in_group(r, mask, group_ids, norm_by_std=norm_by_std, eps=eps,
+                              unbiased_std=unbiased_std)
+    return adv * as_float_mask(mask, adv)

@@ -1,0 +1,209 @@
+"""Policy losses: a registry of presets over one REINFORCE-form core, and the aggregations.
+
+Per action token the loss is ``-sg(w) * A * lp`` (written ``-w * A * exp(lp - sg(lp))`` so that
+its value is ``-w * A``, the familiar surrogate, and its gradient ``-w * A * grad lp``), plus the
+optional KL-in-loss, KL-Cov and entropy terms; ``w`` = weight function of the IS ratio, times the
+truncated-IS correction, with Clip-Cov's selection zeroed.
+
+Aggregations, with GLOBAL denominators (all ranks and micro-batches of the optimizer step, computed
+once before the first micro-batch and passed in as ``num_tokens`` / ``num_seqs``):
+  token-mean           sum_{i,t} l_it / num_tokens
+  seq-mean-token-mean  sum_i (sum_t l_it / H_i) / num_seqs                       (classic GRPO, GSPO)
+  seq-mean-token-sum   sum_i (sum_t l_it) / (num_seqs * norm_constant)           (Dr.GRPO, Dr.GSPO)
+Summing a micro-batch's loss over micro-batches and ranks gives the step's loss. Metrics are
+tensors with the same denominators, so they sum the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from megatron_rl.algo import entropy_control
+from megatron_rl.algo.kl import kl_estimate
+from megatron_rl.algo.masked import as_float_mask, seq_len
+from megatron_rl.algo.ratios import log_ratio
+from megatron_rl.algo.registry import Registry, check_params, keyword_params
+from megatron_rl.algo.weights import WEIGHT_FUNCTIONS, truncated_is
+
+Tensor = torch.Tensor
+
+POLICY_LOSSES = Registry("policy loss")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: a stale token must not overflow the ratio to inf
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch. ``[B,T]`` tensors; ``num_tokens``/``num_seqs`` global step counts (tensor
+    or float); ``seq_lengths[B]`` overrides local action counts (CP-sharded sequences)."""
+
+    logprobs: Tensor
+    old_logprobs: Tensor
+    advantages: Tensor
+    mask: Tensor
+    num_tokens: object
+    num_seqs: object
+    ref_logprobs: Optional[Tensor] = None
+    rollout_logprobs: Optional[Tensor] = None
+    entropy: Optional[Tensor] = None
+    seq_lengths: Optional[Tensor] = None
+
+
+@dataclass
+class Extras:
+    """Parameters every loss accepts: aggregation constant, entropy bonus, truncated IS against
+    the rollout engine's log-probs, and entropy control (none | clip_cov | kl_cov)."""
+
+    norm_constant: float = 1.0
+    entropy_coef: float = 0.0
+    tis_cap: Optional[float] = None
+    tis_mode: str = "truncate"
+    tis_level: str = "token"
+    entropy_control: str = "none"
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-3
+    kl_cov_coef: float = 1.0
+    generator: Optional[torch.Generator] = None
+
+
+EXTRA_PARAMS = {f.name: f.default for f in fields(Extras)}
+
+
+def aggregate(per_token: Tensor, x: LossInputs, agg: str, norm_constant: float = 1.0) -> Tensor:
+    """Reduce ``per_token[B,T]`` to this micro-batch's share of the step loss (see module doc)."""
+    m = as_float_mask(x.mask, per_token)
+    if agg == "token-mean":
+        return (per_token * m).sum() / x.num_tokens
+    if agg == "seq-mean-token-mean":
+        lengths = x.seq_lengths if x.seq_lengths is not None else seq_len(x.mask, per_token.dtype)
+        per_seq = (per_token * m).sum(-1) / lengths.to(per_token.dtype).clamp_min(1)
+        return per_seq.sum() / x.num_seqs
+    if agg == "seq-mean-token-sum":
+        return (per_token * m).sum() / (x.num_seqs * norm_constant)
+    raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGREGATIONS)}")
+
+
+def policy_loss(name: str, **kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """``policy_loss(name, *, logprobs, old_logprobs, advantages, mask, num_tokens, num_seqs,
+    ref_logprobs=None, rollout_logprobs=None, entropy=None, seq_lengths=None, **params)``
+    -> ``(loss, metrics)``. ``params``: the preset's own (see ``loss_params(name)``)."""
+    fn = POLICY_LOSSES.get_fn(name)
+    data = {f.name: kwargs.pop(f.name) for f in fields(LossInputs) if f.name in kwargs}
+    x = LossInputs(**data)
+    check_params("policy loss", name, kwargs, loss_params(name))
+    extras = Extras(**{k: kwargs.pop(k) for k in list(kwargs) if k in EXTRA_PARAMS})
+    return fn(x, extras, **kwargs)
+
+
+def loss_params(name: str) -> dict:
+    """All parameters a preset accepts, with defaults: its own plus ``Extras``."""
+    return {**keyword_params(POLICY_LOSSES.get_fn(name)), **EXTRA_PARAMS}
+
+
+def reinforce_form(
+    x: LossInputs, e: Extras, *, ratio: str, weight: str, weight_params: dict, agg: str,
+    kl_coef: float = 0.0, kl_kind: str = "k3",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The core every preset calls; returns ``(loss, metrics)``."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGREGATIONS)}")
+    m = as_float_mask(x.mask, x.logprobs)
+    lp, adv = x.logprobs, x.advantages.detach()
+    log_rho = log_ratio(ratio, lp, x.old_logprobs, x.mask, x.seq_lengths).detach()
+    rho = log_rho.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
+    wfn = WEIGHT_FUNCTIONS.get_fn(weight)
+    check_params("weight function", weight, weight_params, keyword_params(wfn))
+    W = wfn(rho, adv, **weight_params)
+    w = W.w
+    metrics = {"clip_frac_low": W.clipped_low, "clip_frac_high": W.clipped_high, "ratio_mean": rho}
+    if x.rollout_logprobs is not None:
+        metrics["rollout_mismatch_k3"] = kl_estimate(x.rollout_logprobs, x.old_logprobs, "k3").detach()
+        if e.tis_cap is not None:
+            tis = truncated_is(x.old_logprobs, x.rollout_logprobs, x.mask, cap=e.tis_cap,
+                               mode=e.tis_mode, level=e.tis_level)
+            w = w * tis.w
+            metrics["tis_capped_frac"] = tis.capped
+    per_token, w = _entropy_control(x, e, w, adv, metrics)
+    per_token = per_token - w * adv * torch.exp(lp - lp.detach())
+    metrics["pg_loss"] = aggregate(per_token.detach(), x, agg, e.norm_constant)
+    if x.ref_logprobs is not None:
+        kl = kl_estimate(lp, x.ref_logprobs, kl_kind)
+        metrics["kl"] = kl.detach()
+        if kl_coef != 0.0:
+            per_token = per_token + kl_coef * kl
+    if x.entropy is not None:
+        metrics["entropy"] = x.entropy.detach()
+        if e.entropy_coef != 0.0:
+            per_token = per_token - e.entropy_coef * x.entropy
+    loss = aggregate(per_token, x, agg, e.norm_constant)
+    return loss, _finish_metrics(metrics, m, x.num_tokens)
+
+
+def _entropy_control(x: LossInputs, e: Extras, w: Tensor, adv: Tensor, metrics: dict):
+    """Apply Clip-Cov (zero ``w`` on selected tokens) or KL-Cov (penalty term); returns the
+    per-token penalty so far and the possibly modified weight."""
+    penalty = torch.zeros_like(x.logprobs)
+    if e.entropy_control == "none":
+        return penalty, w
+    cov = entropy_control.centred_covariance(adv, x.logprobs, x.mask)
+    if e.entropy_control == "clip_cov":
+        sel = entropy_control.clip_cov_select(cov, x.mask, ratio=e.clip_cov_ratio,
+                                              lb=e.clip_cov_lb, ub=e.clip_cov_ub, generator=e.generator)
+        w = torch.where(sel, torch.zeros_like(w), w)
+    elif e.entropy_control == "kl_cov":
+        sel = entropy_control.kl_cov_select(cov, x.mask, ratio=e.kl_cov_ratio)
+        penalty = torch.where(sel, e.kl_cov_coef * (x.logprobs - x.old_logprobs).abs(), penalty)
+    else:
+        raise ValueError(f"entropy_control must be none, clip_cov or kl_cov, got {e.entropy_control!r}")
+    metrics["cov_selected_frac"] = sel
+    return penalty, w
+
+
+def _finish_metrics(metrics: dict, m: Tensor, num_tokens) -> Dict[str, Tensor]:
+    out = {}
+    for k, v in metrics.items():
+        out[k] = v if v.dim() == 0 else (v.to(m.dtype) * m).sum() / num_tokens
+    return out
+
+
+@POLICY_LOSSES.register("grpo")
+def grpo(x, e, *, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: Optional[float] = None,
+         kl_coef: float = 0.0, kl_kind: str = "k3", agg: str = "token-mean"):
+    """Token ratios, PPO clip (``eps_high > eps_low`` = clip-higher, optional dual clip), optional
+    KL-in-loss (``kl_kind`` k2 or k3; k1 belongs in the reward)."""
+    return reinforce_form(x, e, ratio="token", weight="ppo_clip", agg=agg, kl_coef=kl_coef,
+                          kl_kind=kl_kind,
+                          weight_params=dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip))
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo(x, e, *, eps_low: float = 3e-4, eps_high: float = 4e-4, kl_coef: float = 0.0,
+         kl_kind: str = "k3", agg: str = "seq-mean-token-mean"):
+    """GSPO-token: the sequence ratio ``s_i`` (geometric mean) on every token, clipped at the
+    sequence level. ``agg="seq-mean-token-sum"`` with ``norm_constant`` is Dr.GSPO (objective
+    times H)."""
+    return reinforce_form(x, e, ratio="sequence", weight="ppo_clip", agg=agg, kl_coef=kl_coef,
+                          kl_kind=kl_kind, weight_params=dict(eps_low=eps_low, eps_high=eps_high))
+
+
+@POLICY_LOSSES.register("future_kl_grpo")
+def future_kl_grpo(x, e, *, ratio: str = "token", weight: str = "ppo_clip",
+                   weight_params: Optional[dict] = None, agg: str = "token-mean"):
+    """Token-level KL-regularised GRPO: the KL is already in the advantages (``future_kl_grpo``
+    estimator), so there is no KL term here; ratio kind token, sequence or future."""
+    return reinforce_form(x, e, ratio=ratio, weight=weight, weight_params=dict(weight_params or {}),
+                          agg=agg)
+
+
+@POLICY_LOSSES.register("reinforce")
+def reinforce(x, e, *, ratio: str = "token", weight: str = "none",
+              weight_params: Optional[dict] = None, agg: str = "token-mean",
+              kl_coef: float = 0.0, kl_kind: str = "k3"):
+    """Generic REINFORCE form: any ratio kind, any weight function, optional KL-in-loss."""
+    return reinforce_form(x, e, ratio=ratio, weight=weight, weight_params=dict(weight_params or {}),
+                          agg=agg, kl_coef=kl_coef, kl_kind=kl_kind)
