@@ -38,7 +38,8 @@ MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: a stale token must not overflow the ratio
 @dataclass
 class LossInputs:
     """One micro-batch. ``[B,T]`` tensors; ``num_tokens``/``num_seqs`` global step counts (tensor
-    or float); ``seq_lengths[B]`` overrides local action counts (CP-sharded sequences)."""
+    or float); ``seq_lengths[B]`` overrides local action counts (CP-sharded sequences);
+    ``generator`` seeds Clip-Cov's random selection."""
 
     logprobs: Tensor
     old_logprobs: Tensor
@@ -50,6 +51,7 @@ class LossInputs:
     rollout_logprobs: Optional[Tensor] = None
     entropy: Optional[Tensor] = None
     seq_lengths: Optional[Tensor] = None
+    generator: Optional[torch.Generator] = None  # seeds Clip-Cov's random selection
 
 
 @dataclass
@@ -68,7 +70,6 @@ class Extras:
     clip_cov_ub: float = 5.0
     kl_cov_ratio: float = 2e-3
     kl_cov_coef: float = 1.0
-    generator: Optional[torch.Generator] = None
 
 
 EXTRA_PARAMS = {f.name: f.default for f in fields(Extras)}
@@ -90,8 +91,8 @@ def aggregate(per_token: Tensor, x: LossInputs, agg: str, norm_constant: float =
 
 def policy_loss(name: str, **kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
     """``policy_loss(name, *, logprobs, old_logprobs, advantages, mask, num_tokens, num_seqs,
-    ref_logprobs=None, rollout_logprobs=None, entropy=None, seq_lengths=None, **params)``
-    -> ``(loss, metrics)``. ``params``: the preset's own (see ``loss_params(name)``)."""
+    ref_logprobs=None, rollout_logprobs=None, entropy=None, seq_lengths=None, generator=None,
+    **params)`` -> ``(loss, metrics)``. ``params``: the preset's own (see ``loss_params(name)``)."""
     fn = POLICY_LOSSES.get_fn(name)
     data = {f.name: kwargs.pop(f.name) for f in fields(LossInputs) if f.name in kwargs}
     x = LossInputs(**data)
@@ -153,7 +154,7 @@ def _entropy_control(x: LossInputs, e: Extras, w: Tensor, adv: Tensor, metrics: 
     cov = entropy_control.centred_covariance(adv, x.logprobs, x.mask)
     if e.entropy_control == "clip_cov":
         sel = entropy_control.clip_cov_select(cov, x.mask, ratio=e.clip_cov_ratio,
-                                              lb=e.clip_cov_lb, ub=e.clip_cov_ub, generator=e.generator)
+                                              lb=e.clip_cov_lb, ub=e.clip_cov_ub, generator=x.generator)
         w = torch.where(sel, torch.zeros_like(w), w)
     elif e.entropy_control == "kl_cov":
         sel = entropy_control.kl_cov_select(cov, x.mask, ratio=e.kl_cov_ratio)

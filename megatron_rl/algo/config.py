@@ -1,0 +1,81 @@
+"""The ``algo`` config section: which advantage estimator and policy loss, with their parameters.
+
+Parameters are checked against the registered function's keyword signature at load time, so
+``algo.loss.params.eps_hgh`` fails before anything runs, naming the key and the accepted ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+from megatron_rl.algo.advantages import ADVANTAGE_ESTIMATORS, estimator_params
+from megatron_rl.algo.kl import KL_ESTIMATORS
+from megatron_rl.algo.losses import POLICY_LOSSES, loss_params
+from megatron_rl.algo.registry import check_params, keyword_params
+from megatron_rl.algo.weights import WEIGHT_FUNCTIONS
+from megatron_rl.config.fields import ConfigError, field_
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "future_kl_grpo")
+
+
+@dataclass
+class AdvantageConfig:
+    name: str = "grpo"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str = "gspo"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO soft overlong punishment added to the reward (``buffer_len`` 0 = off)."""
+
+    buffer_len: int = field_(0, ge=0)
+    penalty_factor: float = field_(1.0, ge=0.0)
+
+
+@dataclass
+class AlgoConfig:
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    kl_estimator: str = field_("k1", choices=tuple(KL_ESTIMATORS),
+                               help="per-token KL fed to the advantage (future_kl_grpo, reinforce_pp, gae)")
+    dynamic_sampling: bool = field_(False, help="DAPO: drop groups whose rewards are all equal")
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+
+    def check(self, prefix: str = "algo") -> None:
+        """Names exist in their registries and every parameter is one the function accepts."""
+        _lookup(ADVANTAGE_ESTIMATORS, self.advantage.name, f"{prefix}.advantage.name")
+        _lookup(POLICY_LOSSES, self.loss.name, f"{prefix}.loss.name")
+        if self.loss.name == "future_kl_grpo" and self.advantage.name != "future_kl_grpo":
+            raise ConfigError(
+                f"{prefix}.loss.name=future_kl_grpo expects {prefix}.advantage.name=future_kl_grpo "
+                f"(the KL lives in those advantages); got {self.advantage.name!r}")
+        _params("advantage estimator", self.advantage.name, self.advantage.params,
+                estimator_params(self.advantage.name), f"{prefix}.advantage.params")
+        _params("policy loss", self.loss.name, self.loss.params, loss_params(self.loss.name),
+                f"{prefix}.loss.params")
+        wname = self.loss.params.get("weight")
+        if wname is not None:
+            wfn = _lookup(WEIGHT_FUNCTIONS, wname, f"{prefix}.loss.params.weight")
+            _params("weight function", wname, self.loss.params.get("weight_params") or {},
+                    keyword_params(wfn), f"{prefix}.loss.params.weight_params")
+
+
+def _lookup(registry, name, path):
+    try:
+        return registry.get_fn(name)
+    except KeyError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _params(what, name, params, accepted, path):
+    try:
+        check_params(what, name, params, accepted)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,51 @@
+"""The root ``RunConfig``: the sections owned by their modules, and the rules that span sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_rl.algo.config import GROUP_ESTIMATORS, AlgoConfig
+from megatron_rl.config.fields import ConfigError, check_fields
+from megatron_rl.model.config import ModelConfig
+from megatron_rl.parallel.config import ParallelConfig
+from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.toy import ToyConfig
+from megatron_rl.train.config import TrainConfig
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Field constraints of every section, then the rules that involve more than one."""
+    check_fields(cfg, "")
+    cfg.algo.check("algo")
+    if cfg.algo.advantage.name in GROUP_ESTIMATORS and cfg.rollout.n_samples_per_prompt < 2:
+        raise ConfigError(
+            f"rollout.n_samples_per_prompt: algo.advantage.name={cfg.algo.advantage.name} compares "
+            f"responses within a group, so it needs at least 2; got {cfg.rollout.n_samples_per_prompt}")
+    responses = cfg.train.prompts_per_step * cfg.rollout.n_samples_per_prompt
+    if cfg.train.prompts_per_step % cfg.train.updates_per_step:
+        raise ConfigError(
+            f"train.updates_per_step: {cfg.train.updates_per_step} mini-batches must split "
+            f"train.prompts_per_step={cfg.train.prompts_per_step} whole groups evenly")
+    if cfg.train.micro_batch_size > responses:
+        raise ConfigError(
+            f"train.micro_batch_size: {cfg.train.micro_batch_size} exceeds the {responses} responses "
+            "of a step (train.prompts_per_step x rollout.n_samples_per_prompt)")
+    if cfg.algo.overlong.buffer_len > cfg.rollout.max_response_len:
+        raise ConfigError(
+            f"algo.overlong.buffer_len: {cfg.algo.overlong.buffer_len} exceeds "
+            f"rollout.max_response_len={cfg.rollout.max_response_len}")
+
+
+def validate_world(cfg: RunConfig, world_size: int) -> int:
+    """Checks the parallel layout against the launched world size; returns the DP size."""
+    return cfg.parallel.data_parallel_size(world_size)

@@ -1,0 +1,1 @@
+"""Model construction (Megatron-Core GPTModel with MoE layers) and its config section."""

@@ -1,0 +1,1 @@
+"""Everything that crosses ranks. The loss path calls collectives only from this package."""

@@ -1,0 +1,1 @@
+"""Rollout generation (vLLM engine, weight sync) and its config section."""

@@ -1,0 +1,1 @@
+"""The training step: Megatron forward/backward adapter, loss scaling, optimizer."""
