@@ -1,0 +1,25 @@
+# The two quick-start commands. Both create .venv (Python >= 3.11) on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: run test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, by exact version: it resolves to the CPU wheel, never the CUDA build
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv  ## train the toy policy with GSPO on CPU, end to end
+	$(VENV)/bin/megatron-rl train --config configs/recipes/toy_gspo.yaml
+
+test: venv  ## the test suite CI runs
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+clean:
+	rm -rf $(VENV) runs

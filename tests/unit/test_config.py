@@ -1,0 +1,86 @@
+import pathlib
+
+import pytest
+
+from megatron_rl.cli import main
+from megatron_rl.config import ConfigError, load_config, validate_world
+
+RECIPES = pathlib.Path(__file__).resolve().parents[2] / "configs" / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    load_config(recipe)
+
+
+def test_defaults_chain_merges_parents_first_and_overrides_last():
+    cfg = load_config(RECIPES / "toy_gspo.yaml", ["train.steps=7", "algo.loss.params.eps_high=0.5"])
+    assert cfg.model.kind == "toy"                         # from base.yaml
+    assert cfg.rollout.max_response_len == 4               # from toy_base.yaml
+    assert cfg.train.updates_per_step == 2                 # from toy_gspo.yaml
+    assert cfg.train.steps == 7 and cfg.algo.loss.params["eps_high"] == 0.5  # overrides
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.lrr=1", "unknown key train.lrr (did you mean 'lr'?)"),
+    ("trian.lr=1", "unknown key trian"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=0", "train.steps: must be >= 1"),
+    ("rollout.top_p=1.5", "rollout.top_p: must be <= 1"),
+    ("rollout.n_samples_per_prompt=1", "rollout.n_samples_per_prompt"),
+    ("algo.advantage.name=grpoo", "algo.advantage.name: unknown advantage estimator 'grpoo'"),
+    ("algo.loss.params.eps_hgh=0.1", "algo.loss.params: policy loss 'gspo' has no parameter 'eps_hgh'"),
+    ("algo.advantage.params.betta=1", "algo.advantage.params"),
+    ("algo.kl_estimator=k5", "algo.kl_estimator: must be one of k1, k2, k3"),
+    ("algo.loss.name=future_kl_grpo", "expects algo.advantage.name=future_kl_grpo"),
+    ("train.updates_per_step=3", "train.updates_per_step"),
+    ("no_equals_sign", "expected key=value"),
+])
+def test_bad_values_fail_at_load_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPES / "toy_gspo.yaml", [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_weight_params_are_checked_against_the_weight_function(tmp_path):
+    with pytest.raises(ConfigError, match="weight_params: weight function 'ppo_clip' has no parameter 'q'"):
+        load_config(RECIPES / "toy_future_kl_grpo.yaml", ["algo.loss.params.weight_params.q=1"])
+
+
+def test_recipe_file_problems_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a]\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("train:\n  stesp: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key train.stesp \(did you mean 'steps'\?\)"):
+        load_config(tmp_path / "typo.yaml")
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_world_size_must_tile_the_parallel_layout():
+    cfg = load_config(RECIPES / "toy_gspo.yaml", ["parallel.tensor_model_parallel_size=2",
+                                                  "parallel.context_parallel_size=2"])
+    assert validate_world(cfg, 8) == 2
+    with pytest.raises(ConfigError, match="world size 6 is not divisible"):
+        validate_world(cfg, 6)
+    cfg = load_config(RECIPES / "toy_gspo.yaml", ["parallel.expert_model_parallel_size=4"])
+    with pytest.raises(ConfigError, match="expert_model_parallel_size"):
+        validate_world(cfg, 2)
+
+
+def test_print_config_prints_the_resolved_recipe(capsys):
+    assert main(["print-config", str(RECIPES / "toy_gspo.yaml"), "train.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "name: gspo" in out and "defaults" not in out
+
+
+def test_cli_reports_a_typo_in_one_line_with_exit_code_2(capsys):
+    assert main(["print-config", str(RECIPES / "toy_gspo.yaml"), "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.lrr" in err and "Traceback" not in err
