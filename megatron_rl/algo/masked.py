@@ -30,16 +30,6 @@ def seq_len(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return mask.to(dtype).sum(-1)
 
 
-def seq_mean(x: Tensor, mask: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-    """``[B,T] -> [B]``: mean over the masked positions; a sequence with none gets 0.
-
-    ``lengths[B]`` overrides the local count (under context parallelism the loss module passes the
-    global per-sequence length)."""
-    if lengths is None:
-        lengths = seq_len(mask, x.dtype)
-    return seq_sum(x, mask) / lengths.to(x.dtype).clamp_min(1)
-
-
 def suffix_sum(x: Tensor, mask: Tensor) -> Tensor:
     """``[B,T] -> [B,T]``: ``out[b, j] = sum_{k >= j} mask[b,k] * x[b,k]`` (float64 accumulation).
 
