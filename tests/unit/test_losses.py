@@ -223,3 +223,19 @@ def test_unknown_loss_and_parameters_are_named(b):
     with pytest.raises(ValueError, match="aggregation"):
         grad_of("grpo", b, agg="sum")
     assert "tis_cap" in loss_params("gspo") and "eps_high" in loss_params("gspo")
+
+
+def test_dr_gspo_is_gspo_with_token_sum_aggregation(b):
+    """Dr.GSPO multiplies each sequence objective by its length H_i; its gradient equals gspo with
+    the seq-mean-token-sum aggregation (norm_constant 1)."""
+    eps_low, eps_high = 0.05, 0.08
+    seq_adv = torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, -0.4], dtype=torch.float64)
+    b = dict(b, adv=seq_adv[:, None] * b["mask"])
+    lp = b["lp"].detach().clone().requires_grad_()
+    m = b["mask"]
+    H = m.sum(-1)
+    s = torch.exp(((lp - b["old"]) * m).sum(-1) / H)
+    obj = (H * torch.min(s * seq_adv, s.clamp(1 - eps_low, 1 + eps_high) * seq_adv)).sum() / len(s)
+    (g_ref,) = torch.autograd.grad(-obj, lp)
+    _, g, _ = grad_of("gspo", b, eps_low=eps_low, eps_high=eps_high, agg="seq-mean-token-sum")
+    torch.testing.assert_close(g, g_ref * m)
