@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
-from megatron_rl.algo.advantages import ADVANTAGE_ESTIMATORS, estimator_params
+import torch
+
+from megatron_rl.algo.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, estimator_params
 from megatron_rl.algo.kl import KL_ESTIMATORS
-from megatron_rl.algo.losses import POLICY_LOSSES, loss_params
+from megatron_rl.algo.losses import POLICY_LOSSES, loss_params, policy_loss
 from megatron_rl.algo.registry import check_params, keyword_params
 from megatron_rl.algo.weights import WEIGHT_FUNCTIONS
 from megatron_rl.config.fields import ConfigError, field_
@@ -65,6 +67,26 @@ class AlgoConfig:
             wfn = _lookup(WEIGHT_FUNCTIONS, wname, f"{prefix}.loss.params.weight")
             _params("weight function", wname, self.loss.params.get("weight_params") or {},
                     keyword_params(wfn), f"{prefix}.loss.params.weight_params")
+        _dry_run(self, prefix)
+
+
+def _dry_run(cfg: "AlgoConfig", prefix: str) -> None:
+    """Run the configured estimator and loss once on a 2x2 batch, so that a bad parameter VALUE
+    (``agg: sum``, ``entropy_control: clipcov``, ``dual_clip`` below the clip range) fails at load,
+    with the function's own message, rather than at the first training step."""
+    t = torch.zeros(2, 2)
+    data = dict(rewards=torch.tensor([0.0, 1.0]), mask=torch.ones(2, 2), group_ids=torch.tensor([0, 0]),
+                kl=t, values=t)
+    try:
+        compute_advantages(cfg.advantage.name, **data, **cfg.advantage.params)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{prefix}.advantage.params: {e}") from None
+    try:
+        policy_loss(cfg.loss.name, logprobs=t, old_logprobs=t, advantages=t, mask=torch.ones(2, 2),
+                    ref_logprobs=t, rollout_logprobs=t, num_tokens=4.0, num_seqs=2.0,
+                    **cfg.loss.params)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{prefix}.loss.params: {e}") from None
 
 
 def _lookup(registry, name, path):

@@ -51,7 +51,7 @@ class LossInputs:
     rollout_logprobs: Optional[Tensor] = None
     entropy: Optional[Tensor] = None
     seq_lengths: Optional[Tensor] = None
-    generator: Optional[torch.Generator] = None  # seeds Clip-Cov's random selection
+    generator: Optional[torch.Generator] = None
 
 
 @dataclass
@@ -70,6 +70,12 @@ class Extras:
     clip_cov_ub: float = 5.0
     kl_cov_ratio: float = 2e-3
     kl_cov_coef: float = 1.0
+
+    def __post_init__(self):
+        for name, allowed in (("tis_mode", ("truncate", "mask")), ("tis_level", ("token", "sequence")),
+                              ("entropy_control", ("none", "clip_cov", "kl_cov"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
 
 EXTRA_PARAMS = {f.name: f.default for f in fields(Extras)}
@@ -156,11 +162,9 @@ def _entropy_control(x: LossInputs, e: Extras, w: Tensor, adv: Tensor, metrics: 
         sel = entropy_control.clip_cov_select(cov, x.mask, ratio=e.clip_cov_ratio,
                                               lb=e.clip_cov_lb, ub=e.clip_cov_ub, generator=x.generator)
         w = torch.where(sel, torch.zeros_like(w), w)
-    elif e.entropy_control == "kl_cov":
+    else:  # kl_cov (Extras validated the choice)
         sel = entropy_control.kl_cov_select(cov, x.mask, ratio=e.kl_cov_ratio)
         penalty = torch.where(sel, e.kl_cov_coef * (x.logprobs - x.old_logprobs).abs(), penalty)
-    else:
-        raise ValueError(f"entropy_control must be none, clip_cov or kl_cov, got {e.entropy_control!r}")
     metrics["cov_selected_frac"] = sel
     return penalty, w
 

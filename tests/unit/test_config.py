@@ -35,6 +35,10 @@ def test_defaults_chain_merges_parents_first_and_overrides_last():
     ("algo.loss.name=future_kl_grpo", "expects algo.advantage.name=future_kl_grpo"),
     ("train.updates_per_step=3", "train.updates_per_step"),
     ("no_equals_sign", "expected key=value"),
+    ("algo.loss.params.agg=sum", "algo.loss.params: unknown loss aggregation 'sum'"),
+    ("algo.loss.params.entropy_control=clipcov", "algo.loss.params: entropy_control must be one of none, clip_cov, kl_cov"),
+    ("algo.loss.params.tis_mode=trunc", "algo.loss.params: tis_mode must be one of truncate, mask"),
+    ("algo.advantage.params.baseline=grp", "algo.advantage.params: advantage estimator 'grpo' has no"),
 ])
 def test_bad_values_fail_at_load_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -84,3 +88,11 @@ def test_cli_reports_a_typo_in_one_line_with_exit_code_2(capsys):
     assert main(["print-config", str(RECIPES / "toy_gspo.yaml"), "train.lrr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.lrr" in err and "Traceback" not in err
+
+
+def test_bad_parameter_values_fail_at_load_not_at_the_first_step():
+    with pytest.raises(ConfigError, match="algo.loss.params: dual_clip must exceed"):
+        load_config(RECIPES / "toy_gspo.yaml", ["algo.loss.name=grpo", "algo.loss.params={dual_clip: 1.1, eps_high: 0.2}"])
+    with pytest.raises(ConfigError, match="algo.advantage.params: reinforce_pp baseline must be"):
+        load_config(RECIPES / "toy_gspo.yaml", ["algo.advantage.name=reinforce_pp",
+                                                "algo.advantage.params.baseline=grp"])
