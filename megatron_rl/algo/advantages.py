@@ -2,7 +2,8 @@
 
 Legend: ``B`` responses, ``T`` padded response positions, ``rewards[B]`` scalar outcome rewards,
 ``mask[B,T]`` action tokens, ``group_ids[B]`` prompt index in ``[0, B)`` (G responses share one),
-``kl[B,T]`` a per-token KL sample (already stop-gradient), ``values[B,T]`` critic values.
+``kl[B,T]`` a per-token KL sample (already stop-gradient), ``values[B,T]`` critic values,
+``ops`` the sequence reductions (``LOCAL``, or ``CPSeqOps`` for context-parallel shards).
 Advantages are constants of the policy loss: every estimator runs under ``no_grad``.
 """
 
@@ -12,13 +13,13 @@ from typing import Optional
 
 import torch
 
-from megatron_rl.algo.masked import as_float_mask, group_mean_std, masked_whiten, seq_len, suffix_sum
+from megatron_rl.algo.masked import LOCAL, SeqOps, as_float_mask, group_mean_std, masked_whiten
 from megatron_rl.algo.registry import Registry, check_params, keyword_params
 
 Tensor = torch.Tensor
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
-DATA_ARGS = ("rewards", "mask", "group_ids", "kl", "values")
+DATA_ARGS = ("rewards", "mask", "group_ids", "kl", "values", "ops")
 
 
 def compute_advantages(
@@ -29,6 +30,7 @@ def compute_advantages(
     group_ids: Tensor,
     kl: Optional[Tensor] = None,
     values: Optional[Tensor] = None,
+    ops: SeqOps = LOCAL,
     **params,
 ) -> Tensor:
     """Advantages ``[B,T]`` of the registered estimator ``name`` (see ``ADVANTAGE_ESTIMATORS``).
@@ -39,7 +41,8 @@ def compute_advantages(
     fn = ADVANTAGE_ESTIMATORS.get_fn(name)
     check_params("advantage estimator", name, params, estimator_params(name))
     with torch.no_grad():
-        return fn(rewards=rewards, mask=mask, group_ids=group_ids, kl=kl, values=values, **params)
+        return fn(rewards=rewards, mask=mask, group_ids=group_ids, kl=kl, values=values, ops=ops,
+                  **params)
 
 
 def estimator_params(name: str) -> dict:
@@ -47,15 +50,19 @@ def estimator_params(name: str) -> dict:
     return keyword_params(ADVANTAGE_ESTIMATORS.get_fn(name), skip=DATA_ARGS)
 
 
-def last_token(mask: Tensor) -> Tensor:
+def last_token(mask: Tensor, ops: SeqOps = LOCAL) -> Tensor:
     """``[B,T]`` bool: the last action token of each sequence (none for an empty sequence)."""
-    m = mask.to(torch.int64)
-    after = m.flip(-1).cumsum(-1).flip(-1) - m  # action tokens strictly after j
+    m = mask.to(torch.float32)
+    after = ops.suffix_sum(m, m) - m  # action tokens strictly after j
     return (m > 0) & (after == 0)
 
 
-def _normalise_in_group(x, valid, group_ids, *, norm_by_std, eps, unbiased_std, std_min=None, std_max=None):
-    mean, std, n = group_mean_std(x, valid, group_ids, unbiased=unbiased_std)
+def _normalise_in_group(x, valid, group_ids, *, norm_by_std, eps, unbiased_std, std_min=None,
+                        std_max=None, ops: SeqOps = LOCAL):
+    if x.dim() == 2:  # per position: position j of every response in the group, across shards
+        mean, std, n = ops.position_group_stats(x, valid, group_ids, unbiased=unbiased_std)
+    else:  # per response: every rank holds all B rewards, nothing to communicate
+        mean, std, n = group_mean_std(x, valid, group_ids, unbiased=unbiased_std)
     adv = x - mean
     if norm_by_std:
         if std_min is not None or std_max is not None:
@@ -73,7 +80,7 @@ def _require(tensor, what: str, name: str):
 
 @ADVANTAGE_ESTIMATORS.register("grpo")
 def grpo(
-    *, rewards, mask, group_ids, kl=None, values=None,
+    *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
     norm_by_std: bool = True, eps: float = 1e-6, unbiased_std: bool = True,
     std_min: Optional[float] = None, std_max: Optional[float] = None,
 ) -> Tensor:
@@ -89,25 +96,26 @@ def grpo(
 
 
 @ADVANTAGE_ESTIMATORS.register("dr_grpo")
-def dr_grpo(*, rewards, mask, group_ids, kl=None, values=None) -> Tensor:
+def dr_grpo(*, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL) -> Tensor:
     """Dr.GRPO: ``A_g = R_g - mean(R)`` (no std normalisation, which biases towards easy/hard
     prompts); pair it with the ``seq-mean-token-sum`` aggregation and a constant normaliser."""
-    return grpo(rewards=rewards, mask=mask, group_ids=group_ids, norm_by_std=False)
+    return grpo(rewards=rewards, mask=mask, group_ids=group_ids, ops=ops, norm_by_std=False)
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
-def rloo(*, rewards, mask, group_ids, kl=None, values=None) -> Tensor:
+def rloo(*, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL) -> Tensor:
     """RLOO: ``A_g = R_g - mean of the other G-1 rewards = G/(G-1) * (R_g - mean(R))``."""
     mean, _, n = group_mean_std(rewards, torch.ones_like(rewards), group_ids)
     adv = torch.where(n > 1, (rewards - mean) * n / (n - 1).clamp_min(1), torch.zeros_like(rewards))
     return adv[:, None] * as_float_mask(mask, adv)
 
 
-def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float, ops: SeqOps = LOCAL) -> Tensor:
     """``G_j = sum_{k >= j, action} gamma^(#actions between) r_k``; environment tokens are skipped
     (they neither earn reward nor count as a step)."""
     if gamma == 1.0:
-        return suffix_sum(token_rewards, mask) * as_float_mask(mask, token_rewards)
+        return ops.suffix_sum(token_rewards, mask) * as_float_mask(mask, token_rewards)
+    ops.require_whole_sequences("discounted returns with gamma != 1")
     m = as_float_mask(mask, token_rewards)
     out = torch.zeros_like(token_rewards)
     running = torch.zeros_like(token_rewards[:, 0])
@@ -120,7 +128,7 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Ten
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp")
 def reinforce_pp(
-    *, rewards, mask, group_ids, kl=None, values=None,
+    *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
     kl_coef: float = 0.0, gamma: float = 1.0, baseline: str = "none",
 ) -> Tensor:
     """REINFORCE++: per-token reward ``-kl_coef * kl`` plus ``R`` at the last action token,
@@ -133,21 +141,22 @@ def reinforce_pp(
         mean, _, _ = group_mean_std(rewards, torch.ones_like(rewards), group_ids)
         r = rewards - mean
     m = as_float_mask(mask, r)
-    token_r = last_token(mask).to(r.dtype) * r[:, None]
+    token_r = last_token(mask, ops).to(r.dtype) * r[:, None]
     if kl_coef != 0.0:
         token_r = token_r - kl_coef * _require(kl, "kl (kl_coef != 0)", "reinforce_pp") * m
-    return masked_whiten(discounted_returns(token_r, mask, gamma), mask)
+    return masked_whiten(discounted_returns(token_r, mask, gamma, ops), mask, ops=ops)
 
 
 @ADVANTAGE_ESTIMATORS.register("gae")
 def gae(
-    *, rewards, mask, group_ids, kl=None, values=None,
+    *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
     gamma: float = 1.0, lam: float = 1.0, kl_coef: float = 0.0, whiten: bool = True,
 ) -> Tensor:
     """GAE(gamma, lambda) with per-token reward ``-kl_coef * kl`` plus ``R`` at the last action
     token; the bootstrap after the last token is 0. Environment tokens are skipped: the next
     state of an action token is the next action token."""
     v = _require(values, "values", "gae")
+    ops.require_whole_sequences("the gae estimator")
     m = as_float_mask(mask, v)
     r = last_token(mask).to(v.dtype) * rewards[:, None]
     if kl_coef != 0.0:
@@ -165,22 +174,23 @@ def gae(
 
 
 def future_kl_returns(
-    rewards: Tensor, kl: Tensor, mask: Tensor, beta: float, lengths: Optional[Tensor] = None
+    rewards: Tensor, kl: Tensor, mask: Tensor, beta: float, lengths: Optional[Tensor] = None,
+    ops: SeqOps = LOCAL,
 ) -> Tensor:
     """``r_j = R - beta / H * sum_{k >= j} K_k`` on action tokens (0 elsewhere).
 
     ``H`` is the response's own action count (``lengths[B]`` overrides it, e.g. the global length
     of a CP-sharded sequence). ``K`` should be stop-gradient ``lp - lp_ref`` (k1)."""
     if lengths is None:
-        lengths = seq_len(mask, kl.dtype)
+        lengths = ops.seq_len(mask, kl.dtype)
     per_token = kl / lengths.to(kl.dtype).clamp_min(1)[:, None]
-    r = rewards[:, None].to(kl.dtype) - beta * suffix_sum(per_token, mask)
+    r = rewards[:, None].to(kl.dtype) - beta * ops.suffix_sum(per_token, mask)
     return r * as_float_mask(mask, r)
 
 
 @ADVANTAGE_ESTIMATORS.register("future_kl_grpo")
 def future_kl_grpo(
-    *, rewards, mask, group_ids, kl=None, values=None,
+    *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
     beta: float = 0.05, norm_by_std: bool = True, eps: float = 1e-6, unbiased_std: bool = True,
 ) -> Tensor:
     """Token-level KL-regularised GRPO: future-KL returns ``r_j`` normalised per position ``j``
@@ -189,7 +199,7 @@ def future_kl_grpo(
     A position with a single valid response gets advantage 0. The KL lives in the advantage only:
     adding a KL term to the loss as well would count it twice.
     """
-    r = future_kl_returns(rewards, _require(kl, "kl", "future_kl_grpo"), mask, beta)
+    r = future_kl_returns(rewards, _require(kl, "kl", "future_kl_grpo"), mask, beta, ops=ops)
     adv = _normalise_in_group(r, mask, group_ids, norm_by_std=norm_by_std, eps=eps,
-                              unbiased_std=unbiased_std)
+                              unbiased_std=unbiased_std, ops=ops)
     return adv * as_float_mask(mask, adv)

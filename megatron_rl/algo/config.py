@@ -14,6 +14,7 @@ import torch
 from megatron_rl.algo.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, estimator_params
 from megatron_rl.algo.kl import KL_ESTIMATORS
 from megatron_rl.algo.losses import POLICY_LOSSES, loss_params, policy_loss
+from megatron_rl.algo.masked import LOCAL, SeqOps, ShardedProbe
 from megatron_rl.algo.registry import check_params, keyword_params
 from megatron_rl.algo.weights import WEIGHT_FUNCTIONS
 from megatron_rl.config.fields import ConfigError, field_
@@ -50,8 +51,9 @@ class AlgoConfig:
     dynamic_sampling: bool = field_(False, help="DAPO: drop groups whose rewards are all equal")
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
-    def check(self, prefix: str = "algo") -> None:
-        """Names exist in their registries and every parameter is one the function accepts."""
+    def check(self, prefix: str = "algo", context_parallel: int = 1) -> None:
+        """Names exist in their registries, every parameter is one the function accepts, and the
+        combination runs (on sequences sharded over ``context_parallel`` ranks, if > 1)."""
         _lookup(ADVANTAGE_ESTIMATORS, self.advantage.name, f"{prefix}.advantage.name")
         _lookup(POLICY_LOSSES, self.loss.name, f"{prefix}.loss.name")
         if self.loss.name == "future_kl_grpo" and self.advantage.name != "future_kl_grpo":
@@ -67,23 +69,24 @@ class AlgoConfig:
             wfn = _lookup(WEIGHT_FUNCTIONS, wname, f"{prefix}.loss.params.weight")
             _params("weight function", wname, self.loss.params.get("weight_params") or {},
                     keyword_params(wfn), f"{prefix}.loss.params.weight_params")
-        _dry_run(self, prefix)
+        _dry_run(self, prefix, LOCAL if context_parallel == 1 else ShardedProbe(context_parallel))
 
 
-def _dry_run(cfg: "AlgoConfig", prefix: str) -> None:
+def _dry_run(cfg: "AlgoConfig", prefix: str, ops: SeqOps) -> None:
     """Run the configured estimator and loss once on a 2x2 batch, so that a bad parameter VALUE
-    (``agg: sum``, ``entropy_control: clipcov``, ``dual_clip`` below the clip range) fails at load,
-    with the function's own message, rather than at the first training step."""
+    (``agg: sum``, ``entropy_control: clipcov``, ``dual_clip`` below the clip range) or a method
+    that cannot run on context-parallel shards fails at load, with the function's own message,
+    rather than at the first training step."""
     t = torch.zeros(2, 2)
     data = dict(rewards=torch.tensor([0.0, 1.0]), mask=torch.ones(2, 2), group_ids=torch.tensor([0, 0]),
-                kl=t, values=t)
+                kl=t, values=t, ops=ops)
     try:
         compute_advantages(cfg.advantage.name, **data, **cfg.advantage.params)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{prefix}.advantage.params: {e}") from None
     try:
         policy_loss(cfg.loss.name, logprobs=t, old_logprobs=t, advantages=t, mask=torch.ones(2, 2),
-                    ref_logprobs=t, rollout_logprobs=t, num_tokens=4.0, num_seqs=2.0,
+                    ref_logprobs=t, rollout_logprobs=t, num_tokens=4.0, num_seqs=2.0, ops=ops,
                     **cfg.loss.params)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{prefix}.loss.params: {e}") from None

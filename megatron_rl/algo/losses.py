@@ -23,7 +23,7 @@ import torch
 
 from megatron_rl.algo import entropy_control
 from megatron_rl.algo.kl import kl_estimate
-from megatron_rl.algo.masked import as_float_mask, seq_len
+from megatron_rl.algo.masked import LOCAL, SeqOps, as_float_mask
 from megatron_rl.algo.ratios import log_ratio
 from megatron_rl.algo.registry import Registry, check_params, keyword_params
 from megatron_rl.algo.weights import WEIGHT_FUNCTIONS, truncated_is
@@ -38,8 +38,9 @@ MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: a stale token must not overflow the ratio
 @dataclass
 class LossInputs:
     """One micro-batch. ``[B,T]`` tensors; ``num_tokens``/``num_seqs`` global step counts (tensor
-    or float); ``seq_lengths[B]`` overrides local action counts (CP-sharded sequences);
-    ``generator`` seeds Clip-Cov's random selection."""
+    or float); ``seq_lengths[B]`` the action count of each sequence, if already known (otherwise
+    ``ops`` counts it); ``generator`` seeds Clip-Cov's random selection; ``ops`` the reductions
+    along sequences (``CPSeqOps`` when the sequences are sharded over context-parallel ranks)."""
 
     logprobs: Tensor
     old_logprobs: Tensor
@@ -52,6 +53,7 @@ class LossInputs:
     entropy: Optional[Tensor] = None
     seq_lengths: Optional[Tensor] = None
     generator: Optional[torch.Generator] = None
+    ops: SeqOps = LOCAL
 
 
 @dataclass
@@ -87,7 +89,7 @@ def aggregate(per_token: Tensor, x: LossInputs, agg: str, norm_constant: float =
     if agg == "token-mean":
         return (per_token * m).sum() / x.num_tokens
     if agg == "seq-mean-token-mean":
-        lengths = x.seq_lengths if x.seq_lengths is not None else seq_len(x.mask, per_token.dtype)
+        lengths = x.seq_lengths if x.seq_lengths is not None else x.ops.seq_len(x.mask, per_token.dtype)
         per_seq = (per_token * m).sum(-1) / lengths.to(per_token.dtype).clamp_min(1)
         return per_seq.sum() / x.num_seqs
     if agg == "seq-mean-token-sum":
@@ -98,7 +100,7 @@ def aggregate(per_token: Tensor, x: LossInputs, agg: str, norm_constant: float =
 def policy_loss(name: str, **kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
     """``policy_loss(name, *, logprobs, old_logprobs, advantages, mask, num_tokens, num_seqs,
     ref_logprobs=None, rollout_logprobs=None, entropy=None, seq_lengths=None, generator=None,
-    **params)`` -> ``(loss, metrics)``. ``params``: the preset's own (see ``loss_params(name)``)."""
+    ops=LOCAL, **params)`` -> ``(loss, metrics)``. ``params``: the preset's own (see ``loss_params(name)``)."""
     fn = POLICY_LOSSES.get_fn(name)
     data = {f.name: kwargs.pop(f.name) for f in fields(LossInputs) if f.name in kwargs}
     x = LossInputs(**data)
@@ -121,7 +123,9 @@ def reinforce_form(
         raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGREGATIONS)}")
     m = as_float_mask(x.mask, x.logprobs)
     lp, adv = x.logprobs, x.advantages.detach()
-    log_rho = log_ratio(ratio, lp, x.old_logprobs, x.mask, x.seq_lengths).detach()
+    if x.seq_lengths is None:  # reduce once; the ratio and the aggregation both divide by it
+        x.seq_lengths = x.ops.seq_len(x.mask, lp.dtype)
+    log_rho = log_ratio(ratio, lp, x.old_logprobs, x.mask, x.seq_lengths, x.ops).detach()
     rho = log_rho.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
     wfn = WEIGHT_FUNCTIONS.get_fn(weight)
     check_params("weight function", weight, weight_params, keyword_params(wfn))
@@ -132,7 +136,7 @@ def reinforce_form(
         metrics["rollout_mismatch_k3"] = kl_estimate(x.rollout_logprobs, x.old_logprobs, "k3").detach()
         if e.tis_cap is not None:
             tis = truncated_is(x.old_logprobs, x.rollout_logprobs, x.mask, cap=e.tis_cap,
-                               mode=e.tis_mode, level=e.tis_level)
+                               mode=e.tis_mode, level=e.tis_level, lengths=x.seq_lengths, ops=x.ops)
             w = w * tis.w
             metrics["tis_capped_frac"] = tis.capped
     per_token, w = _entropy_control(x, e, w, adv, metrics)
@@ -157,6 +161,12 @@ def _entropy_control(x: LossInputs, e: Extras, w: Tensor, adv: Tensor, metrics: 
     penalty = torch.zeros_like(x.logprobs)
     if e.entropy_control == "none":
         return penalty, w
+    if x.ops.sharded:
+        # both select tokens by a covariance ranked over the whole micro-batch; on shards that
+        # would need every token's score on every rank, which this module exists to avoid
+        raise ValueError(f"entropy_control={e.entropy_control!r} needs whole sequences; it is not "
+                         "supported with context parallelism (set entropy_control: none or "
+                         "context_parallel_size 1)")
     cov = entropy_control.centred_covariance(adv, x.logprobs, x.mask)
     if e.entropy_control == "clip_cov":
         sel = entropy_control.clip_cov_select(cov, x.mask, ratio=e.clip_cov_ratio,

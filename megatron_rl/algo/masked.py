@@ -5,11 +5,16 @@ Group statistics take ``group_ids[B]``, integer ids in ``[0, B)`` (the prompt in
 response); buffers are sized ``B`` so no host sync is needed to count groups.
 Sums that run along a sequence accumulate in float64 and cast back: a suffix sum over 32k tokens in
 fp32 loses the low bits the future-KL advantage depends on.
+
+Everything that runs *along* a sequence or across the whole batch goes through a ``SeqOps`` object
+(``LOCAL`` here: whole sequences in one process). ``megatron_rl.parallel.seq_ops.CPSeqOps`` offers
+the same methods for sequences sharded over context-parallel ranks, so the estimators and losses
+run unchanged on shards; this module itself never communicates.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -56,23 +61,90 @@ def group_mean_std(
     group has a single valid member the std is reported as 0 and the count as 1, so callers can
     zero those advantages.
     """
+    return pooled_mean_std(x, valid, lambda t: group_sum(t, group_ids), unbiased)
+
+
+def pooled_mean_std(
+    x: Tensor, valid: Tensor, pool: Callable[[Tensor], Tensor], unbiased: bool = True
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``group_mean_std`` with the pooling left open: ``pool(t)`` must return, for every element,
+    the sum of ``t`` over the elements it is pooled with (itself included). Two passes (mean, then
+    centred squares) in float64, so near-constant groups keep their small variance."""
     v = as_float_mask(valid, x)
     xd, vd = (x * v).double(), v.double()
-    n = group_sum(vd, group_ids)
-    mean = group_sum(xd, group_ids) / n.clamp_min(1)
-    sq = group_sum(((xd - mean) * vd) ** 2, group_ids)
+    n = pool(vd)
+    mean = pool(xd) / n.clamp_min(1)
+    sq = pool(((xd - mean) * vd) ** 2)
     dof = (n - 1) if unbiased else n
     var = torch.where(n > 1, sq / dof.clamp_min(1), torch.zeros_like(sq))
     return mean.to(x.dtype), var.sqrt().to(x.dtype), n.to(x.dtype)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, shift_mean: bool = True) -> Tensor:
+def masked_whiten(
+    x: Tensor, mask: Tensor, eps: float = 1e-8, shift_mean: bool = True, ops: "SeqOps" = None
+) -> Tensor:
     """Whiten ``x`` with the mean and (biased) variance over all masked positions of the batch."""
+    ops = ops or LOCAL
     m = as_float_mask(mask, x)
-    n = m.sum().clamp_min(1)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / n
+    n = ops.batch_sum(m).clamp_min(1)
+    mean = ops.batch_sum(x * m) / n
+    var = ops.batch_sum(((x - mean) * m) ** 2) / n
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return out * m
+
+
+class SeqOps:
+    """Reductions along sequences and across the batch, on whole sequences held by one process.
+
+    The algo functions call these instead of summing along ``dim=-1`` themselves; a sharded
+    implementation (``megatron_rl.parallel.seq_ops.CPSeqOps``) overrides every method and sets
+    ``sharded = True``. All take and return ``[B,T]``/``[B]`` tensors as documented above.
+    """
+
+    sharded = False
+    cp_size = 1
+
+    def seq_sum(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``[B,T] -> [B]`` masked sum of each sequence."""
+        return seq_sum(x, mask)
+
+    def seq_len(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``[B,T] -> [B]`` action-token count of each sequence."""
+        return seq_len(mask, dtype)
+
+    def suffix_sum(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``[B,T] -> [B,T]`` masked suffix sum along each sequence."""
+        return suffix_sum(x, mask)
+
+    def position_group_stats(
+        self, x: Tensor, valid: Tensor, group_ids: Tensor, unbiased: bool = True
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per-position ``group_mean_std`` of ``x[B,T]``: position ``j`` of every response in a
+        group is pooled. Statistics for advantages: callers treat them as constants."""
+        return group_mean_std(x, valid, group_ids, unbiased)
+
+    def batch_sum(self, x: Tensor) -> Tensor:
+        """Sum of every element of ``x`` over the whole batch (scalar)."""
+        return x.sum()
+
+    def require_whole_sequences(self, what: str) -> None:
+        """Raise if ``what`` (a sequential scan) cannot run on these sequences."""
+        if self.cp_size > 1:
+            raise ValueError(f"{what} scans each sequence in order and cannot run on sequences "
+                             f"sharded over context parallelism (cp={self.cp_size}); use "
+                             "context_parallel_size 1 or an estimator built on suffix sums (gamma = 1)")
+
+
+LOCAL = SeqOps()
+
+
+class ShardedProbe(SeqOps):
+    """Local arithmetic that reports itself sharded over ``cp_size`` ranks: a config check runs
+    the algorithm once with it and meets, at load time, the errors a context-parallel run would."""
+
+    sharded = True
+
+    def __init__(self, cp_size: int):
+        self.cp_size = cp_size

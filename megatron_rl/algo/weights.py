@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from megatron_rl.algo.masked import LOCAL, SeqOps
 from megatron_rl.algo.ratios import log_ratio
 from megatron_rl.algo.registry import Registry
 
@@ -87,19 +88,21 @@ class TruncatedIS(NamedTuple):
 def truncated_is(
     old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *,
     cap: float = 2.0, mode: str = "truncate", level: str = "token",
+    lengths: Optional[Tensor] = None, ops: SeqOps = LOCAL,
 ) -> TruncatedIS:
     """Correction for the mismatch between the trainer's and the rollout engine's log-probs.
 
     ``rho = exp(old - rollout)`` per token (``level="token"``) or its geometric mean over the
     response (``level="sequence"``). ``mode="truncate"`` (TIS) uses ``min(rho, cap)``;
     ``mode="mask"`` drops tokens (sequences) with ``rho > cap``, keeping the rest at weight 1.
+    ``lengths``/``ops`` as in ``log_ratio``.
     """
     if mode not in ("truncate", "mask"):
         raise ValueError(f"truncated_is mode must be 'truncate' or 'mask', got {mode!r}")
     if level not in ("token", "sequence"):
         raise ValueError(f"truncated_is level must be 'token' or 'sequence', got {level!r}")
     with torch.no_grad():
-        log_rho = log_ratio(level, old_logprobs, rollout_logprobs, mask)
+        log_rho = log_ratio(level, old_logprobs, rollout_logprobs, mask, lengths, ops)
         rho = log_rho.exp()
         capped = (rho > cap) & (mask > 0)
         if mode == "truncate":

@@ -26,7 +26,7 @@ class RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Field constraints of every section, then the rules that involve more than one."""
     check_fields(cfg, "")
-    cfg.algo.check("algo")
+    cfg.algo.check("algo", context_parallel=cfg.parallel.context_parallel_size)
     if cfg.algo.advantage.name in GROUP_ESTIMATORS and cfg.rollout.n_samples_per_prompt < 2:
         raise ConfigError(
             f"rollout.n_samples_per_prompt: algo.advantage.name={cfg.algo.advantage.name} compares "

@@ -1,0 +1,94 @@
+"""The collectives of the loss path, as small autograd Functions with a stated backward.
+
+Which backward an all-reduce needs depends on how the loss that consumes its output is summed:
+
+* replicated: every rank of the group computes the *same* loss from the reduced value (TP ranks
+  after the vocab-parallel reductions). The objective is that loss once, so each rank's input
+  affects it with coefficient 1: the backward is the identity. Summing in the backward multiplies
+  every gradient by the group size.
+* partial: every rank computes its *own share* of the loss (DP and CP ranks: each holds other
+  tokens), and the objective is the sum of the shares. A rank's input reaches every share through
+  the reduced value, so the backward must all-reduce (sum) the incoming gradients. An identity
+  backward silently drops the other ranks' terms.
+
+``group=None`` means the dimension is not parallel (size 1): every function is then a no-op, so
+callers need no special case. Pass ``torch.distributed.group.WORLD`` explicitly for the world.
+Every rank of a group must call the same collectives in the same order, whatever its data (a rank
+whose tokens are all masked still joins), or the group deadlocks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+Group = Optional[dist.ProcessGroup]
+
+
+def group_size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_reduce_nograd(x: Tensor, group: Group, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+    """All-reduce of a statistic that is a constant of the loss (counts, maxima, group means).
+
+    Returns a new tensor (the input is left untouched) and records no graph: use it only where the
+    result is detached by definition. Backward convention: none.
+    """
+    out = x.detach().clone()
+    if group_size(group) > 1:
+        dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+class _AllReduceReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _AllReducePartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group) -> Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def all_reduce_replicated(x: Tensor, group: Group) -> Tensor:
+    """Sum over ``group``; backward = identity.
+
+    For a value that feeds a loss every rank of ``group`` computes identically (tensor-parallel
+    ranks): the loss counts once, so each rank's share reaches it with coefficient 1.
+    """
+    return x if group_size(group) == 1 else _AllReduceReplicated.apply(x, group)
+
+
+def all_reduce_partial(x: Tensor, group: Group) -> Tensor:
+    """Sum over ``group``; backward = all-reduce sum of the gradients.
+
+    For a value that feeds per-rank partial losses whose sum is the objective (context- and
+    data-parallel ranks): every rank's share reaches every partial loss, so the gradient of a
+    share is the sum over ranks of the gradients each partial loss sends back.
+    """
+    return x if group_size(group) == 1 else _AllReducePartial.apply(x, group)

@@ -1,0 +1,79 @@
+"""The process groups the loss path needs, passed around explicitly as one small object.
+
+Rank order is Megatron's: tensor-parallel fastest, then context-parallel, then data-parallel
+(``rank = (d * cp + c) * tp + t``), so groups built here agree with ``parallel_state``'s. A group
+of size 1 is ``None`` (see ``collectives``: no-op), so single-rank dimensions cost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch.distributed as dist
+
+from megatron_rl.parallel.collectives import Group, group_rank, group_size
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    tp: Group = None
+    cp: Group = None
+    dp: Group = None
+    dp_cp: Group = None    # the partial-loss group: denominators and gradients sum over it
+
+    @property
+    def tp_size(self) -> int:
+        return group_size(self.tp)
+
+    @property
+    def tp_rank(self) -> int:
+        return group_rank(self.tp)
+
+    @property
+    def cp_size(self) -> int:
+        return group_size(self.cp)
+
+    @property
+    def cp_rank(self) -> int:
+        return group_rank(self.cp)
+
+    @property
+    def dp_size(self) -> int:
+        return group_size(self.dp)
+
+    @property
+    def dp_rank(self) -> int:
+        return group_rank(self.dp)
+
+
+def layout_ranks(tp: int, cp: int, dp: int) -> Dict[str, Tuple[Tuple[int, ...], ...]]:
+    """The rank lists of every tp / cp / dp / dp_cp group of a ``tp x cp x dp`` layout."""
+    def rank(t, c, d):
+        return (d * cp + c) * tp + t
+    return {
+        "tp": tuple(tuple(rank(t, c, d) for t in range(tp)) for d in range(dp) for c in range(cp)),
+        "cp": tuple(tuple(rank(t, c, d) for c in range(cp)) for d in range(dp) for t in range(tp)),
+        "dp": tuple(tuple(rank(t, c, d) for d in range(dp)) for c in range(cp) for t in range(tp)),
+        "dp_cp": tuple(tuple(rank(t, c, d) for d in range(dp) for c in range(cp))
+                       for t in range(tp)),
+    }
+
+
+def build_groups(tp: int, cp: int, dp: int, rank: Optional[int] = None) -> Optional[ParallelGroups]:
+    """Create the groups of a ``tp x cp x dp`` layout over world ranks ``0 .. tp*cp*dp-1``.
+
+    Every rank of the world must call this with the same sizes (``new_group`` is collective);
+    ranks outside the layout get ``None``. For runs without Megatron (tests, benchmarks); the
+    trainer takes Megatron's own groups.
+    """
+    rank = dist.get_rank() if rank is None else rank
+    mine = {}
+    for kind, lists in layout_ranks(tp, cp, dp).items():
+        for ranks in lists:
+            g = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+            if rank in ranks:
+                mine[kind] = g
+    return ParallelGroups(**mine) if rank < tp * cp * dp else None
+
+

@@ -1,0 +1,117 @@
+"""Per-token log-prob of the target and entropy, from logits sharded over the vocabulary (TP).
+
+Legend: ``N`` tokens, ``Vs`` this rank's vocabulary shard (``[vocab_start, vocab_start + Vs)``).
+With ``z`` the logits of one token, ``m`` their max over the full vocabulary, ``S = sum exp(z-m)``
+and ``p = exp(z-m)/S``:
+    lp = z_target - m - log S,     H = log S - E_p[z - m]
+Forward: two collectives over TP for the whole batch, whatever the chunking: an all-reduce MAX of
+``m`` ``[N]`` and one all-reduce SUM of ``(S, S*E_p[z-m], z_target-m)`` ``[N, 3]``. Backward is
+local (no collective), per chunk of tokens, recomputing ``p``:
+    dL/dz = g_lp * (onehot(target) - p) + g_H * p * (E_p[z] - z)
+The loss built on ``lp`` and ``H`` is TP-replicated (every TP rank computes it from the same
+reduced values), so the local gradient is exact; nothing is multiplied by the TP size.
+
+Memory: the logits (any float dtype, e.g. bf16) are never copied whole nor modified in place; the
+math runs in fp32 (fp64 for fp64 logits) on chunks of ``chunk_tokens`` tokens, at most two
+``[chunk, Vs]`` fp32 buffers at a time; the gradient is written chunk by chunk into one tensor of
+the logits' dtype. Peak extra memory is therefore the gradient plus ``2 * chunk * Vs * 4`` bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.parallel.collectives import Group, all_reduce_nograd
+
+Tensor = torch.Tensor
+
+CHUNK_BYTES = 128 * 2**20  # per fp32 working buffer; two are live at a time
+
+
+def default_chunk_tokens(vocab_shard: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // (4 * max(vocab_shard, 1)))
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _VocabParallelLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, group: Group, vocab_start: int, chunk: int):
+        N, Vs = logits.shape
+        md = _math_dtype(logits.dtype)
+        local_t = targets - vocab_start
+        here = (local_t >= 0) & (local_t < Vs)
+        local_t = torch.where(here, local_t, torch.zeros_like(local_t))
+        m = all_reduce_nograd(logits.amax(-1).to(md), group, dist.ReduceOp.MAX)   # [N]
+        sums = torch.empty(N, 3, dtype=md, device=logits.device)  # S, sum e*(z-m), z_t - m
+        for s in range(0, N, chunk):
+            e = slice(s, min(s + chunk, N))
+            z = logits[e].to(md, copy=True).sub_(m[e, None])        # our copy: logits untouched
+            zt = z.gather(1, local_t[e, None]).squeeze(1)
+            ex = torch.exp(z)
+            sums[e, 0] = ex.sum(-1)
+            sums[e, 1] = torch.bmm(ex.unsqueeze(1), z.unsqueeze(2)).view(-1)  # no third buffer
+            sums[e, 2] = torch.where(here[e], zt, torch.zeros_like(zt))
+            del z, ex
+        sums = all_reduce_nograd(sums, group)
+        log_s = sums[:, 0].log()
+        ez = sums[:, 1] / sums[:, 0]                                  # E_p[z - m]
+        lp = sums[:, 2] - log_s
+        ent = log_s - ez
+        ctx.save_for_backward(logits, local_t, here, m, log_s, ez)
+        ctx.chunk = chunk
+        ctx.set_materialize_grads(False)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp: Optional[Tensor], g_ent: Optional[Tensor]):
+        logits, local_t, here, m, log_s, ez = ctx.saved_tensors
+        N = logits.shape[0]
+        md = m.dtype
+        grad = torch.empty_like(logits)
+        for s in range(0, N, ctx.chunk):
+            e = slice(s, min(s + ctx.chunk, N))
+            z = logits[e].to(md, copy=True).sub_(m[e, None])          # z - m
+            p = torch.sub(z, log_s[e, None]).exp_()
+            # coefficient of p: g_H * (E_p[z] - z) - g_lp, built in z's buffer
+            if g_ent is not None:
+                z.neg_().add_(ez[e, None]).mul_(g_ent[e, None].to(md))
+            else:
+                z.zero_()
+            if g_lp is not None:
+                z.sub_(g_lp[e, None].to(md))
+            z.mul_(p)
+            if g_lp is not None:
+                onehot = torch.where(here[e], g_lp[e].to(md), torch.zeros_like(m[e]))
+                z.scatter_add_(1, local_t[e, None], onehot[:, None])
+            grad[e] = z
+            del z, p
+        return grad, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: Tensor, targets: Tensor, *, tp_group: Group = None, vocab_start: int = 0,
+    chunk_tokens: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """``(logprobs, entropy)`` of shape ``targets.shape`` (fp32; fp64 for fp64 logits).
+
+    ``logits[..., Vs]`` this rank's vocabulary shard, starting at global id ``vocab_start``;
+    ``targets[...]`` global token ids (ids outside ``[0, V)``, e.g. -100 on padding, give a finite
+    log-prob that the loss mask must drop). ``chunk_tokens`` bounds the fp32 working set (default:
+    128 MiB per buffer). Every rank of ``tp_group`` must call this with the same ``N`` tokens.
+    """
+    Vs = logits.shape[-1]
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
+                         "disagree: logits must be targets.shape + (vocab shard,)")
+    chunk = chunk_tokens or default_chunk_tokens(Vs)
+    if chunk < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    lp, ent = _VocabParallelLogprobEntropy.apply(
+        logits.reshape(-1, Vs), targets.reshape(-1).long(), tp_group, vocab_start, chunk)
+    return lp.view(targets.shape), ent.view(targets.shape)

@@ -1,0 +1,47 @@
+"""Run a function in several gloo processes on CPU and bring rank 0's JSON result back.
+
+Spawning costs seconds (each process imports torch), so one spawn runs many checks and returns
+their figures; the tests then assert on them one invariant at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, out, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=180))
+    try:
+        result = fn(rank, world, *args)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> dict:
+    """``fn(rank, world, *args)`` on ``world`` processes; returns what rank 0 returned. A failure
+    on any rank raises here with that rank's traceback."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.json")
+        mp.spawn(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, join=True)
+        with open(out) as f:
+            return json.load(f)
