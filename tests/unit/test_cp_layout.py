@@ -1,0 +1,128 @@
+"""Megatron's zigzag CP layout: round trips, agreement with megatron-core, the [B, 2C] view."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_rl.parallel.cp_layout import (
+    CPShard, bshd_shard, bshd_unshard, chunk_ids, padded_length, shift_left, thd_partition_index,
+    thd_shard, thd_unshard,
+)
+
+CPS = [1, 2, 4]
+
+
+def test_rank_r_holds_chunks_r_and_mirror():
+    assert [chunk_ids(4, r) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
+    assert padded_length(9, 2) == 12 and padded_length(8, 2) == 8 and padded_length(1, 4) == 8
+
+
+@pytest.mark.parametrize("cp", CPS)
+def test_bshd_shard_then_unshard_is_identity(cp):
+    x = torch.randn(3, 8 * cp, 5)
+    shards = [bshd_shard(x, cp, r) for r in range(cp)]
+    assert all(s.shape == (3, 8, 5) for s in shards)
+    assert torch.equal(bshd_unshard(shards), x)
+
+
+@pytest.mark.parametrize("cp", CPS)
+def test_thd_shard_then_unshard_is_identity(cp):
+    cu = [0] + torch.tensor([2 * cp, 6 * cp, 4 * cp]).cumsum(0).tolist()
+    x = torch.randn(cu[-1], 3)
+    shards = [thd_shard(x, cu, cp, r) for r in range(cp)]
+    assert sum(s.shape[0] for s in shards) == cu[-1]
+    assert torch.equal(thd_unshard(shards, cu), x)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_thd_equals_bshd_applied_to_each_sequence(cp):
+    lens = [2 * cp, 6 * cp, 4 * cp]
+    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
+    x = torch.arange(cu[-1])
+    for r in range(cp):
+        want = torch.cat([bshd_shard(x[None, s:e], cp, r)[0] for s, e in zip(cu[:-1], cu[1:])])
+        assert torch.equal(thd_shard(x, cu, cp, r), want)
+
+
+class _Group:
+    """What megatron-core reads of a process group here: size() and rank()."""
+
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+@pytest.fixture(scope="module")
+def one_process_world(tmp_path_factory):
+    init = f"file://{tmp_path_factory.mktemp('pg')}/store"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_bshd_shard_matches_megatron_core_get_batch_on_this_cp_rank(one_process_world, cp):
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    B, S = 2, 8 * cp
+    batch = {"tokens": torch.randint(0, 100, (B, S)), "labels": torch.randint(0, 100, (B, S)),
+             "loss_mask": torch.rand(B, S), "position_ids": torch.arange(S).expand(B, S),
+             "attention_mask": torch.rand(B, 1, S, S) > 0.5}
+    for r in range(cp):
+        theirs = get_batch_on_this_cp_rank(dict(batch), cp_group=_Group(cp, r))
+        for k, v in batch.items():
+            dim = 2 if k == "attention_mask" else 1
+            assert torch.equal(bshd_shard(v, cp, r, dim=dim), theirs[k]), (k, r)
+
+
+def test_shift_left_moves_labels_within_each_sequence():
+    t = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert shift_left(t, dim=1).tolist() == [[2, 3, 4, 0], [6, 7, 8, 0]]
+    packed = torch.tensor([1, 2, 3, 4, 5, 6])
+    assert shift_left(packed, dim=0, cu_seqlens_padded=[0, 4, 6], fill=-100).tolist() == \
+        [2, 3, 4, -100, 6, -100]
+
+
+def test_unpadded_lengths_fail_with_the_fix():
+    with pytest.raises(ValueError, match=r"not a multiple of 2\*cp = 4; pad each sequence"):
+        bshd_shard(torch.zeros(1, 6), 2, 0)
+    with pytest.raises(ValueError, match="padded sequence length"):
+        CPShard.thd([0, 4, 10], 2, 0)
+    with pytest.raises(ValueError, match="cp_rank 2 is outside"):
+        chunk_ids(2, 2)
+
+
+@pytest.mark.parametrize("cp", CPS)
+def test_bshd_view_positions_are_the_global_positions(cp):
+    S = 4 * cp
+    pos = torch.arange(S).expand(3, S)
+    for r in range(cp):
+        shard = CPShard.bshd(3, S, cp, r)
+        assert torch.equal(shard.to_view(bshd_shard(pos, cp, r)), shard.positions)
+        assert shard.positions_aligned
+
+
+@pytest.mark.parametrize("cp", CPS)
+def test_thd_view_round_trips_and_knows_global_positions(cp):
+    lens = [2 * cp, 6 * cp, 4 * cp]
+    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
+    pos = torch.cat([torch.arange(n) for n in lens])
+    for r in range(cp):
+        shard = CPShard.thd(cu, cp, r)
+        local = thd_shard(pos, cu, cp, r)
+        view = shard.to_view(local)
+        assert view.shape == (3, 2 * max(lens) // (2 * cp))
+        assert torch.equal(view[shard.valid], shard.positions[shard.valid])
+        assert torch.equal(view[~shard.valid], torch.zeros_like(view[~shard.valid]))
+        assert torch.equal(shard.from_view(view), local)
+
+
+def test_thd_group_alignment_is_detected_from_host_lengths():
+    assert CPShard.thd([0, 8, 16, 20], 2, 0, group_of_seq=[0, 0, 1]).positions_aligned
+    assert not CPShard.thd([0, 8, 12, 20], 2, 0, group_of_seq=[0, 0, 1]).positions_aligned
+    assert not CPShard.thd([0, 8, 16], 2, 0).positions_aligned  # groups unknown: assume ragged
