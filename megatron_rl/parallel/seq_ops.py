@@ -41,13 +41,20 @@ class CPSeqOps(SeqOps):
         self.cp_size = shard.cp_size
         self.group = cp_group
         self.num_groups = shard.num_seqs if num_groups is None else num_groups
+        self._len_of: Optional[Tensor] = None
+        self._len: Optional[Tensor] = None
 
     def seq_sum(self, x: Tensor, mask: Tensor) -> Tensor:
         local = (x * as_float_mask(mask, x)).double().sum(-1)
         return all_reduce_partial(local, self.group).to(x.dtype)
 
     def seq_len(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        return all_reduce_nograd(mask.double().sum(-1), self.group).to(dtype)
+        # the micro-batch's mask is asked for by the estimator, the ratio and the aggregation:
+        # reduce it once
+        if mask is not self._len_of:
+            self._len_of = mask
+            self._len = all_reduce_nograd(mask.double().sum(-1), self.group)
+        return self._len.to(dtype)
 
     def suffix_sum(self, x: Tensor, mask: Tensor) -> Tensor:
         B, W = x.shape

@@ -28,15 +28,27 @@ from megatron_rl.parallel.collectives import Group, all_reduce_nograd
 
 Tensor = torch.Tensor
 
-CHUNK_BYTES = 128 * 2**20  # per fp32 working buffer; two are live at a time
+MAX_CHUNK_BYTES = 128 * 2**20  # per fp32 working buffer; two are live at a time
+MIN_CHUNK_BYTES = 4 * 2**20    # below this the per-chunk overhead shows
 
 
-def default_chunk_tokens(vocab_shard: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    return max(1, chunk_bytes // (4 * max(vocab_shard, 1)))
+def default_chunk_tokens(num_tokens: int, vocab_shard: int) -> int:
+    """About 1/64 of the tokens, so the two fp32 buffers stay near 1/8 of the bf16 logits, within
+    [4 MiB, 128 MiB] per buffer."""
+    row = 4 * max(vocab_shard, 1)
+    lo, hi = max(1, MIN_CHUNK_BYTES // row), max(1, MAX_CHUNK_BYTES // row)
+    return min(max(num_tokens // 64, lo), hi)
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shifted(logits: Tensor, rows: slice, m: Tensor, buf: Tensor) -> Tensor:
+    """``logits[rows] - m`` in the math dtype, written into (a prefix of) our buffer."""
+    z = buf[: rows.stop - rows.start]
+    z.copy_(logits[rows])
+    return z.sub_(m[rows, None])
 
 
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
@@ -49,15 +61,18 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         local_t = torch.where(here, local_t, torch.zeros_like(local_t))
         m = all_reduce_nograd(logits.amax(-1).to(md), group, dist.ReduceOp.MAX)   # [N]
         sums = torch.empty(N, 3, dtype=md, device=logits.device)  # S, sum e*(z-m), z_t - m
+        # two working buffers reused by every chunk: fresh large allocations would page-fault
+        # (and zero) their memory on every chunk
+        bufs = torch.empty(2, min(chunk, N), Vs, dtype=md, device=logits.device)
         for s in range(0, N, chunk):
             e = slice(s, min(s + chunk, N))
-            z = logits[e].to(md, copy=True).sub_(m[e, None])        # our copy: logits untouched
-            zt = z.gather(1, local_t[e, None]).squeeze(1)
-            ex = torch.exp(z)
+            z = _shifted(logits, e, m, bufs[0])
+            ex = torch.exp(z, out=bufs[1, : z.shape[0]])
             sums[e, 0] = ex.sum(-1)
-            sums[e, 1] = torch.bmm(ex.unsqueeze(1), z.unsqueeze(2)).view(-1)  # no third buffer
-            sums[e, 2] = torch.where(here[e], zt, torch.zeros_like(zt))
-            del z, ex
+            sums[e, 1] = torch.bmm(ex.unsqueeze(1), z.unsqueeze(2)).view(-1)
+            sums[e, 2] = torch.where(here[e], z.gather(1, local_t[e, None]).squeeze(1),
+                                     torch.zeros_like(m[e]))
+        del bufs
         sums = all_reduce_nograd(sums, group)
         log_s = sums[:, 0].log()
         ez = sums[:, 1] / sums[:, 0]                                  # E_p[z - m]
@@ -71,26 +86,25 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp: Optional[Tensor], g_ent: Optional[Tensor]):
         logits, local_t, here, m, log_s, ez = ctx.saved_tensors
-        N = logits.shape[0]
-        md = m.dtype
+        N, Vs = logits.shape
         grad = torch.empty_like(logits)
+        bufs = torch.empty(2, min(ctx.chunk, N), Vs, dtype=m.dtype, device=logits.device)
         for s in range(0, N, ctx.chunk):
             e = slice(s, min(s + ctx.chunk, N))
-            z = logits[e].to(md, copy=True).sub_(m[e, None])          # z - m
-            p = torch.sub(z, log_s[e, None]).exp_()
+            z = _shifted(logits, e, m, bufs[0])                       # z - m
+            p = torch.sub(z, log_s[e, None], out=bufs[1, : z.shape[0]]).exp_()
             # coefficient of p: g_H * (E_p[z] - z) - g_lp, built in z's buffer
             if g_ent is not None:
-                z.neg_().add_(ez[e, None]).mul_(g_ent[e, None].to(md))
+                z.neg_().add_(ez[e, None]).mul_(g_ent[e, None].to(m.dtype))
             else:
                 z.zero_()
             if g_lp is not None:
-                z.sub_(g_lp[e, None].to(md))
+                z.sub_(g_lp[e, None].to(m.dtype))
             z.mul_(p)
             if g_lp is not None:
-                onehot = torch.where(here[e], g_lp[e].to(md), torch.zeros_like(m[e]))
+                onehot = torch.where(here[e], g_lp[e].to(m.dtype), torch.zeros_like(m[e]))
                 z.scatter_add_(1, local_t[e, None], onehot[:, None])
             grad[e] = z
-            del z, p
         return grad, None, None, None, None
 
 
@@ -103,13 +117,13 @@ def vocab_parallel_logprobs(
     ``logits[..., Vs]`` this rank's vocabulary shard, starting at global id ``vocab_start``;
     ``targets[...]`` global token ids (ids outside ``[0, V)``, e.g. -100 on padding, give a finite
     log-prob that the loss mask must drop). ``chunk_tokens`` bounds the fp32 working set (default:
-    128 MiB per buffer). Every rank of ``tp_group`` must call this with the same ``N`` tokens.
+    ``default_chunk_tokens``). Every rank of ``tp_group`` must call this with the same ``N`` tokens.
     """
     Vs = logits.shape[-1]
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
                          "disagree: logits must be targets.shape + (vocab shard,)")
-    chunk = chunk_tokens or default_chunk_tokens(Vs)
+    chunk = chunk_tokens or default_chunk_tokens(targets.numel(), Vs)
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     lp, ent = _VocabParallelLogprobEntropy.apply(

@@ -126,3 +126,15 @@ def test_thd_group_alignment_is_detected_from_host_lengths():
     assert CPShard.thd([0, 8, 16, 20], 2, 0, group_of_seq=[0, 0, 1]).positions_aligned
     assert not CPShard.thd([0, 8, 12, 20], 2, 0, group_of_seq=[0, 0, 1]).positions_aligned
     assert not CPShard.thd([0, 8, 16], 2, 0).positions_aligned  # groups unknown: assume ragged
+
+
+@pytest.mark.parametrize("tp,cp,dp", [(2, 2, 2), (1, 4, 2), (2, 1, 4), (2, 4, 1)])
+def test_group_rank_lists_match_megatron_core_rank_generator(tp, cp, dp):
+    from megatron.core.parallel_state import RankGenerator
+
+    from megatron_rl.parallel.groups import layout_ranks
+
+    gen = RankGenerator(tp=tp, ep=1, dp=dp, pp=1, cp=cp, order="tp-cp-ep-dp-pp")
+    ours = layout_ranks(tp, cp, dp)
+    for kind, token in (("tp", "tp"), ("cp", "cp"), ("dp", "dp"), ("dp_cp", "dp-cp")):
+        assert sorted(map(list, ours[kind])) == sorted(gen.get_ranks(token)), kind

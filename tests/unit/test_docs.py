@@ -1,12 +1,15 @@
-"""Every Python example in docs/api.md runs as written."""
+"""Every Python example in docs/api.md and docs/parallel.md runs as written."""
 
 import pathlib
 import re
 
 import pytest
 
-DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "api.md"
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
+DOC = DOCS / "api.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+ALL = [(name, code) for name in ("api.md", "parallel.md")
+       for code in re.findall(r"```python\n(.*?)```", (DOCS / name).read_text(), flags=re.S)]
 
 
 def test_api_doc_has_one_example_per_registry():
@@ -16,7 +19,7 @@ def test_api_doc_has_one_example_per_registry():
         assert registry in text, registry
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"example{i}" for i in range(len(BLOCKS))])
-def test_api_doc_example_runs(code, capsys):
-    exec(compile(code, str(DOC), "exec"), {})
+@pytest.mark.parametrize("name,code", ALL, ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALL)])
+def test_doc_example_runs(name, code, capsys):
+    exec(compile(code, str(DOCS / name), "exec"), {})
     assert capsys.readouterr().out
