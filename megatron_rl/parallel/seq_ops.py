@@ -62,10 +62,7 @@ class CPSeqOps(SeqOps):
         acc = (x * as_float_mask(mask, x)).double().view(B, 2, C)
         local = acc.flip(-1).cumsum(-1).flip(-1)                          # within each held chunk
         ids = torch.tensor(self.shard.chunks, device=x.device)
-        if C == 0:
-            heads = acc.new_zeros(B, 2)
-        else:
-            heads = local[:, :, 0]
+        heads = local[:, :, 0] if C else acc.new_zeros(B, 2)             # each held chunk's total
         totals = acc.new_zeros(B, 2 * cp).index_add(1, ids, heads)       # [B, 2cp], own chunks only
         totals = all_reduce_partial(totals, self.group)                   # every chunk's total
         later = totals.flip(-1).cumsum(-1).flip(-1) - totals              # exclusive suffix

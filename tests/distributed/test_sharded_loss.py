@@ -34,3 +34,11 @@ def test_sharded_loss_and_grads_equal_single_process(loss_results, case, par, dt
 
 def test_every_dtype_is_checked():
     assert set(d for _, d in RUNS) == set(DTYPES)
+
+
+@pytest.mark.parametrize("par", [p for p in PARALLEL if p[0] > 1], ids=_id)
+def test_some_cp_rank_holds_no_action_token_and_still_matches(loss_results, par):
+    # the one-token-response micro-batch puts every action token in the last chunk: the other CP
+    # ranks must still join every collective (a deadlock would hang the spawn) and contribute 0
+    for layout in LAYOUTS:
+        assert loss_results[key(CASES[0].name, layout, par, "float64")]["ranks_without_action_tokens"] > 0

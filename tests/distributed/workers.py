@@ -88,6 +88,7 @@ def _sharded_step(mbs, case: Case, layout: str, par, groups, dtype, ref_grads):
         prepared.append((i, local, smb))
     num_tokens, num_seqs = step_denominators([p[2] for p in prepared], groups.dp_cp)
     loss_sum, metrics, err = 0.0, {}, 0.0
+    empty = sum(1 for _, _, smb in prepared if not bool(smb.mask.any()))
     for i, local, smb in prepared:
         mb = mbs[i]
         logits = local["logits"][..., v0:v0 + Vs].to(dtype).clone().requires_grad_()
@@ -106,7 +107,7 @@ def _sharded_step(mbs, case: Case, layout: str, par, groups, dtype, ref_grads):
         loss_sum = loss_sum + loss.detach().double()
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + v.detach().double()
-    return loss_sum, metrics, err
+    return loss_sum, metrics, err, empty
 
 
 def loss_equivalence(rank: int, world: int, parallel=tuple(PARALLEL),
@@ -125,15 +126,17 @@ def loss_equivalence(rank: int, world: int, parallel=tuple(PARALLEL),
                 names = sorted(ref_metrics)
                 sums = torch.zeros(1 + len(names), dtype=torch.float64)
                 err = torch.zeros(1, dtype=torch.float64)
+                empty = torch.zeros(1, dtype=torch.float64)
                 if groups is not None:
-                    loss, metrics, e = _sharded_step(mbs, case, layout, par, groups,
-                                                     DTYPES[dtype_name], ref_grads)
+                    loss, metrics, e, empty[0] = _sharded_step(mbs, case, layout, par, groups,
+                                                               DTYPES[dtype_name], ref_grads)
                     if groups.tp_rank == 0:  # TP ranks hold the same partial loss: count it once
                         sums[0] = loss
                         sums[1:] = torch.stack([torch.as_tensor(metrics[n]) for n in names])
                     err[0] = e
                 dist.all_reduce(sums)
                 dist.all_reduce(err, op=dist.ReduceOp.MAX)
+                dist.all_reduce(empty)
                 scale = max(float(g.abs().max()) for gs in ref_grads for g in gs)
                 want = torch.stack([ref_loss] + [torch.as_tensor(ref_metrics[n]) for n in names])
                 # fp64: relative; fp32: relative to max(|value|, 1) -- the losses are means of
@@ -143,6 +146,7 @@ def loss_equivalence(rank: int, world: int, parallel=tuple(PARALLEL),
                 results[key(case.name, layout, par, dtype_name)] = {
                     "loss": rel[0], "grad": float(err[0]) / scale,
                     "metrics": dict(zip(names, rel[1:])),
+                    "ranks_without_action_tokens": int(empty[0]),  # (rank, micro-batch) pairs
                 }
     return results
 
