@@ -15,7 +15,7 @@ math it calls (advantages, ratios, weights, losses, DAPO) is the product's own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn

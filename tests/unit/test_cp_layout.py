@@ -5,8 +5,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.parallel.cp_layout import (
-    CPShard, bshd_shard, bshd_unshard, chunk_ids, padded_length, shift_left, thd_partition_index,
-    thd_shard, thd_unshard,
+    CPShard, bshd_shard, bshd_unshard, chunk_ids, padded_length, shift_left, thd_shard, thd_unshard,
 )
 
 CPS = [1, 2, 4]
