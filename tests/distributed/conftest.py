@@ -13,3 +13,32 @@ def loss_results():
 @pytest.fixture(scope="session")
 def convention_results():
     return spawn(workers.conventions, 4)
+
+
+MODEL_CASES_2 = [
+    # name, layout, micro-batches per DP rank, loss
+    ("tp2", {"tp": 2}, 1, "gspo"),
+    ("ep2", {"ep": 2}, 1, "gspo"),
+    ("pp2", {"pp": 2}, 2, "gspo"),
+    ("tp2_ep2_etp1", {"tp": 2, "ep": 2, "etp": 1}, 1, "future_kl_grpo"),
+    ("dp2_mb1", {}, 1, "gspo"),
+    ("dp2_mb4", {}, 4, "gspo"),
+    ("dp2_mb1_fkl", {}, 1, "future_kl_grpo"),
+    ("dp2_mb4_fkl", {}, 4, "future_kl_grpo"),
+]
+MODEL_CASES_4 = [
+    ("tp2_ep2", {"tp": 2, "ep": 2}, 1, "gspo"),
+    ("tp2_pp2", {"tp": 2, "pp": 2}, 2, "future_kl_grpo"),
+    ("ep2_pp2_dp2", {"ep": 2, "pp": 2}, 2, "gspo"),
+]
+
+
+@pytest.fixture(scope="session")
+def model_results(tmp_path_factory):
+    """Two spawns (2 and 4 gloo processes) run every Megatron model layout."""
+    from tests.distributed import model_workers
+
+    out = spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("m2")), MODEL_CASES_2)
+    out.update(spawn(model_workers.model_equivalence, 4, str(tmp_path_factory.mktemp("m4")),
+                     MODEL_CASES_4))
+    return out

@@ -1,0 +1,136 @@
+"""Build a megatron-core ``GPTModel`` (dense or MoE) from a Hugging Face config.
+
+``transformer_config`` turns the HF shape (``hf_config.HFModel``), the parallel layout and the
+model options into a ``TransformerConfig``; ``layer_spec`` picks TransformerEngine modules when TE
+is installed (``attention_backend: te|auto``) and otherwise Megatron's local modules with
+``SDPAttention`` as the core attention; ``build_gpt_model`` builds this pipeline stage's model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_rl.model.hf_config import HFModel
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model section's knobs the builder needs (see ``model.config.ModelConfig``)."""
+
+    attention_backend: str = "auto"          # auto | sdpa | te
+    token_dispatcher: str = "alltoall"       # alltoall | allgather
+    grouped_gemm: bool = False
+    router_aux_loss_coef: float = 0.0        # off for RL by default: peers found it hurts
+    router_z_loss_coef: float = 0.0
+    params_dtype: torch.dtype = torch.float32
+
+    def use_te(self) -> bool:
+        if self.attention_backend == "te" and not have_transformer_engine():
+            raise ValueError("model.attention_backend: te needs TransformerEngine, which is not "
+                             "installed (use sdpa, or the GPU image)")
+        return self.attention_backend == "te" or (self.attention_backend == "auto"
+                                                  and have_transformer_engine())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallel sizes; ``etp`` (expert tensor parallel) defaults to ``tp``, as in Megatron-LM."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    sequence_parallel: bool = False
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+
+def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
+    from megatron.core.transformer import TransformerConfig
+
+    _check_divisible(hf, layout)
+    moe = {}
+    if hf.num_experts:
+        moe = dict(
+            moe_token_dispatcher_type=opt.token_dispatcher,
+            moe_grouped_gemm=opt.grouped_gemm,
+            moe_router_load_balancing_type="aux_loss" if opt.router_aux_loss_coef else "none",
+            moe_aux_loss_coeff=opt.router_aux_loss_coef,
+            moe_z_loss_coeff=opt.router_z_loss_coef or None,
+            moe_router_dtype="fp32",  # routing decisions must not flip with bf16 rounding
+        )
+    gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        **hf.config, **moe,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        # Megatron requires sequence parallelism for MoE with TP > 1
+        sequence_parallel=layout.sequence_parallel or (layout.tp > 1 and hf.num_experts > 0),
+        params_dtype=opt.params_dtype, pipeline_dtype=opt.params_dtype,
+        bf16=opt.params_dtype == torch.bfloat16, fp16=False,
+        # fused kernels exist on GPU only
+        bias_dropout_fusion=gpu, masked_softmax_fusion=gpu, gradient_accumulation_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=gpu,
+    )
+
+
+def _check_divisible(hf: HFModel, layout: Layout) -> None:
+    c = hf.config
+    rules = [
+        (c["num_attention_heads"], layout.tp, "num_attention_heads", "tensor_model_parallel_size"),
+        (c["num_query_groups"], layout.tp, "num_key_value_heads", "tensor_model_parallel_size"),
+        (c["num_layers"], layout.pp, "num_hidden_layers", "pipeline_model_parallel_size"),
+    ]
+    if hf.num_experts:
+        rules.append((hf.num_experts, layout.ep, "num_experts", "expert_model_parallel_size"))
+    for n, k, hf_name, par_name in rules:
+        if n % k:
+            raise ValueError(f"parallel.{par_name}={k} does not divide {hf_name}={n} of the model; "
+                             f"choose a divisor of {n}")
+
+
+def layer_spec(config, opt: ModelOptions, vp_stage: Optional[int] = None):
+    """The decoder block spec of this pipeline stage (dense and MoE layers as the config says)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_rl.model.attention import SDPAttention
+
+    te = opt.use_te()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm",
+                                      vp_stage=vp_stage)
+    if te:
+        return spec
+    spec = copy.deepcopy(spec)  # the layer specs share submodule objects
+    for layer in spec.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool = True,
+                    post_process: bool = True, vp_stage: Optional[int] = None):
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config, transformer_layer_spec=layer_spec(config, opt, vp_stage),
+        vocab_size=hf.vocab_size, max_sequence_length=hf.max_position_embeddings,
+        pre_process=pre_process, post_process=post_process,
+        share_embeddings_and_output_weights=hf.tie_word_embeddings,
+        position_embedding_type="rope", rotary_base=hf.rotary_base, vp_stage=vp_stage,
+        parallel_output=True,
+    )

@@ -1,0 +1,325 @@
+"""Every monkeypatch megatron-core needs to run on a CPU-only PyTorch build, in one place.
+
+``apply_cpu_patches()`` does nothing when CUDA is available. On CPU it applies each patch once; each
+records how to undo itself (``revert_cpu_patches``), so ``tests/distributed/test_cpu_patches.py``
+can run a scenario with every patch but one and check that upstream still fails with the error
+the patch's docstring names. When a test there fails, upstream fixed the problem: delete the patch.
+
+Written against megatron-core 0.16.1 (the newest for Python 3.11); each docstring says where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+Undo = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class CpuPatch:
+    name: str
+    error: str                 # what upstream raises without the patch (a substring)
+    apply: Callable[[], Undo]
+
+
+CPU_PATCHES: Dict[str, CpuPatch] = {}
+_APPLIED: Dict[str, Undo] = {}
+
+
+def _patch(name: str, error: str):
+    def register(fn: Callable[[], Undo]):
+        CPU_PATCHES[name] = CpuPatch(name, error, fn)
+        return fn
+    return register
+
+
+def _set(obj, attr: str, value, undo: List[Undo]) -> None:
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    undo.append(lambda: setattr(obj, attr, old))
+
+
+def _undo_all(undo: List[Undo]) -> Undo:
+    return lambda: [u() for u in reversed(undo)]
+
+
+def apply_cpu_patches(skip: Sequence[str] = ()) -> List[str]:
+    """Apply every CPU patch not in ``skip`` (none when CUDA is available); returns their names."""
+    if torch.cuda.is_available():
+        return []
+    for name, p in CPU_PATCHES.items():
+        if name not in skip and name not in _APPLIED:
+            _APPLIED[name] = p.apply()
+    return list(_APPLIED)
+
+
+def revert_cpu_patches() -> None:
+    for name in reversed(list(_APPLIED)):
+        _APPLIED.pop(name)()
+
+
+@_patch("rng", "Torch not compiled with CUDA enabled")
+def _rng() -> Undo:
+    """``model_parallel_cuda_manual_seed`` -> ``CudaRNGStatesTracker.add`` calls
+    ``torch.cuda.get_rng_state`` (tensor_parallel/random.py, 0.16.1): "AssertionError: Torch not
+    compiled with CUDA enabled". Keep the tracker's named states as CPU generator states."""
+    import megatron.core.tensor_parallel.random as R
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name=R._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        # the named state stands for a CUDA generator: swap it in and out of the CPU generator so
+        # the default CPU stream is left as it was (upstream warns when it changes)
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+    undo: List[Undo] = []
+    _set(R.CudaRNGStatesTracker, "fork", fork, undo)
+    _set(R, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state(), undo)
+    _set(R, "_set_cuda_rng_state", lambda new_state, *a, **k: torch.set_rng_state(new_state), undo)
+    _set(R.CudaRNGStatesTracker, "add", add, undo)
+    return _undo_all(undo)
+
+
+@_patch("curdev", "Torch not compiled with CUDA enabled")
+def _curdev() -> Undo:
+    """Embeddings, linear layers, rotary embeddings and the global memory buffer allocate on
+    ``torch.cuda.current_device()`` (0.16.1): "AssertionError: Torch not compiled with CUDA
+    enabled". Report the CPU instead."""
+    undo: List[Undo] = []
+    _set(torch.cuda, "current_device", lambda: torch.device("cpu"), undo)
+    return _undo_all(undo)
+
+
+@_patch("tegemm", "name 'te_general_gemm' is not defined")
+def _tegemm() -> Undo:
+    """0.16.1 bug without TransformerEngine (CPU or GPU): the MoE router's
+    ``RouterGatingLinearFunction.forward`` reads ``te_general_gemm``, which is only imported when TE
+    is: "NameError: name 'te_general_gemm' is not defined". Fixed upstream by 0.19.2; define it as
+    None (the torch fallback) where it is missing."""
+    import megatron.core.transformer.moe.moe_utils as M
+
+    if hasattr(M, "te_general_gemm"):
+        return lambda: None
+    M.te_general_gemm = None
+    return lambda: delattr(M, "te_general_gemm")
+
+
+@_patch("spnorm", "sequence parallel not supported by torch LayerNorm")
+def _spnorm() -> Undo:
+    """MoE with TP > 1 requires sequence parallelism, but without TE/Apex the local spec's torch
+    norms refuse it (transformer/torch_norm.py, 0.16.1): "AssertionError: sequence parallel not
+    supported by torch LayerNorm". Build the torch norm and mark its parameters
+    ``sequence_parallel`` so their gradients are all-reduced over TP, as for TE/Apex norms."""
+    import megatron.core.transformer.torch_norm as TN
+
+    orig = TN.WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        sp = config.sequence_parallel
+        config.sequence_parallel = False
+        try:
+            norm = orig(cls, config, hidden_size, eps, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sp
+        for p in norm.parameters():
+            p.sequence_parallel = sp
+        return norm
+
+    undo: List[Undo] = []
+    _set(TN.WrappedTorchNorm, "__new__", staticmethod(new), undo)
+    return _undo_all(undo)
+
+
+class _NoStream:
+    """Stands in for CUDA streams and events: CPU work is synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+    def record_event(self, *args, **kwargs):
+        return _NoStream()
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+@_patch("stream", "torch.cuda.Stream requires CUDA support")
+def _stream() -> Undo:
+    """The all-to-all token dispatcher creates ``torch.cuda.Stream()`` for its device-to-host copies
+    (transformer/moe/token_dispatcher.py, 0.16.1): "RuntimeError: torch.cuda.Stream requires CUDA
+    support". Replace streams and events with no-ops."""
+    undo: List[Undo] = []
+    _set(torch.cuda, "Stream", _NoStream, undo)
+    _set(torch.cuda, "Event", _NoStream, undo)
+    _set(torch.cuda, "current_stream", lambda *a, **k: _NoStream(), undo)
+    _set(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext(), undo)
+    return _undo_all(undo)
+
+
+@_patch("a2a_splits", "all_to_all_single(): incompatible function arguments")
+def _a2a_splits() -> Undo:
+    """With EP > 1 the all-to-all dispatcher passes split sizes through
+    ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)``, which converts only CUDA tensors, so on
+    CPU torch tensors reach ``all_to_all_single`` (0.16.1): "TypeError: all_to_all_single():
+    incompatible function arguments". Convert CPU tensors too."""
+    import megatron.core.transformer.moe.moe_utils as M
+    import megatron.core.transformer.moe.token_dispatcher as TD
+
+    orig = M.maybe_move_tensor_to_cpu
+
+    def move(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return orig(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    undo: List[Undo] = []
+    _set(M, "maybe_move_tensor_to_cpu", move, undo)
+    _set(TD, "maybe_move_tensor_to_cpu", move, undo)
+    return _undo_all(undo)
+
+
+@_patch("uneven", "invalid tensor size")
+def _uneven() -> Undo:
+    """With TP > 1 and EP > 1 the dispatcher gathers and reduce-scatters *uneven* per-rank token
+    counts (tensor_parallel/mappings.py, 0.16.1); NCCL accepts that, gloo does not:
+    "RuntimeError: ProcessGroupGloo::allgather: invalid tensor size". Pad to the largest share,
+    use the even collective, slice."""
+    import megatron.core.tensor_parallel.mappings as MP
+
+    gather0, scatter0 = MP._gather_along_first_dim, MP._reduce_scatter_along_first_dim
+
+    def padded(x, n):
+        out = x.new_zeros((n,) + tuple(x.shape[1:]))
+        out[: x.shape[0]] = x
+        return out
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather0(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in output_split_sizes]
+        outs = [input_.new_empty((max(sizes),) + tuple(input_.shape[1:])) for _ in sizes]
+        torch.distributed.all_gather(outs, padded(input_, max(sizes)), group=group)
+        return torch.cat([o[:n] for o, n in zip(outs, sizes)], dim=0)
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter0(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in input_split_sizes]
+        m = max(sizes)
+        stacked = torch.cat([padded(c, m) for c in torch.split(input_, sizes, dim=0)])
+        out = input_.new_empty((m,) + tuple(input_.shape[1:]))
+        torch.distributed.reduce_scatter_tensor(out, stacked, group=group)
+        return out[: sizes[group.rank()]]
+
+    undo: List[Undo] = []
+    _set(MP, "_gather_along_first_dim", gather, undo)
+    _set(MP, "_reduce_scatter_along_first_dim", reduce_scatter, undo)
+    return _undo_all(undo)
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _CudaTypeNames(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str)
+                and out.startswith("torch.") and not out.startswith("torch.cuda.")):
+            return "torch.cuda." + out[len("torch."):]
+        return out
+
+
+def _enter_mode(mode: TorchFunctionMode) -> Undo:
+    mode.__enter__()
+    return lambda: mode.__exit__(None, None, None)
+
+
+@_patch("devmode", "Torch not compiled with CUDA enabled")
+def _devmode() -> Undo:
+    """Hard-coded ``device="cuda"`` and ``.cuda()`` in every pipeline schedule
+    (``total_num_tokens = torch.zeros([], ..., device="cuda")``, pipeline_parallel/schedules.py),
+    the optimizer (``found_inf``, ``_scale_one``), clip_grads and checkpoint exchange (0.16.1):
+    "AssertionError: Torch not compiled with CUDA enabled". A process-wide function mode maps
+    CUDA devices to the CPU and drops ``pin_memory``."""
+    return _enter_mode(_CudaToCpu())
+
+
+@_patch("sync", "Torch not compiled with CUDA enabled")
+def _sync() -> Undo:
+    """``torch.cuda.synchronize()`` after pipeline send/recv (pipeline_parallel/
+    p2p_communication.py with ``batch_p2p_sync``), in parallel_state and timers (0.16.1):
+    "AssertionError: Torch not compiled with CUDA enabled". CPU work is synchronous: no-op."""
+    undo: List[Undo] = []
+    _set(torch.cuda, "synchronize", lambda *a, **k: None, undo)
+    return _undo_all(undo)
+
+
+@_patch("typestr", "Wrapped parameters must be one of torch.cuda.FloatTensor")
+def _typestr() -> Undo:
+    """The distributed optimizer and grad clipping dispatch on ``param.type()`` strings
+    (optimizer/distrib_optimizer.py ``_build_model_and_main_param_groups``, optimizer/
+    clip_grads.py, 0.16.1): "TypeError: Wrapped parameters must be one of
+    torch.cuda.FloatTensor, ...". A function mode makes a CPU tensor's ``type()`` report the
+    ``torch.cuda.*`` name."""
+    return _enter_mode(_CudaTypeNames())

@@ -1,0 +1,28 @@
+"""Tiny Hugging Face configs (random weights, built offline) for CPU tests and the CPU demo."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+_BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, intermediate_size=128, rms_norm_eps=1e-6,
+             rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
+             hidden_act="silu", torch_dtype="float32")
+
+TINY: Dict[str, Dict[str, Any]] = {
+    "qwen3_moe": dict(_BASE, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen3": dict(_BASE, architectures=["Qwen3ForCausalLM"], model_type="qwen3"),
+    "qwen2": dict(_BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                  use_sliding_window=False),
+    "mixtral": dict(_BASE, architectures=["MixtralForCausalLM"], model_type="mixtral",
+                    num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+}
+
+
+def tiny_hf_config(name: str, **overrides) -> Dict[str, Any]:
+    if name not in TINY:
+        raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(TINY)}")
+    return dict(copy.deepcopy(TINY[name]), **overrides)

@@ -1,0 +1,122 @@
+"""The ONE adapter between our sharded policy loss and Megatron's ``forward_backward_func``.
+
+Megatron's loss-scaling contract (megatron-core 0.16.1 .. 0.19, ``calculate_per_token_loss=False``):
+a ``loss_func`` returning the 2-tuple ``(loss, logging)`` has its loss multiplied by the CP size
+and divided by the number of micro-batches (``schedules.forward_step_calc_loss``), and DDP scales
+the gradients by ``1 / (DP x CP)``. Our loss is already each rank's *partial* share of the step
+loss (global denominators), so the step's gradient must be the plain sum over micro-batches and
+DP x CP ranks. Net: multiply by ``num_microbatches x DP`` (``megatron_loss_scale``). The MoE
+auxiliary losses get Megatron's own scale (``cp / num_microbatches``, then ``1/(DP x CP)``): a mean
+over micro-batches and ranks, the usual meaning of ``moe_aux_loss_coeff``.
+``tests/distributed/test_megatron_model.py`` pins this: the same gradients for 1 vs 4
+micro-batches and DP 1 vs 2, against a single-process autograd reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from megatron_rl.parallel.groups import ParallelGroups
+from megatron_rl.parallel.loss import ShardedMicroBatch, logprobs_entropy, sharded_policy_loss
+
+Tensor = torch.Tensor
+
+
+def megatron_loss_scale(num_microbatches: int, dp_size: int) -> float:
+    """What a partial loss is multiplied by before Megatron scales it (see the module doc)."""
+    return float(num_microbatches * dp_size)
+
+
+@dataclass
+class PolicyMicroBatch:
+    """One micro-batch on this rank: model inputs (this CP rank's shard; BSHD ``[b, s]``) and the
+    loss inputs as ``[B, 2C]`` views (see ``parallel.loss``)."""
+
+    tokens: Tensor
+    position_ids: Tensor
+    labels: Tensor
+    shard: ShardedMicroBatch
+    old_logprobs: Tensor
+    advantages: Tensor
+    ref_logprobs: Optional[Tensor] = None
+    rollout_logprobs: Optional[Tensor] = None
+    packed_seq_params: Any = None
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The configured loss: registry name, its parameters and the step's denominators."""
+
+    name: str
+    params: Dict[str, Any]
+    num_tokens: Tensor
+    num_seqs: Tensor
+
+
+def _vocab_start(logits: Tensor, groups: ParallelGroups) -> int:
+    return groups.tp_rank * logits.shape[-1]
+
+
+def _forward(mb: PolicyMicroBatch, model) -> Tensor:
+    return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
+                 packed_seq_params=mb.packed_seq_params)
+
+
+def _loss_func(mb: PolicyMicroBatch, loss: PolicyLoss, groups: ParallelGroups, scale: float,
+               chunk_tokens: Optional[int], logits: Tensor):
+    lp, ent = logprobs_entropy(mb.shard, logits, mb.labels, tp_group=groups.tp,
+                               vocab_start=_vocab_start(logits, groups), chunk_tokens=chunk_tokens)
+    value, metrics = sharded_policy_loss(
+        loss.name, mb.shard, logprobs=lp, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
+        num_tokens=loss.num_tokens, num_seqs=loss.num_seqs, ref_logprobs=mb.ref_logprobs,
+        rollout_logprobs=mb.rollout_logprobs, entropy=ent, **loss.params)
+    logged = {"loss": value.detach(), **{k: v.detach() for k, v in metrics.items()}}
+    return value * scale, logged
+
+
+def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], loss: PolicyLoss,
+                           groups: ParallelGroups, *, seq_length: int,
+                           chunk_tokens: Optional[int] = None) -> List[Dict[str, Tensor]]:
+    """Forward and backward over this rank's micro-batches with Megatron's schedule (any PP);
+    gradients land in the DDP buffers, finalised. Returns the per-micro-batch partial metrics
+    (last pipeline stage only; sum them, then all-reduce over DP x CP)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    n = len(micro_batches)
+    scale = megatron_loss_scale(n, groups.dp_size)
+
+    def step(data: Iterator[PolicyMicroBatch], chunk_model):
+        mb = next(data)
+        return _forward(mb, chunk_model), partial(_loss_func, mb, loss, groups, scale, chunk_tokens)
+
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(micro_batches), model=model,
+        num_microbatches=n, seq_length=seq_length,
+        micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=False)
+
+
+def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups: ParallelGroups,
+                     *, seq_length: int, chunk_tokens: Optional[int] = None) -> List[Tensor]:
+    """The old-policy or reference log-probs ``[B, 2C]`` of each micro-batch: forward only, no
+    autograd graph, the same model code (last pipeline stage only; other stages get [])."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def logprob_func(mb, logits):
+        lp, _ = logprobs_entropy(mb.shard, logits, mb.labels, tp_group=groups.tp,
+                                 vocab_start=_vocab_start(logits, groups), chunk_tokens=chunk_tokens)
+        return lp.sum() * 0, {"logprobs": lp.detach()}
+
+    def step(data, chunk_model):
+        mb = next(data)
+        return _forward(mb, chunk_model), partial(logprob_func, mb)
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(micro_batches), model=model,
+            num_microbatches=len(micro_batches), seq_length=seq_length,
+            micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=True)
+    return [o["logprobs"] for o in out]

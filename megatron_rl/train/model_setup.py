@@ -1,0 +1,35 @@
+"""This rank's model chunk(s): GPTModel for its pipeline stage, wrapped in megatron-core DDP."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from megatron_rl.model.build import Layout, ModelOptions, build_gpt_model, transformer_config
+from megatron_rl.model.hf_config import HFModel
+
+
+def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = True,
+                distributed_optimizer: bool = False) -> Tuple[List, object]:
+    """``([model], transformer_config)``; with ``ddp`` the gradients go to fp32 buffers
+    (``param.main_grad``), reduced over DP (x CP) and finalised by the schedule."""
+    from megatron.core import parallel_state as ps
+
+    config = transformer_config(hf, layout, opt)
+    model = build_gpt_model(hf, config, opt, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage())
+    if not ddp:
+        return [model], config
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed_optimizer)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    return [model], config
+
+
+def unwrap(model):
+    """The GPTModel inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)

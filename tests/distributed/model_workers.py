@@ -1,0 +1,155 @@
+"""Megatron model path under TP / EP / PP / DP on CPU: gradients against a single-process run.
+
+One spawn, three phases per layout:
+1. every rank builds the world-1-shaped model (TP=PP=EP=1) from the same seed and computes the
+   reference loss and gradients over the whole step in plain autograd; the weights are saved as a
+   megatron-core distributed checkpoint;
+2. the layout under test loads that checkpoint (Megatron reshards it), runs the step through
+   ``train_forward_backward`` (Megatron's schedule, DDP, our loss adapter) on this rank's share of
+   the micro-batches, then writes its gradients into the parameters and saves them the same way;
+3. the world-1 layout loads those "gradient" checkpoints back (Megatron un-shards them) and each
+   parameter is compared with the reference gradient.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.algo.advantages import compute_advantages
+from megatron_rl.model.build import Layout, ModelOptions
+from megatron_rl.model.hf_config import load_hf_config
+from megatron_rl.model.tiny import tiny_hf_config
+from megatron_rl.parallel.cp_layout import CPShard, shift_left
+from megatron_rl.parallel.loss import prepare_micro_batch, step_denominators
+from megatron_rl.train.megatron_loss import PolicyLoss, PolicyMicroBatch, _loss_func, train_forward_backward
+from megatron_rl.train.model_setup import build_model, unwrap
+from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+
+S, NSEQ, PROMPT = 16, 8, 4
+LOSSES = {
+    "gspo": ("grpo", {}, {"eps_low": 0.02, "eps_high": 0.03}),
+    "future_kl_grpo": ("future_kl_grpo", {"beta": 0.2},
+                       {"ratio": "future", "weight": "ppo_clip",
+                        "weight_params": {"eps_low": 0.05, "eps_high": 0.05}}),
+}
+
+
+def _sequences(vocab: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """NSEQ sequences of S tokens (2 groups of 4; responses of uneven length), label coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (NSEQ, S), generator=g)
+    loss_mask = torch.zeros(NSEQ, S)
+    for b, n in enumerate([12, 7, 9, 3, 12, 1, 5, 10]):
+        loss_mask[b, PROMPT:PROMPT + n] = 1
+    mask = shift_left(loss_mask, 1)
+    return dict(tokens=tokens, labels=shift_left(tokens, 1), mask=mask,
+                old=-2.5 + 0.05 * torch.randn(NSEQ, S, generator=g),
+                kl=0.1 * torch.rand(NSEQ, S, generator=g) * mask,
+                rewards=torch.rand(NSEQ, generator=g), groups=torch.arange(NSEQ) // 4)
+
+
+def _advantages(data, adv_name, adv_params):
+    return compute_advantages(adv_name, rewards=data["rewards"], mask=data["mask"],
+                              group_ids=data["groups"], kl=data["kl"], **adv_params)
+
+
+def _micro_batches(data, adv, rows_list, cp_group) -> List[PolicyMicroBatch]:
+    out = []
+    for rows in rows_list:
+        shard = CPShard.bshd(len(rows), S, 1, 0)
+        smb = prepare_micro_batch(shard, data["mask"][rows], data["groups"][rows], cp_group)
+        out.append(PolicyMicroBatch(
+            tokens=data["tokens"][rows], position_ids=torch.arange(S).expand(len(rows), S),
+            labels=data["labels"][rows], shard=smb, old_logprobs=data["old"][rows],
+            advantages=adv[rows]))
+    return out
+
+
+def _reference(hf, data, adv, loss_name, params, seed):
+    """Plain autograd, one process's worth: every rank computes it identically."""
+    groups = init_megatron_parallel(Layout(), seed)
+    [model], _ = build_model(hf, Layout(), ModelOptions(), ddp=False)
+    mbs = _micro_batches(data, adv, [list(range(NSEQ))], None)
+    num_tokens, num_seqs = step_denominators([m.shard for m in mbs], None)
+    loss = PolicyLoss(loss_name, params, num_tokens, num_seqs)
+    value, _ = _loss_func(mbs[0], loss, groups.__class__(), 1.0, None,
+                          model(input_ids=mbs[0].tokens, position_ids=mbs[0].position_ids,
+                                attention_mask=None))
+    value.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return model, float(value), grads
+
+
+def _save(model, path):
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), path)
+
+
+def _load(model, path):
+    from megatron.core import dist_checkpointing
+
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), path))
+
+
+def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out_dir):
+    from megatron.core import parallel_state as ps
+
+    groups = init_megatron_parallel(layout, seed)
+    [model], _ = build_model(hf, layout, ModelOptions())
+    _load(unwrap(model), weights)
+    dp, r = groups.dp_size, groups.dp_rank
+    mine = [b for b in range(NSEQ) if b % dp == r]
+    rows = [mine[i::n_mb] for i in range(n_mb)]
+    mbs = _micro_batches(data, adv, rows, groups.cp)
+    num_tokens, num_seqs = step_denominators([m.shard for m in mbs], groups.dp_cp)
+    logged = train_forward_backward([model], mbs, PolicyLoss(loss_name, params, num_tokens, num_seqs),
+                                    groups, seq_length=S)
+    loss = torch.zeros(1, dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and groups.tp_rank == 0:  # TP ranks hold the same partial loss
+        loss[0] = sum(float(x["loss"]) for x in logged)
+    with torch.no_grad():
+        for p in model.module.parameters():
+            p.copy_(p.main_grad)
+    _save(unwrap(model), out_dir)
+    destroy_megatron_parallel()
+    return loss
+
+
+def model_equivalence(rank: int, world: int, tmp: str, cases) -> dict:
+    """``cases``: list of (name, layout kwargs, n_mb, loss name)."""
+    hf = load_hf_config(tiny_hf_config("qwen3_moe"))
+    data = _sequences(hf.vocab_size)
+    results, refs, seed = {}, {}, 1234
+    weights = os.path.join(tmp, "weights")
+    for i, loss_name in enumerate(sorted({c[3] for c in cases})):
+        adv_name, adv_params, params = LOSSES[loss_name]
+        adv = _advantages(data, adv_name, adv_params)
+        model, value, grads = _reference(hf, data, adv, loss_name, params, seed)
+        if i == 0:  # the same seed builds the same weights for every loss
+            _save(model, weights)
+        refs[loss_name] = (value, grads, adv)
+        destroy_megatron_parallel()
+    for name, kw, n_mb, loss_name in cases:
+        value, ref_grads, adv = refs[loss_name]
+        _, _, params = LOSSES[loss_name]
+        out = os.path.join(tmp, f"grads_{name}")
+        loss = _run_layout(hf, Layout(**kw), n_mb, data, adv, loss_name, params, seed, weights, out)
+        dist.all_reduce(loss)
+        init_megatron_parallel(Layout(), seed)
+        [model], _ = build_model(hf, Layout(), ModelOptions(), ddp=False)
+        _load(model, out)
+        errs = {n: float((p.detach() - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-30))
+                for n, p in model.named_parameters()}
+        worst_param = max(errs, key=errs.get)
+        err = errs[worst_param]
+        worst = max(float(ref_grads[n].abs().max()) for n in ref_grads)
+        destroy_megatron_parallel()
+        results[name] = {"grad": err, "worst_param": worst_param, "bad": {k: v for k, v in errs.items() if v > 1e-4},
+                         "loss": abs(float(loss[0]) - value) / abs(value), "scale": worst}
+    return results

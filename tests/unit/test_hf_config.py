@@ -1,0 +1,96 @@
+"""HF config.json -> Megatron TransformerConfig arguments, and the errors bad configs get."""
+
+import json
+
+import pytest
+
+from megatron_rl.model.build import Layout, ModelOptions, transformer_config
+from megatron_rl.model.hf_config import load_hf_config
+from megatron_rl.model.tiny import TINY, tiny_hf_config
+
+
+def test_qwen3_moe_maps_shape_router_and_qk_norm():
+    hf = load_hf_config(tiny_hf_config("qwen3_moe"))
+    c = hf.config
+    assert (c["num_layers"], c["hidden_size"], c["num_attention_heads"], c["num_query_groups"],
+            c["kv_channels"]) == (2, 64, 4, 2, 32)
+    assert (c["num_moe_experts"], c["moe_router_topk"], c["moe_ffn_hidden_size"]) == (4, 2, 64)
+    assert c["qk_layernorm"] and not c["moe_router_pre_softmax"] and not c["add_qkv_bias"]
+    assert c["moe_layer_freq"] == 1 and hf.vocab_size == 256 and hf.rotary_base == 10000.0
+
+
+def test_norm_topk_prob_false_means_softmax_before_topk():
+    hf = load_hf_config(tiny_hf_config("qwen3_moe", norm_topk_prob=False))
+    assert hf.config["moe_router_pre_softmax"]
+
+
+def test_mlp_only_layers_become_dense_layers():
+    hf = load_hf_config(tiny_hf_config("qwen3_moe", num_hidden_layers=4, mlp_only_layers=[0, 3]))
+    assert hf.config["moe_layer_freq"] == [0, 1, 1, 0]
+
+
+def test_qwen2_has_qkv_bias_and_no_qk_norm():
+    c = load_hf_config(tiny_hf_config("qwen2")).config
+    assert c["add_qkv_bias"] and not c.get("qk_layernorm", False)
+
+
+def test_transformers_5_rope_parameters_are_read():
+    hf = load_hf_config(tiny_hf_config("qwen3", rope_parameters={"rope_type": "default",
+                                                                   "rope_theta": 1e6}))
+    assert hf.rotary_base == 1e6
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_tiny_model_gives_a_valid_transformer_config(name):
+    hf = load_hf_config(tiny_hf_config(name))
+    cfg = transformer_config(hf, Layout(), ModelOptions())
+    assert cfg.num_layers == 2 and cfg.num_query_groups == 2
+    if hf.num_experts:  # RL default: no load-balancing loss
+        assert cfg.moe_aux_loss_coeff == 0.0 and cfg.moe_router_load_balancing_type == "none"
+
+
+def test_config_json_from_a_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config("mixtral")))
+    assert load_hf_config(tmp_path).architecture == "MixtralForCausalLM"
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (dict(architectures=["GPT2LMHeadModel"]), "architecture 'GPT2LMHeadModel' is not supported; supported:"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4}), "rope type 'yarn'"),
+    (dict(use_sliding_window=True, sliding_window=64), "sliding-window attention"),
+])
+def test_unsupported_configs_fail_naming_the_field(mutate, needle):
+    with pytest.raises(ValueError, match="model.hf_config: ") as e:
+        load_hf_config(tiny_hf_config("qwen3_moe", **mutate))
+    assert needle in str(e.value)
+
+
+def test_missing_field_is_named():
+    hf = tiny_hf_config("qwen3_moe")
+    del hf["num_experts"]
+    with pytest.raises(ValueError, match="config.json has no 'num_experts'"):
+        load_hf_config(hf)
+
+
+def test_missing_file_and_bad_json_are_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_hf_config(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("layout,needle", [
+    (Layout(ep=3), "parallel.expert_model_parallel_size=3 does not divide num_experts=4"),
+    (Layout(tp=8), "parallel.tensor_model_parallel_size=8 does not divide num_attention_heads=4"),
+    (Layout(tp=4), "does not divide num_key_value_heads=2"),
+    (Layout(pp=3), "parallel.pipeline_model_parallel_size=3 does not divide num_hidden_layers=2"),
+])
+def test_impossible_layouts_fail_naming_both_sides(layout, needle):
+    with pytest.raises(ValueError, match="choose a divisor"):
+        try:
+            transformer_config(load_hf_config(tiny_hf_config("qwen3_moe")), layout, ModelOptions())
+        except ValueError as e:
+            assert needle in str(e)
+            raise
