@@ -42,3 +42,18 @@ def model_results(tmp_path_factory):
     out.update(spawn(model_workers.model_equivalence, 4, str(tmp_path_factory.mktemp("m4")),
                      MODEL_CASES_4))
     return out
+
+
+@pytest.fixture(scope="session")
+def resume_results(tmp_path_factory):
+    from tests.distributed import ckpt_workers
+
+    return {name: spawn(ckpt_workers.resume, 2, str(tmp_path_factory.mktemp(name)), kw)
+            for name, kw in (("tp2", {"tp": 2}), ("dp2", {}))}
+
+
+@pytest.fixture(scope="session")
+def hygiene_results(tmp_path_factory):
+    from tests.distributed import ckpt_workers
+
+    return spawn(ckpt_workers.hygiene, 1, str(tmp_path_factory.mktemp("hyg")))

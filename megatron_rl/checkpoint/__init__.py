@@ -1,0 +1,1 @@
+"""Checkpoints: megatron-core distributed checkpoints for training state; HF conversion (later)."""

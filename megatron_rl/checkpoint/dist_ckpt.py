@@ -1,0 +1,137 @@
+"""Save and resume the whole training state with megatron-core ``dist_checkpointing``.
+
+A checkpoint is ``<root>/step_<N>/``: the model and optimizer (sharded, any TP/PP/EP layout can
+load it), the LR scheduler and the trainer's own state (rank 0, JSON), and every rank's RNG
+states. It is written to ``<root>/.tmp-step_<N>`` and renamed only when complete, so a crash
+mid-save leaves the previous checkpoint as the latest; ``<root>/latest`` names the newest
+complete one (replaced atomically); only the last ``keep_last`` are kept. Loading never unpickles
+arbitrary objects (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate()[1],
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def latest_step(root: os.PathLike) -> Optional[int]:
+    """The step of the newest complete checkpoint under ``root``, or None."""
+    f = Path(root) / "latest"
+    return int(f.read_text().strip()) if f.is_file() else None
+
+
+def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
+                    trainer_state: Dict[str, Any], keep_last: int = 2) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    msd = model.sharded_state_dict()
+    dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(
+        msd, metadata=_OPTIM_METADATA)}, str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    if _rank() == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"step": step, "scheduler": scheduler.state_dict(), "trainer": trainer_state}))
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(str(step))
+        os.replace(pointer, root / "latest")
+        for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _prime_adam_state(optimizer) -> None:
+    """megatron-core 0.16's distributed optimizer (torch Adam, no TE/Apex) asserts one shared
+    ``step`` in the Adam state when building its sharded state dict, which a fresh optimizer lacks:
+    give every parameter an empty state before loading into it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if not isinstance(inner, torch.optim.Adam):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _restore_adam_step(optimizer, loaded: Dict[str, Any]) -> None:
+    """The loaded Adam ``step`` comes back as 0 through the distributed optimizer's state dict
+    (0.16, torch Adam): take it from the saved param groups instead, or bias correction restarts."""
+    step = loaded.get("optimizer", {}).get("param_groups", [{}])[0].get("step")
+    if step is None:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt.optimizer, torch.optim.Adam):
+            for st in opt.optimizer.state.values():
+                st["step"] = torch.tensor(float(step))
+
+
+def load_checkpoint(path: os.PathLike, model, optimizer, scheduler) -> Dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint`` into freshly built objects (collective);
+    returns the trainer state saved with it."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"checkpoint {path} is incomplete or not ours (no trainer_state.json)")
+    _prime_adam_state(optimizer)
+    msd = model.sharded_state_dict()
+    with torch.no_grad():  # the fp32 optimizer copies into views of parameters that need grads
+        loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
+            msd, is_loading=True, metadata=_OPTIM_METADATA)}, str(path))
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_step(optimizer, loaded["optimizer"])
+    state = json.loads((path / "trainer_state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    rng = path / f"rng_rank{_rank():05d}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return state["trainer"]

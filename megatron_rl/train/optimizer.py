@@ -1,0 +1,55 @@
+"""Megatron-Core's optimizer (Adam; distributed optimizer with fp32 main weights when asked) and
+its learning-rate schedule, from plain numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 1
+    decay_style: str = "constant"          # constant | linear | cosine
+    distributed: bool = True
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+
+def build_optimizer(model: List, settings: OptimSettings, params_dtype: torch.dtype):
+    """``(optimizer, scheduler)``. bf16 parameters get fp32 main weights and Adam states."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    cfg = OptimizerConfig(
+        optimizer="adam", lr=settings.lr, min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay, clip_grad=settings.max_grad_norm,
+        adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
+        bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+        use_distributed_optimizer=settings.distributed)
+    optimizer = get_megatron_optimizer(cfg, model)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr,
+        min_lr=settings.min_lr, lr_warmup_steps=settings.warmup_steps,
+        lr_decay_steps=max(settings.total_steps, settings.warmup_steps + 1),
+        lr_decay_style=settings.decay_style, start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay, wd_incr_steps=max(settings.total_steps, 1),
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def optimizer_step(optimizer, scheduler):
+    """One update; returns ``(applied, grad_norm, num_zeros)`` as Megatron reports them (an update
+    with a non-finite gradient is skipped by Megatron and reported as not applied)."""
+    applied, grad_norm, num_zeros = optimizer.step()
+    if applied:
+        scheduler.step(increment=1)
+    return applied, grad_norm, num_zeros

@@ -1,0 +1,95 @@
+"""Resume exactness and checkpoint hygiene with megatron-core dist checkpoints (gloo, CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from megatron_rl.checkpoint.dist_ckpt import latest_step, load_checkpoint, save_checkpoint
+from megatron_rl.model.build import Layout, ModelOptions
+from megatron_rl.model.hf_config import load_hf_config
+from megatron_rl.model.tiny import tiny_hf_config
+from megatron_rl.parallel.loss import step_denominators
+from megatron_rl.train.megatron_loss import PolicyLoss, train_forward_backward
+from megatron_rl.train.model_setup import build_model, unwrap
+from megatron_rl.train.optimizer import OptimSettings, build_optimizer, optimizer_step
+from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from tests.distributed import model_workers as mw
+
+SETTINGS = OptimSettings(lr=1e-2, warmup_steps=2, total_steps=6, decay_style="cosine", weight_decay=0.01)
+
+
+def _setup(layout, seed):
+    hf = load_hf_config(tiny_hf_config("qwen3_moe"))
+    groups = init_megatron_parallel(layout, seed)
+    model, _ = build_model(hf, layout, ModelOptions(), distributed_optimizer=True)
+    opt, sched = build_optimizer(model, SETTINGS, torch.float32)
+    return hf, groups, model, opt, sched
+
+
+def _train(model, opt, sched, groups, steps, start):
+    losses = []
+    for step in range(start, start + steps):
+        data = mw._sequences(256, seed=step)  # the step's rollout batch
+        adv = mw._advantages(data, "grpo", {})
+        for m in model:
+            m.zero_grad_buffer()
+        opt.zero_grad()
+        mine = [b for b in range(mw.NSEQ) if b % groups.dp_size == groups.dp_rank]
+        mbs = mw._micro_batches(data, adv, [mine[::2], mine[1::2]], groups.cp)
+        nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
+        out = train_forward_backward(model, mbs, PolicyLoss("gspo", {"eps_low": 0.2, "eps_high": 0.2}, nt, ns),
+                                     groups, seq_length=mw.S)
+        applied, _, _ = optimizer_step(opt, sched)
+        assert applied
+        losses.append(sum(float(o["loss"]) for o in out))
+    return losses
+
+
+def resume(rank: int, world: int, tmp: str, layout_kw) -> dict:
+    layout = Layout(**layout_kw)
+    root = Path(tmp) / "ckpt"
+    _, groups, model, opt, sched = _setup(layout, seed=1)
+    first = _train(model, opt, sched, groups, 3, 0)
+    save_checkpoint(root, 3, unwrap(model[0]), opt, sched, {"consumed": 3})
+    straight = _train(model, opt, sched, groups, 3, 3)
+    want = [p.detach().clone() for p in unwrap(model[0]).parameters()]
+    destroy_megatron_parallel()
+
+    _, groups, model, opt, sched = _setup(layout, seed=99)  # other weights until the load
+    state = load_checkpoint(root / "step_00000003", unwrap(model[0]), opt, sched)
+    resumed = _train(model, opt, sched, groups, 3, 3)
+    got = [p.detach() for p in unwrap(model[0]).parameters()]
+    identical = all(torch.equal(a, b) for a, b in zip(want, got))
+    destroy_megatron_parallel()
+    return {"identical_weights": identical, "straight": straight, "resumed": resumed,
+            "first": first, "trainer_state": state, "latest": latest_step(root)}
+
+
+def hygiene(rank: int, world: int, tmp: str) -> dict:
+    root = Path(tmp) / "ckpt"
+    _, groups, model, opt, sched = _setup(Layout(), seed=1)
+    for step in (1, 2, 3):
+        _train(model, opt, sched, groups, 1, step)
+        save_checkpoint(root, step, unwrap(model[0]), opt, sched, {"step": step}, keep_last=2)
+    kept = sorted(p.name for p in root.glob("step_*"))
+    # a save that died half-way: its temp dir must be ignored, "latest" must still be step 3
+    if rank == 0:
+        (root / ".tmp-step_00000004").mkdir()
+        (root / ".tmp-step_00000004" / "half_written").write_text("x")
+    torch.distributed.barrier()
+    latest = latest_step(root)
+    _, groups2, model2, opt2, sched2 = (None,) * 5
+    destroy_megatron_parallel()
+    _, groups2, model2, opt2, sched2 = _setup(Layout(), seed=5)
+    state = load_checkpoint(root / f"step_{latest:08d}", unwrap(model2[0]), opt2, sched2)
+    try:
+        load_checkpoint(root / ".tmp-step_00000004", unwrap(model2[0]), opt2, sched2)
+        partial_error = ""
+    except ValueError as e:
+        partial_error = str(e)
+    destroy_megatron_parallel()
+    return {"kept": kept, "latest": latest, "state": state, "partial_error": partial_error,
+            "tmp_left": os.path.isdir(root / ".tmp-step_00000004")}
