@@ -24,6 +24,7 @@ Undo = Callable[[], None]
 class CpuPatch:
     name: str
     error: str                 # what upstream raises without the patch (a substring)
+    where: str                 # the megatron-core function that raises it (module path:function)
     apply: Callable[[], Undo]
 
 
@@ -31,9 +32,9 @@ CPU_PATCHES: Dict[str, CpuPatch] = {}
 _APPLIED: Dict[str, Undo] = {}
 
 
-def _patch(name: str, error: str):
+def _patch(name: str, error: str, where: str):
     def register(fn: Callable[[], Undo]):
-        CPU_PATCHES[name] = CpuPatch(name, error, fn)
+        CPU_PATCHES[name] = CpuPatch(name, error, where, fn)
         return fn
     return register
 
@@ -63,7 +64,8 @@ def revert_cpu_patches() -> None:
         _APPLIED.pop(name)()
 
 
-@_patch("rng", "Torch not compiled with CUDA enabled")
+@_patch("rng", "Torch not compiled with CUDA enabled",
+        "tensor_parallel/random.py:add")
 def _rng() -> Undo:
     """``model_parallel_cuda_manual_seed`` -> ``CudaRNGStatesTracker.add`` calls
     ``torch.cuda.get_rng_state`` (tensor_parallel/random.py, 0.16.1): "AssertionError: Torch not
@@ -104,7 +106,8 @@ def _rng() -> Undo:
     return _undo_all(undo)
 
 
-@_patch("curdev", "Torch not compiled with CUDA enabled")
+@_patch("curdev", "Torch not compiled with CUDA enabled",
+        "tensor_parallel/layers.py:__init__")
 def _curdev() -> Undo:
     """Embeddings, linear layers, rotary embeddings and the global memory buffer allocate on
     ``torch.cuda.current_device()`` (0.16.1): "AssertionError: Torch not compiled with CUDA
@@ -114,7 +117,8 @@ def _curdev() -> Undo:
     return _undo_all(undo)
 
 
-@_patch("tegemm", "name 'te_general_gemm' is not defined")
+@_patch("tegemm", "name 'te_general_gemm' is not defined",
+        "transformer/moe/moe_utils.py:forward")
 def _tegemm() -> Undo:
     """0.16.1 bug without TransformerEngine (CPU or GPU): the MoE router's
     ``RouterGatingLinearFunction.forward`` reads ``te_general_gemm``, which is only imported when TE
@@ -128,7 +132,8 @@ def _tegemm() -> Undo:
     return lambda: delattr(M, "te_general_gemm")
 
 
-@_patch("spnorm", "sequence parallel not supported by torch LayerNorm")
+@_patch("spnorm", "sequence parallel not supported by torch LayerNorm",
+        "transformer/torch_norm.py:__new__")
 def _spnorm() -> Undo:
     """MoE with TP > 1 requires sequence parallelism, but without TE/Apex the local spec's torch
     norms refuse it (transformer/torch_norm.py, 0.16.1): "AssertionError: sequence parallel not
@@ -185,11 +190,13 @@ class _NoStream:
         return 0.0
 
 
-@_patch("stream", "torch.cuda.Stream requires CUDA support")
+@_patch("stream", "Torch not compiled with CUDA enabled",
+        "transformer/moe/token_dispatcher.py:_maybe_dtoh_and_synchronize")
 def _stream() -> Undo:
-    """The all-to-all token dispatcher creates ``torch.cuda.Stream()`` for its device-to-host copies
-    (transformer/moe/token_dispatcher.py, 0.16.1): "RuntimeError: torch.cuda.Stream requires CUDA
-    support". Replace streams and events with no-ops."""
+    """The all-to-all token dispatcher moves its routing metadata to the host on a side CUDA
+    stream (``_maybe_dtoh_and_synchronize`` in transformer/moe/token_dispatcher.py, 0.16.1), which
+    initialises CUDA: "AssertionError: Torch not compiled with CUDA enabled" (torch 2.13; older
+    builds: "torch.cuda.Stream requires CUDA support"). Replace streams and events with no-ops."""
     undo: List[Undo] = []
     _set(torch.cuda, "Stream", _NoStream, undo)
     _set(torch.cuda, "Event", _NoStream, undo)
@@ -198,7 +205,8 @@ def _stream() -> Undo:
     return _undo_all(undo)
 
 
-@_patch("a2a_splits", "all_to_all_single(): incompatible function arguments")
+@_patch("a2a_splits", "all_to_all_single(): incompatible function arguments",
+        "tensor_parallel/mappings.py:forward")
 def _a2a_splits() -> Undo:
     """With EP > 1 the all-to-all dispatcher passes split sizes through
     ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)``, which converts only CUDA tensors, so on
@@ -220,7 +228,8 @@ def _a2a_splits() -> Undo:
     return _undo_all(undo)
 
 
-@_patch("uneven", "invalid tensor size")
+@_patch("uneven", "invalid tensor size",
+        "tensor_parallel/mappings.py:_gather_along_first_dim")
 def _uneven() -> Undo:
     """With TP > 1 and EP > 1 the dispatcher gathers and reduce-scatters *uneven* per-rank token
     counts (tensor_parallel/mappings.py, 0.16.1); NCCL accepts that, gloo does not:
@@ -295,7 +304,8 @@ def _enter_mode(mode: TorchFunctionMode) -> Undo:
     return lambda: mode.__exit__(None, None, None)
 
 
-@_patch("devmode", "Torch not compiled with CUDA enabled")
+@_patch("devmode", "Torch not compiled with CUDA enabled",
+        "optimizer/optimizer.py:__init__")
 def _devmode() -> Undo:
     """Hard-coded ``device="cuda"`` and ``.cuda()`` in every pipeline schedule
     (``total_num_tokens = torch.zeros([], ..., device="cuda")``, pipeline_parallel/schedules.py),
@@ -305,7 +315,8 @@ def _devmode() -> Undo:
     return _enter_mode(_CudaToCpu())
 
 
-@_patch("sync", "Torch not compiled with CUDA enabled")
+@_patch("sync", "Torch not compiled with CUDA enabled",
+        "pipeline_parallel/p2p_communication.py:_communicate")
 def _sync() -> Undo:
     """``torch.cuda.synchronize()`` after pipeline send/recv (pipeline_parallel/
     p2p_communication.py with ``batch_p2p_sync``), in parallel_state and timers (0.16.1):
@@ -315,7 +326,8 @@ def _sync() -> Undo:
     return _undo_all(undo)
 
 
-@_patch("typestr", "Wrapped parameters must be one of torch.cuda.FloatTensor")
+@_patch("typestr", "Wrapped parameters must be one of torch.cuda.FloatTensor",
+        "optimizer/distrib_optimizer.py:_build_model_and_main_param_groups")
 def _typestr() -> Undo:
     """The distributed optimizer and grad clipping dispatch on ``param.type()`` strings
     (optimizer/distrib_optimizer.py ``_build_model_and_main_param_groups``, optimizer/

@@ -35,16 +35,19 @@ def _or_none(group):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def init_megatron_parallel(layout: Layout, seed: int) -> ParallelGroups:
-    """``torch.distributed`` must be initialised. Applies the CPU patches when there is no GPU,
-    initialises ``parallel_state`` and the model-parallel RNG; returns the loss path's groups."""
+def init_megatron_parallel(layout: Layout, seed: int, cpu_patches: bool = True) -> ParallelGroups:
+    """``torch.distributed`` must be initialised. Applies the CPU patches when there is no GPU
+    (``cpu_patches=False`` leaves that to the caller: the tests that prove each patch is still
+    needed), initialises ``parallel_state`` and the model-parallel RNG; returns the loss path's
+    groups."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_rl.model.cpu_patches import apply_cpu_patches
 
     check_layout(layout, dist.get_world_size())
-    apply_cpu_patches()
+    if cpu_patches:
+        apply_cpu_patches()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,

@@ -57,3 +57,13 @@ def hygiene_results(tmp_path_factory):
     from tests.distributed import ckpt_workers
 
     return spawn(ckpt_workers.hygiene, 1, str(tmp_path_factory.mktemp("hyg")))
+
+
+@pytest.fixture(scope="session")
+def patch_results():
+    from tests.distributed import patch_workers
+
+    out = {}
+    for world in sorted(patch_workers.NEEDS):
+        out.update(spawn(patch_workers.still_needed, world))
+    return out
