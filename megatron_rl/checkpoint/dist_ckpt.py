@@ -64,9 +64,12 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
+
     msd = model.sharded_state_dict()
-    dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(
-        msd, metadata=_OPTIM_METADATA)}, str(tmp))
+    with in_process_checkpoint_writes():
+        dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(
+            msd, metadata=_OPTIM_METADATA)}, str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     if _rank() == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(

@@ -335,3 +335,44 @@ def _typestr() -> Undo:
     torch.cuda.FloatTensor, ...". A function mode makes a CPU tensor's ``type()`` report the
     ``torch.cuda.*`` name."""
     return _enter_mode(_CudaTypeNames())
+
+
+def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
+    """``FileSystemWriterAsync.write_preloaded_data_multiproc`` without the worker processes."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results = {}
+    for i, bucket in enumerate(write_buckets):
+        local, count = queue.Queue(), queue.Queue()
+        count.put(i)
+        FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, local, count, True,
+                                                   use_msc=use_msc)
+        idx, out = local.get()
+        if isinstance(out, Exception):
+            global_results_queue.put(out)
+            return
+        results[idx] = out
+    global_results_queue.put(results)
+
+
+@contextlib.contextmanager
+def in_process_checkpoint_writes():
+    """Scoped, CPU only: megatron-core's ``torch_dist`` checkpoint writer forks one process per
+    write bucket (``mp.get_context("fork")`` in dist_checkpointing/strategies/filesystem_async.py,
+    0.16.1) from a process that runs gloo and OpenMP threads; a child forked while another thread
+    holds a lock hangs forever (seen in CI: a save that never returned). Write the buckets in
+    the calling process instead. Not a global patch: only our saves need it, and on GPU the
+    upstream writer is kept for its parallel writes."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    orig = FileSystemWriterAsync.__dict__["write_preloaded_data_multiproc"]
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
+    try:
+        yield
+    finally:
+        FileSystemWriterAsync.write_preloaded_data_multiproc = orig

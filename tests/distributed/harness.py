@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from datetime import timedelta
 
 import torch
@@ -36,12 +37,20 @@ def _entry(rank, world, port, out, fn, args):
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, *args) -> dict:
+def spawn(fn, world: int, *args, timeout_s: float = 600.0) -> dict:
     """``fn(rank, world, *args)`` on ``world`` processes; returns what rank 0 returned. A failure
-    on any rank raises here with that rank's traceback."""
+    on any rank raises here with that rank's traceback; a run that outlives ``timeout_s`` (a
+    deadlock) is killed and fails instead of hanging the suite."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
-        mp.spawn(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, join=True)
+        ctx = mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{fn.__name__} on {world} processes ran over {timeout_s:.0f} s")
         with open(out) as f:
             return json.load(f)

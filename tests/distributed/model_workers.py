@@ -87,8 +87,11 @@ def _reference(hf, data, adv, loss_name, params, seed):
 def _save(model, path):
     from megatron.core import dist_checkpointing
 
+    from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
+
     os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), path)
+    with in_process_checkpoint_writes():
+        dist_checkpointing.save(model.sharded_state_dict(), path)
 
 
 def _load(model, path):

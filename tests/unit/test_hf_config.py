@@ -94,3 +94,4 @@ def test_impossible_layouts_fail_naming_both_sides(layout, needle):
         except ValueError as e:
             assert needle in str(e)
             raise
+
