@@ -67,3 +67,10 @@ def patch_results():
     for world in sorted(patch_workers.NEEDS):
         out.update(spawn(patch_workers.still_needed, world))
     return out
+
+
+@pytest.fixture(scope="session")
+def logprob_pass_results():
+    from tests.distributed import model_workers
+
+    return spawn(model_workers.logprob_passes, 1)

@@ -156,3 +156,39 @@ def model_equivalence(rank: int, world: int, tmp: str, cases) -> dict:
         results[name] = {"grad": err, "worst_param": worst_param, "bad": {k: v for k, v in errs.items() if v > 1e-4},
                          "loss": abs(float(loss[0]) - value) / abs(value), "scale": worst}
     return results
+
+
+def logprob_passes(rank: int, world: int) -> dict:
+    """Old/reference log-prob passes: the forward-only pass equals the training forward, and the
+    host-memory reference weights reproduce the base model's log-probs after an update."""
+    from megatron_rl.train.megatron_loss import forward_logprobs
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, optimizer_step
+    from megatron_rl.train.reference import HostWeights
+    from megatron_rl.parallel.vocab_parallel import vocab_parallel_logprobs
+
+    hf = load_hf_config(tiny_hf_config("qwen3_moe"))
+    groups = init_megatron_parallel(Layout(), 7)
+    model, _ = build_model(hf, Layout(), ModelOptions(), distributed_optimizer=True)
+    opt, sched = build_optimizer(model, OptimSettings(lr=1e-2), torch.float32)
+    data = _sequences(hf.vocab_size)
+    adv = _advantages(data, "grpo", {})
+    mbs = _micro_batches(data, adv, [[0, 1, 2, 3], [4, 5, 6, 7]], groups.cp)
+    base = forward_logprobs(model, mbs, groups, seq_length=S)
+    with torch.no_grad():
+        direct = [vocab_parallel_logprobs(unwrap(model[0])(input_ids=m.tokens, position_ids=m.position_ids,
+                                                           attention_mask=None), m.labels)[0]
+                  for m in mbs]
+    ref = HostWeights(model)
+    nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
+    model[0].zero_grad_buffer()
+    train_forward_backward(model, mbs, PolicyLoss("gspo", {"eps_low": 0.2, "eps_high": 0.2}, nt, ns),
+                           groups, seq_length=S)
+    optimizer_step(opt, sched)
+    after = forward_logprobs(model, mbs, groups, seq_length=S)
+    with ref.swapped_in():
+        ref_lp = forward_logprobs(model, mbs, groups, seq_length=S)
+    again = forward_logprobs(model, mbs, groups, seq_length=S)
+    destroy_megatron_parallel()
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    return {"pass_equals_direct": same(base, direct), "ref_equals_base": same(ref_lp, base),
+            "restored": same(again, after), "update_changed": not same(after, base)}
