@@ -27,6 +27,7 @@ def validate(cfg: RunConfig) -> None:
     """Field constraints of every section, then the rules that involve more than one."""
     check_fields(cfg, "")
     cfg.algo.check("algo", context_parallel=cfg.parallel.context_parallel_size)
+    _check_model(cfg)
     if cfg.algo.advantage.name in GROUP_ESTIMATORS and cfg.rollout.n_samples_per_prompt < 2:
         raise ConfigError(
             f"rollout.n_samples_per_prompt: algo.advantage.name={cfg.algo.advantage.name} compares "
@@ -44,6 +45,19 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"algo.overlong.buffer_len: {cfg.algo.overlong.buffer_len} exceeds "
             f"rollout.max_response_len={cfg.rollout.max_response_len}")
+
+
+def _check_model(cfg: RunConfig) -> None:
+    """For ``model.kind: mcore``: the HF config parses and the layout divides the model."""
+    from megatron_rl.model.build import check_divisible
+
+    if cfg.model.kind != "mcore":
+        return
+    hf = cfg.model.hf_model()
+    try:
+        check_divisible(hf, cfg.parallel.layout())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> int:

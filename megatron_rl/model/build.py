@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from megatron_rl.model.hf_config import HFModel
+from megatron_rl.parallel.config import Layout
 
 
 def have_transformer_engine() -> bool:
@@ -44,26 +45,10 @@ class ModelOptions:
                                                   and have_transformer_engine())
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Parallel sizes; ``etp`` (expert tensor parallel) defaults to ``tp``, as in Megatron-LM."""
-
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    ep: int = 1
-    etp: Optional[int] = None
-    sequence_parallel: bool = False
-
-    @property
-    def expert_tp(self) -> int:
-        return self.tp if self.etp is None else self.etp
-
-
 def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
     from megatron.core.transformer import TransformerConfig
 
-    _check_divisible(hf, layout)
+    check_divisible(hf, layout)
     moe = {}
     if hf.num_experts:
         moe = dict(
@@ -90,12 +75,14 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
     )
 
 
-def _check_divisible(hf: HFModel, layout: Layout) -> None:
+def check_divisible(hf: HFModel, layout: Layout) -> None:
+    """``ValueError`` naming both sides when a parallel size does not divide the model."""
     c = hf.config
     rules = [
         (c["num_attention_heads"], layout.tp, "num_attention_heads", "tensor_model_parallel_size"),
         (c["num_query_groups"], layout.tp, "num_key_value_heads", "tensor_model_parallel_size"),
         (c["num_layers"], layout.pp, "num_hidden_layers", "pipeline_model_parallel_size"),
+        (hf.vocab_size, layout.tp, "vocab_size", "tensor_model_parallel_size"),
     ]
     if hf.num_experts:
         rules.append((hf.num_experts, layout.ep, "num_experts", "expert_model_parallel_size"))

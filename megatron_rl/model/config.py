@@ -1,18 +1,57 @@
 """The ``model`` config section: which policy network to train.
 
-``kind: toy`` is the pure-PyTorch policy of ``megatron_rl.toy`` (no Megatron needed); the
-Megatron-Core MoE kind is added with the model path.
+``kind: toy`` is the pure-PyTorch policy of ``megatron_rl.toy`` (no Megatron needed);
+``kind: mcore`` is a megatron-core GPTModel built from a Hugging Face config (``hf_config``: a
+model directory, its ``config.json``, or ``tiny:<name>`` for the built-in tiny random models of
+``model.tiny``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_rl.config.fields import field_
+from megatron_rl.config.fields import ConfigError, field_
 
-MODEL_KINDS = ("toy",)
+MODEL_KINDS = ("toy", "mcore")
 
 
 @dataclass
 class ModelConfig:
     kind: str = field_("toy", choices=MODEL_KINDS)
+    hf_config: str = field_("", help="HF model dir, config.json, or tiny:<name> (kind: mcore)")
+    attention_backend: str = field_("auto", choices=("auto", "sdpa", "te"),
+                                    help="auto: TransformerEngine when installed, else SDPA")
+    token_dispatcher: str = field_("alltoall", choices=("alltoall", "allgather"))
+    grouped_gemm: bool = field_(False, help="grouped-GEMM experts (GPU with TransformerEngine)")
+    router_aux_loss_coef: float = field_(0.0, ge=0.0, help="load-balancing loss; off for RL")
+    router_z_loss_coef: float = field_(0.0, ge=0.0)
+    params_dtype: str = field_("auto", choices=("auto", "bf16", "fp32"),
+                               help="auto: bf16 on GPU, fp32 on CPU")
+
+    def hf_model(self):
+        """The parsed HF config; ``ConfigError`` naming ``model.hf_config`` when it is unusable."""
+        from megatron_rl.model.hf_config import load_hf_config
+        from megatron_rl.model.tiny import tiny_hf_config
+
+        if not self.hf_config:
+            raise ConfigError("model.hf_config: required for model.kind=mcore (a Hugging Face "
+                              "model directory, its config.json, or tiny:qwen3_moe)")
+        try:
+            if self.hf_config.startswith("tiny:"):
+                return load_hf_config(tiny_hf_config(self.hf_config[len("tiny:"):]))
+            return load_hf_config(self.hf_config)
+        except KeyError as e:
+            raise ConfigError(f"model.hf_config: {str(e).strip(chr(34) + chr(39))}") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def options(self):
+        import torch
+
+        from megatron_rl.model.build import ModelOptions
+
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(self.params_dtype)
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return ModelOptions(self.attention_backend, self.token_dispatcher, self.grouped_gemm,
+                            self.router_aux_loss_coef, self.router_z_loss_coef, dtype)

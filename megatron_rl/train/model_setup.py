@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-from megatron_rl.model.build import Layout, ModelOptions, build_gpt_model, transformer_config
+from megatron_rl.model.build import ModelOptions, build_gpt_model, transformer_config
+from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import HFModel
 
 

@@ -5,30 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_rl.model.build import Layout
+from megatron_rl.parallel.config import Layout, check_layout
 from megatron_rl.parallel.groups import ParallelGroups
-
-
-def check_layout(layout: Layout, world_size: int) -> int:
-    """Raise ``ValueError`` naming the sizes if ``layout`` cannot tile ``world_size``; returns DP."""
-    dense = layout.tp * layout.pp * layout.cp
-    if world_size % dense:
-        raise ValueError(
-            f"parallel: world size {world_size} is not divisible by tensor x pipeline x context "
-            f"parallel = {layout.tp} x {layout.pp} x {layout.cp} = {dense}")
-    expert = layout.ep * layout.expert_tp * layout.pp
-    if world_size % expert:
-        raise ValueError(
-            f"parallel: world size {world_size} is not divisible by expert x expert-tensor x "
-            f"pipeline parallel = {layout.ep} x {layout.expert_tp} x {layout.pp} = {expert}")
-    if layout.ep == 1 and layout.expert_tp != layout.tp:
-        # megatron-core 0.16 then treats expert weights as dense: their gradients are reduced over
-        # DP only, not over the TP ranks that each routed a different share of the tokens
-        raise ValueError(
-            f"parallel.expert_tensor_parallel_size={layout.expert_tp} must equal "
-            f"tensor_model_parallel_size={layout.tp} when expert_model_parallel_size is 1 "
-            "(leave it unset, or use expert parallelism)")
-    return world_size // dense
 
 
 def _or_none(group):

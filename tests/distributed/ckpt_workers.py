@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from megatron_rl.checkpoint.dist_ckpt import latest_step, load_checkpoint, save_checkpoint
-from megatron_rl.model.build import Layout, ModelOptions
+from megatron_rl.model.build import ModelOptions
+from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.loss import step_denominators

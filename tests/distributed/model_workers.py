@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.algo.advantages import compute_advantages
-from megatron_rl.model.build import Layout, ModelOptions
+from megatron_rl.model.build import ModelOptions
+from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.cp_layout import CPShard, shift_left

@@ -7,7 +7,8 @@ import traceback
 
 import torch
 
-from megatron_rl.model.build import Layout, ModelOptions
+from megatron_rl.model.build import ModelOptions
+from megatron_rl.parallel.config import Layout
 from megatron_rl.model.cpu_patches import apply_cpu_patches, revert_cpu_patches
 from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import tiny_hf_config

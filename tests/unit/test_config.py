@@ -117,3 +117,29 @@ def test_suffix_sum_estimators_are_accepted_under_context_parallelism():
     cp4 = ["parallel.context_parallel_size=4"]
     load_config(RECIPES / "toy_gspo.yaml", cp4 + ["algo.advantage.name=reinforce_pp"])
     load_config(RECIPES / "toy_future_kl_grpo.yaml", cp4 + ["algo.loss.params.ratio=future"])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.kind=mcore"], "model.hf_config: required for model.kind=mcore"),
+    (["model.kind=mcore", "model.hf_config=tiny:nope"], "model.hf_config: unknown tiny model 'nope'"),
+    (["model.kind=mcore", "model.hf_config=/no/such/dir"], "model.hf_config: /no/such/dir does not exist"),
+    (["model.kind=mcore", "model.hf_config=tiny:qwen3_moe", "parallel.expert_model_parallel_size=3"],
+     "parallel.expert_model_parallel_size=3 does not divide num_experts=4"),
+    (["model.kind=mcore", "model.hf_config=tiny:qwen3_moe", "parallel.tensor_model_parallel_size=3"],
+     "parallel.tensor_model_parallel_size=3 does not divide num_attention_heads=4"),
+    (["model.attention_backend=flash"], "model.attention_backend: must be one of auto, sdpa, te"),
+])
+def test_model_section_errors_name_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPES / "toy_gspo.yaml", overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_expert_tensor_parallel_defaults_to_tp_and_world_rules_name_the_fix():
+    cfg = load_config(RECIPES / "toy_gspo.yaml", ["model.kind=mcore", "model.hf_config=tiny:qwen3_moe",
+                                                  "parallel.tensor_model_parallel_size=2"])
+    assert cfg.parallel.layout().expert_tp == 2
+    assert validate_world(cfg, 4) == 2
+    cfg.parallel.expert_tensor_parallel_size = 1
+    with pytest.raises(ConfigError, match="expert_tensor_parallel_size=1 must equal"):
+        validate_world(cfg, 4)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from megatron_rl.model.build import Layout, ModelOptions, transformer_config
+from megatron_rl.model.build import ModelOptions, transformer_config
+from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import TINY, tiny_hf_config
 
