@@ -1,7 +1,20 @@
-"""Configuration: the root ``RunConfig``, recipe loading with overrides, and ``ConfigError``."""
+"""Configuration: the root ``RunConfig``, recipe loading with overrides, and ``ConfigError``.
+
+The section dataclasses import ``config.fields`` from here while ``config.run`` imports them, so
+the root names are resolved lazily: importing a section never drags in the whole config tree.
+"""
 
 from megatron_rl.config.fields import ConfigError
-from megatron_rl.config.load import load_config, to_yaml
-from megatron_rl.config.run import RunConfig, validate, validate_world
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "to_yaml", "validate", "validate_world"]
+_LAZY = {"load_config": "load", "to_yaml": "load", "RunConfig": "run", "validate": "run",
+         "validate_world": "run"}
+
+__all__ = ["ConfigError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"megatron_rl.config.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'megatron_rl.config' has no attribute {name!r}")
