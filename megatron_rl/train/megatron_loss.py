@@ -78,8 +78,19 @@ def _loss_func(mb: PolicyMicroBatch, loss: PolicyLoss, groups: ParallelGroups, s
     return value * scale, logged
 
 
+def _schedule_shapes(model: List, micro_batches: List[PolicyMicroBatch]) -> Dict[str, int]:
+    """Pipeline send/recv shapes: fixed when every micro-batch has the same ``[b, s]``; packed
+    batches of different lengths make Megatron exchange shapes first (``variable_seq_lengths``)."""
+    from megatron.core.utils import get_model_config
+
+    shapes = {tuple(m.tokens.shape) for m in micro_batches}
+    get_model_config(model[0]).variable_seq_lengths = len(shapes) > 1
+    b, s = micro_batches[0].tokens.shape
+    return {"seq_length": int(s), "micro_batch_size": int(b)}
+
+
 def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], loss: PolicyLoss,
-                           groups: ParallelGroups, *, seq_length: int,
+                           groups: ParallelGroups, *,
                            chunk_tokens: Optional[int] = None) -> List[Dict[str, Tensor]]:
     """Forward and backward over this rank's micro-batches with Megatron's schedule (any PP);
     gradients land in the DDP buffers, finalised. Returns the per-micro-batch partial metrics
@@ -95,12 +106,11 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
 
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(micro_batches), model=model,
-        num_microbatches=n, seq_length=seq_length,
-        micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=False)
+        num_microbatches=n, forward_only=False, **_schedule_shapes(model, micro_batches))
 
 
 def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups: ParallelGroups,
-                     *, seq_length: int, chunk_tokens: Optional[int] = None) -> List[Tensor]:
+                     *, chunk_tokens: Optional[int] = None) -> List[Tensor]:
     """The old-policy or reference log-probs ``[B, 2C]`` of each micro-batch: forward only, no
     autograd graph, the same model code (last pipeline stage only; other stages get [])."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -117,6 +127,6 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(micro_batches), model=model,
-            num_microbatches=len(micro_batches), seq_length=seq_length,
-            micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=True)
+            num_microbatches=len(micro_batches), forward_only=True,
+            **_schedule_shapes(model, micro_batches))
     return [o["logprobs"] for o in out]

@@ -42,7 +42,7 @@ def _train(model, opt, sched, groups, steps, start):
         mbs = mw._micro_batches(data, adv, [mine[::2], mine[1::2]], groups.cp)
         nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
         out = train_forward_backward(model, mbs, PolicyLoss("gspo", {"eps_low": 0.2, "eps_high": 0.2}, nt, ns),
-                                     groups, seq_length=mw.S)
+                                     groups)
         applied, _, _ = optimizer_step(opt, sched)
         assert applied
         losses.append(sum(float(o["loss"]) for o in out))

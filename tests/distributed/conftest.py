@@ -16,7 +16,7 @@ def convention_results():
 
 
 MODEL_CASES_2 = [
-    # name, layout, micro-batches per DP rank, loss
+    # name, layout, micro-batches per DP rank, loss[, batching]
     ("tp2", {"tp": 2}, 1, "gspo"),
     ("ep2", {"ep": 2}, 1, "gspo"),
     ("pp2", {"pp": 2}, 2, "gspo"),
@@ -25,6 +25,10 @@ MODEL_CASES_2 = [
     ("dp2_mb4", {}, 4, "gspo"),
     ("dp2_mb1_fkl", {}, 1, "future_kl_grpo"),
     ("dp2_mb4_fkl", {}, 4, "future_kl_grpo"),
+    # through train.batches: sequences cut to their length, padded (BSHD) or packed (THD)
+    ("builder_bshd_tp2", {"tp": 2}, 1, "gspo", "bshd"),
+    ("builder_thd_dp2_mb2", {}, 2, "future_kl_grpo", "thd"),
+    ("builder_thd_pp2", {"pp": 2}, 2, "gspo", "thd"),
 ]
 MODEL_CASES_4 = [
     ("tp2_ep2", {"tp": 2, "ep": 2}, 1, "gspo"),

@@ -26,6 +26,7 @@ from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.cp_layout import CPShard, shift_left
 from megatron_rl.parallel.loss import prepare_micro_batch, step_denominators
+from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.megatron_loss import PolicyLoss, PolicyMicroBatch, _loss_func, train_forward_backward
 from megatron_rl.train.model_setup import build_model, unwrap
 from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
@@ -47,7 +48,7 @@ def _sequences(vocab: int, seed: int = 0) -> Dict[str, torch.Tensor]:
     for b, n in enumerate([12, 7, 9, 3, 12, 1, 5, 10]):
         loss_mask[b, PROMPT:PROMPT + n] = 1
     mask = shift_left(loss_mask, 1)
-    return dict(tokens=tokens, labels=shift_left(tokens, 1), mask=mask,
+    return dict(tokens=tokens, labels=shift_left(tokens, 1), mask=mask, loss_mask=loss_mask,
                 old=-2.5 + 0.05 * torch.randn(NSEQ, S, generator=g),
                 kl=0.1 * torch.rand(NSEQ, S, generator=g) * mask,
                 rewards=torch.rand(NSEQ, generator=g), groups=torch.arange(NSEQ) // 4)
@@ -56,6 +57,19 @@ def _sequences(vocab: int, seed: int = 0) -> Dict[str, torch.Tensor]:
 def _advantages(data, adv_name, adv_params):
     return compute_advantages(adv_name, rewards=data["rewards"], mask=data["mask"],
                               group_ids=data["groups"], kl=data["kl"], **adv_params)
+
+
+def _built_micro_batches(data, adv, rows_list, cp_group, packed) -> List[PolicyMicroBatch]:
+    """Through the production batch builder, each sequence cut to its real length."""
+    out = []
+    for rows in rows_list:
+        seqs = []
+        for b in rows:
+            n = int(data["loss_mask"][b].nonzero().max()) + 1
+            seqs.append({"tokens": data["tokens"][b, :n], "loss_mask": data["loss_mask"][b, :n],
+                         "old_logprobs": data["old"][b, :n], "advantages": adv[b, :n]})
+        out.append(build_micro_batch(seqs, data["groups"][rows], packed=packed, cp_group=cp_group))
+    return out
 
 
 def _micro_batches(data, adv, rows_list, cp_group) -> List[PolicyMicroBatch]:
@@ -101,7 +115,7 @@ def _load(model, path):
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), path))
 
 
-def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out_dir):
+def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out_dir, batching):
     from megatron.core import parallel_state as ps
 
     groups = init_megatron_parallel(layout, seed)
@@ -110,10 +124,13 @@ def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, o
     dp, r = groups.dp_size, groups.dp_rank
     mine = [b for b in range(NSEQ) if b % dp == r]
     rows = [mine[i::n_mb] for i in range(n_mb)]
-    mbs = _micro_batches(data, adv, rows, groups.cp)
+    if batching == "manual":
+        mbs = _micro_batches(data, adv, rows, groups.cp)
+    else:
+        mbs = _built_micro_batches(data, adv, rows, groups.cp, packed=batching == "thd")
     num_tokens, num_seqs = step_denominators([m.shard for m in mbs], groups.dp_cp)
     logged = train_forward_backward([model], mbs, PolicyLoss(loss_name, params, num_tokens, num_seqs),
-                                    groups, seq_length=S)
+                                    groups)
     loss = torch.zeros(1, dtype=torch.float64)
     if ps.is_pipeline_last_stage() and groups.tp_rank == 0:  # TP ranks hold the same partial loss
         loss[0] = sum(float(x["loss"]) for x in logged)
@@ -139,11 +156,13 @@ def model_equivalence(rank: int, world: int, tmp: str, cases) -> dict:
             _save(model, weights)
         refs[loss_name] = (value, grads, adv)
         destroy_megatron_parallel()
-    for name, kw, n_mb, loss_name in cases:
+    for name, kw, n_mb, loss_name, *rest in cases:
+        batching = rest[0] if rest else "manual"    # manual | bshd | thd (the batch builder)
         value, ref_grads, adv = refs[loss_name]
         _, _, params = LOSSES[loss_name]
         out = os.path.join(tmp, f"grads_{name}")
-        loss = _run_layout(hf, Layout(**kw), n_mb, data, adv, loss_name, params, seed, weights, out)
+        loss = _run_layout(hf, Layout(**kw), n_mb, data, adv, loss_name, params, seed, weights, out,
+                           batching)
         dist.all_reduce(loss)
         init_megatron_parallel(Layout(), seed)
         [model], _ = build_model(hf, Layout(), ModelOptions(), ddp=False)
@@ -174,7 +193,7 @@ def logprob_passes(rank: int, world: int) -> dict:
     data = _sequences(hf.vocab_size)
     adv = _advantages(data, "grpo", {})
     mbs = _micro_batches(data, adv, [[0, 1, 2, 3], [4, 5, 6, 7]], groups.cp)
-    base = forward_logprobs(model, mbs, groups, seq_length=S)
+    base = forward_logprobs(model, mbs, groups)
     with torch.no_grad():
         direct = [vocab_parallel_logprobs(unwrap(model[0])(input_ids=m.tokens, position_ids=m.position_ids,
                                                            attention_mask=None), m.labels)[0]
@@ -183,12 +202,12 @@ def logprob_passes(rank: int, world: int) -> dict:
     nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
     model[0].zero_grad_buffer()
     train_forward_backward(model, mbs, PolicyLoss("gspo", {"eps_low": 0.2, "eps_high": 0.2}, nt, ns),
-                           groups, seq_length=S)
+                           groups)
     optimizer_step(opt, sched)
-    after = forward_logprobs(model, mbs, groups, seq_length=S)
+    after = forward_logprobs(model, mbs, groups)
     with ref.swapped_in():
-        ref_lp = forward_logprobs(model, mbs, groups, seq_length=S)
-    again = forward_logprobs(model, mbs, groups, seq_length=S)
+        ref_lp = forward_logprobs(model, mbs, groups)
+    again = forward_logprobs(model, mbs, groups)
     destroy_megatron_parallel()
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
     return {"pass_equals_direct": same(base, direct), "ref_equals_base": same(ref_lp, base),

@@ -38,7 +38,7 @@ def _one_step(layout: Layout) -> None:
     mine = [b for b in range(mw.NSEQ) if b % groups.dp_size == groups.dp_rank]
     mbs = mw._micro_batches(data, adv, [mine[::2], mine[1::2]], groups.cp)
     nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
-    train_forward_backward(model, mbs, PolicyLoss("gspo", {}, nt, ns), groups, seq_length=mw.S)
+    train_forward_backward(model, mbs, PolicyLoss("gspo", {}, nt, ns), groups)
     optimizer_step(opt, sched)
 
 

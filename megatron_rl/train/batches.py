@@ -1,0 +1,97 @@
+"""Assemble this rank's micro-batches from per-sequence data: padded (BSHD) or packed (THD), each
+sequence padded to a multiple of ``2*cp`` and sharded with Megatron's CP layout.
+
+A sequence is a dict of 1-D tensors of its length ``n``: ``tokens`` (prompt + response),
+``loss_mask`` (1 on the response's action tokens, over token positions), and per-token loss
+inputs in *label* coordinates (row ``p`` is about token ``p+1``: ``old_logprobs``,
+``advantages``, optionally ``ref_logprobs``, ``rollout_logprobs``). ``pack_by_token_budget``
+groups sequences into micro-batches under a token budget.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_rl.parallel.collectives import Group
+from megatron_rl.parallel.cp_layout import (CPShard, bshd_shard, padded_length, shift_left,
+                                            thd_shard)
+from megatron_rl.parallel.loss import prepare_micro_batch
+from megatron_rl.train.megatron_loss import PolicyMicroBatch
+
+Tensor = torch.Tensor
+LOSS_INPUTS = ("old_logprobs", "advantages", "ref_logprobs", "rollout_logprobs")
+
+
+def pack_by_token_budget(lengths: Sequence[int], budget: int, multiple: int = 1) -> List[List[int]]:
+    """Indices of sequences per micro-batch, first-fit decreasing: each micro-batch's padded
+    token count (each length rounded up to ``multiple``) stays within ``budget``."""
+    padded = [-(-n // multiple) * multiple for n in lengths]
+    too_long = [i for i, n in enumerate(padded) if n > budget]
+    if too_long:
+        raise ValueError(f"sequence {too_long[0]} has {lengths[too_long[0]]} tokens, more than the "
+                         f"micro-batch token budget {budget}; raise train.max_tokens_per_micro_batch")
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i in sorted(range(len(padded)), key=lambda i: -padded[i]):
+        for b, r in enumerate(room):
+            if padded[i] <= r:
+                bins[b].append(i)
+                room[b] -= padded[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - padded[i])
+    return [sorted(b) for b in bins]
+
+
+def _pad(x: Tensor, n: int) -> Tensor:
+    return torch.cat([x, x.new_zeros(n - x.shape[0])])
+
+
+def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, packed: bool,
+                      cp_size: int = 1, cp_rank: int = 0, cp_group: Group = None,
+                      num_groups: Optional[int] = None) -> PolicyMicroBatch:
+    """This CP rank's ``PolicyMicroBatch`` of ``seqs`` (THD when ``packed``, else BSHD)."""
+    lens = [int(s["tokens"].shape[0]) for s in seqs]
+    present = [k for k in LOSS_INPUTS if seqs[0].get(k) is not None]
+    if packed:
+        padded = [padded_length(n, cp_size) for n in lens]
+        cu = [0] + torch.tensor(padded).cumsum(0).tolist()
+
+        def lay(key):
+            return torch.cat([_pad(s[key], p) for s, p in zip(seqs, padded)])
+
+        positions = torch.cat([torch.arange(p) for p in padded])
+        full = {k: lay(k) for k in ("tokens", "loss_mask", *present)}
+        labels, mask = shift_left(full["tokens"], 0, cu), shift_left(full["loss_mask"], 0, cu)
+        local = {k: thd_shard(v, cu, cp_size, cp_rank) for k, v in
+                 dict(full, labels=labels, mask=mask, positions=positions).items()}
+        shard = CPShard.thd(cu, cp_size, cp_rank)
+        psp = _packed_seq_params(cu, max(padded))
+        tokens, position_ids, lab = (local[k][None] for k in ("tokens", "positions", "labels"))
+        loss_mask, per_token = local["mask"], {k: local[k] for k in present}
+    else:
+        S = padded_length(max(lens), cp_size)
+        full = {k: torch.stack([_pad(s[k], S) for s in seqs]) for k in ("tokens", "loss_mask", *present)}
+        labels, mask = shift_left(full["tokens"], 1), shift_left(full["loss_mask"], 1)
+        positions = torch.arange(S).expand(len(seqs), S)
+        local = {k: bshd_shard(v, cp_size, cp_rank) for k, v in
+                 dict(full, labels=labels, mask=mask, positions=positions).items()}
+        shard, psp = CPShard.bshd(len(seqs), S, cp_size, cp_rank), None
+        tokens, position_ids, lab = local["tokens"], local["positions"], local["labels"]
+        loss_mask, per_token = local["mask"], {k: local[k] for k in present}
+    smb = prepare_micro_batch(shard, loss_mask, group_ids, cp_group, num_groups=num_groups)
+    views = {k: smb.view(v) for k, v in per_token.items()}
+    return PolicyMicroBatch(tokens=tokens, position_ids=position_ids, labels=lab, shard=smb,
+                            packed_seq_params=psp, **views)
+
+
+def _packed_seq_params(cu: List[int], max_len: int):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    t = torch.tensor(cu, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=t, cu_seqlens_kv=t,
+                           cu_seqlens_q_padded=t, cu_seqlens_kv_padded=t,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
