@@ -36,6 +36,7 @@ class ModelOptions:
     router_aux_loss_coef: float = 0.0        # off for RL by default: peers found it hurts
     router_z_loss_coef: float = 0.0
     params_dtype: torch.dtype = torch.float32
+    routing_replay: bool = False             # record / replay expert routes (train.routing_replay)
 
     def use_te(self) -> bool:
         if self.attention_backend == "te" and not have_transformer_engine():
@@ -58,6 +59,8 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
             moe_aux_loss_coeff=opt.router_aux_loss_coef,
             moe_z_loss_coeff=opt.router_z_loss_coef or None,
             moe_router_dtype="fp32",  # routing decisions must not flip with bf16 rounding
+            moe_enable_routing_replay=opt.routing_replay,
+            moe_router_fusion=False,  # the fused router cannot replay routes
         )
     gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -113,6 +116,10 @@ def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool
                     post_process: bool = True, vp_stage: Optional[int] = None):
     from megatron.core.models.gpt import GPTModel
 
+    if opt.routing_replay:  # upstream keeps every router ever built in one global list
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        RouterReplay.clear_global_router_replay_instances()
     return GPTModel(
         config=config, transformer_layer_spec=layer_spec(config, opt, vp_stage),
         vocab_size=hf.vocab_size, max_sequence_length=hf.max_position_embeddings,

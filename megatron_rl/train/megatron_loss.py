@@ -45,6 +45,7 @@ class PolicyMicroBatch:
     ref_logprobs: Optional[Tensor] = None
     rollout_logprobs: Optional[Tensor] = None
     packed_seq_params: Any = None
+    routes: Optional[List[Tensor]] = None   # expert routes to replay (train.routing_replay)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,22 @@ def _vocab_start(logits: Tensor, groups: ParallelGroups) -> int:
     return groups.tp_rank * logits.shape[-1]
 
 
-def _forward(mb: PolicyMicroBatch, model) -> Tensor:
-    return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
-                 packed_seq_params=mb.packed_seq_params)
+def _forward(mb: PolicyMicroBatch, model, record_routes: bool = False) -> Tensor:
+    from megatron_rl.train import routing_replay
+
+    def run():
+        return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
+                     packed_seq_params=mb.packed_seq_params)
+
+    if record_routes:
+        with routing_replay.recording():
+            out = run()
+            mb.routes = routing_replay.take_recorded()
+        return out
+    if mb.routes is not None:
+        with routing_replay.replaying(mb.routes):
+            return run()
+    return run()
 
 
 def _loss_func(mb: PolicyMicroBatch, loss: PolicyLoss, groups: ParallelGroups, scale: float,
@@ -110,9 +124,11 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
 
 
 def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups: ParallelGroups,
-                     *, chunk_tokens: Optional[int] = None) -> List[Tensor]:
+                     *, chunk_tokens: Optional[int] = None, record_routes: bool = False) -> List[Tensor]:
     """The old-policy or reference log-probs ``[B, 2C]`` of each micro-batch: forward only, no
-    autograd graph, the same model code (last pipeline stage only; other stages get [])."""
+    autograd graph, the same model code (last pipeline stage only; other stages get []).
+    ``record_routes`` stores each micro-batch's expert routes in ``mb.routes`` for replay in the
+    training forward (needs ``ModelOptions.routing_replay``)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def logprob_func(mb, logits):
@@ -122,7 +138,7 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
 
     def step(data, chunk_model):
         mb = next(data)
-        return _forward(mb, chunk_model), partial(logprob_func, mb)
+        return _forward(mb, chunk_model, record_routes), partial(logprob_func, mb)
 
     with torch.no_grad():
         out = get_forward_backward_func()(

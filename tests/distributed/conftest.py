@@ -78,3 +78,10 @@ def logprob_pass_results():
     from tests.distributed import model_workers
 
     return spawn(model_workers.logprob_passes, 1)
+
+
+@pytest.fixture(scope="session")
+def replay_results():
+    from tests.distributed import model_workers
+
+    return spawn(model_workers.routing_replay, 1)

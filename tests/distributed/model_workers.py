@@ -212,3 +212,42 @@ def logprob_passes(rank: int, world: int) -> dict:
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
     return {"pass_equals_direct": same(base, direct), "ref_equals_base": same(ref_lp, base),
             "restored": same(again, after), "update_changed": not same(after, base)}
+
+
+def routing_replay(rank: int, world: int) -> dict:
+    """Routes recorded in the old-policy pass are the ones the training forward uses after the
+    weights moved; without replay some tokens would go elsewhere."""
+    from megatron_rl.train.megatron_loss import forward_logprobs
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, optimizer_step
+
+    hf = load_hf_config(tiny_hf_config("qwen3_moe"))
+    groups = init_megatron_parallel(Layout(), 11)
+    model, _ = build_model(hf, Layout(), ModelOptions(routing_replay=True), distributed_optimizer=True)
+    opt, sched = build_optimizer(model, OptimSettings(lr=0.05), torch.float32)
+    maps: List[torch.Tensor] = []
+    for layer in unwrap(model[0]).decoder.layers:
+        layer.mlp.router.register_forward_hook(lambda m, i, o: maps.append(o[1].detach().clone()))
+    data = _sequences(hf.vocab_size)
+    mbs = _micro_batches(data, _advantages(data, "grpo", {}), [list(range(NSEQ))], groups.cp)
+
+    def routes_of(run):
+        maps.clear()
+        run()
+        return [m.clone() for m in maps]
+
+    old = routes_of(lambda: forward_logprobs(model, mbs, groups, record_routes=True))
+    recorded = mbs[0].routes
+    nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
+    for _ in range(3):  # move the weights (each training forward replays the recorded routes)
+        model[0].zero_grad_buffer()
+        trained = routes_of(lambda: train_forward_backward(
+            model, mbs, PolicyLoss("gspo", {"eps_low": 10.0, "eps_high": 10.0}, nt, ns), groups))
+        optimizer_step(opt, sched)
+    replayed = routes_of(lambda: forward_logprobs(model, mbs, groups))
+    mbs[0].routes = None
+    free = routes_of(lambda: forward_logprobs(model, mbs, groups))
+    destroy_megatron_parallel()
+    eq = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    return {"layers": len(recorded), "train_used_recorded": eq(trained, old),
+            "replay_used_recorded": eq(replayed, old), "free_routes_moved": not eq(free, old),
+            "moved_tokens": int(sum((f != o).any(-1).sum() for f, o in zip(free, old)))}
