@@ -27,6 +27,7 @@ class ModelConfig:
     router_z_loss_coef: float = field_(0.0, ge=0.0)
     params_dtype: str = field_("auto", choices=("auto", "bf16", "fp32"),
                                help="auto: bf16 on GPU, fp32 on CPU")
+    routing_replay: bool = field_(False, help="replay the old-policy pass's expert routes in training")
 
     def hf_model(self):
         """The parsed HF config; ``ConfigError`` naming ``model.hf_config`` when it is unusable."""
@@ -54,4 +55,5 @@ class ModelConfig:
         if dtype is None:
             dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return ModelOptions(self.attention_backend, self.token_dispatcher, self.grouped_gemm,
-                            self.router_aux_loss_coef, self.router_z_loss_coef, dtype)
+                            self.router_aux_loss_coef, self.router_z_loss_coef, dtype,
+                            self.routing_replay)
