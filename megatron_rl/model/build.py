@@ -38,6 +38,15 @@ class ModelOptions:
     params_dtype: torch.dtype = torch.float32
     routing_replay: bool = False             # record / replay expert routes (train.routing_replay)
 
+    def check_layout(self, hf: "HFModel", layout: "Layout") -> None:
+        """Combinations megatron-core gets wrong without TransformerEngine."""
+        if hf.config.get("multi_latent_attention") and layout.tp > 1 and not self.use_te():
+            # measured: the local (non-TE) MLA modules give gradients off by ~1e-2 under TP2
+            raise ValueError("parallel.tensor_model_parallel_size > 1 with multi-latent attention "
+                             "(DeepSeek-V3) needs TransformerEngine: megatron-core's local modules "
+                             "give wrong gradients under TP; use expert / pipeline / data "
+                             "parallelism, or the GPU image")
+
     def use_te(self) -> bool:
         if self.attention_backend == "te" and not have_transformer_engine():
             raise ValueError("model.attention_backend: te needs TransformerEngine, which is not "
@@ -48,8 +57,10 @@ class ModelOptions:
 
 def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     check_divisible(hf, layout)
+    opt.check_layout(hf, layout)
     moe = {}
     if hf.num_experts:
         moe = dict(
@@ -63,7 +74,8 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
             moe_router_fusion=False,  # the fused router cannot replay routes
         )
     gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    config_class = MLATransformerConfig if hf.config.get("multi_latent_attention") else TransformerConfig
+    return config_class(
         **hf.config, **moe,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
@@ -125,6 +137,8 @@ def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool
         vocab_size=hf.vocab_size, max_sequence_length=hf.max_position_embeddings,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=hf.tie_word_embeddings,
-        position_embedding_type="rope", rotary_base=hf.rotary_base, vp_stage=vp_stage,
+        # multi-latent attention applies its own (decoupled) rotary embedding
+        position_embedding_type="none" if config.multi_latent_attention else "rope",
+        rotary_base=hf.rotary_base, vp_stage=vp_stage,
         parallel_output=True,
     )

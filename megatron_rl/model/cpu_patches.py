@@ -268,6 +268,22 @@ def _uneven() -> Undo:
     return _undo_all(undo)
 
 
+@_patch("telinear", "isinstance() arg 2 must be a type",
+        "transformer/multi_latent_attention.py:__init__")
+def _telinear() -> Undo:
+    """Without TransformerEngine, multi-latent attention (DeepSeek-V3) checks
+    ``isinstance(self.linear_proj, TELinear)`` against the mock megatron-core puts in TE's place
+    (transformer/multi_latent_attention.py, 0.16.1): "TypeError: isinstance() arg 2 must be a
+    type". Put a class that nothing is an instance of there instead."""
+    import megatron.core.transformer.multi_latent_attention as MLA
+
+    if isinstance(MLA.TELinear, type):
+        return lambda: None
+    undo: List[Undo] = []
+    _set(MLA, "TELinear", type("NoTransformerEngineLinear", (), {}), undo)
+    return _undo_all(undo)
+
+
 def _is_cuda(device) -> bool:
     if isinstance(device, str):
         return device.startswith("cuda")

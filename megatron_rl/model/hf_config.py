@@ -65,8 +65,11 @@ def load_hf_config(path_or_dict: Union[str, Path, Dict[str, Any]]) -> HFModel:
                          f"{', '.join(sorted(ARCHITECTURES))}")
     cfg = _common(hf)
     cfg.update(ARCHITECTURES[arch](hf))
+    if cfg.get("kv_channels", 0) is None:
+        del cfg["kv_channels"]
+    rope_kinds = ("default", None, "yarn") if cfg.get("multi_latent_attention") else ("default", None)
     return HFModel(arch, cfg, int(_need(hf, "vocab_size")), int(hf.get("max_position_embeddings", 4096)),
-                   float(_rope_theta(hf)), bool(hf.get("tie_word_embeddings", False)))
+                   _rope_theta(hf, rope_kinds), bool(hf.get("tie_word_embeddings", False)))
 
 
 def _need(hf: Dict[str, Any], key: str):
@@ -76,10 +79,14 @@ def _need(hf: Dict[str, Any], key: str):
     return hf[key]
 
 
-def _rope_theta(hf: Dict[str, Any]) -> float:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope(hf: Dict[str, Any]) -> Dict[str, Any]:
+    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+
+def _rope_theta(hf: Dict[str, Any], allowed=("default", None)) -> float:
+    rope = _rope(hf)
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
+    if kind not in allowed:
         raise ValueError(f"model.hf_config: rope type {kind!r} is not supported (only default RoPE)")
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
@@ -133,6 +140,48 @@ def _qwen3_moe(hf):
         moe_ffn_hidden_size=int(_need(hf, "moe_intermediate_size")),
         moe_router_pre_softmax=not bool(hf.get("norm_topk_prob", True)),
         moe_layer_freq=freq if 0 in freq else 1,
+    )
+
+
+@_arch("DeepseekV3ForCausalLM")
+def _deepseek_v3(hf):
+    """MLA (low-rank q/kv with RMSNorm on the latents, decoupled RoPE dims), shared experts,
+    sigmoid router with a load-balancing bias (noaux_tc), group-limited routing, the first
+    ``first_k_dense_replace`` layers dense. Built with ``MLATransformerConfig``."""
+    if not hf.get("norm_topk_prob", True):
+        raise ValueError("model.hf_config: DeepseekV3 with norm_topk_prob: false is not supported "
+                         "(megatron-core normalises sigmoid top-k weights)")
+    if hf.get("topk_method", "noaux_tc") != "noaux_tc" or hf.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ValueError("model.hf_config: DeepseekV3 needs scoring_func sigmoid with topk_method "
+                         "noaux_tc (DeepSeek-V2's softmax routers are not supported)")
+    n = int(hf["num_hidden_layers"])
+    dense = int(hf.get("first_k_dense_replace", 0))
+    rope = _rope(hf)
+    yarn = dict(rope_type="rope") if rope.get("rope_type", rope.get("type")) != "yarn" else dict(
+        rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        beta_fast=float(rope.get("beta_fast", 32)), beta_slow=float(rope.get("beta_slow", 1)),
+        mscale=float(rope.get("mscale", 1.0)), mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)))
+    groups = hf.get("n_group") or 1
+    return dict(
+        multi_latent_attention=True, qk_layernorm=True, **yarn,
+        rotary_base=_rope_theta(hf, ("default", None, "yarn")),
+        q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=int(_need(hf, "kv_lora_rank")),
+        qk_head_dim=int(_need(hf, "qk_nope_head_dim")),
+        qk_pos_emb_head_dim=int(_need(hf, "qk_rope_head_dim")),
+        v_head_dim=int(_need(hf, "v_head_dim")),
+        num_query_groups=int(hf["num_attention_heads"]), kv_channels=None,
+        num_moe_experts=int(_need(hf, "n_routed_experts")),
+        moe_router_topk=int(_need(hf, "num_experts_per_tok")),
+        moe_ffn_hidden_size=int(_need(hf, "moe_intermediate_size")),
+        moe_shared_expert_intermediate_size=(int(hf.get("n_shared_experts") or 0)
+                                             * int(hf["moe_intermediate_size"])) or None,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_pre_softmax=True,
+        moe_router_num_groups=groups if groups > 1 else None,
+        moe_router_group_topk=hf.get("topk_group") if groups > 1 else None,
+        moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        moe_layer_freq=[0] * dense + [1] * (n - dense),
     )
 
 

@@ -17,6 +17,12 @@ TINY: Dict[str, Dict[str, Any]] = {
     "qwen3": dict(_BASE, architectures=["Qwen3ForCausalLM"], model_type="qwen3"),
     "qwen2": dict(_BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                   use_sliding_window=False),
+    "deepseek_v3": dict(_BASE, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+                        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                        qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1,
+                        num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        scoring_func="sigmoid", topk_method="noaux_tc", rope_scaling=None),
     "mixtral": dict(_BASE, architectures=["MixtralForCausalLM"], model_type="mixtral",
                     num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
 }

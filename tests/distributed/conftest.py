@@ -37,14 +37,25 @@ MODEL_CASES_4 = [
 ]
 
 
+# DeepSeek-V3-style: multi-latent attention, a shared expert, sigmoid router with expert bias
+# (TP with MLA needs TransformerEngine: refused on CPU, see test_hf_config)
+MODEL_CASES_DEEPSEEK = [
+    ("deepseek_ep2", {"ep": 2}, 1, "future_kl_grpo"),
+    ("deepseek_pp2", {"pp": 2}, 2, "gspo"),
+    ("deepseek_dp2_mb2", {}, 2, "gspo", "thd"),
+]
+
+
 @pytest.fixture(scope="session")
 def model_results(tmp_path_factory):
-    """Two spawns (2 and 4 gloo processes) run every Megatron model layout."""
+    """Three spawns (2, 4 and 2 gloo processes) run every Megatron model layout."""
     from tests.distributed import model_workers
 
     out = spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("m2")), MODEL_CASES_2)
     out.update(spawn(model_workers.model_equivalence, 4, str(tmp_path_factory.mktemp("m4")),
                      MODEL_CASES_4))
+    out.update(spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("ds")),
+                     MODEL_CASES_DEEPSEEK, "deepseek_v3"))
     return out
 
 

@@ -142,9 +142,9 @@ def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, o
     return loss
 
 
-def model_equivalence(rank: int, world: int, tmp: str, cases) -> dict:
-    """``cases``: list of (name, layout kwargs, n_mb, loss name)."""
-    hf = load_hf_config(tiny_hf_config("qwen3_moe"))
+def model_equivalence(rank: int, world: int, tmp: str, cases, model: str = "qwen3_moe") -> dict:
+    """``cases``: list of (name, layout kwargs, n_mb, loss name[, batching])."""
+    hf = load_hf_config(tiny_hf_config(model))
     data = _sequences(hf.vocab_size)
     results, refs, seed = {}, {}, 1234
     weights = os.path.join(tmp, "weights")

@@ -21,14 +21,15 @@ from tests.distributed import model_workers as mw
 
 # which layout needs which patch (world size = product of the sizes)
 NEEDS = {
-    1: {"rng": {}, "curdev": {}, "tegemm": {}, "stream": {}, "devmode": {}, "typestr": {}},
+    1: {"rng": {}, "curdev": {}, "tegemm": {}, "stream": {}, "devmode": {}, "typestr": {},
+        "telinear": {"model": "deepseek_v3"}},
     2: {"spnorm": {"tp": 2}, "a2a_splits": {"ep": 2}, "sync": {"pp": 2}},
     4: {"uneven": {"tp": 2, "ep": 2}},
 }
 
 
-def _one_step(layout: Layout) -> None:
-    hf = load_hf_config(tiny_hf_config("qwen3_moe"))
+def _one_step(layout: Layout, model_name: str) -> None:
+    hf = load_hf_config(tiny_hf_config(model_name))
     groups = init_megatron_parallel(layout, seed=3, cpu_patches=False)
     model, _ = build_model(hf, layout, ModelOptions(token_dispatcher="alltoall"),
                            distributed_optimizer=True)
@@ -51,11 +52,11 @@ def _cleanup() -> None:
     get_cuda_rng_tracker().reset()
 
 
-def _attempt(layout: Layout, skip) -> str:
+def _attempt(layout: Layout, skip, model_name: str) -> str:
     """'' if the step ran; otherwise the error, type and message."""
     try:
         apply_cpu_patches(skip=skip)
-        _one_step(layout)
+        _one_step(layout, model_name)
         return ""
     except Exception as e:  # noqa: BLE001 -- the error is the result
         frames = [f for f in traceback.extract_tb(e.__traceback__) if "megatron/core" in f.filename]
@@ -68,7 +69,9 @@ def _attempt(layout: Layout, skip) -> str:
 def still_needed(rank: int, world: int) -> dict:
     out = {}
     for name, kw in NEEDS[world].items():
+        kw = dict(kw)
+        model_name = kw.pop("model", "qwen3_moe")
         layout = Layout(**kw)
-        out[f"all:{name}"] = _attempt(layout, ())     # with every patch the layout runs
-        out[name] = _attempt(layout, (name,))
+        out[f"all:{name}"] = _attempt(layout, (), model_name)     # with every patch it runs
+        out[name] = _attempt(layout, (name,), model_name)
     return out

@@ -45,7 +45,7 @@ def test_transformers_5_rope_parameters_are_read():
 def test_every_tiny_model_gives_a_valid_transformer_config(name):
     hf = load_hf_config(tiny_hf_config(name))
     cfg = transformer_config(hf, Layout(), ModelOptions())
-    assert cfg.num_layers == 2 and cfg.num_query_groups == 2
+    assert cfg.num_layers == 2 and cfg.num_query_groups == (4 if name == "deepseek_v3" else 2)
     if hf.num_experts:  # RL default: no load-balancing loss
         assert cfg.moe_aux_loss_coeff == 0.0 and cfg.moe_router_load_balancing_type == "none"
 
@@ -96,3 +96,28 @@ def test_impossible_layouts_fail_naming_both_sides(layout, needle):
             assert needle in str(e)
             raise
 
+
+
+def test_deepseek_v3_maps_mla_shared_experts_and_sigmoid_router():
+    c = load_hf_config(tiny_hf_config("deepseek_v3")).config
+    assert c["multi_latent_attention"] and c["qk_layernorm"]
+    assert (c["q_lora_rank"], c["kv_lora_rank"], c["qk_head_dim"], c["qk_pos_emb_head_dim"],
+            c["v_head_dim"]) == (32, 32, 16, 16, 16)
+    assert c["moe_shared_expert_intermediate_size"] == 32 and c["moe_layer_freq"] == [0, 1]
+    assert c["moe_router_score_function"] == "sigmoid" and c["moe_router_enable_expert_bias"]
+    assert c["moe_router_topk_scaling_factor"] == 2.5
+
+
+def test_deepseek_v3_yarn_rope_is_read_and_v2_routers_refused():
+    yarn = {"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    c = load_hf_config(tiny_hf_config("deepseek_v3", rope_scaling=yarn)).config
+    assert c["rope_type"] == "yarn" and c["rotary_scaling_factor"] == 40.0
+    with pytest.raises(ValueError, match="scoring_func sigmoid with topk_method noaux_tc"):
+        load_hf_config(tiny_hf_config("deepseek_v3", scoring_func="softmax", topk_method="greedy"))
+
+
+def test_multi_latent_attention_with_tp_needs_transformer_engine():
+    hf = load_hf_config(tiny_hf_config("deepseek_v3"))
+    with pytest.raises(ValueError, match="multi-latent attention .* needs TransformerEngine"):
+        transformer_config(hf, Layout(tp=2), ModelOptions(attention_backend="sdpa"))
