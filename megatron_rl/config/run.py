@@ -48,14 +48,14 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _check_model(cfg: RunConfig) -> None:
-    """For ``model.kind: mcore``: the HF config parses and the layout divides the model."""
-    from megatron_rl.model.build import check_divisible
+    """For ``model.kind: mcore``: the HF config parses and the layout fits the model."""
+    from megatron_rl.model.build import check_model_layout
 
     if cfg.model.kind != "mcore":
         return
     hf = cfg.model.hf_model()
     try:
-        check_divisible(hf, cfg.parallel.layout())
+        check_model_layout(hf, cfg.parallel.layout(), cfg.model.options())
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

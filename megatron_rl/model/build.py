@@ -38,15 +38,6 @@ class ModelOptions:
     params_dtype: torch.dtype = torch.float32
     routing_replay: bool = False             # record / replay expert routes (train.routing_replay)
 
-    def check_layout(self, hf: "HFModel", layout: "Layout") -> None:
-        """Combinations megatron-core gets wrong without TransformerEngine."""
-        if hf.config.get("multi_latent_attention") and layout.tp > 1 and not self.use_te():
-            # measured: the local (non-TE) MLA modules give gradients off by ~1e-2 under TP2
-            raise ValueError("parallel.tensor_model_parallel_size > 1 with multi-latent attention "
-                             "(DeepSeek-V3) needs TransformerEngine: megatron-core's local modules "
-                             "give wrong gradients under TP; use expert / pipeline / data "
-                             "parallelism, or the GPU image")
-
     def use_te(self) -> bool:
         if self.attention_backend == "te" and not have_transformer_engine():
             raise ValueError("model.attention_backend: te needs TransformerEngine, which is not "
@@ -59,8 +50,7 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    check_divisible(hf, layout)
-    opt.check_layout(hf, layout)
+    check_model_layout(hf, layout, opt)
     moe = {}
     if hf.num_experts:
         moe = dict(
@@ -90,8 +80,16 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
     )
 
 
-def check_divisible(hf: HFModel, layout: Layout) -> None:
-    """``ValueError`` naming both sides when a parallel size does not divide the model."""
+def check_model_layout(hf: HFModel, layout: Layout, opt: ModelOptions) -> None:
+    """``ValueError`` naming both sides when a parallel size does not divide the model, or when
+    the layout is one megatron-core gets wrong without TransformerEngine. The config check at load
+    and the model builder both call this."""
+    if hf.config.get("multi_latent_attention") and layout.tp > 1 and not opt.use_te():
+        # measured: the local (non-TE) MLA modules give gradients off by ~1e-2 under TP2
+        raise ValueError("parallel.tensor_model_parallel_size > 1 with multi-latent attention "
+                         "(DeepSeek-V3) needs TransformerEngine: megatron-core's local modules "
+                         "give wrong gradients under TP; use expert / pipeline / data "
+                         "parallelism, or the GPU image")
     c = hf.config
     rules = [
         (c["num_attention_heads"], layout.tp, "num_attention_heads", "tensor_model_parallel_size"),

@@ -59,33 +59,25 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
     if packed:
         padded = [padded_length(n, cp_size) for n in lens]
         cu = [0] + torch.tensor(padded).cumsum(0).tolist()
-
-        def lay(key):
-            return torch.cat([_pad(s[key], p) for s, p in zip(seqs, padded)])
-
-        positions = torch.cat([torch.arange(p) for p in padded])
-        full = {k: lay(k) for k in ("tokens", "loss_mask", *present)}
-        labels, mask = shift_left(full["tokens"], 0, cu), shift_left(full["loss_mask"], 0, cu)
-        local = {k: thd_shard(v, cu, cp_size, cp_rank) for k, v in
-                 dict(full, labels=labels, mask=mask, positions=positions).items()}
-        shard = CPShard.thd(cu, cp_size, cp_rank)
-        psp = _packed_seq_params(cu, max(padded))
-        tokens, position_ids, lab = (local[k][None] for k in ("tokens", "positions", "labels"))
-        loss_mask, per_token = local["mask"], {k: local[k] for k in present}
+        full = {k: torch.cat([_pad(s[k], p) for s, p in zip(seqs, padded)])
+                for k in ("tokens", "loss_mask", *present)}
+        full["labels"], full["mask"] = (shift_left(full[k], 0, cu) for k in ("tokens", "loss_mask"))
+        full["positions"] = torch.cat([torch.arange(p) for p in padded])
+        local = {k: thd_shard(v, cu, cp_size, cp_rank) for k, v in full.items()}
+        shard, psp = CPShard.thd(cu, cp_size, cp_rank), _packed_seq_params(cu, max(padded))
+        model_in = {k: local[k][None] for k in ("tokens", "positions", "labels")}  # [1, N]
     else:
         S = padded_length(max(lens), cp_size)
         full = {k: torch.stack([_pad(s[k], S) for s in seqs]) for k in ("tokens", "loss_mask", *present)}
-        labels, mask = shift_left(full["tokens"], 1), shift_left(full["loss_mask"], 1)
-        positions = torch.arange(S).expand(len(seqs), S)
-        local = {k: bshd_shard(v, cp_size, cp_rank) for k, v in
-                 dict(full, labels=labels, mask=mask, positions=positions).items()}
+        full["labels"], full["mask"] = (shift_left(full[k], 1) for k in ("tokens", "loss_mask"))
+        full["positions"] = torch.arange(S).expand(len(seqs), S)
+        local = {k: bshd_shard(v, cp_size, cp_rank) for k, v in full.items()}
         shard, psp = CPShard.bshd(len(seqs), S, cp_size, cp_rank), None
-        tokens, position_ids, lab = local["tokens"], local["positions"], local["labels"]
-        loss_mask, per_token = local["mask"], {k: local[k] for k in present}
-    smb = prepare_micro_batch(shard, loss_mask, group_ids, cp_group, num_groups=num_groups)
-    views = {k: smb.view(v) for k, v in per_token.items()}
-    return PolicyMicroBatch(tokens=tokens, position_ids=position_ids, labels=lab, shard=smb,
-                            packed_seq_params=psp, **views)
+        model_in = {k: local[k] for k in ("tokens", "positions", "labels")}
+    smb = prepare_micro_batch(shard, local["mask"], group_ids, cp_group, num_groups=num_groups)
+    return PolicyMicroBatch(tokens=model_in["tokens"], position_ids=model_in["positions"],
+                            labels=model_in["labels"], shard=smb, packed_seq_params=psp,
+                            **{k: smb.view(local[k]) for k in present})
 
 
 def _packed_seq_params(cu: List[int], max_len: int):

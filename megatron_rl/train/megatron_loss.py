@@ -22,6 +22,7 @@ import torch
 
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import ShardedMicroBatch, logprobs_entropy, sharded_policy_loss
+from megatron_rl.train import routing_replay
 
 Tensor = torch.Tensor
 
@@ -63,8 +64,6 @@ def _vocab_start(logits: Tensor, groups: ParallelGroups) -> int:
 
 
 def _forward(mb: PolicyMicroBatch, model, record_routes: bool = False) -> Tensor:
-    from megatron_rl.train import routing_replay
-
     def run():
         return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
                      packed_seq_params=mb.packed_seq_params)

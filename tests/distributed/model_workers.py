@@ -25,6 +25,7 @@ from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.cp_layout import CPShard, shift_left
+from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import prepare_micro_batch, step_denominators
 from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.megatron_loss import PolicyLoss, PolicyMicroBatch, _loss_func, train_forward_backward
@@ -85,13 +86,13 @@ def _micro_batches(data, adv, rows_list, cp_group) -> List[PolicyMicroBatch]:
 
 
 def _reference(hf, data, adv, loss_name, params, seed):
-    """Plain autograd, one process's worth: every rank computes it identically."""
-    groups = init_megatron_parallel(Layout(), seed)
+    """Plain autograd, one process's worth: every rank computes it identically (no groups)."""
+    init_megatron_parallel(Layout(), seed)
     [model], _ = build_model(hf, Layout(), ModelOptions(), ddp=False)
     mbs = _micro_batches(data, adv, [list(range(NSEQ))], None)
     num_tokens, num_seqs = step_denominators([m.shard for m in mbs], None)
     loss = PolicyLoss(loss_name, params, num_tokens, num_seqs)
-    value, _ = _loss_func(mbs[0], loss, groups.__class__(), 1.0, None,
+    value, _ = _loss_func(mbs[0], loss, ParallelGroups(), 1.0, None,
                           model(input_ids=mbs[0].tokens, position_ids=mbs[0].position_ids,
                                 attention_mask=None))
     value.backward()

@@ -128,6 +128,8 @@ def test_suffix_sum_estimators_are_accepted_under_context_parallelism():
     (["model.kind=mcore", "model.hf_config=tiny:qwen3_moe", "parallel.tensor_model_parallel_size=3"],
      "parallel.tensor_model_parallel_size=3 does not divide num_attention_heads=4"),
     (["model.attention_backend=flash"], "model.attention_backend: must be one of auto, sdpa, te"),
+    (["model.kind=mcore", "model.hf_config=tiny:deepseek_v3", "model.attention_backend=sdpa",
+      "parallel.tensor_model_parallel_size=2"], "with multi-latent attention (DeepSeek-V3) needs"),
 ])
 def test_model_section_errors_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as e:

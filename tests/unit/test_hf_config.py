@@ -89,12 +89,9 @@ def test_missing_file_and_bad_json_are_named(tmp_path):
     (Layout(pp=3), "parallel.pipeline_model_parallel_size=3 does not divide num_hidden_layers=2"),
 ])
 def test_impossible_layouts_fail_naming_both_sides(layout, needle):
-    with pytest.raises(ValueError, match="choose a divisor"):
-        try:
-            transformer_config(load_hf_config(tiny_hf_config("qwen3_moe")), layout, ModelOptions())
-        except ValueError as e:
-            assert needle in str(e)
-            raise
+    with pytest.raises(ValueError, match="choose a divisor") as e:
+        transformer_config(load_hf_config(tiny_hf_config("qwen3_moe")), layout, ModelOptions())
+    assert needle in str(e.value)
 
 
 
