@@ -52,9 +52,14 @@ def _pad(x: Tensor, n: int) -> Tensor:
 
 def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, packed: bool,
                       cp_size: int = 1, cp_rank: int = 0, cp_group: Group = None,
-                      num_groups: Optional[int] = None) -> PolicyMicroBatch:
-    """This CP rank's ``PolicyMicroBatch`` of ``seqs`` (THD when ``packed``, else BSHD)."""
+                      num_groups: Optional[int] = None, device=None) -> PolicyMicroBatch:
+    """This CP rank's ``PolicyMicroBatch`` of ``seqs`` (THD when ``packed``, else BSHD), on
+    ``device`` (default: where the sequences are). The layout is computed from host lengths and
+    the host group ids; the only device work is one copy per field and the sequence-length
+    all-reduce over CP."""
     lens = [int(s["tokens"].shape[0]) for s in seqs]
+    group_of_seq = [int(g) for g in group_ids]
+    device = seqs[0]["tokens"].device if device is None else torch.device(device)
     present = [k for k in LOSS_INPUTS if seqs[0].get(k) is not None]
     if packed:
         padded = [padded_length(n, cp_size) for n in lens]
@@ -63,27 +68,29 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
                 for k in ("tokens", "loss_mask", *present)}
         full["labels"], full["mask"] = (shift_left(full[k], 0, cu) for k in ("tokens", "loss_mask"))
         full["positions"] = torch.cat([torch.arange(p) for p in padded])
-        local = {k: thd_shard(v, cu, cp_size, cp_rank) for k, v in full.items()}
-        shard, psp = CPShard.thd(cu, cp_size, cp_rank), _packed_seq_params(cu, max(padded))
+        local = {k: thd_shard(v, cu, cp_size, cp_rank).to(device) for k, v in full.items()}
+        shard = CPShard.thd(cu, cp_size, cp_rank, device=device, group_of_seq=group_of_seq)
+        psp = _packed_seq_params(cu, max(padded), device)
         model_in = {k: local[k][None] for k in ("tokens", "positions", "labels")}  # [1, N]
     else:
         S = padded_length(max(lens), cp_size)
         full = {k: torch.stack([_pad(s[k], S) for s in seqs]) for k in ("tokens", "loss_mask", *present)}
         full["labels"], full["mask"] = (shift_left(full[k], 1) for k in ("tokens", "loss_mask"))
         full["positions"] = torch.arange(S).expand(len(seqs), S)
-        local = {k: bshd_shard(v, cp_size, cp_rank) for k, v in full.items()}
-        shard, psp = CPShard.bshd(len(seqs), S, cp_size, cp_rank), None
+        local = {k: bshd_shard(v, cp_size, cp_rank).to(device) for k, v in full.items()}
+        shard, psp = CPShard.bshd(len(seqs), S, cp_size, cp_rank, device=device), None
         model_in = {k: local[k] for k in ("tokens", "positions", "labels")}
-    smb = prepare_micro_batch(shard, local["mask"], group_ids, cp_group, num_groups=num_groups)
+    smb = prepare_micro_batch(shard, local["mask"], group_ids.to(device), cp_group,
+                              num_groups=num_groups)
     return PolicyMicroBatch(tokens=model_in["tokens"], position_ids=model_in["positions"],
                             labels=model_in["labels"], shard=smb, packed_seq_params=psp,
                             **{k: smb.view(local[k]) for k in present})
 
 
-def _packed_seq_params(cu: List[int], max_len: int):
+def _packed_seq_params(cu: List[int], max_len: int, device=None):
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    t = torch.tensor(cu, dtype=torch.int32)
+    t = torch.tensor(cu, dtype=torch.int32, device=device)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=t, cu_seqlens_kv=t,
                            cu_seqlens_q_padded=t, cu_seqlens_kv_padded=t,
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)

@@ -30,6 +30,15 @@ MODEL_CASES_2 = [
     ("builder_thd_dp2_mb2", {}, 2, "future_kl_grpo", "thd"),
     ("builder_thd_pp2", {"pp": 2}, 2, "gspo", "thd"),
 ]
+# MoE auxiliary losses (load balancing + z-loss) under the same contract: Megatron averages them over
+# the step's micro-batches and DP ranks; the reference runs the same partition (model_workers)
+AUX = {"router_aux_loss_coef": 0.05, "router_z_loss_coef": 0.01}
+MODEL_CASES_AUX = [
+    ("aux_dp2_mb2", {}, 2, "gspo", "manual", AUX),
+    ("aux_tp2_mb2", {"tp": 2}, 2, "gspo", "manual", AUX),
+    ("aux_ep2_mb1", {"ep": 2}, 1, "future_kl_grpo", "manual", AUX),
+    ("aux_pp2_mb2", {"pp": 2}, 2, "gspo", "manual", AUX),
+]
 MODEL_CASES_4 = [
     ("tp2_ep2", {"tp": 2, "ep": 2}, 1, "gspo"),
     ("tp2_pp2", {"tp": 2, "pp": 2}, 2, "future_kl_grpo"),
@@ -51,7 +60,8 @@ def model_results(tmp_path_factory):
     """Three spawns (2, 4 and 2 gloo processes) run every Megatron model layout."""
     from tests.distributed import model_workers
 
-    out = spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("m2")), MODEL_CASES_2)
+    out = spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("m2")),
+                MODEL_CASES_2 + MODEL_CASES_AUX)
     out.update(spawn(model_workers.model_equivalence, 4, str(tmp_path_factory.mktemp("m4")),
                      MODEL_CASES_4))
     out.update(spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("ds")),

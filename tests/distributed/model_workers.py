@@ -85,19 +85,42 @@ def _micro_batches(data, adv, rows_list, cp_group) -> List[PolicyMicroBatch]:
     return out
 
 
-def _reference(hf, data, adv, loss_name, params, seed):
-    """Plain autograd, one process's worth: every rank computes it identically (no groups)."""
+def _partition(dp: int, n_mb: int) -> List[List[int]]:
+    """Rows of every micro-batch of the step, over all DP ranks (rank ``r`` holds rows ``b % dp == r``)."""
+    out = []
+    for r in range(dp):
+        mine = [b for b in range(NSEQ) if b % dp == r]
+        out += [mine[i::n_mb] for i in range(n_mb)]
+    return out
+
+
+def _reference(hf, data, adv, loss_name, params, seed, partition, opt):
+    """Plain autograd, one process's worth: every rank computes it identically (no groups).
+
+    The policy loss (global denominators) is a plain sum over micro-batches, so one micro-batch
+    of the whole step gives it. The MoE auxiliary losses are not: each is computed over its own
+    micro-batch's tokens, and Megatron's contract averages them over the step's micro-batches
+    (all DP ranks), so with aux losses on the reference runs the same partition, each
+    micro-batch's aux gradient weighted ``1 / len(partition)``.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     init_megatron_parallel(Layout(), seed)
-    [model], _ = build_model(hf, Layout(), ModelOptions(), ddp=False)
-    mbs = _micro_batches(data, adv, [list(range(NSEQ))], None)
+    [model], _ = build_model(hf, Layout(), opt, ddp=False)
+    mbs = _micro_batches(data, adv, partition, None)
     num_tokens, num_seqs = step_denominators([m.shard for m in mbs], None)
     loss = PolicyLoss(loss_name, params, num_tokens, num_seqs)
-    value, _ = _loss_func(mbs[0], loss, ParallelGroups(), 1.0, None,
-                          model(input_ids=mbs[0].tokens, position_ids=mbs[0].position_ids,
-                                attention_mask=None))
-    value.backward()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / len(partition))
+    total = 0.0
+    for mb in mbs:
+        value, _ = _loss_func(mb, loss, ParallelGroups(), 1.0, None,
+                              model(input_ids=mb.tokens, position_ids=mb.position_ids,
+                                    attention_mask=None))
+        value.backward()
+        total += float(value)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return model, float(value), grads
+    return model, total, grads
 
 
 def _save(model, path):
@@ -116,11 +139,12 @@ def _load(model, path):
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), path))
 
 
-def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out_dir, batching):
+def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out_dir, batching,
+                opt):
     from megatron.core import parallel_state as ps
 
     groups = init_megatron_parallel(layout, seed)
-    [model], _ = build_model(hf, layout, ModelOptions())
+    [model], _ = build_model(hf, layout, opt)
     _load(unwrap(model), weights)
     dp, r = groups.dp_size, groups.dp_rank
     mine = [b for b in range(NSEQ) if b % dp == r]
@@ -143,38 +167,48 @@ def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, o
     return loss
 
 
+def _layout_dp(layout: Layout, world: int) -> int:
+    return world // (layout.tp * layout.pp * layout.cp)
+
+
 def model_equivalence(rank: int, world: int, tmp: str, cases, model: str = "qwen3_moe") -> dict:
-    """``cases``: list of (name, layout kwargs, n_mb, loss name[, batching])."""
+    """``cases``: list of (name, layout kwargs, n_mb, loss name[, batching[, ModelOptions kwargs]])."""
     hf = load_hf_config(tiny_hf_config(model))
     data = _sequences(hf.vocab_size)
     results, refs, seed = {}, {}, 1234
     weights = os.path.join(tmp, "weights")
-    for i, loss_name in enumerate(sorted({c[3] for c in cases})):
-        adv_name, adv_params, params = LOSSES[loss_name]
-        adv = _advantages(data, adv_name, adv_params)
-        model, value, grads = _reference(hf, data, adv, loss_name, params, seed)
-        if i == 0:  # the same seed builds the same weights for every loss
-            _save(model, weights)
-        refs[loss_name] = (value, grads, adv)
-        destroy_megatron_parallel()
+    saved = False  # a collective save: every rank takes the same branch
     for name, kw, n_mb, loss_name, *rest in cases:
         batching = rest[0] if rest else "manual"    # manual | bshd | thd (the batch builder)
-        value, ref_grads, adv = refs[loss_name]
-        _, _, params = LOSSES[loss_name]
+        opt = ModelOptions(**(rest[1] if len(rest) > 1 else {}))
+        aux = bool(opt.router_aux_loss_coef or opt.router_z_loss_coef)
+        layout = Layout(**kw)
+        partition = _partition(_layout_dp(layout, world), n_mb) if aux else [list(range(NSEQ))]
+        adv_name, adv_params, params = LOSSES[loss_name]
+        key = (loss_name, str(partition), opt)
+        if key not in refs:
+            adv = _advantages(data, adv_name, adv_params)
+            ref_model, value, grads = _reference(hf, data, adv, loss_name, params, seed, partition, opt)
+            if not saved:  # the same seed builds the same weights every time
+                _save(ref_model, weights)
+                saved = True
+            refs[key] = (value, grads, adv)
+            destroy_megatron_parallel()
+        value, ref_grads, adv = refs[key]
         out = os.path.join(tmp, f"grads_{name}")
-        loss = _run_layout(hf, Layout(**kw), n_mb, data, adv, loss_name, params, seed, weights, out,
-                           batching)
+        loss = _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out,
+                           batching, opt)
         dist.all_reduce(loss)
         init_megatron_parallel(Layout(), seed)
-        [model], _ = build_model(hf, Layout(), ModelOptions(), ddp=False)
+        [model], _ = build_model(hf, Layout(), opt, ddp=False)
         _load(model, out)
         errs = {n: float((p.detach() - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-30))
                 for n, p in model.named_parameters()}
         worst_param = max(errs, key=errs.get)
-        err = errs[worst_param]
         worst = max(float(ref_grads[n].abs().max()) for n in ref_grads)
         destroy_megatron_parallel()
-        results[name] = {"grad": err, "worst_param": worst_param, "bad": {k: v for k, v in errs.items() if v > 1e-4},
+        results[name] = {"grad": errs[worst_param], "worst_param": worst_param,
+                         "bad": {k: v for k, v in errs.items() if v > 1e-4},
                          "loss": abs(float(loss[0]) - value) / abs(value), "scale": worst}
     return results
 
