@@ -2,6 +2,11 @@
 
   megatron-rl print-config RECIPE [key=value ...]
   megatron-rl train --config RECIPE [key=value ...]
+  megatron-rl convert import HF_DIR OUT_CKPT [--tp N --pp N --ep N --etp N] [--dtype D]
+  megatron-rl convert export CKPT OUT_HF_DIR [layout] [--hf-config F] [--tokenizer DIR] [--dtype D]
+  megatron-rl convert verify HF_DIR CKPT [--tp N --ep N] [--tolerance X]
+
+Every command runs as one process or under torchrun (the layout's product must divide the world).
 
 Bad input ends in one line on stderr naming the key or file, and exit status 2.
 """
@@ -25,7 +30,37 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, metavar="RECIPE")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    _convert_parser(sub)
     return p
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        p.add_argument(flag, type=int, default=1, help=f"{what}-parallel size on the Megatron side")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
+
+
+def _convert_parser(sub) -> None:
+    cv = sub.add_parser("convert", help="Hugging Face <-> megatron-core checkpoints")
+    verbs = cv.add_subparsers(dest="verb", required=True)
+    im = verbs.add_parser("import", help="HF safetensors directory -> distributed checkpoint")
+    im.add_argument("hf_dir")
+    im.add_argument("out")
+    im.add_argument("--dtype", default="auto", help="parameter dtype: auto (config.json's), fp32, bf16")
+    _layout_args(im)
+    ex = verbs.add_parser("export", help="distributed checkpoint -> HF safetensors directory")
+    ex.add_argument("ckpt")
+    ex.add_argument("out")
+    ex.add_argument("--hf-config", help="config.json (or HF dir) when the checkpoint has no hf/")
+    ex.add_argument("--tokenizer", help="directory whose tokenizer/generation files to copy")
+    ex.add_argument("--dtype", default=None, help="tensor dtype of the export (default: the checkpoint's)")
+    ex.add_argument("--shard-size-gb", type=float, default=4.0)
+    _layout_args(ex)
+    ve = verbs.add_parser("verify", help="compare logits of an HF model and a distributed checkpoint")
+    ve.add_argument("hf_dir")
+    ve.add_argument("ckpt")
+    ve.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference (fp32)")
+    _layout_args(ve)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -34,11 +69,45 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "print-config":
             print(to_yaml(load_config(args.recipe, args.overrides)), end="")
             return 0
+        if args.command == "convert":
+            return _convert(args)
         cfg = load_config(args.config, args.overrides)
         return _train(cfg, args.quiet)
     except ConfigError as e:
         print(f"megatron-rl: config error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        print(f"megatron-rl: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _convert(args) -> int:
+    import torch.distributed as dist
+
+    from megatron_rl.checkpoint import convert
+    from megatron_rl.parallel.config import Layout
+    from megatron_rl.parallel.launch import shutdown_distributed
+
+    layout = Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
+    try:
+        if args.verb == "import":
+            line = convert.import_hf(args.hf_dir, args.out, layout, args.dtype).line("imported")
+        elif args.verb == "export":
+            line = convert.export_hf(args.ckpt, args.out, layout, args.hf_config, args.tokenizer,
+                                     args.dtype, int(args.shard_size_gb * 2**30)).line("exported")
+        else:
+            r = convert.verify(args.hf_dir, args.ckpt, layout)
+            ok = r["max_abs_diff"] <= args.tolerance
+            line = (f"verify: max |logit diff| {r['max_abs_diff']:.3e} (mean {r['mean_abs_diff']:.3e}, "
+                    f"logits up to {r['logit_scale']:.3g}) over {r['tokens']} tokens: "
+                    f"{'OK' if ok else 'FAIL'} at tolerance {args.tolerance:g}")
+            if not ok:
+                raise ValueError(line)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(line)
+        return 0
+    finally:
+        shutdown_distributed()
 
 
 def _train(cfg, quiet: bool) -> int:

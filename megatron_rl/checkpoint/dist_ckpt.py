@@ -138,3 +138,71 @@ def load_checkpoint(path: os.PathLike, model, optimizer, scheduler) -> Dict[str,
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
     return state["trainer"]
+
+
+MODEL_INFO = "megatron_rl_model.json"
+
+
+def _check_dist_checkpoint(path: Path) -> None:
+    if not (path / "metadata.json").is_file():
+        raise ValueError(f"{path}: not a megatron-core distributed checkpoint (no metadata.json); "
+                         "give a directory written by `megatron-rl convert import` or a training "
+                         "checkpoint's step_* directory")
+
+
+def save_model(path: os.PathLike, model, info: Dict[str, Any],
+               hf_files: Optional[os.PathLike] = None) -> Path:
+    """Weights only (the converter's output; a starting point for training), collective.
+
+    Written to ``.<name>.partial`` beside ``path`` and renamed when complete; ``info`` (the model's
+    HF config and where it came from) goes to ``megatron_rl_model.json``, and ``config.json`` with
+    the tokenizer / generation files of ``hf_files`` to ``hf/`` (so that export needs nothing
+    else). Refuses a non-empty ``path`` before writing anything."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path}: exists and is not empty; choose a new output directory")
+    tmp = path.with_name(f".{path.name}.partial")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    with in_process_checkpoint_writes():
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+    if _rank() == 0:
+        (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2))
+        if hf_files is not None:
+            from megatron_rl.checkpoint.hf_io import SIDE_FILES, copy_side_files
+
+            (tmp / "hf").mkdir()
+            copy_side_files(hf_files, tmp / "hf", ("config.json", *SIDE_FILES))
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    _barrier()
+    return path
+
+
+def model_info(path: os.PathLike) -> Optional[Dict[str, Any]]:
+    """What ``save_model`` recorded (None for a training checkpoint)."""
+    f = Path(path) / MODEL_INFO
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load_model(path: os.PathLike, model) -> None:
+    """The weights of a ``save_model`` or ``save_checkpoint`` directory into ``model`` (any
+    layout: megatron-core reshards), collective. A checkpoint of another shape is a ``ValueError``."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    _check_dist_checkpoint(path)
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        model.load_state_dict(loaded["model"])
+    except Exception as e:  # megatron raises several exception types for a mismatched checkpoint
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: does not fit the model built from the config "
+                         f"({type(e).__name__}: {first[:300]})") from None

@@ -135,7 +135,9 @@ def _qwen3_moe(hf):
     freq = [0 if (i in dense or (i + 1) % step) else 1 for i in range(n)]
     return dict(
         qk_layernorm=True,
-        num_moe_experts=int(_need(hf, "num_experts")),
+        # transformers 5 writes num_local_experts; released Qwen3-MoE configs say num_experts
+        num_moe_experts=int(hf["num_local_experts"] if "num_experts" not in hf and "num_local_experts" in hf
+                            else _need(hf, "num_experts")),
         moe_router_topk=int(_need(hf, "num_experts_per_tok")),
         moe_ffn_hidden_size=int(_need(hf, "moe_intermediate_size")),
         moe_router_pre_softmax=not bool(hf.get("norm_topk_prob", True)),

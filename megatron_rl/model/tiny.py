@@ -18,6 +18,7 @@ TINY: Dict[str, Dict[str, Any]] = {
     "qwen2": dict(_BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                   use_sliding_window=False),
     "deepseek_v3": dict(_BASE, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+                        head_dim=16,  # transformers: the rotary dim, = qk_rope_head_dim
                         num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
                         qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1,
                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
@@ -32,3 +33,24 @@ def tiny_hf_config(name: str, **overrides) -> Dict[str, Any]:
     if name not in TINY:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(TINY)}")
     return dict(copy.deepcopy(TINY[name]), **overrides)
+
+
+def write_tiny_hf_model(name: str, path, seed: int = 0, **overrides) -> Dict[str, Any]:
+    """A random-init tiny HF model saved as safetensors at ``path`` (offline, through
+    transformers); returns its config dict. The starting point of the CPU demo and the tests."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = tiny_hf_config(name, **overrides)
+    kwargs = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    config = AutoConfig.for_model(cfg["model_type"], **kwargs)
+    config.architectures = cfg["architectures"]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if name == "deepseek_v3":  # HF initialises the routing bias to zero: make it matter
+            for m in model.modules():
+                if hasattr(m, "e_score_correction_bias"):
+                    m.e_score_correction_bias.data.uniform_(-0.1, 0.1)
+    model.save_pretrained(str(path))
+    return cfg

@@ -39,6 +39,18 @@ def init_megatron_parallel(layout: Layout, seed: int, cpu_patches: bool = True) 
         dp_cp=_or_none(ps.get_data_parallel_group(with_context_parallel=True)))
 
 
+def weight_groups():
+    """Where this rank's weights sit, for the HF weight mapping (``checkpoint.hf_weights``)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.checkpoint.hf_weights import ShardGroups
+
+    return ShardGroups(tp=_or_none(ps.get_tensor_model_parallel_group()),
+                       etp=_or_none(ps.get_expert_tensor_parallel_group()),
+                       ep_rank=ps.get_expert_model_parallel_rank(),
+                       ep_size=ps.get_expert_model_parallel_world_size())
+
+
 def destroy_megatron_parallel() -> None:
     from megatron.core import parallel_state as ps
 
