@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import List, Optional
 
 from megatron_rl.config import ConfigError, load_config, to_yaml
@@ -63,7 +64,16 @@ def _convert_parser(sub) -> None:
     _layout_args(ve)
 
 
+# megatron-core announces on import what a CPU stack lacks; users cannot act on any of it
+_KNOWN_NOISE = ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                "full scope is deprecated", "The following imports from `dynamic_context.py`",
+                "`torch.jit.script_method` is deprecated", "`load_state_dict` is deprecated",
+                "Please use DTensor instead")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    for message in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message)
     args = _parser().parse_args(argv)
     try:
         if args.command == "print-config":

@@ -88,14 +88,17 @@ def _build(hf: HFModel, layout: Layout, dtype: torch.dtype):
     from megatron_rl.train.parallel_init import init_megatron_parallel, weight_groups
 
     init_megatron_parallel(layout, seed=0)
-    [model], _ = build_model(hf, layout, ModelOptions(params_dtype=dtype), ddp=False)
+    [model], _ = build_model(hf, layout, ModelOptions(params_dtype=dtype, init_weights=False), ddp=False)
     return model, weight_groups()
 
 
-def _extra_layers(name: str, num_layers: int) -> bool:
-    """DeepSeek-V3 checkpoints carry multi-token-prediction layers after the last decoder layer."""
+def _mtp_layer(name: str, hf_cfg: Dict) -> bool:
+    """DeepSeek-V3 checkpoints carry ``num_nextn_predict_layers`` multi-token-prediction layers
+    after the last decoder layer; RL training does not use them (any other extra layer is an
+    error: the config disagrees with the weights)."""
     m = re.match(r"model\.layers\.(\d+)\.", name)
-    return bool(m) and int(m[1]) >= num_layers
+    n = int(hf_cfg.get("num_hidden_layers", 0))
+    return bool(m) and n <= int(m[1]) < n + int(hf_cfg.get("num_nextn_predict_layers") or 0)
 
 
 def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
@@ -116,7 +119,7 @@ def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
     try:
         read = _everywhere(lambda: load_hf_weights(model, reader, mapping, groups, hf.num_experts))
         used = set().union(*[set(r) for r in all_gather_objects(sorted(read))])
-        skipped = [n for n in reader.names() if n not in used and _extra_layers(n, hf.config["num_layers"])]
+        skipped = [n for n in reader.names() if n not in used and _mtp_layer(n, hf_cfg)]
         unused = [n for n in reader.names() if n not in used and n not in skipped
                   and not any(p.match(n) for p in IGNORED_HF)]
         if unused:
@@ -206,7 +209,9 @@ def _megatron_logits(model, tokens: torch.Tensor, tp_group) -> torch.Tensor:
 
 def _hf_logits(hf_dir: os.PathLike, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     model.eval()
     with torch.no_grad():

@@ -202,7 +202,14 @@ def load_model(path: os.PathLike, model) -> None:
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
         model.load_state_dict(loaded["model"])
-    except Exception as e:  # megatron raises several exception types for a mismatched checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 -- torch's CheckpointException is a BaseException
         raise ValueError(f"{path}: does not fit the model built from the config "
-                         f"({type(e).__name__}: {first[:300]})") from None
+                         f"({_last_line(e)[:300]})") from None
+
+
+def _last_line(e: BaseException) -> str:
+    """The root cause of a (possibly nested, multi-rank) checkpoint error, on one line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__

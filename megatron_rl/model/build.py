@@ -37,6 +37,7 @@ class ModelOptions:
     router_z_loss_coef: float = 0.0
     params_dtype: torch.dtype = torch.float32
     routing_replay: bool = False             # record / replay expert routes (train.routing_replay)
+    init_weights: bool = True                # False when a checkpoint overwrites every weight
 
     def use_te(self) -> bool:
         if self.attention_backend == "te" and not have_transformer_engine():
@@ -77,6 +78,7 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
         # fused kernels exist on GPU only
         bias_dropout_fusion=gpu, masked_softmax_fusion=gpu, gradient_accumulation_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=gpu,
+        perform_initialization=opt.init_weights,
     )
 
 

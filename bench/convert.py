@@ -1,0 +1,83 @@
+"""HF <-> megatron-core conversion throughput (GB/s) against a plain safetensors copy.
+
+    python bench/convert.py                 # ~0.5 GB bf16 Qwen3-MoE-shaped model, world of one
+    python bench/convert.py --size tiny
+
+The baseline, measured in the same run on the same files: read every tensor of the HF directory
+with safetensors and write it back out (the I/O floor any converter pays). Import = HF directory
+-> megatron-core distributed checkpoint (model build, fuse, shard, save); export = back to a
+sharded safetensors directory (load, gather, split, write). Both include building the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import tempfile
+import time
+
+SIZES = {
+    # 16 experts top-2, 8 layers: ~0.25B parameters, ~0.5 GB in bf16
+    "small": {"vocab_size": 32000, "hidden_size": 1024, "num_hidden_layers": 8,
+              "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128,
+              "moe_intermediate_size": 512, "num_experts": 16, "num_experts_per_tok": 2},
+    "tiny": {},
+}
+
+
+def _copy_baseline(src: str, dst: str) -> float:
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst)
+    t = time.perf_counter()
+    for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        save_file(load_file(f), os.path.join(dst, os.path.basename(f)))
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import torch
+
+    from megatron_rl.checkpoint.convert import export_hf, import_hf
+    from megatron_rl.model.tiny import write_tiny_hf_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = tempfile.mkdtemp(prefix="bench_convert_")
+    try:
+        hf = os.path.join(root, "hf")
+        write_tiny_hf_model("qwen3_moe", hf, seed=0, **SIZES[args.size])
+        # bf16 like released checkpoints (the writer above keeps transformers' fp32)
+        from safetensors.torch import load_file, save_file
+
+        for f in glob.glob(os.path.join(hf, "*.safetensors")):
+            save_file({k: v.bfloat16() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+        cfg_path = os.path.join(hf, "config.json")
+        cfg = json.load(open(cfg_path))
+        cfg["dtype"] = "bfloat16"
+        json.dump(cfg, open(cfg_path, "w"))
+        gb = sum(os.path.getsize(f) for f in glob.glob(os.path.join(hf, "*.safetensors"))) / 1e9
+        base = _copy_baseline(hf, os.path.join(root, "copy"))
+        imp = import_hf(hf, os.path.join(root, "mc"))
+        exp = export_hf(os.path.join(root, "mc"), os.path.join(root, "out"))
+        res = {"size": args.size, "gb": gb, "threads": torch.get_num_threads(),
+               "baseline_copy_s": base, "import_s": imp.seconds, "export_s": exp.seconds,
+               "baseline_gb_s": gb / base, "import_gb_s": gb / imp.seconds,
+               "export_gb_s": gb / exp.seconds,
+               "import_over_copy": imp.seconds / base, "export_over_copy": exp.seconds / base}
+        print(json.dumps(res, indent=1))
+        if args.json:
+            json.dump(res, open(args.json, "w"), indent=1)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""HF <-> megatron-core conversion under gloo: round trips, layouts and bad inputs.
+
+Each layout case checks import and export separately, so that an error in one direction cannot be
+hidden by the same error in the other: the checkpoint imported *at the layout* is exported at the
+plain layout (its content must be right), and the checkpoint imported at the plain layout is
+exported *at the layout* (the export must be right); both must give the original files' tensors.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict
+
+from megatron_rl.checkpoint.convert import export_hf, import_hf, verify
+from megatron_rl.parallel.config import Layout
+
+
+def file_hashes(directory: str) -> Dict[str, str]:
+    """sha256 of every weight file and the index (the bytes users get)."""
+    out = {}
+    for f in sorted(glob.glob(os.path.join(directory, "*.safetensors")) +
+                    glob.glob(os.path.join(directory, "*.index.json"))):
+        out[os.path.basename(f)] = hashlib.sha256(Path(f).read_bytes()).hexdigest()
+    return out
+
+
+def round_trips(rank: int, world: int, tmp: str, models: Dict[str, str]) -> dict:
+    """World of one: import, logits against transformers, export."""
+    out = {}
+    for name, hf_dir in models.items():
+        ck, ex = os.path.join(tmp, name, "mc"), os.path.join(tmp, name, "hf_out")
+        rep = import_hf(hf_dir, ck)
+        out[name] = {"imported": rep.tensors, "verify": verify(hf_dir, ck),
+                     "exported": export_hf(ck, ex).tensors, "out_dir": ex}
+    return out
+
+
+def layouts(rank: int, world: int, tmp: str, models: Dict[str, str], cases) -> dict:
+    """``cases``: ``[(case name, model name, layout kwargs)]``."""
+    out, base = {}, {}
+    for case, model, kw in cases:
+        hf_dir, layout = models[model], Layout(**kw)
+        root = os.path.join(tmp, case)
+        if model not in base:  # the plain layout (data parallel only): the reference
+            base[model] = os.path.join(tmp, f"base_{model}")
+            import_hf(hf_dir, base[model])
+            export_hf(base[model], base[model] + "_hf")
+        import_hf(hf_dir, root + "_mc", layout)
+        export_hf(root + "_mc", root + "_from_layout_import", Layout())
+        export_hf(base[model], root + "_from_layout_export", layout)
+        r = {"reference": file_hashes(base[model] + "_hf"),
+             "import_at_layout": file_hashes(root + "_from_layout_import"),
+             "export_at_layout": file_hashes(root + "_from_layout_export"),
+             "out_dir": root + "_from_layout_export"}
+        if layout.pp == 1:
+            r["verify"] = verify(hf_dir, root + "_mc", layout)
+        out[case] = r
+    return out
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "NO ERROR"
+
+
+def _copy_without(src: str, dst: str, drop: str) -> str:
+    """A copy of an HF dir whose safetensors file lacks the tensor ``drop``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    del tensors[drop]
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+def _with_config(src: str, dst: str, **changes) -> str:
+    shutil.copytree(src, dst)
+    p = os.path.join(dst, "config.json")
+    cfg = json.loads(Path(p).read_text())
+    cfg.update(changes)
+    Path(p).write_text(json.dumps(cfg))
+    return dst
+
+
+def bad_inputs(rank: int, world: int, tmp: str, models: Dict[str, str]) -> dict:
+    """Each broken input's error message, and whether any output appeared."""
+    moe, t = models["qwen3_moe"], Path(tmp)
+    good_ckpt = str(t / "good")
+    import_hf(moe, good_ckpt)
+    no_hf = str(t / "no_hf")
+    shutil.copytree(good_ckpt, no_hf)
+    shutil.rmtree(os.path.join(no_hf, "hf"))
+    bin_only = t / "bin_only"
+    bin_only.mkdir()
+    (bin_only / "config.json").write_text(Path(moe, "config.json").read_text())
+    (bin_only / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    cases = {
+        "missing_expert": lambda o: import_hf(_copy_without(
+            moe, str(t / "missing"), "model.layers.1.mlp.experts.3.up_proj.weight"), o),
+        "shape_mismatch": lambda o: import_hf(_with_config(moe, str(t / "shape"), moe_intermediate_size=32), o),
+        "config_disagrees": lambda o: import_hf(_with_config(moe, str(t / "layers"), num_hidden_layers=1), o),
+        "unknown_architecture": lambda o: import_hf(_with_config(
+            moe, str(t / "arch"), architectures=["GPT2LMHeadModel"]), o),
+        "pickle_only": lambda o: import_hf(str(bin_only), o),
+        "not_a_directory": lambda o: import_hf(str(t / "nowhere"), o),
+        "output_not_empty": lambda o: import_hf(moe, good_ckpt),
+        "export_needs_config": lambda o: export_hf(no_hf, o),
+        "export_wrong_model": lambda o: export_hf(good_ckpt, o, hf_config=models["mixtral"]),
+        "export_not_a_checkpoint": lambda o: export_hf(moe, o, hf_config=moe),
+    }
+    out = {}
+    for name, fn in cases.items():
+        o = str(t / f"out_{name}")
+        msg = _error(lambda: fn(o))
+        out[name] = {"message": msg, "output_exists": os.path.exists(o),
+                     "partial_left": bool(glob.glob(str(t / f".out_{name}*")))}
+    return out

@@ -1,0 +1,24 @@
+"""``megatron-rl convert``: bad input ends in one line on stderr and exit status 2."""
+
+import subprocess
+import sys
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_rl", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_convert_of_a_missing_directory_is_one_line_and_status_2(tmp_path):
+    r = _cli("convert", "import", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("megatron-rl")]
+    assert lines == [f"megatron-rl: error: {tmp_path / 'nope'}: not a directory (give a Hugging "
+                     "Face model directory)"], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_usage_errors_name_the_flag(tmp_path):
+    r = _cli("convert", "import", str(tmp_path), str(tmp_path / "o"), "--tp", "two")
+    assert r.returncode == 2 and "--tp" in r.stderr and "invalid int value" in r.stderr
