@@ -162,3 +162,28 @@ def vllm_agreement(rank: int, world: int, tmp: str, models: Dict[str, str]) -> d
         engine.shutdown()
         out[name] = {"max_abs_diff": worst, "tokens": sum(len(s.token_ids) for s in samples)}
     return out
+
+
+def training_checkpoint_export(rank: int, world: int, tmp: str, hf_dir: str) -> dict:
+    """A trainer's checkpoint (DDP model + distributed optimizer, ``save_checkpoint``) exports
+    with ``--hf-config`` like a converted one."""
+    import torch
+
+    from megatron_rl.checkpoint.dist_ckpt import load_model, save_checkpoint
+    from megatron_rl.model.build import ModelOptions
+    from megatron_rl.model.hf_config import load_hf_config
+    from megatron_rl.train.model_setup import build_model
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer
+    from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+
+    import_hf(hf_dir, os.path.join(tmp, "mc"))
+    hf = load_hf_config(hf_dir)
+    init_megatron_parallel(Layout(), 0)
+    model, _ = build_model(hf, Layout(), ModelOptions(), distributed_optimizer=True)
+    load_model(os.path.join(tmp, "mc"), model[0])
+    opt, sched = build_optimizer(model, OptimSettings(lr=1e-3), torch.float32)
+    step_dir = save_checkpoint(os.path.join(tmp, "train"), 0, model[0], opt, sched, {})
+    destroy_megatron_parallel()
+    out = os.path.join(tmp, "out")
+    export_hf(step_dir, out, hf_config=hf_dir, tokenizer=hf_dir)
+    return {"out_dir": out}

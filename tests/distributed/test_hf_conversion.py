@@ -172,3 +172,12 @@ def test_vllm_serves_the_export_with_megatron_logprobs(vllm_results, model):
     r = vllm_results[model]
     assert r["tokens"] >= 48  # 3 prompts x 2 samples x up to 16 tokens were compared
     assert r["max_abs_diff"] <= VLLM_TOL, r
+
+
+def test_a_training_checkpoint_exports_to_the_same_weights(hf_models, tmp_path):
+    from tests.distributed import hf_workers
+
+    r = spawn(hf_workers.training_checkpoint_export, 1, str(tmp_path), hf_models["qwen3_moe"])
+    original, exported = _tensors(hf_models["qwen3_moe"]), _tensors(r["out_dir"])
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
