@@ -26,6 +26,9 @@ def _free_port() -> int:
 
 def _entry(rank, world, port, out, fn, args):
     torch.set_num_threads(1)
+    # what torchrun gives each process (vLLM's external_launcher reads it)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=180))
     try:
