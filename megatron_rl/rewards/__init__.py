@@ -1,0 +1,38 @@
+"""Reward functions: a registry with one signature, and a runner that never lets one crash a step.
+
+A reward is ``fn(response: str, label, *, prompt: str = "", metadata: dict | None = None,
+**params) -> float`` (keyword-only ``params`` are its recipe knobs). ``score`` runs one and
+returns a ``RewardResult``: a reward that raises scores ``failure_score`` and keeps the error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from megatron_rl.algo.registry import Registry, check_params, keyword_params
+
+REWARDS = Registry("reward function")
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    score: float
+    error: Optional[str] = None
+
+
+def score(name: str, response: str, label: Any, *, prompt: str = "",
+          metadata: Optional[Dict[str, Any]] = None, failure_score: float = 0.0,
+          **params) -> RewardResult:
+    fn = REWARDS.get_fn(name)
+    check_params("reward", name, params, keyword_params(fn, skip=("prompt", "metadata")))
+    try:
+        value = float(fn(response, label, prompt=prompt, metadata=metadata or {}, **params))
+    except Exception as e:  # noqa: BLE001 -- any failure of user reward code is data, not a crash
+        return RewardResult(failure_score, f"{type(e).__name__}: {e}"[:500])
+    if value != value:  # NaN
+        return RewardResult(failure_score, "reward returned NaN")
+    return RewardResult(value)
+
+
+from megatron_rl.rewards import builtin  # noqa: E402,F401  (registers the built-ins)
