@@ -15,6 +15,8 @@ from megatron_rl.rewards.sandbox import ISOLATION_FAILED, SandboxLimits, run_unt
 
 LIMITS = SandboxLimits(wall_s=4.0, cpu_s=2, memory_mb=256)
 HOST_MARK = "/tmp/megatron_rl_sandbox_escape_marker"
+ETC_MARK = "/etc/megatron_rl_sandbox_escape_marker"
+PROJECT_MARK = os.path.abspath(__file__) + ".pwned"  # under /tmp in some CI clones: then hidden
 
 
 def _run(code):
@@ -36,8 +38,8 @@ HOSTILE = {
     "allocate_10gb": ("x = bytearray(10 * 1024**3)\nprint('allocated')", "MemoryError"),
     "network": ("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\nprint('up')",
                 "Network is unreachable"),
-    "write_outside": (f"open({os.path.abspath(__file__)!r} + '.pwned', 'w').write('x')",
-                      "Permission denied"),
+    "write_outside": (f"open({ETC_MARK!r}, 'w').write('x')", "Permission denied"),
+    "write_project": (f"open({PROJECT_MARK!r}, 'w').write('x')\nprint('wrote')", None),
     "write_host_tmp": (f"open({HOST_MARK!r}, 'w').write('x')\nprint('wrote')", None),
     "read_secrets": ("import os\nprint(sorted(os.environ))", None),
     "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
@@ -68,7 +70,8 @@ def test_hostile_program_is_contained_and_reported(hostile_results, name):
 
 
 def test_nothing_escaped_to_the_host(hostile_results):
-    assert not os.path.exists(os.path.abspath(__file__) + ".pwned")
+    assert not os.path.exists(ETC_MARK) and not os.path.exists(PROJECT_MARK)
+    assert hostile_results["write_project"].stdout == ""
     assert not os.path.exists(HOST_MARK)                       # /tmp inside was a private tmpfs
     assert hostile_results["write_host_tmp"].stdout == "wrote\n"
     env = hostile_results["read_secrets"].stdout
