@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_rl.parallel.launch import free_port
 
 COUNT = {"bytes": 0.0, "calls": 0}
 
@@ -124,10 +125,6 @@ def _worker(rank, world, port, lengths, out):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -141,7 +138,7 @@ def main() -> None:
     with mp.Manager() as m:
         for cp in a.cp:
             out = m.list()
-            mp.spawn(_worker, args=(cp, _free_port(), a.lengths, out), nprocs=cp, join=True)
+            mp.spawn(_worker, args=(cp, free_port(), a.lengths, out), nprocs=cp, join=True)
             for L, cp_, path, layout, ob, oc, gb, gc in out:
                 print(f"{L:8d} {cp_:2d} {path:14s} {layout:11s} {ob:12,.0f} {oc:5d} {gb:17,.0f} {gc:5d} "
                       f"{gb / ob:8.1f}")

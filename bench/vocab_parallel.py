@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+
+from megatron_rl.parallel.launch import free_port
 
 QWEN3_VOCAB = 151936
 
@@ -86,7 +87,7 @@ def _child(args) -> None:
 
 
 def _launch(a, mode: str, tp: int, entropy: bool) -> dict:
-    port = _free_port()
+    port = free_port()
     threads = max(1, (os.cpu_count() or 1) // tp)
     cmd = [sys.executable, __file__, "--child", "--mode", mode, "--tp", str(tp), "--port", str(port),
            "--tokens", str(a.tokens), "--vocab", str(a.vocab), "--repeats", str(a.repeats),
@@ -106,10 +107,6 @@ def _launch(a, mode: str, tp: int, entropy: bool) -> dict:
             "seconds": max(o["seconds"] for o in outs)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _available_bytes() -> int:

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, TypeVar
 
 import torch
-import torch.distributed as dist
 
-from megatron_rl.checkpoint.dist_ckpt import load_model, model_info, save_model
+from megatron_rl.checkpoint.dist_ckpt import _rank, load_model, model_info, save_model
 from megatron_rl.checkpoint.hf_io import SIDE_FILES, HFReader, HFWriter, copy_side_files
 from megatron_rl.checkpoint.hf_mapping import IGNORED_HF, mapping_for
 from megatron_rl.checkpoint.hf_weights import iter_hf_weights, load_hf_weights
@@ -49,10 +48,6 @@ class Report:
         rate = gb / self.seconds if self.seconds > 0 else float("inf")
         return (f"{what}: {self.tensors} tensors, {gb:.3f} GB in {self.seconds:.2f} s "
                 f"({rate:.2f} GB/s){self.notes}")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _everywhere(fn: Callable[[], T]) -> T:

@@ -20,6 +20,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_rl.train.model_setup import unwrap
+
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -68,7 +70,7 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
 
     _prime_adam_state(optimizer)  # a checkpoint before the first update (no Adam state yet)
     # the unwrapped model: the same keys as `save_model`, so either kind loads through `load_model`
-    msd = getattr(model, "module", model).sharded_state_dict()
+    msd = unwrap(model).sharded_state_dict()
     with in_process_checkpoint_writes():
         dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(
             msd, metadata=_OPTIM_METADATA)}, str(tmp))
@@ -127,7 +129,7 @@ def load_checkpoint(path: os.PathLike, model, optimizer, scheduler) -> Dict[str,
     if not (path / "trainer_state.json").is_file():
         raise ValueError(f"checkpoint {path} is incomplete or not ours (no trainer_state.json)")
     _prime_adam_state(optimizer)
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     msd = model.sharded_state_dict()
     with torch.no_grad():  # the fp32 optimizer copies into views of parameters that need grads
         loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
@@ -174,7 +176,7 @@ def save_model(path: os.PathLike, model, info: Dict[str, Any],
         tmp.mkdir(parents=True)
     _barrier()
     with in_process_checkpoint_writes():
-        dist_checkpointing.save({"model": getattr(model, "module", model).sharded_state_dict()}, str(tmp))
+        dist_checkpointing.save({"model": unwrap(model).sharded_state_dict()}, str(tmp))
     if _rank() == 0:
         (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2))
         if hf_files is not None:
@@ -202,7 +204,7 @@ def load_model(path: os.PathLike, model) -> None:
 
     path = Path(path)
     _check_dist_checkpoint(path)
-    model = getattr(model, "module", model)  # a DDP wrapper's state dict keys say "module."
+    model = unwrap(model)  # a DDP wrapper's state dict keys say "module."
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
         model.load_state_dict(loaded["model"])

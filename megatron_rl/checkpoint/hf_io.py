@@ -111,12 +111,14 @@ class HFWriter:
         self._pending: Dict[str, Tensor] = {}
         self._pending_bytes = 0
         self._files: List[List[str]] = []
+        self._names: Set[str] = set()
         self.total_bytes = 0
         self.count = 0
 
     def add(self, name: str, tensor: Tensor) -> None:
-        if name in self._pending or any(name in f for f in self._files):
+        if name in self._names:
             raise ValueError(f"tensor {name!r} written twice (a mapping bug)")
+        self._names.add(name)
         # a copy: views of a fused tensor share storage, which safetensors refuses
         t = tensor.detach().to("cpu", copy=True).contiguous()
         size = t.numel() * t.element_size()

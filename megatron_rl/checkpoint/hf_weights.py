@@ -100,7 +100,8 @@ def load_hf_weights(model, reader: HFReader, mapping: Mapping, groups: ShardGrou
     """Fill this rank's tensors from ``reader``; returns the HF names this rank read. Raises
     ``ValueError`` naming every missing HF tensor, or the first one whose shape disagrees."""
     entries = local_tensors(model, mapping, groups, num_experts)
-    missing = sorted(n for n in expected_hf_names(entries) if n not in reader.weight_map)
+    needed = expected_hf_names(entries)
+    missing = sorted(n for n in needed if n not in reader.weight_map)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{reader.dir}: missing {len(missing)} tensor(s) the model needs: "
@@ -111,7 +112,7 @@ def load_hf_weights(model, reader: HFReader, mapping: Mapping, groups: ShardGrou
         whole = mapping.to_mcore(e.rule, [reader.get(n) for n in names])
         piece = shard(whole, e.rule.split, group_rank(e.group), group_size(e.group))
         e.tensor.copy_(piece)
-    return {n for e in entries for n in e.rule.hf_names(**e.index)}
+    return needed
 
 
 def _order_key(mapping: Mapping, name: str):

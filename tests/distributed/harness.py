@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -17,11 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_rl.parallel.launch import free_port
 
 
 def _entry(rank, world, port, out, fn, args):
@@ -48,7 +43,7 @@ def spawn(fn, world: int, *args, timeout_s: float = 600.0) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
-        ctx = mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world,
+        ctx = mp.start_processes(_entry, args=(world, free_port(), out, fn, args), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         while not ctx.join(timeout=5):

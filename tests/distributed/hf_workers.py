@@ -136,6 +136,7 @@ def vllm_agreement(rank: int, world: int, tmp: str, models: Dict[str, str]) -> d
     from megatron_rl.model.hf_config import load_hf_config
     from megatron_rl.rollout.engine import EngineSettings, RolloutEngine
     from megatron_rl.train.parallel_init import destroy_megatron_parallel
+    from tests.distributed.rollout_workers import _megatron_logprobs, _mismatch
 
     out = {}
     for name, hf_dir in models.items():
@@ -146,18 +147,9 @@ def vllm_agreement(rank: int, world: int, tmp: str, models: Dict[str, str]) -> d
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (5, 9, 12)]
         samples = [s for group in engine.generate(prompts, n=2, max_tokens=16) for s in group]
-        model, _ = _build(load_hf_config(ex), Layout(), torch.float32)
+        model, groups = _build(load_hf_config(ex), Layout(), torch.float32)
         load_model(ck, model)
-        worst = 0.0
-        with torch.no_grad():
-            for s in samples:
-                ids = torch.tensor([s.prompt_ids + s.token_ids])
-                logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None],
-                               attention_mask=None)
-                lp = torch.log_softmax(logits[0].float(), -1)
-                p = len(s.prompt_ids)
-                ours = lp[p - 1:p - 1 + len(s.token_ids)].gather(1, torch.tensor(s.token_ids)[:, None])[:, 0]
-                worst = max(worst, float((ours - torch.tensor(s.logprobs)).abs().max()))
+        worst = _mismatch(samples, _megatron_logprobs(model, samples, groups.tp))
         destroy_megatron_parallel()
         engine.shutdown()
         out[name] = {"max_abs_diff": worst, "tokens": sum(len(s.token_ids) for s in samples)}
