@@ -126,4 +126,7 @@ def _train(cfg, quiet: bool) -> int:
 
         train_toy(cfg, quiet=quiet)
         return 0
-    raise ConfigError(f"model.kind: {cfg.model.kind!r} has no trainer yet")
+    from megatron_rl.trainer import train
+
+    train(cfg, quiet=quiet)
+    return 0

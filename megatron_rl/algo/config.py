@@ -48,6 +48,9 @@ class AlgoConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     kl_estimator: str = field_("k1", choices=tuple(KL_ESTIMATORS),
                                help="per-token KL fed to the advantage (future_kl_grpo, reinforce_pp, gae)")
+    kl_source: str = field_("old", choices=("old", "current"),
+                            help="policy side of the advantage's KL: the rollout-time (old) "
+                                 "policy, or the current one, recomputed before each update")
     dynamic_sampling: bool = field_(False, help="DAPO: drop groups whose rewards are all equal")
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
 

@@ -159,29 +159,42 @@ def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
     info = model_info(ckpt) or {}
     params_dtype = DTYPES[info.get("dtype", "float32")]
     out_dtype = _everywhere(lambda: _dtype(dtype, hf_cfg) if dtype else params_dtype)
-    tmp = out.with_name(f".{out.name}.partial")
     t0 = time.perf_counter()
     model, groups = _build(hf, layout, params_dtype)
     try:
         _everywhere(lambda: load_model(ckpt, model))
-        writer = None
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            writer = HFWriter(tmp, shard_bytes)
-        for name, t in iter_hf_weights(model, mapping, groups, hf.num_experts, dst=0):
-            writer.add(name, t.to(out_dtype))
-        if writer is not None:
-            writer.close()
-            _write_config(tmp, hf_cfg, out_dtype)
-            copy_side_files(tokenizer or (ckpt / "hf" if (ckpt / "hf").is_dir() else None), tmp,
-                            SIDE_FILES)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        count, nbytes = all_gather_objects((writer.count, writer.total_bytes) if writer else None)[0]
+        side = tokenizer or (ckpt / "hf" if (ckpt / "hf").is_dir() else None)
+        count, nbytes = write_hf_model(model, hf, mapping, groups, hf_cfg, out, out_dtype, side,
+                                       shard_bytes)
     finally:
         destroy_megatron_parallel()
     return Report(count, nbytes, time.perf_counter() - t0)
+
+
+def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
+                   dtype: torch.dtype, side_files: Optional[os.PathLike] = None,
+                   shard_bytes: int = 4 << 30):
+    """The weights of ``model`` (any layout, collective) as an HF directory at ``out``, written
+    by rank 0 to ``.<name>.partial`` and renamed when complete; ``config.json`` from ``hf_cfg``,
+    tokenizer and generation files copied from ``side_files``. Returns ``(tensors, bytes)``."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    writer = None
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        writer = HFWriter(tmp, shard_bytes)
+    from megatron_rl.train.model_setup import unwrap
+
+    for name, t in iter_hf_weights(unwrap(model), mapping, groups, hf.num_experts, dst=0):
+        writer.add(name, t.to(dtype))
+    if writer is not None:
+        writer.close()
+        _write_config(tmp, hf_cfg, dtype)
+        copy_side_files(side_files, tmp, SIDE_FILES)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    return all_gather_objects((writer.count, writer.total_bytes) if writer else None)[0]
 
 
 def _write_config(directory: Path, hf_cfg: Dict, dtype: torch.dtype) -> None:

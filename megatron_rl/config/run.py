@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 from megatron_rl.algo.config import GROUP_ESTIMATORS, AlgoConfig
 from megatron_rl.config.fields import ConfigError, check_fields
+from megatron_rl.data.config import DataConfig
 from megatron_rl.model.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
+from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.toy import ToyConfig
 from megatron_rl.train.config import TrainConfig
@@ -18,6 +20,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
@@ -27,6 +31,7 @@ def validate(cfg: RunConfig) -> None:
     """Field constraints of every section, then the rules that involve more than one."""
     check_fields(cfg, "")
     cfg.algo.check("algo", context_parallel=cfg.parallel.context_parallel_size)
+    cfg.reward.check("reward")
     _check_model(cfg)
     if cfg.algo.advantage.name in GROUP_ESTIMATORS and cfg.rollout.n_samples_per_prompt < 2:
         raise ConfigError(
@@ -41,6 +46,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.micro_batch_size: {cfg.train.micro_batch_size} exceeds the {responses} responses "
             "of a step (train.prompts_per_step x rollout.n_samples_per_prompt)")
+    if cfg.data.synthetic_min_len > cfg.data.synthetic_max_len:
+        raise ConfigError(f"data.synthetic_min_len: {cfg.data.synthetic_min_len} exceeds "
+                          f"data.synthetic_max_len={cfg.data.synthetic_max_len}")
     if cfg.algo.overlong.buffer_len > cfg.rollout.max_response_len:
         raise ConfigError(
             f"algo.overlong.buffer_len: {cfg.algo.overlong.buffer_len} exceeds "
@@ -61,5 +69,19 @@ def _check_model(cfg: RunConfig) -> None:
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> int:
-    """Checks the parallel layout against the launched world size; returns the DP size."""
-    return cfg.parallel.data_parallel_size(world_size)
+    """Checks the parallel layout and the batch split against the launched world size (or a
+    simulated one: recipes for 32 GPUs validate on a laptop); returns the DP size."""
+    dp = cfg.parallel.data_parallel_size(world_size)
+    if cfg.model.kind != "mcore":
+        return dp
+    per_update = dp * cfg.train.updates_per_step
+    if cfg.train.prompts_per_step % per_update:
+        raise ConfigError(
+            f"train.prompts_per_step: {cfg.train.prompts_per_step} prompts must split evenly into "
+            f"{cfg.train.updates_per_step} update(s) x {dp} data-parallel rank(s) (world size "
+            f"{world_size}); use a multiple of {per_update}")
+    if world_size % cfg.rollout.tensor_parallel_size:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size: {cfg.rollout.tensor_parallel_size} does not divide the "
+            f"world size {world_size}")
+    return dp

@@ -8,7 +8,8 @@ model directory, its ``config.json``, or ``tiny:<name>`` for the built-in tiny r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Dict
 
 from megatron_rl.config.fields import ConfigError, field_
 
@@ -28,19 +29,45 @@ class ModelConfig:
     params_dtype: str = field_("auto", choices=("auto", "bf16", "fp32"),
                                help="auto: bf16 on GPU, fp32 on CPU")
     routing_replay: bool = field_(False, help="replay the old-policy pass's expert routes in training")
+    hf_overrides: Dict[str, Any] = field(default_factory=dict)  # config.json keys replaced
+    init_from: str = field_("", help="a `convert import` checkpoint to start from; empty: the "
+                                     "HF weights when hf_config is a directory holding them, "
+                                     "else random initialisation (seeded by train.seed)")
 
-    def hf_model(self):
-        """The parsed HF config; ``ConfigError`` naming ``model.hf_config`` when it is unusable."""
-        from megatron_rl.model.hf_config import load_hf_config
+    def hf_dict(self) -> Dict[str, Any]:
+        """The HF ``config.json`` as a dict, ``hf_overrides`` applied; ``ConfigError`` naming
+        ``model.hf_config`` when it is unusable."""
+        import json
+        from pathlib import Path
+
         from megatron_rl.model.tiny import tiny_hf_config
 
         if not self.hf_config:
             raise ConfigError("model.hf_config: required for model.kind=mcore (a Hugging Face "
                               "model directory, its config.json, or tiny:qwen3_moe)")
+        if self.hf_config.startswith("tiny:"):
+            try:
+                hf = tiny_hf_config(self.hf_config[len("tiny:"):])
+            except KeyError as e:
+                raise ConfigError(f"model.hf_config: {str(e).strip(chr(34) + chr(39))}") from None
+        else:
+            p = Path(self.hf_config)
+            p = p / "config.json" if p.is_dir() else p
+            try:
+                hf = json.loads(p.read_text())
+            except OSError:
+                raise ConfigError(f"model.hf_config: {p} does not exist (give a Hugging Face "
+                                  "model directory or its config.json)") from None
+            except ValueError as e:
+                raise ConfigError(f"model.hf_config: {p} is not valid JSON ({e})") from None
+        return {**hf, **self.hf_overrides}
+
+    def hf_model(self):
+        """The parsed HF config; ``ConfigError`` naming ``model.hf_config`` when it is unusable."""
+        from megatron_rl.model.hf_config import load_hf_config
+
         try:
-            if self.hf_config.startswith("tiny:"):
-                return load_hf_config(tiny_hf_config(self.hf_config[len("tiny:"):]))
-            return load_hf_config(self.hf_config)
+            return load_hf_config(self.hf_dict())
         except KeyError as e:
             raise ConfigError(f"model.hf_config: {str(e).strip(chr(34) + chr(39))}") from None
         except ValueError as e:

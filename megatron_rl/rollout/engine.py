@@ -59,12 +59,16 @@ class RolloutEngine:
                              "a Hugging Face model directory, e.g. a `convert export` output)")
         if not _under_torchrun():
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM logs every reload and probe at INFO/WARNING; ours are the run's log lines
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM
 
         kwargs: Dict[str, Any] = dict(
             model=settings.model_dir, tensor_parallel_size=settings.tensor_parallel_size,
             dtype=settings.dtype, max_model_len=settings.max_model_len, seed=settings.seed,
-            enforce_eager=settings.enforce_eager, skip_tokenizer_init=True)
+            enforce_eager=settings.enforce_eager, skip_tokenizer_init=True,
+            # the behaviour policy's log-probs: after temperature and top-p, as sampled
+            logprobs_mode="processed_logprobs")
         if _under_torchrun():
             kwargs["distributed_executor_backend"] = "external_launcher"
         if gpu:

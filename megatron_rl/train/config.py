@@ -1,4 +1,4 @@
-"""The ``train`` config section: the step schedule and the optimizer."""
+"""The ``train`` config section: the step schedule, the optimizer, checkpoints and logging."""
 
 from __future__ import annotations
 
@@ -12,10 +12,21 @@ class TrainConfig:
     steps: int = field_(100, ge=1, help="RL steps: one rollout batch each")
     prompts_per_step: int = field_(32, ge=1)
     updates_per_step: int = field_(1, ge=1, help="optimizer updates (mini-batches) per rollout batch")
-    micro_batch_size: int = field_(8, ge=1, help="responses per forward/backward")
+    micro_batch_size: int = field_(8, ge=1, help="responses per forward/backward (whole groups "
+                                                 "for the Megatron trainer)")
+    pack_sequences: bool = field_(False, help="THD packing of a micro-batch (no padding)")
     lr: float = field_(1e-6, gt=0.0)
+    min_lr: float = field_(0.0, ge=0.0)
+    lr_warmup_steps: int = field_(0, ge=0, help="in optimizer updates")
+    lr_decay_style: str = field_("constant", choices=("constant", "linear", "cosine"))
     weight_decay: float = field_(0.0, ge=0.0)
     max_grad_norm: float = field_(1.0, gt=0.0)
+    adam_beta2: float = field_(0.999, gt=0.0, le=1.0)
     seed: int = 1234
     output_dir: str = "runs/default"
     log_every: int = field_(1, ge=1)
+    checkpoint_every: int = field_(0, ge=0, help="steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = field_(2, ge=1, help="newest step_* directories kept")
+    export_hf: bool = field_(True, help="write <output_dir>/hf (safetensors) at the end")
+    resume: bool = field_(True, help="continue from the newest checkpoint in output_dir")
+    tensorboard: bool = True

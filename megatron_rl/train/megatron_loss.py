@@ -57,6 +57,13 @@ class PolicyLoss:
     params: Dict[str, Any]
     num_tokens: Tensor
     num_seqs: Tensor
+    temperature: float = 1.0   # the sampling temperature: the policy the engine sampled from
+
+
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    """The sampled policy's logits: vLLM samples from ``softmax(logits / T)`` and reports those
+    log-probs (``logprobs_mode=processed_logprobs``), so the trainer's ratio uses the same ``T``."""
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _vocab_start(logits: Tensor, groups: ParallelGroups) -> int:
@@ -81,8 +88,9 @@ def _forward(mb: PolicyMicroBatch, model, record_routes: bool = False) -> Tensor
 
 def _loss_func(mb: PolicyMicroBatch, loss: PolicyLoss, groups: ParallelGroups, scale: float,
                chunk_tokens: Optional[int], logits: Tensor):
-    lp, ent = logprobs_entropy(mb.shard, logits, mb.labels, tp_group=groups.tp,
-                               vocab_start=_vocab_start(logits, groups), chunk_tokens=chunk_tokens)
+    lp, ent = logprobs_entropy(mb.shard, _tempered(logits, loss.temperature), mb.labels,
+                               tp_group=groups.tp, vocab_start=_vocab_start(logits, groups),
+                               chunk_tokens=chunk_tokens)
     value, metrics = sharded_policy_loss(
         loss.name, mb.shard, logprobs=lp, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
         num_tokens=loss.num_tokens, num_seqs=loss.num_seqs, ref_logprobs=mb.ref_logprobs,
@@ -123,7 +131,8 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
 
 
 def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups: ParallelGroups,
-                     *, chunk_tokens: Optional[int] = None, record_routes: bool = False) -> List[Tensor]:
+                     *, chunk_tokens: Optional[int] = None, record_routes: bool = False,
+                     temperature: float = 1.0) -> List[Tensor]:
     """The old-policy or reference log-probs ``[B, 2C]`` of each micro-batch: forward only, no
     autograd graph, the same model code (last pipeline stage only; other stages get []).
     ``record_routes`` stores each micro-batch's expert routes in ``mb.routes`` for replay in the
@@ -131,8 +140,9 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def logprob_func(mb, logits):
-        lp, _ = logprobs_entropy(mb.shard, logits, mb.labels, tp_group=groups.tp,
-                                 vocab_start=_vocab_start(logits, groups), chunk_tokens=chunk_tokens)
+        lp, _ = logprobs_entropy(mb.shard, _tempered(logits, temperature), mb.labels,
+                                 tp_group=groups.tp, vocab_start=_vocab_start(logits, groups),
+                                 chunk_tokens=chunk_tokens)
         return lp.sum() * 0, {"logprobs": lp.detach()}
 
     def step(data, chunk_model):

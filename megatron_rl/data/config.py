@@ -1,0 +1,24 @@
+"""The ``data`` config section: where prompts come from and how they become token ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_rl.config.fields import field_
+
+
+@dataclass
+class DataConfig:
+    path: str = field_("synthetic:reverse",
+                       help="a .jsonl / .parquet file, or synthetic:<task> (data.synthetic)")
+    prompt_key: str = "prompt"
+    label_key: str = "label"
+    on_bad_row: str = field_("error", choices=("error", "skip"))
+    chat_template: bool = field_(False, help="wrap string prompts in the tokenizer's chat template")
+    tokenizer: str = field_("", help="tokenizer dir; empty: the model's; 'word': the synthetic "
+                                     "tasks' word-level tokenizer")
+    shuffle: bool = True
+    seed: int = 0
+    synthetic_rows: int = field_(10000, ge=1)
+    synthetic_min_len: int = field_(2, ge=1)
+    synthetic_max_len: int = field_(4, ge=1)

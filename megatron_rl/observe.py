@@ -1,0 +1,134 @@
+"""What a person sees of a run (rank 0 only): ``metrics.jsonl``, TensorBoard scalars, a console
+line per step with ETA, the resolved config and git SHA, and a PNG of the reward curve.
+
+Everything lands in the run directory; a resumed run appends (the step numbers continue).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+CONSOLE = (("reward/mean", "reward {:.3f}"), ("train/kl", "kl {:.4f}"),
+           ("train/entropy", "ent {:.3f}"), ("response/length_mean", "len {:.1f}"),
+           ("mismatch/mean", "mismatch {:.1e}"), ("perf/tokens_per_s", "{:.0f} tok/s"))
+
+
+def git_sha() -> str:
+    """The package checkout's commit (``unknown`` outside a git checkout)."""
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = out.stdout.strip() if out.returncode == 0 else "unknown"
+    return sha + ("-dirty" if dirty and sha != "unknown" else "")
+
+
+class RunLog:
+    def __init__(self, run_dir: pathlib.Path, total_steps: int, *, config_yaml: str,
+                 tensorboard: bool = True, quiet: bool = False):
+        self.dir = pathlib.Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(config_yaml)
+        (self.dir / "run_info.json").write_text(json.dumps(
+            {"git_sha": git_sha(), "argv": sys.argv, "python": sys.version.split()[0],
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+        self.total = total_steps
+        self.quiet = quiet
+        self.start = time.perf_counter()
+        self.first_step: Optional[int] = None
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+        self.jsonl = open(self.dir / "metrics.jsonl", "a")
+
+    def log(self, step: int, metrics: Dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.first_step is None:
+            self.first_step = step
+        if not self.quiet:
+            print(self._line(step, metrics), file=sys.stderr, flush=True)
+
+    def _line(self, step: int, m: Dict[str, float]) -> str:
+        done = step - self.first_step + 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (self.total - step)
+        parts = [f"step {step:>4}/{self.total}"]
+        parts += [fmt.format(m[k]) for k, fmt in CONSOLE if k in m]
+        parts.append(f"{m.get('time/step_s', 0.0):.1f} s/step")
+        parts.append(f"ETA {_clock(eta)}")
+        return " | ".join(parts)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _clock(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def read_metrics(path: pathlib.Path) -> List[Dict[str, float]]:
+    rows = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_curve(rows: List[Dict[str, float]], out: pathlib.Path, key: str = "reward/mean",
+               title: str = "mean reward per step") -> Optional[pathlib.Path]:
+    """A PNG line chart of ``key`` over steps (Pillow; a few primitives need no plotting library).
+    Returns the path, or None when there is nothing to draw."""
+    from PIL import Image, ImageDraw
+
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    if len(pts) < 2:
+        return None
+    W, H, L, R, T, B = 800, 450, 70, 20, 40, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > min(0.0, min(ys)) else 1.0
+    sx = lambda x: L + (x - x0) / max(x1 - x0, 1e-9) * (W - L - R)  # noqa: E731
+    sy = lambda y: H - B - (y - y0) / max(y1 - y0, 1e-9) * (H - T - B)  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        d.line([L - 4, sy(y), W - R, sy(y)], fill=(225, 225, 225))
+        d.text((5, sy(y) - 6), f"{y:.2f}", fill="black")
+    for i in range(5):
+        x = x0 + (x1 - x0) * i / 4
+        d.text((sx(x) - 10, H - B + 8), f"{x:.0f}", fill="black")
+    k = max(1, len(pts) // 20)  # a moving average makes the trend readable over sampling noise
+    smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+    d.line([(sx(x), sy(y)) for x, y in pts], fill=(160, 190, 230), width=1)
+    d.line([(sx(x), sy(y)) for x, y in zip(xs, smooth)], fill=(20, 70, 160), width=3)
+    d.text((L, 12), f"{title} ({key}; thick: moving average of {k})", fill="black")
+    d.text((W // 2 - 15, H - 20), "step", fill="black")
+    out = pathlib.Path(out)
+    img.save(out)
+    return out

@@ -1,0 +1,150 @@
+"""One step's rollouts on this rank: draw prompts, sample G responses each, score them, shape the
+rewards, and (DAPO dynamic sampling) keep drawing until enough groups teach something.
+
+Legend: ``P`` groups (prompts) kept, ``G`` responses per group.
+
+Dynamic sampling (Yu et al. 2025): a group whose responses all got the same reward has zero
+group-normalised advantage; it costs a forward/backward and teaches nothing. Each round draws
+``ceil(missing * oversample)`` new prompts, keeps the groups with a reward spread, and stops when
+``groups_needed`` are kept or after ``max_rounds`` (then the step trains on what it kept). The
+reward metrics count every sampled response, so the learning curve is the policy's, not the
+filter's.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from megatron_rl.algo.dapo import dynamic_sampling_keep, overlong_penalty
+from megatron_rl.data.prompts import PromptRow
+from megatron_rl.rewards import score
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How a step samples: plain numbers from the rollout and algo sections."""
+
+    groups_needed: int
+    n: int                                   # G
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: Tuple[int, ...] = ()
+    dynamic: bool = False
+    oversample: float = 1.0
+    max_rounds: int = 1
+    overlong_buffer: int = 0                 # DAPO soft overlong punishment; 0 = off
+    overlong_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A reward from the registry plus how responses become text."""
+
+    name: str
+    params: Dict[str, Any]
+    decode: Callable[[List[int]], str]
+    failure_score: float = 0.0
+    workers: int = 1
+
+
+@dataclass
+class Rollouts:
+    """The groups kept for training. ``rewards[P, G]`` are shaped (overlong penalty included)."""
+
+    rows: List[PromptRow] = field(default_factory=list)
+    samples: List[List[Any]] = field(default_factory=list)   # [P][G] rollout.engine.Sample
+    rewards: List[Tensor] = field(default_factory=list)      # P tensors [G]
+    # every response sampled this step, kept or not
+    all_rewards: List[float] = field(default_factory=list)
+    all_lengths: List[int] = field(default_factory=list)
+    truncated: int = 0
+    failures: int = 0
+    first_error: str = ""
+    groups_drawn: int = 0
+    rounds: int = 0
+
+    def metrics(self) -> Dict[str, float]:
+        r = torch.tensor(self.all_rewards or [0.0], dtype=torch.float64)
+        n = max(len(self.all_lengths), 1)
+        out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+               "reward/max": float(r.max()), "reward/failures": float(self.failures),
+               "response/length_mean": sum(self.all_lengths) / n,
+               "response/length_max": float(max(self.all_lengths or [0])),
+               "response/truncated_frac": self.truncated / n,
+               "rollout/groups_kept": float(len(self.rows)),
+               "rollout/groups_drawn": float(self.groups_drawn), "rollout/rounds": float(self.rounds)}
+        if self.rewards:
+            out["reward/kept_mean"] = float(torch.cat(self.rewards).mean())
+        return out
+
+
+def _score_all(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Sequence[Any]],
+               out: Rollouts) -> List[List[float]]:
+    jobs = [(row, s) for row, g in zip(rows, groups) for s in g]
+
+    def one(job):
+        row, s = job
+        prompt = row.prompt if isinstance(row.prompt, str) else str(row.prompt)
+        return score(scorer.name, scorer.decode(s.token_ids), row.label, prompt=prompt,
+                     metadata=row.metadata, failure_score=scorer.failure_score, **scorer.params)
+
+    if scorer.workers > 1:
+        with ThreadPoolExecutor(scorer.workers) as pool:
+            results = list(pool.map(one, jobs))
+    else:
+        results = [one(j) for j in jobs]
+    for r in results:
+        if r.error is not None:
+            out.failures += 1
+            out.first_error = out.first_error or r.error
+    flat = [r.score for r in results]
+    G = len(groups[0]) if groups else 0
+    return [flat[i * G:(i + 1) * G] for i in range(len(groups))]
+
+
+def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]],
+                     generate: Callable[..., List[List[Any]]], scorer: Scorer,
+                     plan: SamplingPlan) -> Rollouts:
+    """``draw(k)``: the next ``k`` prompts as ``(row, token ids)``; ``generate(prompt_ids, n=,
+    max_tokens=, temperature=, top_p=, stop_token_ids=)``: ``rollout.engine.RolloutEngine``'s."""
+    out = Rollouts()
+    rounds = plan.max_rounds if plan.dynamic else 1
+    for _ in range(rounds):
+        missing = plan.groups_needed - len(out.rows)
+        if missing <= 0:
+            break
+        k = math.ceil(missing * plan.oversample) if plan.dynamic else missing
+        drawn = draw(k)
+        groups = generate([ids for _, ids in drawn], n=plan.n, max_tokens=plan.max_tokens,
+                          temperature=plan.temperature, top_p=plan.top_p,
+                          stop_token_ids=plan.stop_token_ids)
+        rows = [row for row, _ in drawn]
+        raw = _score_all(scorer, rows, groups, out)
+        out.rounds += 1
+        out.groups_drawn += len(drawn)
+        for row, group, scores in zip(rows, groups, raw):
+            lengths = torch.tensor([len(s.token_ids) for s in group])
+            out.all_rewards += scores
+            out.all_lengths += lengths.tolist()
+            out.truncated += sum(s.finish_reason == "length" for s in group)
+            shaped = torch.tensor(scores, dtype=torch.float32)
+            if plan.overlong_buffer:
+                shaped = shaped + overlong_penalty(lengths, max_len=plan.max_tokens,
+                                                   buffer_len=plan.overlong_buffer,
+                                                   penalty_factor=plan.overlong_factor)
+            if len(out.rows) >= plan.groups_needed:
+                continue
+            if plan.dynamic and not bool(dynamic_sampling_keep(shaped, torch.zeros(len(group), dtype=torch.long)).any()):
+                continue
+            out.rows.append(row)
+            out.samples.append(group)
+            out.rewards.append(shaped)
+    return out

@@ -1,0 +1,171 @@
+"""A step's rollouts as Megatron micro-batches, their advantages, and the optimizer updates.
+
+Legend: ``P`` groups on this rank, ``G`` responses per group, ``B`` responses of a micro-batch,
+``[B, 2C]`` the sharded loss view (``parallel.loss``).
+
+Micro-batches hold whole groups, so the per-group (and per-position) statistics of the advantage
+estimators are computed inside one micro-batch, on the CP-sharded view, with no gather. An update
+is a contiguous run of micro-batches (whole groups); its loss uses that update's global token and
+sequence counts (``step_denominators``), so the gradient does not depend on how the update is cut
+into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_rl.algo.kl import kl_estimate
+from megatron_rl.parallel.groups import ParallelGroups
+from megatron_rl.parallel.loss import sharded_advantages, step_denominators
+from megatron_rl.train.batches import build_micro_batch
+from megatron_rl.train.megatron_loss import (PolicyLoss, PolicyMicroBatch, forward_logprobs,
+                                             train_forward_backward)
+from megatron_rl.train.optimizer import optimizer_step
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The algorithm's knobs for one step: registry names and plain numbers."""
+
+    advantage: str
+    advantage_params: Dict
+    loss: str
+    loss_params: Dict
+    kl_estimator: str = "k1"
+    kl_source: str = "old"                  # old | current
+    updates: int = 1
+    temperature: float = 1.0
+    needs_reference: bool = False
+    record_routes: bool = False
+    packed: bool = False
+
+
+@dataclass
+class StepBatch:
+    micro_batches: List[PolicyMicroBatch]
+    rewards: List[Tensor]                   # [B] per micro-batch, shaped
+    ref: List[Optional[Tensor]]             # [B, 2C] reference log-probs per micro-batch
+
+
+def group_sequences(prompt_ids: List[int], samples: Sequence) -> List[Dict[str, Tensor]]:
+    """One group's sequences: prompt + response tokens, the loss mask over response positions,
+    and the engine's log-probs in label coordinates (row ``p`` is about token ``p + 1``)."""
+    out = []
+    L = len(prompt_ids)
+    for s in samples:
+        R = len(s.token_ids)
+        tokens = torch.tensor(list(prompt_ids) + list(s.token_ids), dtype=torch.long)
+        loss_mask = torch.zeros(L + R)
+        loss_mask[L:] = 1.0
+        rollout = torch.zeros(L + R)
+        rollout[L - 1:L - 1 + R] = torch.tensor(s.logprobs, dtype=torch.float32)
+        zeros = torch.zeros(L + R)
+        out.append({"tokens": tokens, "loss_mask": loss_mask, "rollout_logprobs": rollout,
+                    "old_logprobs": zeros, "advantages": zeros})
+    return out
+
+
+def build_step_batch(groups: List[List[Dict[str, Tensor]]], rewards: List[Tensor],
+                     groups_per_micro_batch: int, pg: ParallelGroups, *, cp_size: int, cp_rank: int,
+                     packed: bool, device) -> StepBatch:
+    """``groups[P][G]`` sequences and their ``rewards[P]`` ``[G]`` -> micro-batches of whole groups."""
+    mbs, rs = [], []
+    for start in range(0, len(groups), groups_per_micro_batch):
+        chunk = range(start, min(start + groups_per_micro_batch, len(groups)))
+        seqs = [s for g in chunk for s in groups[g]]
+        gid = torch.tensor([i for i, g in enumerate(chunk) for _ in groups[g]])
+        mbs.append(build_micro_batch(seqs, gid, packed=packed, cp_size=cp_size, cp_rank=cp_rank,
+                                     cp_group=pg.cp, num_groups=len(chunk), device=device))
+        rs.append(torch.cat([rewards[g] for g in chunk]).to(device))
+    return StepBatch(mbs, rs, [None] * len(mbs))
+
+
+def set_advantages(batch: StepBatch, idx: Sequence[int], plan: StepPlan,
+                   policy_lp: Optional[List[Tensor]] = None) -> None:
+    """Advantages of micro-batches ``idx`` from their rewards and the KL between ``policy_lp``
+    (default: the old log-probs) and the reference."""
+    for j, i in enumerate(idx):
+        mb = batch.micro_batches[i]
+        kl = None
+        if batch.ref[i] is not None:
+            lp = mb.old_logprobs if policy_lp is None else policy_lp[j]
+            kl = kl_estimate(lp, batch.ref[i], plan.kl_estimator, mask=mb.shard.mask)
+        mb.advantages = sharded_advantages(plan.advantage, mb.shard, rewards=batch.rewards[i], kl=kl,
+                                           **plan.advantage_params).detach()
+
+
+def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: StepPlan,
+                   reference=None) -> None:
+    """Old-policy log-probs (recording expert routes for replay when asked), the reference
+    log-probs when the algorithm uses a KL, then the advantages. Last pipeline stage only; the
+    other stages keep placeholders (they never compute a loss)."""
+    old = forward_logprobs(model, batch.micro_batches, pg, record_routes=plan.record_routes,
+                           temperature=plan.temperature)
+    for mb, lp in zip(batch.micro_batches, old):
+        mb.old_logprobs = lp
+    if not old:
+        return
+    if plan.needs_reference:
+        with reference.swapped_in():
+            batch.ref = forward_logprobs(model, batch.micro_batches, pg, temperature=plan.temperature)
+        for mb, r in zip(batch.micro_batches, batch.ref):
+            mb.ref_logprobs = r
+    set_advantages(batch, range(len(batch.micro_batches)), plan)
+
+
+def update_slices(n_micro_batches: int, updates: int) -> List[range]:
+    """``updates`` contiguous runs of micro-batches, sizes differing by at most one."""
+    k = min(updates, n_micro_batches)
+    base, extra = divmod(n_micro_batches, k)
+    out, start = [], 0
+    for u in range(k):
+        size = base + (u < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: ParallelGroups,
+                plan: StepPlan) -> Dict[str, Tensor]:
+    """``plan.updates`` optimizer updates over the step's micro-batches. Returns this rank's
+    partial metric sums (tensors; reduce with ``reduce_metrics``)."""
+    sums: Dict[str, Tensor] = {}
+    slices = update_slices(len(batch.micro_batches), plan.updates)
+    for u, idx in enumerate(slices):
+        mbs = [batch.micro_batches[i] for i in idx]
+        if u > 0 and plan.kl_source == "current" and batch.ref[idx[0]] is not None:
+            current = forward_logprobs(model, mbs, pg, temperature=plan.temperature)
+            if current:
+                set_advantages(batch, idx, plan, current)
+        num_tokens, num_seqs = step_denominators([m.shard for m in mbs], pg.dp_cp)
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        loss = PolicyLoss(plan.loss, plan.loss_params, num_tokens, num_seqs, plan.temperature)
+        logged = train_forward_backward(model, mbs, loss, pg)
+        applied, grad_norm, _ = optimizer_step(optimizer, scheduler)
+        for row in logged:
+            for k, v in row.items():
+                sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v.float() / len(slices)
+        sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + float(grad_norm or 0.0) / len(slices)
+        sums["train/skipped_updates"] = sums.get("train/skipped_updates", 0.0) + float(not applied)
+    sums["train/updates"] = torch.tensor(float(len(slices)))
+    return sums
+
+
+def mismatch_sums(batch: StepBatch) -> Dict[str, Tensor]:
+    """Train/inference mismatch on this step's tokens: |trainer old log-prob - engine log-prob|
+    summed over action tokens (partial sums; divide by the token count after the reduce)."""
+    total = torch.zeros((), dtype=torch.float64)
+    worst = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    for mb in batch.micro_batches:
+        d = (mb.old_logprobs.double() - mb.rollout_logprobs.double()).abs() * mb.shard.mask.double()
+        total = total + d.sum().cpu()
+        worst = torch.maximum(worst, d.max().cpu())
+        tokens = tokens + mb.shard.mask.double().sum().cpu()
+    return {"mismatch/abs_sum": total, "mismatch/tokens": tokens, "mismatch/max": worst}

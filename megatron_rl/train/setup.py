@@ -1,0 +1,177 @@
+"""Everything a run needs before its first step, from the config: the Megatron model and optimizer
+with their starting weights, the frozen reference, the tokenizer and prompts, and the vLLM engine.
+
+Starting weights, in order of precedence: the newest checkpoint in ``train.output_dir`` (resume),
+``model.init_from`` (a ``convert import`` checkpoint), the safetensors of ``model.hf_config``
+when it is a model directory, else Megatron's random initialisation seeded by ``train.seed``. The
+reference snapshot is always taken from the starting weights *before* a resume overwrites them,
+so a resumed run regularises toward the same policy.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+
+from megatron_rl.config import ConfigError, RunConfig
+from megatron_rl.data.prompts import PromptRow, PromptSampler
+
+KL_ADVANTAGES = ("future_kl_grpo", "reinforce_pp")
+
+
+@dataclass
+class ModelState:
+    model: List[Any]
+    optimizer: Any
+    scheduler: Any
+    hf: Any
+    hf_cfg: dict
+    mapping: Any
+    groups: Any          # parallel.groups.ParallelGroups (loss path)
+    weight_groups: Any   # checkpoint.hf_weights.ShardGroups
+    dtype: torch.dtype
+
+
+def needs_reference(cfg: RunConfig) -> bool:
+    """A reference pass costs a forward: run it only when a KL uses it."""
+    adv, loss = cfg.algo.advantage, cfg.algo.loss
+    kl_in_adv = adv.name == "future_kl_grpo" or (adv.name in KL_ADVANTAGES
+                                                 and float(adv.params.get("kl_coef", 0.0)) != 0.0)
+    return kl_in_adv or float(loss.params.get("kl_coef", 0.0)) != 0.0
+
+
+def _hf_dir(cfg: RunConfig) -> Optional[Path]:
+    p = Path(cfg.model.hf_config)
+    if cfg.model.hf_config.startswith("tiny:") or not cfg.model.hf_config:
+        return None
+    return p if p.is_dir() else p.parent
+
+
+def build_model_state(cfg: RunConfig, hf, layout, pg) -> ModelState:
+    from megatron_rl.checkpoint.hf_mapping import mapping_for
+    from megatron_rl.train.model_setup import build_model
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer
+    from megatron_rl.train.parallel_init import weight_groups
+
+    opt = cfg.model.options()
+    model, _ = build_model(hf, layout, opt, distributed_optimizer=True)
+    t = cfg.train
+    settings = OptimSettings(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                             max_grad_norm=t.max_grad_norm, warmup_steps=t.lr_warmup_steps,
+                             total_steps=t.steps * t.updates_per_step, decay_style=t.lr_decay_style,
+                             adam_beta2=t.adam_beta2)
+    optimizer, scheduler = build_optimizer(model, settings, opt.params_dtype)
+    try:
+        mapping = mapping_for(hf)
+    except ValueError as e:
+        raise ConfigError(f"model.hf_config: {e}") from None
+    return ModelState(model, optimizer, scheduler, hf, cfg.model.hf_dict(), mapping, pg,
+                      weight_groups(), opt.params_dtype)
+
+
+def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
+    """The pre-resume weights (see the module doc); returns where they came from."""
+    from megatron_rl.checkpoint.dist_ckpt import load_model
+    from megatron_rl.checkpoint.hf_io import HFReader
+    from megatron_rl.checkpoint.hf_weights import load_hf_weights
+    from megatron_rl.train.model_setup import unwrap
+
+    d = _hf_dir(cfg)
+    if cfg.model.init_from:
+        try:
+            load_model(cfg.model.init_from, ms.model[0])
+        except ValueError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
+        source = cfg.model.init_from
+    elif d is not None and glob.glob(str(d / "*.safetensors")):
+        try:
+            load_hf_weights(unwrap(ms.model[0]), HFReader(d), ms.mapping, ms.weight_groups,
+                            ms.hf.num_experts)
+        except ValueError as e:
+            raise ConfigError(f"model.hf_config: {e}") from None
+        source = str(d)
+    else:
+        return f"random init (seed {cfg.train.seed})"
+    ms.optimizer.reload_model_params()  # the optimizer's fp32 main weights follow the model
+    return source
+
+
+def load_tokenizer(cfg: RunConfig, hf):
+    """``data.tokenizer``: ``word`` (the synthetic tasks'), a directory, or the model's own."""
+    from megatron_rl.data.synthetic import word_tokenizer
+
+    name = cfg.data.tokenizer
+    if name == "word":
+        tok = word_tokenizer()
+    else:
+        where = name or (str(_hf_dir(cfg)) if _hf_dir(cfg) else "")
+        if not where:
+            raise ConfigError("data.tokenizer: model.hf_config is a tiny built-in model with no "
+                              "tokenizer; set data.tokenizer=word (synthetic tasks) or a directory")
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(where)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.tokenizer: cannot load a tokenizer from {where} "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    if len(tok) > hf.vocab_size:
+        raise ConfigError(f"data.tokenizer: {len(tok)} tokens do not fit the model's vocabulary "
+                          f"of {hf.vocab_size} (model.hf_config)")
+    if tok.eos_token_id is None:
+        raise ConfigError("data.tokenizer: has no end-of-sequence token; responses could not stop")
+    return tok
+
+
+def load_rows(cfg: RunConfig) -> List[PromptRow]:
+    from megatron_rl.data.prompts import load_prompts
+    from megatron_rl.data.synthetic import TASKS, make_rows
+
+    d = cfg.data
+    if d.path.startswith("synthetic:"):
+        task = d.path[len("synthetic:"):]
+        if task not in TASKS:
+            raise ConfigError(f"data.path: unknown synthetic task {task!r}; known: "
+                              f"{', '.join(sorted(TASKS))}")
+        raw = make_rows(task, d.synthetic_rows, min_len=d.synthetic_min_len,
+                        max_len=d.synthetic_max_len, seed=d.seed)
+        return [PromptRow(i, r["prompt"], r["label"], r["metadata"]) for i, r in enumerate(raw)]
+    if not os.path.isfile(d.path):
+        raise ConfigError(f"data.path: {d.path} does not exist (a .jsonl or .parquet file, or "
+                          "synthetic:<task>)")
+    try:
+        report = load_prompts(d.path, prompt_key=d.prompt_key, label_key=d.label_key,
+                              on_bad_row=d.on_bad_row)
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None
+    if not report.rows:
+        raise ConfigError(f"data.path: {d.path} has no usable rows")
+    return report.rows
+
+
+class PromptStream:
+    """This rank's prompts: ``draw(k)`` the next ``k`` rows with their token ids. ``rows`` is
+    already this rank's share (sharded mode) or every row (replicated generation)."""
+
+    def __init__(self, rows: List[PromptRow], tokenizer, *, chat: bool, max_tokens: int,
+                 seed: int, shuffle: bool):
+        self.rows, self.tok, self.chat, self.max_tokens = rows, tokenizer, chat, max_tokens
+        self.sampler = PromptSampler(len(rows), seed=seed, shuffle=shuffle)
+
+    def draw(self, k: int):
+        from megatron_rl.data.prompts import render_prompt
+
+        out = []
+        for i in self.sampler.next_indices(k):
+            row = self.rows[i]
+            try:
+                ids = render_prompt(row, self.tok, chat=self.chat, max_tokens=self.max_tokens)
+            except ValueError as e:
+                raise ConfigError(f"data: {e}") from None
+            out.append((row, ids))
+        return out

@@ -1,0 +1,338 @@
+"""The RL loop on Megatron-Core with vLLM rollouts, colocated in one process per rank:
+
+    for step:  prompts -> rollouts (G per prompt; DAPO refill) -> rewards
+               -> old / reference log-probs -> advantages -> N updates over mini-batches
+               -> weight sync into vLLM (bucketed) -> metrics -> checkpoint
+
+Generation modes. *Sharded*: a trainer without model parallelism and a one-rank engine; each rank
+draws its own prompts and generates its own groups. *Replicated*: the engine spans every rank
+(``rollout.tensor_parallel_size`` = world size, vLLM's external launcher), every rank draws the
+same prompts and sees the same samples, and each data-parallel rank trains on its share.
+On GPU the engine sleeps while Megatron trains and wakes for the weight sync.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
+from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
+from megatron_rl.train import rl_batch
+from megatron_rl.train import setup as S
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, quiet: bool = False):
+        from megatron_rl.parallel.launch import init_distributed
+        from megatron_rl.train.parallel_init import init_megatron_parallel
+
+        self.cfg, self.quiet = cfg, quiet
+        if cfg.algo.advantage.name == "gae":
+            raise ConfigError("algo.advantage.name: gae needs a value model, which the Megatron "
+                              "trainer does not build yet; use grpo, rloo, reinforce_pp, ...")
+        self.world = init_distributed()
+        self.rank = dist.get_rank()
+        self.dp = validate_world(cfg, self.world)
+        layout = cfg.parallel.layout()
+        self.sharded = layout.tp * layout.pp * layout.cp == 1 and cfg.rollout.tensor_parallel_size == 1
+        if not self.sharded and cfg.rollout.tensor_parallel_size != self.world:
+            raise ConfigError(
+                f"rollout.tensor_parallel_size: with model parallelism in training the engine must "
+                f"span all {self.world} ranks (set it to {self.world}), so every rank sees the same "
+                "samples")
+        self.out = Path(cfg.train.output_dir)
+        self.hf = cfg.model.hf_model()
+        self.pg = init_megatron_parallel(layout, cfg.train.seed)
+        self.ms = S.build_model_state(cfg, self.hf, layout, self.pg)
+        self.source = S.load_starting_weights(cfg, self.ms)
+        self.reference = None
+        if S.needs_reference(cfg):
+            from megatron_rl.train.reference import HostWeights
+
+            self.reference = HostWeights(self.ms.model)
+        self.tok = S.load_tokenizer(cfg, self.hf)
+        self._data()
+        self.step = 0
+        self._resume()
+        self.engine = self._engine()
+        self.plan = self._step_plan()
+        self.log = None
+        if self.rank == 0:
+            from megatron_rl.observe import RunLog
+
+            self.log = RunLog(self.out, cfg.train.steps, config_yaml=to_yaml(cfg),
+                              tensorboard=cfg.train.tensorboard, quiet=quiet)
+            self.log.note(f"model: {self.hf.architecture} from {self.source}; world {self.world} "
+                          f"(DP {self.dp}); generation {'sharded' if self.sharded else 'replicated'}"
+                          f"; starting at step {self.step + 1}")
+
+    # ---- setup pieces ---------------------------------------------------------------------
+    def _data(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        rows = S.load_rows(self.cfg)
+        self.dp_rank = ps.get_data_parallel_rank()
+        if self.sharded and self.dp > 1:
+            rows = rows[self.dp_rank::self.dp]
+        d = self.cfg.data
+        self.prompts = S.PromptStream(rows, self.tok, chat=d.chat_template,
+                                      max_tokens=self.cfg.rollout.max_prompt_len,
+                                      seed=d.seed + (self.dp_rank if self.sharded else 0),
+                                      shuffle=d.shuffle)
+
+    def _resume(self) -> None:
+        from megatron_rl.checkpoint.dist_ckpt import latest_step, load_checkpoint
+
+        ckpts = self.out / "checkpoints"
+        last = latest_step(ckpts) if self.cfg.train.resume else None
+        if last is None:
+            return
+        state = load_checkpoint(ckpts / f"step_{last:08d}", self.ms.model, self.ms.optimizer,
+                                self.ms.scheduler)
+        self.step = int(state["step"])
+        self.prompts.sampler.load_state_dict(state["samplers"][self.rank])
+        self.source += f", resumed from step {self.step}"
+
+    def _engine(self):
+        from megatron_rl.checkpoint.convert import write_hf_model
+        from megatron_rl.rollout.engine import EngineSettings, RolloutEngine
+
+        r = self.cfg.rollout
+        model_dir = Path(r.model_dir) if r.model_dir else self.out / "hf_init"
+        if not r.model_dir and not (model_dir / "config.json").is_file():
+            write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
+                           self.ms.hf_cfg, model_dir, self.ms.dtype)
+            if self.rank == 0:
+                self.tok.save_pretrained(str(model_dir))
+            dist.barrier()
+        dtype = r.dtype if r.dtype != "auto" else str(self.ms.dtype).replace("torch.", "")
+        longest = r.max_prompt_len + r.max_response_len
+        engine = RolloutEngine(EngineSettings(
+            str(model_dir), tensor_parallel_size=r.tensor_parallel_size, dtype=dtype,
+            max_model_len=longest, seed=r.seed, enforce_eager=r.enforce_eager,
+            gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
+            sleep_mode=r.sleep_mode))
+        if self.step > 0 or r.model_dir:  # the engine's files are not the trainer's weights
+            self._sync(engine)
+        return engine
+
+    def _step_plan(self) -> rl_batch.StepPlan:
+        a = self.cfg.algo
+        return rl_batch.StepPlan(
+            a.advantage.name, dict(a.advantage.params), a.loss.name, dict(a.loss.params),
+            kl_estimator=a.kl_estimator, kl_source=a.kl_source,
+            updates=self.cfg.train.updates_per_step, temperature=self.cfg.rollout.temperature,
+            needs_reference=self.reference is not None, record_routes=self.cfg.model.routing_replay,
+            packed=self.cfg.train.pack_sequences)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> Dict[str, float]:
+        last: Dict[str, float] = {}
+        try:
+            while self.step < self.cfg.train.steps:
+                self.step += 1
+                last = self.train_step()
+                if self.log is not None and (self.step % self.cfg.train.log_every == 0
+                                             or self.step == self.cfg.train.steps):
+                    self.log.log(self.step, last)
+                every = self.cfg.train.checkpoint_every
+                if (every and self.step % every == 0) or self.step == self.cfg.train.steps:
+                    self.save()
+            if self.cfg.train.export_hf:
+                self.export(self.out / "hf")
+            self._finish()
+        finally:
+            if self.log is not None:
+                self.log.close()
+        return last
+
+    def train_step(self) -> Dict[str, float]:
+        from megatron_rl.parallel.metrics_comm import reduce_step_metrics
+
+        t0 = time.perf_counter()
+        batch_groups, rollouts = self._rollouts()
+        t1 = time.perf_counter()
+        self.engine.sleep()
+        local: Dict[str, float] = {}
+        if batch_groups is not None:
+            batch = batch_groups
+            rl_batch.logprob_passes(self.ms.model, batch, self.pg, self.plan, self.reference)
+            t2 = time.perf_counter()
+            local.update(rl_batch.run_updates(self.ms.model, self.ms.optimizer, self.ms.scheduler,
+                                              batch, self.pg, self.plan))
+            local.update(rl_batch.mismatch_sums(batch))
+        else:
+            t2 = time.perf_counter()
+            local["train/skipped_steps"] = 1.0 / self.world
+        t3 = time.perf_counter()
+        self.engine.wake_up()
+        if batch_groups is not None:
+            sync = self._sync(self.engine)
+            local.update({"sync/seconds": sync.seconds / self.world,
+                          "sync/MB": sync.bytes / 2**20 / self.world})
+        t4 = time.perf_counter()
+        share = 1.0 / self.world  # every rank reports; the sum over ranks is the mean
+        for k, v in rollouts.metrics().items():
+            local[k] = v * share if not k.endswith("/max") else v
+        if self._probe_due():
+            local["sync/probe_mismatch/max"] = self._probe()
+        local.update({"time/rollout_s": (t1 - t0) * share, "time/logprob_s": (t2 - t1) * share,
+                      "time/train_s": (t3 - t2) * share, "time/sync_s": (t4 - t3) * share,
+                      "perf/tokens": float(self._tokens(rollouts)) * (1.0 if self.sharded else share)})
+        m = reduce_step_metrics(local)
+        return self._derived(m, time.perf_counter() - t0)
+
+    def _derived(self, m: Dict[str, float], seconds: float) -> Dict[str, float]:
+        if m.get("mismatch/tokens"):
+            m["mismatch/mean"] = m.pop("mismatch/abs_sum") / m.pop("mismatch/tokens")
+        m["time/step_s"] = seconds
+        m["perf/tokens_per_s"] = m.pop("perf/tokens") / max(seconds, 1e-9)
+        m["train/lr"] = float(self.ms.optimizer.param_groups[0]["lr"])
+        return m
+
+    # ---- pieces of a step -----------------------------------------------------------------
+    def _rollouts(self):
+        from megatron_rl.parallel.collectives import all_reduce_nograd
+
+        cfg = self.cfg
+        needed = cfg.train.prompts_per_step // (self.dp if self.sharded else 1)
+        plan = SamplingPlan(
+            groups_needed=needed, n=cfg.rollout.n_samples_per_prompt,
+            max_tokens=cfg.rollout.max_response_len, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, stop_token_ids=(self.tok.eos_token_id,),
+            dynamic=cfg.algo.dynamic_sampling, oversample=cfg.rollout.oversample,
+            max_rounds=cfg.rollout.max_sample_rounds, overlong_buffer=cfg.algo.overlong.buffer_len,
+            overlong_factor=cfg.algo.overlong.penalty_factor)
+        scorer = Scorer(cfg.reward.name, dict(cfg.reward.params),
+                        lambda ids: self.tok.decode(ids, skip_special_tokens=True),
+                        cfg.reward.failure_score, cfg.reward.workers)
+        seed = cfg.rollout.seed * 1_000_003 + self.step * 1009 + (self.dp_rank if self.sharded else 0)
+        calls = iter(range(1_000_000))
+
+        def generate(prompt_ids, **kw):
+            return self.engine.generate(prompt_ids, seed=seed * 31 + next(calls), **kw)
+
+        rollouts = collect_rollouts(self.prompts.draw, generate, scorer, plan)
+        if rollouts.failures and self.log is not None:
+            self.log.note(f"step {self.step}: {rollouts.failures} reward failure(s), e.g. "
+                          f"{rollouts.first_error}")
+        # every DP rank must run the same number of updates: train on the smallest share
+        kept = len(rollouts.rows) if self.sharded else len(rollouts.rows) // self.dp
+        kept = int(all_reduce_nograd(torch.tensor([kept]), dist.group.WORLD, dist.ReduceOp.MIN))
+        if kept == 0:
+            return None, rollouts
+        if self.sharded:
+            idx = list(range(kept))
+        else:
+            idx = list(range(self.dp_rank * kept, (self.dp_rank + 1) * kept))
+        groups = [rl_batch.group_sequences(rollouts.samples[i][0].prompt_ids, rollouts.samples[i])
+                  for i in idx]
+        rewards = [rollouts.rewards[i] for i in idx]
+        per_mb = max(1, cfg.train.micro_batch_size // cfg.rollout.n_samples_per_prompt)
+        from megatron.core import parallel_state as ps
+
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        batch = rl_batch.build_step_batch(
+            groups, rewards, per_mb, self.pg, cp_size=cfg.parallel.context_parallel_size,
+            cp_rank=ps.get_context_parallel_rank(), packed=cfg.train.pack_sequences, device=device)
+        return batch, rollouts
+
+    @staticmethod
+    def _tokens(rollouts) -> int:
+        return sum(len(s.prompt_ids) + len(s.token_ids) for g in rollouts.samples for s in g)
+
+    def _hf_weights(self):
+        from megatron_rl.checkpoint.hf_weights import iter_hf_weights
+        from megatron_rl.train.model_setup import unwrap
+
+        return iter_hf_weights(unwrap(self.ms.model[0]), self.ms.mapping, self.ms.weight_groups,
+                               self.hf.num_experts, dst=None)
+
+    def _sync(self, engine):
+        from megatron_rl.rollout.weight_sync import sync_weights
+
+        return sync_weights(engine, self._hf_weights(), int(self.cfg.rollout.sync_bucket_mb * 2**20))
+
+    def _probe_due(self) -> bool:
+        every = self.cfg.rollout.probe_every
+        return bool(every) and (self.step % every == 0 or self.step == 1)
+
+    def _probe(self) -> float:
+        """Max |engine - trainer| log-prob on a fixed prompt's sampled tokens, just after sync."""
+        from megatron_rl.train.megatron_loss import forward_logprobs
+
+        from megatron_rl.data.prompts import render_prompt
+
+        r = self.cfg.rollout
+        ids = render_prompt(self.prompts.rows[0], self.tok, chat=self.cfg.data.chat_template,
+                            max_tokens=r.max_prompt_len)
+        [[sample]] = self.engine.generate([ids], n=1, max_tokens=min(16, r.max_response_len),
+                                          temperature=r.temperature, seed=12345)
+        seqs = [rl_batch.group_sequences(ids, [sample])]
+        batch = rl_batch.build_step_batch(seqs, [torch.zeros(1)], 1, self.pg,
+                                          cp_size=self.cfg.parallel.context_parallel_size,
+                                          cp_rank=0 if self.pg.cp is None else dist.get_rank(self.pg.cp),
+                                          packed=False, device=next(self.ms.model[0].parameters()).device)
+        lp = forward_logprobs(self.ms.model, batch.micro_batches, self.pg,
+                              temperature=self.cfg.rollout.temperature)
+        if not lp:
+            return float("-inf")
+        mb = batch.micro_batches[0]
+        worst = float(((lp[0] - mb.rollout_logprobs).abs() * mb.shard.mask).max())
+        if worst > self.cfg.rollout.probe_tolerance and self.log is not None:
+            self.log.note(f"step {self.step}: engine and trainer log-probs differ by {worst:.2e} "
+                          f"after the weight sync (rollout.probe_tolerance "
+                          f"{self.cfg.rollout.probe_tolerance:g})")
+        return worst
+
+    # ---- outputs --------------------------------------------------------------------------
+    def save(self) -> None:
+        from megatron_rl.checkpoint.dist_ckpt import save_checkpoint
+        from megatron_rl.parallel.weight_comm import all_gather_objects
+
+        samplers = all_gather_objects(self.prompts.sampler.state_dict())
+        save_checkpoint(self.out / "checkpoints", self.step, self.ms.model[0], self.ms.optimizer,
+                        self.ms.scheduler, {"samplers": samplers, "step": self.step},
+                        keep_last=self.cfg.train.keep_checkpoints)
+
+    def export(self, out: Path) -> None:
+        from megatron_rl.checkpoint.convert import write_hf_model
+
+        write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
+                       self.ms.hf_cfg, out, self.ms.dtype)
+        if self.rank == 0:
+            self.tok.save_pretrained(str(out))
+
+    def _finish(self) -> None:
+        if self.log is None:
+            return
+        from megatron_rl.observe import plot_curve, read_metrics
+
+        rows = read_metrics(self.out / "metrics.jsonl")
+        png = plot_curve(rows, self.out / "reward_curve.png")
+        k = max(1, len(rows) // 10)
+        first = sum(r["reward/mean"] for r in rows[:k]) / k
+        lastk = sum(r["reward/mean"] for r in rows[-k:]) / k
+        self.log.note(f"reward {first:.3f} -> {lastk:.3f} (mean of the first / last {k} logged "
+                      f"steps); run directory {self.out}" + (f"; curve {png}" if png else ""))
+
+    def close(self) -> None:
+        from megatron_rl.train.parallel_init import destroy_megatron_parallel
+
+        destroy_megatron_parallel()
+        if self.engine is not None:
+            self.engine.shutdown()   # vLLM tears torch.distributed down with it: last
+            self.engine = None
+
+
+def train(cfg: RunConfig, quiet: bool = False) -> Dict[str, float]:
+    trainer = Trainer(cfg, quiet=quiet)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
