@@ -2,6 +2,7 @@
 
   megatron-rl print-config RECIPE [key=value ...]
   megatron-rl train --config RECIPE [key=value ...]
+  megatron-rl eval --config RECIPE --model HF_DIR [--prompts N] [--n N] [key=value ...]
   megatron-rl convert import HF_DIR OUT_CKPT [--tp N --pp N --ep N --etp N] [--dtype D]
   megatron-rl convert export CKPT OUT_HF_DIR [layout] [--hf-config F] [--tokenizer DIR] [--dtype D]
   megatron-rl convert verify HF_DIR CKPT [--tp N --ep N] [--tolerance X]
@@ -31,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, metavar="RECIPE")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    ev = sub.add_parser("eval", help="mean reward of an HF model on a recipe's prompts (vLLM)")
+    ev.add_argument("--config", required=True, metavar="RECIPE", help="data, reward and rollout settings")
+    ev.add_argument("--model", required=True, help="HF model directory (e.g. a run's hf/)")
+    ev.add_argument("--prompts", type=int, default=64, help="the first N prompts of data.path")
+    ev.add_argument("--n", type=int, default=1, help="samples per prompt")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ev.add_argument("overrides", nargs="*", metavar="key=value")
     _convert_parser(sub)
     return p
 
@@ -81,6 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "convert":
             return _convert(args)
+        if args.command == "eval":
+            return _eval(args)
         cfg = load_config(args.config, args.overrides)
         return _train(cfg, args.quiet)
     except ConfigError as e:
@@ -120,6 +130,19 @@ def _convert(args) -> int:
         shutdown_distributed()
 
 
+def _eval(args) -> int:
+    import json
+
+    from megatron_rl.evaluate import evaluate
+
+    if args.prompts < 1 or args.n < 1 or args.temperature < 0:
+        raise ConfigError("eval: --prompts and --n must be >= 1 and --temperature >= 0")
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(evaluate(cfg, args.model, num_prompts=args.prompts, n=args.n,
+                              temperature=args.temperature)))
+    return 0
+
+
 def _train(cfg, quiet: bool) -> int:
     if cfg.model.kind == "toy":
         from megatron_rl.toy_trainer import train_toy
@@ -128,5 +151,4 @@ def _train(cfg, quiet: bool) -> int:
         return 0
     from megatron_rl.trainer import train
 
-    train(cfg, quiet=quiet)
-    return 0
+    return train(cfg, quiet=quiet)

@@ -4,10 +4,11 @@
                -> old / reference log-probs -> advantages -> N updates over mini-batches
                -> weight sync into vLLM (bucketed) -> metrics -> checkpoint
 
-Generation modes. *Sharded*: a trainer without model parallelism and a one-rank engine; each rank
-draws its own prompts and generates its own groups. *Replicated*: the engine spans every rank
-(``rollout.tensor_parallel_size`` = world size, vLLM's external launcher), every rank draws the
-same prompts and sees the same samples, and each data-parallel rank trains on its share.
+Generation: the world is cut into engines of ``rollout.tensor_parallel_size`` ranks (vLLM's
+external launcher; its data parallelism over the engines). Every rank draws the same prompts; each
+engine generates and scores its share; one all-gather of the samples (token ids, log-probs,
+scores) gives every rank the step's rollouts, and each training data-parallel rank takes its own
+whole groups. The rollout layout is thereby independent of the training layout.
 On GPU the engine sleeps while Megatron trains and wakes for the weight sync.
 """
 
@@ -39,12 +40,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.dp = validate_world(cfg, self.world)
         layout = cfg.parallel.layout()
-        self.sharded = layout.tp * layout.pp * layout.cp == 1 and cfg.rollout.tensor_parallel_size == 1
-        if not self.sharded and cfg.rollout.tensor_parallel_size != self.world:
-            raise ConfigError(
-                f"rollout.tensor_parallel_size: with model parallelism in training the engine must "
-                f"span all {self.world} ranks (set it to {self.world}), so every rank sees the same "
-                "samples")
+        self.engine_tp = cfg.rollout.tensor_parallel_size
+        self.engine_index, self.n_engines = self.rank // self.engine_tp, self.world // self.engine_tp
         self.out = Path(cfg.train.output_dir)
         self.hf = cfg.model.hf_model()
         self.pg = init_megatron_parallel(layout, cfg.train.seed)
@@ -58,9 +55,13 @@ class Trainer:
         self.tok = S.load_tokenizer(cfg, self.hf)
         self._data()
         self.step = 0
+        self.last: Dict[str, float] = {}
         self._resume()
         self.engine = self._engine()
         self.plan = self._step_plan()
+        from megatron_rl.train.moe_stats import RouterLoad
+
+        self.router_load = RouterLoad(self.ms.model) if self.hf.num_experts else None
         self.log = None
         if self.rank == 0:
             from megatron_rl.observe import RunLog
@@ -68,8 +69,8 @@ class Trainer:
             self.log = RunLog(self.out, cfg.train.steps, config_yaml=to_yaml(cfg),
                               tensorboard=cfg.train.tensorboard, quiet=quiet)
             self.log.note(f"model: {self.hf.architecture} from {self.source}; world {self.world} "
-                          f"(DP {self.dp}); generation {'sharded' if self.sharded else 'replicated'}"
-                          f"; starting at step {self.step + 1}")
+                          f"(DP {self.dp}); {self.n_engines} vLLM engine(s) of TP {self.engine_tp}; "
+                          f"starting at step {self.step + 1}")
 
     # ---- setup pieces ---------------------------------------------------------------------
     def _data(self) -> None:
@@ -77,12 +78,9 @@ class Trainer:
 
         rows = S.load_rows(self.cfg)
         self.dp_rank = ps.get_data_parallel_rank()
-        if self.sharded and self.dp > 1:
-            rows = rows[self.dp_rank::self.dp]
         d = self.cfg.data
         self.prompts = S.PromptStream(rows, self.tok, chat=d.chat_template,
-                                      max_tokens=self.cfg.rollout.max_prompt_len,
-                                      seed=d.seed + (self.dp_rank if self.sharded else 0),
+                                      max_tokens=self.cfg.rollout.max_prompt_len, seed=d.seed,
                                       shuffle=d.shuffle)
 
     def _resume(self) -> None:
@@ -95,7 +93,7 @@ class Trainer:
         state = load_checkpoint(ckpts / f"step_{last:08d}", self.ms.model, self.ms.optimizer,
                                 self.ms.scheduler)
         self.step = int(state["step"])
-        self.prompts.sampler.load_state_dict(state["samplers"][self.rank])
+        self.prompts.sampler.load_state_dict(state["sampler"])
         self.source += f", resumed from step {self.step}"
 
     def _engine(self):
@@ -116,7 +114,7 @@ class Trainer:
             str(model_dir), tensor_parallel_size=r.tensor_parallel_size, dtype=dtype,
             max_model_len=longest, seed=r.seed, enforce_eager=r.enforce_eager,
             gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
-            sleep_mode=r.sleep_mode))
+            sleep_mode=r.sleep_mode, data_parallel_size=self.n_engines))
         if self.step > 0 or r.model_dir:  # the engine's files are not the trainer's weights
             self._sync(engine)
         return engine
@@ -131,25 +129,47 @@ class Trainer:
             packed=self.cfg.train.pack_sequences)
 
     # ---- the loop -------------------------------------------------------------------------
-    def run(self) -> Dict[str, float]:
-        last: Dict[str, float] = {}
+    def run(self) -> int:
+        """Train to ``train.steps``; returns 0, or ``EXIT_REQUEUE`` after a requested stop (a
+        checkpoint was written first)."""
+        from megatron_rl.train.preempt import EXIT_REQUEUE, StopRequest
+
+        stop = StopRequest(self.out / "STOP")
+        if self.rank == 0 and stop.stop_file.exists():  # the request that stopped the last run
+            stop.stop_file.unlink()
+        dist.barrier()
         try:
             while self.step < self.cfg.train.steps:
                 self.step += 1
-                last = self.train_step()
+                self.last = self.train_step()
                 if self.log is not None and (self.step % self.cfg.train.log_every == 0
                                              or self.step == self.cfg.train.steps):
-                    self.log.log(self.step, last)
+                    self.log.log(self.step, self.last)
                 every = self.cfg.train.checkpoint_every
                 if (every and self.step % every == 0) or self.step == self.cfg.train.steps:
                     self.save()
+                elif self._agreed(stop.local()):
+                    self.save()
+                    if self.log is not None:
+                        self.log.note(f"stopping after step {self.step} ({stop.reason()}): "
+                                      f"checkpoint written; rerun the same command to resume")
+                    return EXIT_REQUEUE
             if self.cfg.train.export_hf:
                 self.export(self.out / "hf")
             self._finish()
+            return 0
         finally:
+            stop.close()
             if self.log is not None:
                 self.log.close()
-        return last
+
+    @staticmethod
+    def _agreed(flag: bool) -> bool:
+        """True on every rank when it is true on any (one MAX all-reduce of one number)."""
+        from megatron_rl.parallel.collectives import all_reduce_nograd
+
+        return bool(all_reduce_nograd(torch.tensor([float(flag)]), dist.group.WORLD,
+                                      dist.ReduceOp.MAX))
 
     def train_step(self) -> Dict[str, float]:
         from megatron_rl.parallel.metrics_comm import reduce_step_metrics
@@ -161,7 +181,10 @@ class Trainer:
         local: Dict[str, float] = {}
         if batch_groups is not None:
             batch = batch_groups
-            rl_batch.logprob_passes(self.ms.model, batch, self.pg, self.plan, self.reference)
+            rl_batch.logprob_passes(self.ms.model, batch, self.pg, self.plan, self.reference,
+                                    self.router_load)
+            if self.router_load is not None:
+                local.update(self.router_load.metrics())
             t2 = time.perf_counter()
             local.update(rl_batch.run_updates(self.ms.model, self.ms.optimizer, self.ms.scheduler,
                                               batch, self.pg, self.plan))
@@ -183,7 +206,7 @@ class Trainer:
             local["sync/probe_mismatch/max"] = self._probe()
         local.update({"time/rollout_s": (t1 - t0) * share, "time/logprob_s": (t2 - t1) * share,
                       "time/train_s": (t3 - t2) * share, "time/sync_s": (t4 - t3) * share,
-                      "perf/tokens": float(self._tokens(rollouts)) * (1.0 if self.sharded else share)})
+                      "perf/tokens": float(self._tokens(rollouts)) * share})
         m = reduce_step_metrics(local)
         return self._derived(m, time.perf_counter() - t0)
 
@@ -197,50 +220,68 @@ class Trainer:
 
     # ---- pieces of a step -----------------------------------------------------------------
     def _rollouts(self):
-        from megatron_rl.parallel.collectives import all_reduce_nograd
-
         cfg = self.cfg
-        needed = cfg.train.prompts_per_step // (self.dp if self.sharded else 1)
         plan = SamplingPlan(
-            groups_needed=needed, n=cfg.rollout.n_samples_per_prompt,
+            groups_needed=cfg.train.prompts_per_step, n=cfg.rollout.n_samples_per_prompt,
             max_tokens=cfg.rollout.max_response_len, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, stop_token_ids=(self.tok.eos_token_id,),
             dynamic=cfg.algo.dynamic_sampling, oversample=cfg.rollout.oversample,
             max_rounds=cfg.rollout.max_sample_rounds, overlong_buffer=cfg.algo.overlong.buffer_len,
             overlong_factor=cfg.algo.overlong.penalty_factor)
-        scorer = Scorer(cfg.reward.name, dict(cfg.reward.params),
-                        lambda ids: self.tok.decode(ids, skip_special_tokens=True),
-                        cfg.reward.failure_score, cfg.reward.workers)
-        seed = cfg.rollout.seed * 1_000_003 + self.step * 1009 + (self.dp_rank if self.sharded else 0)
-        calls = iter(range(1_000_000))
-
-        def generate(prompt_ids, **kw):
-            return self.engine.generate(prompt_ids, seed=seed * 31 + next(calls), **kw)
-
-        rollouts = collect_rollouts(self.prompts.draw, generate, scorer, plan)
+        rounds = iter(range(1_000_000))
+        rollouts = collect_rollouts(self.prompts.draw, lambda drawn: self._sample(drawn, plan, next(rounds)),
+                                    plan)
         if rollouts.failures and self.log is not None:
             self.log.note(f"step {self.step}: {rollouts.failures} reward failure(s), e.g. "
                           f"{rollouts.first_error}")
-        # every DP rank must run the same number of updates: train on the smallest share
-        kept = len(rollouts.rows) if self.sharded else len(rollouts.rows) // self.dp
-        kept = int(all_reduce_nograd(torch.tensor([kept]), dist.group.WORLD, dist.ReduceOp.MIN))
-        if kept == 0:
+        # every DP rank trains on the same number of whole groups
+        per_rank = len(rollouts.rows) // self.dp
+        if per_rank == 0:
             return None, rollouts
-        if self.sharded:
-            idx = list(range(kept))
-        else:
-            idx = list(range(self.dp_rank * kept, (self.dp_rank + 1) * kept))
+        idx = range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
         groups = [rl_batch.group_sequences(rollouts.samples[i][0].prompt_ids, rollouts.samples[i])
                   for i in idx]
         rewards = [rollouts.rewards[i] for i in idx]
         per_mb = max(1, cfg.train.micro_batch_size // cfg.rollout.n_samples_per_prompt)
-        from megatron.core import parallel_state as ps
-
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         batch = rl_batch.build_step_batch(
             groups, rewards, per_mb, self.pg, cp_size=cfg.parallel.context_parallel_size,
-            cp_rank=ps.get_context_parallel_rank(), packed=cfg.train.pack_sequences, device=device)
+            cp_rank=self._cp_rank(), packed=cfg.train.pack_sequences, device=self._device())
         return batch, rollouts
+
+    def _cp_rank(self) -> int:
+        return 0 if self.pg.cp is None else dist.get_rank(self.pg.cp)
+
+    @staticmethod
+    def _device() -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+
+    def _sample(self, drawn, plan: SamplingPlan, round_: int):
+        """This engine's share of ``drawn`` generated and scored, then everyone's, in order."""
+        from megatron_rl.parallel.weight_comm import all_gather_objects
+        from megatron_rl.rollout.collect import score_groups
+
+        mine = drawn[self.engine_index::self.n_engines]
+        seed = ((self.cfg.rollout.seed * 1_000_003 + self.step) * 1009 + round_) * 131 + self.engine_index
+        groups = self.engine.generate([ids for _, ids in mine], n=plan.n, max_tokens=plan.max_tokens,
+                                      temperature=plan.temperature, top_p=plan.top_p, seed=seed,
+                                      stop_token_ids=plan.stop_token_ids) if mine else []
+        payload = None
+        if self.rank % self.engine_tp == 0:   # one rank per engine scores and reports
+            scores, failures, error = score_groups(self._scorer(), [r for r, _ in mine], groups)
+            payload = (self.engine_index, groups, scores, failures, error)
+        parts = {p[0]: p for p in all_gather_objects(payload) if p is not None}
+        out_groups, out_scores, failures, error = [None] * len(drawn), [None] * len(drawn), 0, ""
+        for e, (_, gs, sc, f, err) in sorted(parts.items()):
+            out_groups[e::self.n_engines], out_scores[e::self.n_engines] = gs, sc
+            failures += f
+            error = error or err
+        return out_groups, out_scores, failures, error
+
+    def _scorer(self) -> Scorer:
+        r = self.cfg.reward
+        return Scorer(r.name, dict(r.params), lambda ids: self.tok.decode(ids, skip_special_tokens=True),
+                      r.failure_score, r.workers)
 
     @staticmethod
     def _tokens(rollouts) -> int:
@@ -276,8 +317,7 @@ class Trainer:
         seqs = [rl_batch.group_sequences(ids, [sample])]
         batch = rl_batch.build_step_batch(seqs, [torch.zeros(1)], 1, self.pg,
                                           cp_size=self.cfg.parallel.context_parallel_size,
-                                          cp_rank=0 if self.pg.cp is None else dist.get_rank(self.pg.cp),
-                                          packed=False, device=next(self.ms.model[0].parameters()).device)
+                                          cp_rank=self._cp_rank(), packed=False, device=self._device())
         lp = forward_logprobs(self.ms.model, batch.micro_batches, self.pg,
                               temperature=self.cfg.rollout.temperature)
         if not lp:
@@ -293,11 +333,10 @@ class Trainer:
     # ---- outputs --------------------------------------------------------------------------
     def save(self) -> None:
         from megatron_rl.checkpoint.dist_ckpt import save_checkpoint
-        from megatron_rl.parallel.weight_comm import all_gather_objects
 
-        samplers = all_gather_objects(self.prompts.sampler.state_dict())
         save_checkpoint(self.out / "checkpoints", self.step, self.ms.model[0], self.ms.optimizer,
-                        self.ms.scheduler, {"samplers": samplers, "step": self.step},
+                        self.ms.scheduler, {"sampler": self.prompts.sampler.state_dict(),
+                                            "step": self.step},
                         keep_last=self.cfg.train.keep_checkpoints)
 
     def export(self, out: Path) -> None:
@@ -330,7 +369,8 @@ class Trainer:
             self.engine = None
 
 
-def train(cfg: RunConfig, quiet: bool = False) -> Dict[str, float]:
+def train(cfg: RunConfig, quiet: bool = False) -> int:
+    """Run a recipe; returns the process exit status (0, or ``preempt.EXIT_REQUEUE``)."""
     trainer = Trainer(cfg, quiet=quiet)
     try:
         return trainer.run()

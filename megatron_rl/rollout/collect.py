@@ -86,8 +86,9 @@ class Rollouts:
         return out
 
 
-def _score_all(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Sequence[Any]],
-               out: Rollouts) -> List[List[float]]:
+def score_groups(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Sequence[Any]]
+                 ) -> Tuple[List[List[float]], int, str]:
+    """Scores ``[P][G]`` of ``groups``, the number of rewards that raised, and the first error."""
     jobs = [(row, s) for row, g in zip(rows, groups) for s in g]
 
     def one(job):
@@ -101,20 +102,21 @@ def _score_all(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Seque
             results = list(pool.map(one, jobs))
     else:
         results = [one(j) for j in jobs]
-    for r in results:
-        if r.error is not None:
-            out.failures += 1
-            out.first_error = out.first_error or r.error
+    errors = [r.error for r in results if r.error is not None]
     flat = [r.score for r in results]
-    G = len(groups[0]) if groups else 0
-    return [flat[i * G:(i + 1) * G] for i in range(len(groups))]
+    sizes = [len(g) for g in groups]
+    starts = [sum(sizes[:i]) for i in range(len(groups))]
+    return [flat[a:a + n] for a, n in zip(starts, sizes)], len(errors), (errors[0] if errors else "")
 
 
-def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]],
-                     generate: Callable[..., List[List[Any]]], scorer: Scorer,
+# sample(drawn) -> (groups [P][G], scores [P][G], reward failures, first error)
+SampleFn = Callable[[List[Tuple[PromptRow, List[int]]]], Tuple[List[List[Any]], List[List[float]], int, str]]
+
+
+def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]], sample: SampleFn,
                      plan: SamplingPlan) -> Rollouts:
-    """``draw(k)``: the next ``k`` prompts as ``(row, token ids)``; ``generate(prompt_ids, n=,
-    max_tokens=, temperature=, top_p=, stop_token_ids=)``: ``rollout.engine.RolloutEngine``'s."""
+    """``draw(k)``: the next ``k`` prompts as ``(row, token ids)``; ``sample(drawn)``: their
+    ``G`` responses each and raw scores (the trainer spreads this over its engines)."""
     out = Rollouts()
     rounds = plan.max_rounds if plan.dynamic else 1
     for _ in range(rounds):
@@ -123,28 +125,31 @@ def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]],
             break
         k = math.ceil(missing * plan.oversample) if plan.dynamic else missing
         drawn = draw(k)
-        groups = generate([ids for _, ids in drawn], n=plan.n, max_tokens=plan.max_tokens,
-                          temperature=plan.temperature, top_p=plan.top_p,
-                          stop_token_ids=plan.stop_token_ids)
-        rows = [row for row, _ in drawn]
-        raw = _score_all(scorer, rows, groups, out)
+        groups, raw, failures, error = sample(drawn)
+        out.failures += failures
+        out.first_error = out.first_error or error
         out.rounds += 1
         out.groups_drawn += len(drawn)
-        for row, group, scores in zip(rows, groups, raw):
-            lengths = torch.tensor([len(s.token_ids) for s in group])
-            out.all_rewards += scores
-            out.all_lengths += lengths.tolist()
-            out.truncated += sum(s.finish_reason == "length" for s in group)
-            shaped = torch.tensor(scores, dtype=torch.float32)
-            if plan.overlong_buffer:
-                shaped = shaped + overlong_penalty(lengths, max_len=plan.max_tokens,
-                                                   buffer_len=plan.overlong_buffer,
-                                                   penalty_factor=plan.overlong_factor)
-            if len(out.rows) >= plan.groups_needed:
-                continue
-            if plan.dynamic and not bool(dynamic_sampling_keep(shaped, torch.zeros(len(group), dtype=torch.long)).any()):
-                continue
-            out.rows.append(row)
-            out.samples.append(group)
-            out.rewards.append(shaped)
+        for (row, _), group, scores in zip(drawn, groups, raw):
+            _add_group(out, plan, row, group, scores)
     return out
+
+
+def _add_group(out: Rollouts, plan: SamplingPlan, row: PromptRow, group, scores) -> None:
+    lengths = torch.tensor([len(s.token_ids) for s in group])
+    out.all_rewards += scores
+    out.all_lengths += lengths.tolist()
+    out.truncated += sum(s.finish_reason == "length" for s in group)
+    shaped = torch.tensor(scores, dtype=torch.float32)
+    if plan.overlong_buffer:
+        shaped = shaped + overlong_penalty(lengths, max_len=plan.max_tokens,
+                                           buffer_len=plan.overlong_buffer,
+                                           penalty_factor=plan.overlong_factor)
+    if len(out.rows) >= plan.groups_needed:
+        return
+    one_group = torch.zeros(len(group), dtype=torch.long)
+    if plan.dynamic and not bool(dynamic_sampling_keep(shaped, one_group).any()):
+        return
+    out.rows.append(row)
+    out.samples.append(group)
+    out.rewards.append(shaped)

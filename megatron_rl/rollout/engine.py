@@ -31,6 +31,7 @@ class EngineSettings:
     cpu_kv_cache_gb: float = 1.0
     sleep_mode: bool = True               # GPU colocated mode: hand memory back while training
     return_routed_experts: bool = False   # routes for MoE routing replay (GPU builds)
+    data_parallel_size: int = 1           # engines across a torchrun world (external launcher)
 
 
 @dataclass
@@ -71,6 +72,8 @@ class RolloutEngine:
             logprobs_mode="processed_logprobs")
         if _under_torchrun():
             kwargs["distributed_executor_backend"] = "external_launcher"
+            if settings.data_parallel_size > 1:
+                kwargs["data_parallel_size"] = settings.data_parallel_size
         if gpu:
             kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
                           enable_sleep_mode=settings.sleep_mode)

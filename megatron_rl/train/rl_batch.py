@@ -100,12 +100,15 @@ def set_advantages(batch: StepBatch, idx: Sequence[int], plan: StepPlan,
 
 
 def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: StepPlan,
-                   reference=None) -> None:
+                   reference=None, router_load=None) -> None:
     """Old-policy log-probs (recording expert routes for replay when asked), the reference
     log-probs when the algorithm uses a KL, then the advantages. Last pipeline stage only; the
     other stages keep placeholders (they never compute a loss)."""
-    old = forward_logprobs(model, batch.micro_batches, pg, record_routes=plan.record_routes,
-                           temperature=plan.temperature)
+    import contextlib
+
+    with router_load.counting() if router_load is not None else contextlib.nullcontext():
+        old = forward_logprobs(model, batch.micro_batches, pg, record_routes=plan.record_routes,
+                               temperature=plan.temperature)
     for mb, lp in zip(batch.micro_batches, old):
         mb.old_logprobs = lp
     if not old:

@@ -101,15 +101,17 @@ def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
     return source
 
 
-def load_tokenizer(cfg: RunConfig, hf):
-    """``data.tokenizer``: ``word`` (the synthetic tasks'), a directory, or the model's own."""
+def load_tokenizer(cfg: RunConfig, hf, model_dir: Optional[str] = None):
+    """``data.tokenizer``: ``word`` (the synthetic tasks'), a directory, or the model's own
+    (``model_dir``, default ``model.hf_config``'s directory)."""
     from megatron_rl.data.synthetic import word_tokenizer
 
     name = cfg.data.tokenizer
     if name == "word":
         tok = word_tokenizer()
     else:
-        where = name or (str(_hf_dir(cfg)) if _hf_dir(cfg) else "")
+        own = model_dir or (str(_hf_dir(cfg)) if _hf_dir(cfg) else "")
+        where = name or own
         if not where:
             raise ConfigError("data.tokenizer: model.hf_config is a tiny built-in model with no "
                               "tokenizer; set data.tokenizer=word (synthetic tasks) or a directory")

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One node: every GPU (or NPROC CPU processes) runs one rank of the job (trainer + vLLM engine).
+#
+#   bash launch/torchrun.sh configs/recipes/qwen3_30b_a3b_8xh100.yaml [key=value ...]
+#   NPROC=2 bash launch/torchrun.sh configs/recipes/tiny_moe_gspo.yaml   # CPU, 2 processes
+#   DRY_RUN=1 bash launch/torchrun.sh RECIPE ...                         # print, do not run
+#
+# Exit status 75 means "stopped on request, checkpoint written": run the same command again.
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+  echo "usage: [NPROC=N] [DRY_RUN=1] $0 RECIPE [key=value ...]" >&2
+  exit 2
+fi
+recipe=$1
+shift
+
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  [[ "$NPROC" -gt 0 ]] || NPROC=1
+fi
+
+cmd=(torchrun --standalone --nnodes=1 "--nproc-per-node=${NPROC}"
+     -m megatron_rl train --config "$recipe" "$@")
+
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"
+  echo
+  exit 0
+fi
+exec "${cmd[@]}"
