@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: run test venv clean
+.PHONY: run run-toy test venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-run: venv  ## train the toy policy with GSPO on CPU, end to end
+run: venv  ## train a tiny MoE with GSPO on CPU: vLLM rollouts, Megatron-Core training
+	$(VENV)/bin/megatron-rl train --config configs/recipes/tiny_moe_gspo.yaml
+
+run-toy: venv  ## the pure-PyTorch toy policy (seconds; no Megatron, no vLLM)
 	$(VENV)/bin/megatron-rl train --config configs/recipes/toy_gspo.yaml
 
 test: venv  ## the test suite CI runs
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not gpu and not soak"
 
 clean:
 	rm -rf $(VENV) runs

@@ -90,7 +90,7 @@ class Trainer:
         last = latest_step(ckpts) if self.cfg.train.resume else None
         if last is None:
             return
-        state = load_checkpoint(ckpts / f"step_{last:08d}", self.ms.model, self.ms.optimizer,
+        state = load_checkpoint(ckpts / f"step_{last:08d}", self.ms.model[0], self.ms.optimizer,
                                 self.ms.scheduler)
         self.step = int(state["step"])
         self.prompts.sampler.load_state_dict(state["sampler"])
@@ -146,10 +146,12 @@ class Trainer:
                                              or self.step == self.cfg.train.steps):
                     self.log.log(self.step, self.last)
                 every = self.cfg.train.checkpoint_every
-                if (every and self.step % every == 0) or self.step == self.cfg.train.steps:
+                due = (every and self.step % every == 0) or self.step == self.cfg.train.steps
+                if due:
                     self.save()
-                elif self._agreed(stop.local()):
-                    self.save()
+                if self.step < self.cfg.train.steps and self._agreed(stop.local()):
+                    if not due:
+                        self.save()
                     if self.log is not None:
                         self.log.note(f"stopping after step {self.step} ({stop.reason()}): "
                                       f"checkpoint written; rerun the same command to resume")

@@ -32,6 +32,9 @@ def validate(cfg: RunConfig) -> None:
     check_fields(cfg, "")
     cfg.algo.check("algo", context_parallel=cfg.parallel.context_parallel_size)
     cfg.reward.check("reward")
+    if not cfg.data.path:
+        raise ConfigError("data.path: required (a .jsonl or .parquet file with prompt and label "
+                          "columns, or synthetic:<task>)")
     _check_model(cfg)
     if cfg.algo.advantage.name in GROUP_ESTIMATORS and cfg.rollout.n_samples_per_prompt < 2:
         raise ConfigError(

@@ -82,5 +82,7 @@ def word_tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+    # padding is <eos> (as in most LLM tokenizers): were <pad> special, decoding would drop it and
+    # a policy could end its answer with pads instead of learning to stop
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<eos>", eos_token="<eos>",
                                    unk_token="<unk>")

