@@ -188,9 +188,10 @@ class Trainer:
             if self.router_load is not None:
                 local.update(self.router_load.metrics())
             t2 = time.perf_counter()
-            local.update(rl_batch.run_updates(self.ms.model, self.ms.optimizer, self.ms.scheduler,
-                                              batch, self.pg, self.plan))
-            local.update(rl_batch.mismatch_sums(batch))
+            sums = rl_batch.run_updates(self.ms.model, self.ms.optimizer, self.ms.scheduler,
+                                        batch, self.pg, self.plan)
+            sums.update(rl_batch.mismatch_sums(batch))
+            local.update(self._shares(sums))
         else:
             t2 = time.perf_counter()
             local["train/skipped_steps"] = 1.0 / self.world
@@ -211,6 +212,21 @@ class Trainer:
                       "perf/tokens": float(self._tokens(rollouts)) * share})
         m = reduce_step_metrics(local)
         return self._derived(m, time.perf_counter() - t0)
+
+    # the same on every rank (the optimizer's global norm and counts)
+    _EVERY_RANK = ("train/grad_norm", "train/updates", "train/skipped_updates")
+
+    def _shares(self, sums: Dict[str, float]) -> Dict[str, float]:
+        """What this rank adds to the world's sum: loss metrics are partial sums over DP x CP,
+        repeated on the TP ranks of a position; optimizer metrics are repeated on every rank."""
+        tp = self.cfg.parallel.tensor_model_parallel_size
+        out = {}
+        for k, v in sums.items():
+            if k.endswith("/max"):
+                out[k] = v
+            else:
+                out[k] = v / (self.world if k in self._EVERY_RANK else tp)
+        return out
 
     def _derived(self, m: Dict[str, float], seconds: float) -> Dict[str, float]:
         if m.get("mismatch/tokens"):

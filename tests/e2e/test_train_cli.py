@@ -98,3 +98,25 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(tmp_path):
     latest, state = _trainer_state(out)
     assert 1 <= latest < 200 and state["trainer"]["step"] == latest
     assert not (out / "hf").exists()
+
+
+def test_torchrun_two_ranks_tensor_parallel_trainer_and_engine(tmp_path):
+    """TP 2 in Megatron and in vLLM: the engine agrees with the trainer, and the logged metrics
+    are the single-model values (a near-uniform random policy has entropy ~ ln(vocab); a metric
+    summed over the TP ranks without dividing would read 2 x ln(32))."""
+    import math
+
+    out = tmp_path / "run"
+    args = _args(out, 2, "parallel.tensor_model_parallel_size=2", "rollout.tensor_parallel_size=2",
+                 "train.export_hf=false")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                "--nproc-per-node=2"]
+    r = subprocess.run(torchrun + args[1:], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world 2" in r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert abs(rows[0]["train/entropy"] - math.log(32)) < 0.05
+    assert rows[0]["train/updates"] == 1.0
+    assert max(row["mismatch/mean"] for row in rows) < 1e-4
