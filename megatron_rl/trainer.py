@@ -177,12 +177,11 @@ class Trainer:
         from megatron_rl.parallel.metrics_comm import reduce_step_metrics
 
         t0 = time.perf_counter()
-        batch_groups, rollouts = self._rollouts()
+        batch, rollouts = self._rollouts()
         t1 = time.perf_counter()
         self.engine.sleep()
         local: Dict[str, float] = {}
-        if batch_groups is not None:
-            batch = batch_groups
+        if batch is not None:
             rl_batch.logprob_passes(self.ms.model, batch, self.pg, self.plan, self.reference,
                                     self.router_load)
             if self.router_load is not None:
@@ -197,7 +196,7 @@ class Trainer:
             local["train/skipped_steps"] = 1.0 / self.world
         t3 = time.perf_counter()
         self.engine.wake_up()
-        if batch_groups is not None:
+        if batch is not None:
             sync = self._sync(self.engine)
             local.update({"sync/seconds": sync.seconds / self.world,
                           "sync/MB": sync.bytes / 2**20 / self.world})

@@ -19,17 +19,21 @@ Number = Union[float, torch.Tensor]
 
 
 def reduce_step_metrics(local: Dict[str, Number]) -> Dict[str, float]:
-    """Host floats of ``local`` summed (``*/max``: maximised) over the world, once per step."""
+    """Host floats of ``local`` summed (``*/max``: maximised) over the world, once per step: the
+    values are stacked where they live and copied to the host once."""
     names = sorted(set().union(*[set(n) for n in all_gather_objects(sorted(local))]))
-    kinds = {"max": [n for n in names if n.endswith("/max")]}
-    kinds["sum"] = [n for n in names if n not in kinds["max"]]
+    device = torch.device("cpu")
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
     out: Dict[str, float] = {}
     world = dist.is_initialized() and dist.get_world_size() > 1
-    for kind, keys in kinds.items():
+    for kind in ("sum", "max"):
+        keys = [n for n in names if n.endswith("/max") == (kind == "max")]
         if not keys:
             continue
         fill = float("-inf") if kind == "max" else 0.0
-        vec = torch.tensor([float(local[k]) if k in local else fill for k in keys], dtype=torch.float64)
+        vec = torch.stack([torch.as_tensor(local.get(k, fill), dtype=torch.float64).to(device).reshape(())
+                           for k in keys])
         if world:
             dist.all_reduce(vec, op=dist.ReduceOp.MAX if kind == "max" else dist.ReduceOp.SUM)
         out.update(zip(keys, vec.tolist()))

@@ -162,13 +162,10 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
 
 def mismatch_sums(batch: StepBatch) -> Dict[str, Tensor]:
     """Train/inference mismatch on this step's tokens: |trainer old log-prob - engine log-prob|
-    summed over action tokens (partial sums; divide by the token count after the reduce)."""
-    total = torch.zeros((), dtype=torch.float64)
-    worst = torch.zeros((), dtype=torch.float64)
-    tokens = torch.zeros((), dtype=torch.float64)
-    for mb in batch.micro_batches:
-        d = (mb.old_logprobs.double() - mb.rollout_logprobs.double()).abs() * mb.shard.mask.double()
-        total = total + d.sum().cpu()
-        worst = torch.maximum(worst, d.max().cpu())
-        tokens = tokens + mb.shard.mask.double().sum().cpu()
-    return {"mismatch/abs_sum": total, "mismatch/tokens": tokens, "mismatch/max": worst}
+    summed over action tokens (partial sums, on the device; divide by the token count after the
+    reduce)."""
+    diffs = [((mb.old_logprobs.double() - mb.rollout_logprobs.double()).abs() * mb.shard.mask.double(),
+              mb.shard.mask.double()) for mb in batch.micro_batches]
+    return {"mismatch/abs_sum": sum(d.sum() for d, _ in diffs),
+            "mismatch/tokens": sum(m.sum() for _, m in diffs),
+            "mismatch/max": torch.stack([d.max() for d, _ in diffs]).max()}
