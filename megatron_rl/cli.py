@@ -137,6 +137,9 @@ def _eval(args) -> int:
 
     if args.prompts < 1 or args.n < 1 or args.temperature < 0:
         raise ConfigError("eval: --prompts and --n must be >= 1 and --temperature >= 0")
+    if args.temperature == 0 and args.n > 1:
+        raise ConfigError(f"eval: --n {args.n} samples of a greedy decode are all the same; "
+                          "give --temperature > 0 or --n 1")
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(evaluate(cfg, args.model, num_prompts=args.prompts, n=args.n,
                               temperature=args.temperature)))

@@ -13,8 +13,8 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
              temperature: float) -> Dict[str, float]:
     from megatron_rl.data.prompts import render_prompt
     from megatron_rl.model.hf_config import load_hf_config
-    from megatron_rl.rollout.collect import Scorer, _score_all, Rollouts
-    from megatron_rl.rollout.engine import EngineSettings, RolloutEngine
+    from megatron_rl.rollout.collect import Scorer, score_groups
+    from megatron_rl.rollout.engine import RolloutEngine
     from megatron_rl.train.setup import load_rows, load_tokenizer
 
     d = Path(model_dir)
@@ -32,24 +32,17 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
     r = cfg.rollout
     ids = [render_prompt(row, tok, chat=cfg.data.chat_template, max_tokens=r.max_prompt_len)
            for row in rows]
-    engine = RolloutEngine(EngineSettings(str(d), tensor_parallel_size=r.tensor_parallel_size,
-                                          max_model_len=r.max_prompt_len + r.max_response_len,
-                                          seed=r.seed, enforce_eager=r.enforce_eager,
-                                          gpu_memory_utilization=r.gpu_memory_utilization,
-                                          cpu_kv_cache_gb=r.cpu_kv_cache_gb, sleep_mode=False))
+    engine = RolloutEngine(r.engine_settings(str(d), sleep_mode=False))
     try:
         groups = engine.generate(ids, n=n, max_tokens=r.max_response_len, temperature=temperature,
                                  top_p=r.top_p if temperature > 0 else 1.0, seed=r.seed,
                                  stop_token_ids=[tok.eos_token_id])
     finally:
         engine.shutdown()
-    scorer = Scorer(cfg.reward.name, dict(cfg.reward.params),
-                    lambda t: tok.decode(t, skip_special_tokens=True), cfg.reward.failure_score,
-                    cfg.reward.workers)
-    sink = Rollouts()
-    scores = [s for g in _score_all(scorer, rows, groups, sink) for s in g]
+    per_group, failures, _ = score_groups(Scorer.of(cfg.reward, tok), rows, groups)
+    scores = [s for g in per_group for s in g]
     lengths = [len(s.token_ids) for g in groups for s in g]
     return {"prompts": len(rows), "samples": len(scores),
             "reward_mean": sum(scores) / max(len(scores), 1),
             "solved_frac": sum(s >= 1.0 for s in scores) / max(len(scores), 1),
-            "failures": sink.failures, "length_mean": sum(lengths) / max(len(lengths), 1)}
+            "failures": failures, "length_mean": sum(lengths) / max(len(lengths), 1)}

@@ -53,6 +53,7 @@ class Trainer:
 
             self.reference = HostWeights(self.ms.model)
         self.tok = S.load_tokenizer(cfg, self.hf)
+        self.scorer = Scorer.of(cfg.reward, self.tok)
         self._data()
         self.step = 0
         self.last: Dict[str, float] = {}
@@ -98,7 +99,7 @@ class Trainer:
 
     def _engine(self):
         from megatron_rl.checkpoint.convert import write_hf_model
-        from megatron_rl.rollout.engine import EngineSettings, RolloutEngine
+        from megatron_rl.rollout.engine import RolloutEngine
 
         r = self.cfg.rollout
         model_dir = Path(r.model_dir) if r.model_dir else self.out / "hf_init"
@@ -108,13 +109,9 @@ class Trainer:
             if self.rank == 0:
                 self.tok.save_pretrained(str(model_dir))
             dist.barrier()
-        dtype = r.dtype if r.dtype != "auto" else str(self.ms.dtype).replace("torch.", "")
-        longest = r.max_prompt_len + r.max_response_len
-        engine = RolloutEngine(EngineSettings(
-            str(model_dir), tensor_parallel_size=r.tensor_parallel_size, dtype=dtype,
-            max_model_len=longest, seed=r.seed, enforce_eager=r.enforce_eager,
-            gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
-            sleep_mode=r.sleep_mode, data_parallel_size=self.n_engines))
+        engine = RolloutEngine(r.engine_settings(
+            str(model_dir), dtype=str(self.ms.dtype).replace("torch.", ""),
+            data_parallel_size=self.n_engines))
         if self.step > 0 or r.model_dir:  # the engine's files are not the trainer's weights
             self._sync(engine)
         return engine
@@ -285,7 +282,7 @@ class Trainer:
                                       stop_token_ids=plan.stop_token_ids) if mine else []
         payload = None
         if self.rank % self.engine_tp == 0:   # one rank per engine scores and reports
-            scores, failures, error = score_groups(self._scorer(), [r for r, _ in mine], groups)
+            scores, failures, error = score_groups(self.scorer, [r for r, _ in mine], groups)
             payload = (self.engine_index, groups, scores, failures, error)
         parts = {p[0]: p for p in all_gather_objects(payload) if p is not None}
         out_groups, out_scores, failures, error = [None] * len(drawn), [None] * len(drawn), 0, ""
@@ -294,11 +291,6 @@ class Trainer:
             failures += f
             error = error or err
         return out_groups, out_scores, failures, error
-
-    def _scorer(self) -> Scorer:
-        r = self.cfg.reward
-        return Scorer(r.name, dict(r.params), lambda ids: self.tok.decode(ids, skip_special_tokens=True),
-                      r.failure_score, r.workers)
 
     @staticmethod
     def _tokens(rollouts) -> int:

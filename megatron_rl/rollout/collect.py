@@ -54,6 +54,13 @@ class Scorer:
     failure_score: float = 0.0
     workers: int = 1
 
+    @classmethod
+    def of(cls, reward, tokenizer) -> "Scorer":
+        """From the ``reward`` config section; responses decoded without special tokens."""
+        return cls(reward.name, dict(reward.params),
+                   lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                   reward.failure_score, reward.workers)
+
 
 @dataclass
 class Rollouts:

@@ -33,3 +33,17 @@ class RolloutConfig:
     # DAPO dynamic sampling (algo.dynamic_sampling): draw extra prompts, keep informative groups
     oversample: float = field_(1.0, ge=1.0, help="prompts drawn per round / prompts needed")
     max_sample_rounds: int = field_(3, ge=1, help="rounds before training on what was kept")
+
+    def engine_settings(self, model_dir: str, *, dtype: str = "auto", data_parallel_size: int = 1,
+                        sleep_mode: bool = True):
+        """The ``rollout.engine.EngineSettings`` of this section for ``model_dir`` (``dtype``:
+        what ``auto`` resolves to)."""
+        from megatron_rl.rollout.engine import EngineSettings
+
+        return EngineSettings(
+            model_dir, tensor_parallel_size=self.tensor_parallel_size,
+            dtype=self.dtype if self.dtype != "auto" else dtype,
+            max_model_len=self.max_prompt_len + self.max_response_len, seed=self.seed,
+            enforce_eager=self.enforce_eager, gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_kv_cache_gb=self.cpu_kv_cache_gb, sleep_mode=self.sleep_mode and sleep_mode,
+            data_parallel_size=data_parallel_size)

@@ -68,6 +68,15 @@ def test_train_produces_metrics_checkpoint_tensorboard_export_and_resumes(tmp_pa
     with safe_open(str(next(hf.glob("*.safetensors"))), "pt") as f:
         assert any("experts" in k for k in f.keys())
 
+    # the export serves: `megatron-rl eval` scores it through vLLM with the recipe's reward
+    ev = subprocess.run([sys.executable, "-m", "megatron_rl", "eval", "--config", RECIPE, "--model",
+                         str(hf), "--prompts", "4", "--n", "2", "--temperature", "1"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert report["prompts"] == 4 and report["samples"] == 8 and report["failures"] == 0
+    assert 0.0 <= report["reward_mean"] <= 1.0 and 1 <= report["length_mean"] <= 5
+
     # a rerun with more steps resumes: the counter and the data position continue
     r = _train(out, 5)
     assert "resumed from step 3" in r.stderr

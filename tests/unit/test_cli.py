@@ -1,4 +1,4 @@
-"""``megatron-rl convert``: bad input ends in one line on stderr and exit status 2."""
+"""``megatron-rl convert`` and ``eval``: bad input ends in one line on stderr and exit status 2."""
 
 import subprocess
 import sys
@@ -22,3 +22,12 @@ def test_convert_of_a_missing_directory_is_one_line_and_status_2(tmp_path):
 def test_convert_usage_errors_name_the_flag(tmp_path):
     r = _cli("convert", "import", str(tmp_path), str(tmp_path / "o"), "--tp", "two")
     assert r.returncode == 2 and "--tp" in r.stderr and "invalid int value" in r.stderr
+
+
+def test_eval_bad_arguments_are_one_line_and_status_2(tmp_path):
+    recipe = "configs/recipes/tiny_moe_gspo.yaml"
+    r = _cli("eval", "--config", recipe, "--model", str(tmp_path), "--n", "4")
+    assert r.returncode == 2 and "greedy decode" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("eval", "--config", recipe, "--model", str(tmp_path), "--temperature", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{tmp_path}: not a Hugging Face model directory (no config.json)" in r.stderr
