@@ -7,6 +7,7 @@ Everything lands in the run directory; a resumed run appends (the step numbers c
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -34,9 +35,10 @@ def git_sha() -> str:
 
 class RunLog:
     def __init__(self, run_dir: pathlib.Path, total_steps: int, *, config_yaml: str,
-                 tensorboard: bool = True, quiet: bool = False):
+                 tensorboard: bool = True, quiet: bool = False, start_step: int = 0):
         self.dir = pathlib.Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        _rewind(self.dir / "metrics.jsonl", start_step)
         (self.dir / "config.yaml").write_text(config_yaml)
         (self.dir / "run_info.json").write_text(json.dumps(
             {"git_sha": git_sha(), "argv": sys.argv, "python": sys.version.split()[0],
@@ -91,11 +93,25 @@ def _clock(seconds: float) -> str:
 
 
 def read_metrics(path: pathlib.Path) -> List[Dict[str, float]]:
+    """The logged rows; a line cut short by a crash (only ever the last) is left out."""
     rows = []
-    for line in pathlib.Path(path).read_text().splitlines():
-        if line.strip():
+    for line in pathlib.Path(path).read_text(errors="replace").splitlines():
+        try:
             rows.append(json.loads(line))
+        except ValueError:
+            continue
     return rows
+
+
+def _rewind(path: pathlib.Path, step: int) -> None:
+    """A run resumed from the checkpoint of ``step`` redoes the steps after it: drop their rows
+    (logged before the process died) so that each step appears once, as last computed."""
+    if not path.is_file():
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
 
 
 def plot_curve(rows: List[Dict[str, float]], out: pathlib.Path, key: str = "reward/mean",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
 from megatron_rl.train import rl_batch
+from megatron_rl.train.crash_points import reached
 from megatron_rl.train import setup as S
 
 
@@ -56,9 +57,15 @@ class Trainer:
         self.scorer = Scorer.of(cfg.reward, self.tok)
         self._data()
         self.step = 0
+        self.warnings: List[str] = []
+        self.resumed_from = None
         self.last: Dict[str, float] = {}
         self._resume()
         self.engine = self._engine()
+        if self.resumed_from is not None:  # the engine's start-up drew random numbers
+            from megatron_rl.checkpoint.dist_ckpt import load_rng_state
+
+            load_rng_state(self.resumed_from)
         self.plan = self._step_plan()
         from megatron_rl.train.moe_stats import RouterLoad
 
@@ -68,7 +75,9 @@ class Trainer:
             from megatron_rl.observe import RunLog
 
             self.log = RunLog(self.out, cfg.train.steps, config_yaml=to_yaml(cfg),
-                              tensorboard=cfg.train.tensorboard, quiet=quiet)
+                              tensorboard=cfg.train.tensorboard, quiet=quiet, start_step=self.step)
+            for w in self.warnings:
+                self.log.note(f"warning: {w}")
             self.log.note(f"model: {self.hf.architecture} from {self.source}; world {self.world} "
                           f"(DP {self.dp}); {self.n_engines} vLLM engine(s) of TP {self.engine_tp}; "
                           f"starting at step {self.step + 1}")
@@ -85,15 +94,14 @@ class Trainer:
                                       shuffle=d.shuffle)
 
     def _resume(self) -> None:
-        from megatron_rl.checkpoint.dist_ckpt import latest_step, load_checkpoint
-
-        ckpts = self.out / "checkpoints"
-        last = latest_step(ckpts) if self.cfg.train.resume else None
-        if last is None:
+        if not self.cfg.train.resume:
             return
-        state = load_checkpoint(ckpts / f"step_{last:08d}", self.ms.model[0], self.ms.optimizer,
-                                self.ms.scheduler)
+        state, self.warnings = S.resume_checkpoint(self.out / "checkpoints", self.ms,
+                                                   self.cfg.train.resume_fallback)
+        if state is None:
+            return
         self.step = int(state["step"])
+        self.resumed_from = Path(state["path"])
         self.prompts.sampler.load_state_dict(state["sampler"])
         self.source += f", resumed from step {self.step}"
 
@@ -174,10 +182,12 @@ class Trainer:
         from megatron_rl.parallel.metrics_comm import reduce_step_metrics
 
         t0 = time.perf_counter()
+        reached("rollout", self.step)
         batch, rollouts = self._rollouts()
         t1 = time.perf_counter()
         self.engine.sleep()
         local: Dict[str, float] = {}
+        reached("train", self.step)
         if batch is not None:
             rl_batch.logprob_passes(self.ms.model, batch, self.pg, self.plan, self.reference,
                                     self.router_load)
@@ -193,6 +203,7 @@ class Trainer:
             local["train/skipped_steps"] = 1.0 / self.world
         t3 = time.perf_counter()
         self.engine.wake_up()
+        reached("sync", self.step)
         if batch is not None:
             sync = self._sync(self.engine)
             local.update({"sync/seconds": sync.seconds / self.world,

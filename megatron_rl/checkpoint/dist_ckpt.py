@@ -4,8 +4,10 @@ A checkpoint is ``<root>/step_<N>/``: the model and optimizer (sharded, any TP/P
 load it), the LR scheduler and the trainer's own state (rank 0, JSON), and every rank's RNG
 states. It is written to ``<root>/.tmp-step_<N>`` and renamed only when complete, so a crash
 mid-save leaves the previous checkpoint as the latest; ``<root>/latest`` names the newest
-complete one (replaced atomically); only the last ``keep_last`` are kept. Loading never unpickles
-arbitrary objects (``torch.load(weights_only=True)``).
+complete one (replaced atomically); only the last ``keep_last`` are kept. The last file written
+is ``manifest.json`` (every file's size and SHA-256, ``manifest.py``), checked before any load: a
+truncated or altered file is named instead of loaded. Loading never unpickles arbitrary objects
+(``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_rl.checkpoint import manifest as M
+from megatron_rl.train.crash_points import reached
 from megatron_rl.train.model_setup import unwrap
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -49,10 +53,63 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def latest_step(root: os.PathLike) -> Optional[int]:
     """The step of the newest complete checkpoint under ``root``, or None."""
     f = Path(root) / "latest"
-    return int(f.read_text().strip()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    text = f.read_text(errors="replace").strip()
+    if not text.isdigit():
+        raise M.CheckpointError(f"{f}: expected a step number, found {text[:40]!r}; delete the "
+                                "file to start over, or write the step of a complete step_* in it")
+    return int(text)
+
+
+def complete_steps(root: os.PathLike) -> List[int]:
+    """Steps of the ``step_*`` directories under ``root``, newest first (verify before use)."""
+    out = []
+    for d in Path(root).glob("step_*"):
+        tail = d.name[len("step_"):]
+        if d.is_dir() and tail.isdigit():
+            out.append(int(tail))
+    return sorted(out, reverse=True)
+
+
+def step_dir(root: os.PathLike, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def _seal(directory: Path) -> None:
+    """Collective: hash this rank's share of the files; rank 0 writes the manifest."""
+    from megatron_rl.parallel.weight_comm import all_gather_objects
+
+    files = M.checkpoint_files(directory)
+    entries = {}
+    for part in all_gather_objects(M.digests(directory, M.my_share(files, _rank(), _world()))):
+        entries.update(part)
+    if _rank() == 0:
+        M.write_manifest(directory, entries)
+
+
+def verify_checkpoint(path: os.PathLike) -> None:
+    """Collective: raises ``CheckpointError`` on every rank (naming the file) unless every file in
+    the manifest is present with its size and SHA-256."""
+    from megatron_rl.parallel.weight_comm import all_gather_objects
+
+    path = Path(path)
+    try:
+        expected = M.read_manifest(path)
+        local = M.check_files(path, expected, M.my_share(sorted(expected), _rank(), _world()))
+    except M.CheckpointError as e:
+        local = [f"!{e}"]
+    problems = [p for part in all_gather_objects(local) for p in part]
+    if problems:
+        whole = [p[1:] for p in problems if p.startswith("!")]
+        raise M.CheckpointError(whole[0] if whole else M.problem_message(path, problems))
 
 
 def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
@@ -61,11 +118,12 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    final, tmp = step_dir(root, step), root / f".tmp-step_{step:08d}"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    reached("checkpoint", step)
     from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
 
     _prime_adam_state(optimizer)  # a checkpoint before the first update (no Adam state yet)
@@ -79,16 +137,32 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, "scheduler": scheduler.state_dict(), "trainer": trainer_state}))
     _barrier()
+    _seal(tmp)
+    reached("checkpoint.written", step)
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        reached("checkpoint.renamed", step)
         pointer = root / ".latest.tmp"
         pointer.write_text(str(step))
         os.replace(pointer, root / "latest")
-        for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        reached("checkpoint.latest", step)
+        _prune(root, step, keep_last)
     _barrier()
     return final
+
+
+def _prune(root: Path, step: int, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``step``. Directories beyond ``step`` and
+    temporary ones are left by a run that crashed after writing them and resumed from an earlier
+    checkpoint: they are not on this run's history, so they go too."""
+    steps = complete_steps(root)
+    kept = [s for s in steps if s <= step][:keep_last]
+    for s in steps:
+        if s not in kept:
+            shutil.rmtree(step_dir(root, s), ignore_errors=True)
+    for tmp in root.glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _prime_adam_state(optimizer) -> None:
@@ -120,29 +194,46 @@ def _restore_adam_step(optimizer, loaded: Dict[str, Any]) -> None:
                 st["step"] = torch.tensor(float(step))
 
 
-def load_checkpoint(path: os.PathLike, model, optimizer, scheduler) -> Dict[str, Any]:
+def load_checkpoint(path: os.PathLike, model, optimizer, scheduler,
+                    verify: bool = True) -> Dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint`` into freshly built objects (collective);
     returns the trainer state saved with it."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"checkpoint {path} is incomplete or not ours (no trainer_state.json)")
+        raise M.CheckpointError(f"checkpoint {path}: no trainer_state.json (a weights-only "
+                                "directory: give it as model.init_from instead)")
     _prime_adam_state(optimizer)
     model = unwrap(model)
     msd = model.sharded_state_dict()
     with torch.no_grad():  # the fp32 optimizer copies into views of parameters that need grads
-        loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
-            msd, is_loading=True, metadata=_OPTIM_METADATA)}, str(path))
+        try:
+            loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
+                msd, is_loading=True, metadata=_OPTIM_METADATA)}, str(path))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 -- torch's CheckpointException is a BaseException
+            raise M.CheckpointError(f"checkpoint {path}: does not fit the model and optimizer "
+                                    f"built from the config ({_last_line(e)[:300]})") from None
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_step(optimizer, loaded["optimizer"])
     state = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
-    rng = path / f"rng_rank{_rank():05d}.pt"
+    load_rng_state(path)
+    return state["trainer"]
+
+
+def load_rng_state(path: os.PathLike) -> None:
+    """This rank's RNG states as saved with the checkpoint at ``path`` (if it has them). Call it
+    again after anything that draws random numbers between the load and the next step (building
+    the vLLM engine does), so that a resumed run continues the saved streams exactly."""
+    rng = Path(path) / f"rng_rank{_rank():05d}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
-    return state["trainer"]
 
 
 MODEL_INFO = "megatron_rl_model.json"
@@ -184,6 +275,9 @@ def save_model(path: os.PathLike, model, info: Dict[str, Any],
 
             (tmp / "hf").mkdir()
             copy_side_files(hf_files, tmp / "hf", ("config.json", *SIDE_FILES))
+    _barrier()
+    _seal(tmp)
+    if _rank() == 0:
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)
@@ -204,6 +298,7 @@ def load_model(path: os.PathLike, model) -> None:
 
     path = Path(path)
     _check_dist_checkpoint(path)
+    verify_checkpoint(path)
     model = unwrap(model)  # a DDP wrapper's state dict keys say "module."
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))

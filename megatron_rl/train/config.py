@@ -29,4 +29,6 @@ class TrainConfig:
     keep_checkpoints: int = field_(2, ge=1, help="newest step_* directories kept")
     export_hf: bool = field_(True, help="write <output_dir>/hf (safetensors) at the end")
     resume: bool = field_(True, help="continue from the newest checkpoint in output_dir")
+    resume_fallback: bool = field_(False, help="if the newest checkpoint fails its manifest check, "
+                                               "resume from the newest earlier one that passes")
     tensorboard: bool = True

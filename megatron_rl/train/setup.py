@@ -101,6 +101,34 @@ def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
     return source
 
 
+def resume_checkpoint(root: Path, ms: ModelState, fallback: bool) -> tuple:
+    """Load the newest complete checkpoint under ``root`` (collective): ``(trainer_state or None,
+    warnings)``; the state's ``"path"`` is the directory loaded. ``latest`` names it; if its files fail the manifest check, the error names the
+    file, unless ``fallback`` allows the newest earlier checkpoint that passes."""
+    from megatron_rl.checkpoint.dist_ckpt import (
+        complete_steps, latest_step, load_checkpoint, step_dir, verify_checkpoint)
+    from megatron_rl.checkpoint.manifest import CheckpointError
+
+    last = latest_step(root)
+    if last is None:
+        return None, []
+    warned = []
+    for step in [last] + [s for s in complete_steps(root) if s < last]:
+        try:
+            verify_checkpoint(step_dir(root, step))
+        except CheckpointError as e:
+            if not fallback:
+                raise CheckpointError(f"{e}; restore it, or set train.resume_fallback=true to "
+                                      "resume from the newest earlier checkpoint that is complete") from None
+            warned.append(f"skipping a damaged checkpoint: {e}")
+            continue
+        state = load_checkpoint(step_dir(root, step), ms.model[0], ms.optimizer, ms.scheduler,
+                                verify=False)
+        return {**state, "path": str(step_dir(root, step))}, warned
+    raise CheckpointError(f"{root}: no complete checkpoint to resume from ({'; '.join(warned)}); "
+                          "set train.resume=false or choose a new train.output_dir to start over")
+
+
 def load_tokenizer(cfg: RunConfig, hf, model_dir: Optional[str] = None):
     """``data.tokenizer``: ``word`` (the synthetic tasks'), a directory, or the model's own
     (``model_dir``, default ``model.hf_config``'s directory)."""

@@ -20,4 +20,4 @@ def test_only_the_last_n_checkpoints_are_kept(hygiene_results):
 def test_a_half_written_save_never_becomes_latest(hygiene_results):
     assert hygiene_results["latest"] == 3 and hygiene_results["state"] == {"step": 3}
     assert hygiene_results["tmp_left"]  # the debris stays for inspection, but is never loaded
-    assert "incomplete or not ours" in hygiene_results["partial_error"]
+    assert "no manifest.json" in hygiene_results["partial_error"]

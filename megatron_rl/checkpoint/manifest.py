@@ -1,0 +1,97 @@
+"""Checkpoint manifests: every file of a checkpoint with its size and SHA-256.
+
+The manifest is the last file written into a checkpoint's temporary directory, so a directory
+with a manifest that matches its files is complete and unaltered: a truncated, altered or missing
+file is found before anything is loaded, and named. Hashing is split over the ranks (file ``i`` of
+the sorted list goes to rank ``i % world``), so a large checkpoint is hashed in parallel, each
+rank reading ``1 / world`` of the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, List
+
+MANIFEST = "manifest.json"
+_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded; the message names the directory and the file."""
+
+
+def checkpoint_files(root: Path) -> List[str]:
+    """Every regular file under ``root`` (relative, sorted), except the manifest itself."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), root)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def my_share(files: List[str], rank: int, world: int) -> List[str]:
+    return files[rank::world]
+
+
+def digest(path: Path) -> Dict[str, object]:
+    with open(path, "rb") as f:
+        h = hashlib.file_digest(f, "sha256")
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def digests(root: Path, files: List[str]) -> Dict[str, Dict[str, object]]:
+    return {rel: digest(root / rel) for rel in files}
+
+
+def write_manifest(root: Path, entries: Dict[str, Dict[str, object]]) -> None:
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"version": _VERSION, "files": dict(sorted(entries.items()))},
+                              indent=1))
+    os.replace(tmp, root / MANIFEST)
+
+
+def read_manifest(root: Path) -> Dict[str, Dict[str, object]]:
+    f = root / MANIFEST
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {root}: no {MANIFEST} (the checkpoint was not completed, "
+                              "or was not written by megatron_rl)")
+    try:
+        data = json.loads(f.read_text())
+        files = data["files"]
+        for rel, e in files.items():
+            if not (isinstance(rel, str) and isinstance(e["size"], int) and isinstance(e["sha256"], str)):
+                raise TypeError(rel)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {root}: {MANIFEST} is damaged (not the JSON it wrote)") from None
+    for rel in files:
+        if os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise CheckpointError(f"checkpoint {root}: {MANIFEST} names a path outside the "
+                                  f"checkpoint ({rel!r})")
+    return files
+
+
+def check_files(root: Path, expected: Dict[str, Dict[str, object]], files: List[str]) -> List[str]:
+    """What is wrong with ``files`` (a share of the manifest's keys), one line each."""
+    problems = []
+    for rel in files:
+        want, path = expected[rel], root / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+            continue
+        size = path.stat().st_size
+        if size != want["size"]:
+            problems.append(f"{rel} is {'truncated' if size < want['size'] else 'longer than written'} "
+                            f"({size} of {want['size']} bytes)")
+        elif digest(path)["sha256"] != want["sha256"]:
+            problems.append(f"{rel} was altered (its SHA-256 differs from {MANIFEST})")
+    return problems
+
+
+def problem_message(root: Path, problems: List[str]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"checkpoint {root}: {problems[0]}{more}"
