@@ -121,7 +121,7 @@ def main() -> None:
     from megatron_rl.parallel.loss import step_denominators
     from megatron_rl.train.megatron_loss import PolicyLoss, train_forward_backward
     from megatron_rl.train.model_setup import build_model
-    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, optimizer_step
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, nonfinite_flag, optimizer_step
     from megatron_rl.train.parallel_init import init_megatron_parallel
 
     gpu = torch.cuda.is_available()
@@ -149,7 +149,7 @@ def main() -> None:
                 train_forward_backward(model, mbs, ours_loss, groups)
             else:
                 _ce_step(model, mbs)
-            optimizer_step(opt, sched)
+            optimizer_step(opt, sched, nonfinite_flag(model, []), torch.distributed.group.WORLD)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         sec = _time(once, args.steps, sync)

@@ -58,6 +58,7 @@ class Trainer:
         self._data()
         self.step = 0
         self.warnings: List[str] = []
+        self.bad_steps, self.last_good = 0, 0
         self.resumed_from = None
         self.last: Dict[str, float] = {}
         self._resume()
@@ -137,12 +138,12 @@ class Trainer:
     def run(self) -> int:
         """Train to ``train.steps``; returns 0, or ``EXIT_REQUEUE`` after a requested stop (a
         checkpoint was written first)."""
-        from megatron_rl.train.preempt import EXIT_REQUEUE, StopRequest
+        from megatron_rl.train.preempt import EXIT_NONFINITE, EXIT_REQUEUE, StopRequest
 
-        stop = StopRequest(self.out / "STOP")
-        if self.rank == 0 and stop.stop_file.exists():  # the request that stopped the last run
-            stop.stop_file.unlink()
+        if self.rank == 0:  # the request that stopped the last run
+            (self.out / "STOP").unlink(missing_ok=True)
         dist.barrier()
+        stop = StopRequest(self.out / "STOP", self.cfg.train.preempt_grace_s)
         try:
             while self.step < self.cfg.train.steps:
                 self.step += 1
@@ -154,12 +155,18 @@ class Trainer:
                 due = (every and self.step % every == 0) or self.step == self.cfg.train.steps
                 if due:
                     self.save()
+                if self._too_many_bad_steps():
+                    if not due:
+                        self.save()
+                    return EXIT_NONFINITE
                 if self.step < self.cfg.train.steps and self._agreed(stop.local()):
                     if not due:
                         self.save()
                     if self.log is not None:
                         self.log.note(f"stopping after step {self.step} ({stop.reason()}): "
-                                      f"checkpoint written; rerun the same command to resume")
+                                      f"checkpoint complete {stop.elapsed():.1f} s after the request "
+                                      f"(grace {self.cfg.train.preempt_grace_s:g} s); rerun the "
+                                      "same command to resume")
                     return EXIT_REQUEUE
             if self.cfg.train.export_hf:
                 self.export(self.out / "hf")
@@ -169,6 +176,26 @@ class Trainer:
             stop.close()
             if self.log is not None:
                 self.log.close()
+
+    def _too_many_bad_steps(self) -> bool:
+        """Counts steps in a row whose updates were skipped for NaN/Inf (the skip itself happens
+        in ``optimizer_step``, on every rank alike); True when ``train.max_bad_steps`` is reached.
+        The metrics are already reduced, so every rank decides the same without a collective."""
+        if self.last.get("train/skipped_updates", 0.0) > 0:
+            self.bad_steps += 1
+        else:
+            self.bad_steps, self.last_good = 0, self.step
+        limit = self.cfg.train.max_bad_steps
+        if not limit or self.bad_steps < limit:
+            return False
+        if self.log is not None:
+            self.log.note(
+                f"stopping: {self.bad_steps} steps in a row (to step {self.step}) had a NaN/Inf "
+                f"loss or gradient, so their updates were skipped; the checkpoint of step "
+                f"{self.step} holds the weights and optimizer state as of step {self.last_good}. "
+                "Look at reward/* and train/grad_norm before the first skip; lower train.lr or "
+                "train.max_grad_norm, or raise train.max_bad_steps to wait longer")
+        return True
 
     @staticmethod
     def _agreed(flag: bool) -> bool:
@@ -390,7 +417,8 @@ class Trainer:
 
 
 def train(cfg: RunConfig, quiet: bool = False) -> int:
-    """Run a recipe; returns the process exit status (0, or ``preempt.EXIT_REQUEUE``)."""
+    """Run a recipe; returns the process exit status (0, ``preempt.EXIT_REQUEUE`` or
+    ``preempt.EXIT_NONFINITE``)."""
     trainer = Trainer(cfg, quiet=quiet)
     try:
         return trainer.run()

@@ -7,6 +7,8 @@ returns a ``RewardResult``: a reward that raises scores ``failure_score`` and ke
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -30,8 +32,8 @@ def score(name: str, response: str, label: Any, *, prompt: str = "",
         value = float(fn(response, label, prompt=prompt, metadata=metadata or {}, **params))
     except Exception as e:  # noqa: BLE001 -- any failure of user reward code is data, not a crash
         return RewardResult(failure_score, f"{type(e).__name__}: {e}"[:500])
-    if value != value:  # NaN
-        return RewardResult(failure_score, "reward returned NaN")
+    if not math.isfinite(value):  # one NaN / Inf would turn the whole group's advantages to NaN
+        return RewardResult(failure_score, f"reward returned {value}")
     return RewardResult(value)
 
 

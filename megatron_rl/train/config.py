@@ -32,3 +32,8 @@ class TrainConfig:
     resume_fallback: bool = field_(False, help="if the newest checkpoint fails its manifest check, "
                                                "resume from the newest earlier one that passes")
     tensorboard: bool = True
+    preempt_grace_s: float = field_(240.0, gt=0.0, help="after SIGTERM/SIGUSR1 or a STOP file: "
+                                    "seconds to reach a checkpoint before exiting anyway (keep it "
+                                    "under the launcher's warning time, e.g. --signal=B:USR1@300)")
+    max_bad_steps: int = field_(3, ge=0, help="stop (with a checkpoint) after this many steps in a "
+                                              "row with a non-finite loss or gradient; 0: never")

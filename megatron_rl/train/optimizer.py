@@ -46,9 +46,31 @@ def build_optimizer(model: List, settings: OptimSettings, params_dtype: torch.dt
     return optimizer, scheduler
 
 
-def optimizer_step(optimizer, scheduler):
-    """One update; returns ``(applied, grad_norm, num_zeros)`` as Megatron reports them (an update
-    with a non-finite gradient is skipped by Megatron and reported as not applied)."""
+def nonfinite_flag(model: List, losses: List[torch.Tensor]) -> torch.Tensor:
+    """1.0 when this rank holds a non-finite gradient (any model chunk's dense or expert gradient
+    buffer) or a non-finite loss, else 0.0; a tensor on the device, no host sync."""
+    flags = [~torch.isfinite(buf.grad_data).all()
+             for chunk in model for buf in chunk.buffers + chunk.expert_parallel_buffers]
+    flags += [~torch.isfinite(x.detach()).all() for x in losses]
+    if not flags:
+        return torch.zeros(())
+    return torch.stack(flags).any().float()
+
+
+def optimizer_step(optimizer, scheduler, nonfinite: torch.Tensor, group):
+    """One update, or none: returns ``(applied, grad_norm, num_zeros)``.
+
+    ``nonfinite`` is this rank's ``nonfinite_flag``; its maximum over ``group`` (the world: every
+    rank must take the same decision) decides. With a NaN or Inf anywhere the update is skipped
+    before Megatron's optimizer sees it: weights, Adam moments and step count, and the learning
+    rate schedule stay as they were. Megatron alone would not skip it: without a loss scaler (fp32,
+    or bf16 without loss scaling) it clips by a NaN norm and writes NaN into every weight.
+    The decision costs one host sync per update, which Megatron's own grad-norm already makes."""
+    from megatron_rl.parallel.collectives import all_reduce_nograd
+
+    bad = all_reduce_nograd(nonfinite.reshape(1).float(), group, torch.distributed.ReduceOp.MAX)
+    if bool(bad):
+        return False, None, None
     applied, grad_norm, num_zeros = optimizer.step()
     if applied:
         scheduler.step(increment=1)

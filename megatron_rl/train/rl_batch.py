@@ -23,7 +23,7 @@ from megatron_rl.parallel.loss import sharded_advantages, step_denominators
 from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.megatron_loss import (PolicyLoss, PolicyMicroBatch, forward_logprobs,
                                              train_forward_backward)
-from megatron_rl.train.optimizer import optimizer_step
+from megatron_rl.train.optimizer import nonfinite_flag, optimizer_step
 
 Tensor = torch.Tensor
 
@@ -150,7 +150,8 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
             chunk.zero_grad_buffer()
         loss = PolicyLoss(plan.loss, plan.loss_params, num_tokens, num_seqs, plan.temperature)
         logged = train_forward_backward(model, mbs, loss, pg)
-        applied, grad_norm, _ = optimizer_step(optimizer, scheduler)
+        bad = nonfinite_flag(model, [row["loss"] for row in logged])
+        applied, grad_norm, _ = optimizer_step(optimizer, scheduler, bad, torch.distributed.group.WORLD)
         for row in logged:
             for k, v in row.items():
                 sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v.float() / len(slices)

@@ -15,7 +15,7 @@ from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.loss import step_denominators
 from megatron_rl.train.megatron_loss import PolicyLoss, train_forward_backward
 from megatron_rl.train.model_setup import build_model, unwrap
-from megatron_rl.train.optimizer import OptimSettings, build_optimizer, optimizer_step
+from megatron_rl.train.optimizer import OptimSettings, build_optimizer, nonfinite_flag, optimizer_step
 from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 from tests.distributed import model_workers as mw
 
@@ -43,7 +43,7 @@ def _train(model, opt, sched, groups, steps, start):
         nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
         out = train_forward_backward(model, mbs, PolicyLoss("gspo", {"eps_low": 0.2, "eps_high": 0.2}, nt, ns),
                                      groups)
-        applied, _, _ = optimizer_step(opt, sched)
+        applied, _, _ = optimizer_step(opt, sched, nonfinite_flag(model, []), torch.distributed.group.WORLD)
         assert applied
         losses.append(sum(float(o["loss"]) for o in out))
     return losses
@@ -94,3 +94,103 @@ def hygiene(rank: int, world: int, tmp: str) -> dict:
     destroy_megatron_parallel()
     return {"kept": kept, "latest": latest, "state": state, "partial_error": partial_error,
             "tmp_left": os.path.isdir(root / ".tmp-step_00000004")}
+
+
+def integrity(rank: int, world: int, tmp: str) -> dict:
+    """Damaged checkpoints are named at load; fallback only when allowed."""
+    from types import SimpleNamespace
+
+    from megatron_rl.checkpoint.manifest import CheckpointError
+    from megatron_rl.train.setup import resume_checkpoint
+
+    root = Path(tmp) / "ckpt"
+    _, groups, model, opt, sched = _setup(Layout(), seed=1)
+    for step in (1, 2):
+        _train(model, opt, sched, groups, 1, step)
+        save_checkpoint(root, step, unwrap(model[0]), opt, sched, {"step": step}, keep_last=2)
+    ms = SimpleNamespace(model=model, optimizer=opt, scheduler=sched)
+    out = {}
+
+    def attempt(name, fallback=False):
+        try:
+            state, warned = resume_checkpoint(root, ms, fallback)
+            out[name] = {"step": state["step"], "warned": warned}
+        except CheckpointError as e:
+            out[name] = {"error": str(e)}
+
+    attempt("clean")
+    shard = sorted((root / "step_00000002").glob("*.distcp"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    out["shard"] = shard.name
+    attempt("truncated")
+    attempt("truncated_fallback", fallback=True)
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(flipped))
+    attempt("altered")
+    shard.write_bytes(data)
+    (root / "step_00000002" / "manifest.json").write_text("{not json")
+    attempt("bad_manifest")
+    (root / "step_00000002" / "manifest.json").unlink()
+    attempt("no_manifest")
+    (root / "step_00000001" / "trainer_state.json").write_text("{}")
+    attempt("none_left", fallback=True)
+    (root / "latest").write_text("banana")
+    attempt("bad_latest")
+    destroy_megatron_parallel()
+    return out
+
+
+def _optimizer_state(opt):
+    out = []
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                out.append(p.detach().clone())
+                out += [v.detach().clone() for v in o.optimizer.state[p].values()
+                        if isinstance(v, torch.Tensor)]
+    return out
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def nonfinite_updates(rank: int, world: int, tmp: str) -> dict:
+    """A NaN in one rank's loss, or an Inf in one rank's gradient, skips the update on every rank
+    and leaves weights, Adam state and the LR schedule untouched; the next clean step applies."""
+    from megatron_rl.train.optimizer import nonfinite_flag
+
+    _, groups, model, opt, sched = _setup(Layout(), seed=1)
+    _train(model, opt, sched, groups, 1, 0)   # Adam state exists from here on
+    results = {}
+    for case in ("nan_loss_on_rank1", "inf_grad_on_rank1"):
+        weights = [p.detach().clone() for p in unwrap(model[0]).parameters()]
+        state, lr_steps = _optimizer_state(opt), sched.num_steps
+        data = mw._sequences(256, seed=7)
+        adv = mw._advantages(data, "grpo", {})
+        if case == "nan_loss_on_rank1" and rank == 1:
+            adv = torch.full_like(adv, float("nan"))   # e.g. a reward function returned NaN
+        for m in model:
+            m.zero_grad_buffer()
+        mine = [b for b in range(mw.NSEQ) if b % groups.dp_size == groups.dp_rank]
+        mbs = mw._micro_batches(data, adv, [mine[::2], mine[1::2]], groups.cp)
+        nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
+        out = train_forward_backward(model, mbs, PolicyLoss("gspo", {}, nt, ns), groups)
+        if case == "inf_grad_on_rank1" and rank == 1:  # after the DP reduce: rank 1 alone sees it
+            model[0].buffers[0].grad_data[3] = float("inf")
+        flag = nonfinite_flag(model, [o["loss"] for o in out])
+        applied, _, _ = optimizer_step(opt, sched, flag, torch.distributed.group.WORLD)
+        results[case] = {
+            "local_flag": float(flag), "applied": bool(applied),
+            "weights_untouched": all(torch.equal(a, b) for a, b in
+                                     zip(weights, unwrap(model[0]).parameters())),
+            "optimizer_untouched": _same(state, _optimizer_state(opt)),
+            "schedule_untouched": sched.num_steps == lr_steps}
+    before = [p.detach().clone() for p in unwrap(model[0]).parameters()]
+    _train(model, opt, sched, groups, 1, 8)
+    results["clean_step_moves_weights"] = not all(
+        torch.equal(a, b) for a, b in zip(before, unwrap(model[0]).parameters()))
+    destroy_megatron_parallel()
+    return results

@@ -106,3 +106,17 @@ def replay_results():
     from tests.distributed import model_workers
 
     return spawn(model_workers.routing_replay, 1)
+
+
+@pytest.fixture(scope="session")
+def integrity_results(tmp_path_factory):
+    from tests.distributed import ckpt_workers
+
+    return spawn(ckpt_workers.integrity, 1, str(tmp_path_factory.mktemp("integrity")))
+
+
+@pytest.fixture(scope="session")
+def nonfinite_results(tmp_path_factory):
+    from tests.distributed import ckpt_workers
+
+    return spawn(ckpt_workers.nonfinite_updates, 2, str(tmp_path_factory.mktemp("nan")))

@@ -217,7 +217,7 @@ def logprob_passes(rank: int, world: int) -> dict:
     """Old/reference log-prob passes: the forward-only pass equals the training forward, and the
     host-memory reference weights reproduce the base model's log-probs after an update."""
     from megatron_rl.train.megatron_loss import forward_logprobs
-    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, optimizer_step
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, nonfinite_flag, optimizer_step
     from megatron_rl.train.reference import HostWeights
     from megatron_rl.parallel.vocab_parallel import vocab_parallel_logprobs
 
@@ -238,7 +238,7 @@ def logprob_passes(rank: int, world: int) -> dict:
     model[0].zero_grad_buffer()
     train_forward_backward(model, mbs, PolicyLoss("gspo", {"eps_low": 0.2, "eps_high": 0.2}, nt, ns),
                            groups)
-    optimizer_step(opt, sched)
+    optimizer_step(opt, sched, nonfinite_flag(model, []), torch.distributed.group.WORLD)
     after = forward_logprobs(model, mbs, groups)
     with ref.swapped_in():
         ref_lp = forward_logprobs(model, mbs, groups)
@@ -253,7 +253,7 @@ def routing_replay(rank: int, world: int) -> dict:
     """Routes recorded in the old-policy pass are the ones the training forward uses after the
     weights moved; without replay some tokens would go elsewhere."""
     from megatron_rl.train.megatron_loss import forward_logprobs
-    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, optimizer_step
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, nonfinite_flag, optimizer_step
 
     hf = load_hf_config(tiny_hf_config("qwen3_moe"))
     groups = init_megatron_parallel(Layout(), 11)
@@ -277,7 +277,7 @@ def routing_replay(rank: int, world: int) -> dict:
         model[0].zero_grad_buffer()
         trained = routes_of(lambda: train_forward_backward(
             model, mbs, PolicyLoss("gspo", {"eps_low": 10.0, "eps_high": 10.0}, nt, ns), groups))
-        optimizer_step(opt, sched)
+        optimizer_step(opt, sched, nonfinite_flag(model, []), torch.distributed.group.WORLD)
     replayed = routes_of(lambda: forward_logprobs(model, mbs, groups))
     mbs[0].routes = None
     free = routes_of(lambda: forward_logprobs(model, mbs, groups))

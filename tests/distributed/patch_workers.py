@@ -15,7 +15,7 @@ from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.loss import step_denominators
 from megatron_rl.train.megatron_loss import PolicyLoss, train_forward_backward
 from megatron_rl.train.model_setup import build_model
-from megatron_rl.train.optimizer import OptimSettings, build_optimizer, optimizer_step
+from megatron_rl.train.optimizer import OptimSettings, build_optimizer, nonfinite_flag, optimizer_step
 from megatron_rl.train.parallel_init import init_megatron_parallel
 from tests.distributed import model_workers as mw
 
@@ -40,7 +40,7 @@ def _one_step(layout: Layout, model_name: str) -> None:
     mbs = mw._micro_batches(data, adv, [mine[::2], mine[1::2]], groups.cp)
     nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
     train_forward_backward(model, mbs, PolicyLoss("gspo", {}, nt, ns), groups)
-    optimizer_step(opt, sched)
+    optimizer_step(opt, sched, nonfinite_flag(model, []), torch.distributed.group.WORLD)
 
 
 def _cleanup() -> None:

@@ -21,3 +21,53 @@ def test_a_half_written_save_never_becomes_latest(hygiene_results):
     assert hygiene_results["latest"] == 3 and hygiene_results["state"] == {"step": 3}
     assert hygiene_results["tmp_left"]  # the debris stays for inspection, but is never loaded
     assert "no manifest.json" in hygiene_results["partial_error"]
+
+
+def test_a_clean_checkpoint_resumes(integrity_results):
+    assert integrity_results["clean"] == {"step": 2, "warned": []}
+
+
+def test_a_truncated_file_is_named_and_not_loaded(integrity_results):
+    r, shard = integrity_results, integrity_results["shard"]
+    err = r["truncated"]["error"]
+    assert f"step_00000002: {shard} is truncated" in err and "train.resume_fallback=true" in err
+    assert "\n" not in err
+
+
+def test_fallback_to_the_previous_complete_checkpoint_only_when_allowed(integrity_results):
+    r = integrity_results["truncated_fallback"]
+    assert r["step"] == 1 and "is truncated" in r["warned"][0]
+
+
+def test_an_altered_byte_is_found_by_its_checksum(integrity_results):
+    shard = integrity_results["shard"]
+    assert f"{shard} was altered (its SHA-256 differs" in integrity_results["altered"]["error"]
+
+
+def test_a_damaged_or_missing_manifest_is_refused(integrity_results):
+    assert "manifest.json is damaged" in integrity_results["bad_manifest"]["error"]
+    assert "no manifest.json" in integrity_results["no_manifest"]["error"]
+
+
+def test_no_complete_checkpoint_left_is_an_error_not_a_fresh_start(integrity_results):
+    err = integrity_results["none_left"]["error"]
+    assert "no complete checkpoint to resume from" in err and "train.resume=false" in err
+
+
+def test_a_garbled_latest_pointer_is_named(integrity_results):
+    err = integrity_results["bad_latest"]["error"]
+    assert "latest: expected a step number, found 'banana'" in err
+
+
+@pytest.mark.parametrize("case", ["nan_loss_on_rank1", "inf_grad_on_rank1"])
+def test_a_nonfinite_update_is_skipped_on_every_rank_touching_nothing(nonfinite_results, case):
+    r = nonfinite_results[case]
+    # rank 0's result. The NaN loss on rank 1 reaches rank 0's gradients through the DP reduce;
+    # the Inf written into rank 1's gradient after the reduce does not, and rank 0 still skips
+    assert r["local_flag"] == (0.0 if case == "inf_grad_on_rank1" else 1.0)
+    assert not r["applied"]
+    assert r["weights_untouched"] and r["optimizer_untouched"] and r["schedule_untouched"]
+
+
+def test_a_clean_step_after_skipped_ones_applies(nonfinite_results):
+    assert nonfinite_results["clean_step_moves_weights"]

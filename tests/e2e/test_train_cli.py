@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -104,6 +105,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(tmp_path):
         proc.kill()
     assert proc.returncode == 75, rest[-2000:]
     assert "stopping after step" in rest and "SIGUSR1" in rest
+    assert "s after the request (grace 240 s)" in rest
     latest, state = _trainer_state(out)
     assert 1 <= latest < 200 and state["trainer"]["step"] == latest
     assert not (out / "hf").exists()
@@ -129,3 +131,32 @@ def test_torchrun_two_ranks_tensor_parallel_trainer_and_engine(tmp_path):
     assert abs(rows[0]["train/entropy"] - math.log(32)) < 0.05
     assert rows[0]["train/updates"] == 1.0
     assert max(row["mismatch/mean"] for row in rows) < 1e-4
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_the_last_good_weights(tmp_path):
+    """An absurd learning rate: step 1 applies and blows the weights up to ~1e30, the forward of
+    every later step overflows to NaN, its update is skipped; after train.max_bad_steps (2) the
+    run stops with status 3 and a checkpoint whose weights are still those of step 1."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    out = tmp_path / "run"
+    r = subprocess.run(_args(out, 8, "train.lr=1e30", "train.max_bad_steps=2", "train.checkpoint_every=1",
+                             "train.keep_checkpoints=3", "train.export_hf=false"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "stopping: 2 steps in a row (to step 3) had a NaN/Inf" in r.stderr
+    assert "as of step 1" in r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["train/skipped_updates"] for row in rows] == [0.0, 1.0, 1.0]
+    latest, _ = _trainer_state(out)
+    assert latest == 3 and not (out / "hf").exists()
+
+    def model(step):
+        sd = _load_state_dict_from_keys(checkpoint_id=str(out / "checkpoints" / f"step_{step:08d}"))
+        return {k: v for k, v in sd.items() if not k.startswith("optimizer.")
+                and isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+    first, last = model(1), model(3)
+    assert first.keys() == last.keys() and first
+    assert all(torch.equal(first[k], last[k]) for k in first)

@@ -1,0 +1,71 @@
+"""The stop request: a signal or the stop file starts the grace period; a checkpoint completed in
+time disarms it; otherwise the process leaves with the requeue status before the kill comes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from megatron_rl.train.preempt import EXIT_REQUEUE, StopRequest
+
+
+def _child(body: str, tmp_path) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(f"""
+        import os, signal, time
+        from pathlib import Path
+        from megatron_rl.train.preempt import StopRequest
+        stop_file = Path({str(tmp_path / 'STOP')!r})
+    """) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_a_signal_with_no_safe_point_in_the_grace_period_exits_for_requeue(tmp_path):
+    t0 = time.monotonic()
+    r = _child("""
+        stop = StopRequest(stop_file, grace_s=0.3)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(30)          # a step that never ends
+        print("not reached")
+    """, tmp_path)
+    assert r.returncode == EXIT_REQUEUE and "not reached" not in r.stdout
+    assert "grace period (0.3 s, train.preempt_grace_s) ran out" in r.stderr
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_stop_completed_within_the_grace_period_disarms_the_watchdog(tmp_path):
+    r = _child("""
+        stop = StopRequest(stop_file, grace_s=0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.local() and stop.reason() == "SIGTERM"
+        stop.close()            # checkpoint written, stopping cleanly
+        time.sleep(1.0)
+        print("clean", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["clean", "True"]
+
+
+def test_the_stop_file_is_noticed_between_safe_points(tmp_path):
+    stop = StopRequest(tmp_path / "STOP", grace_s=60, poll_s=0.02)
+    try:
+        assert not stop.local() and stop.elapsed() == 0.0
+        (tmp_path / "STOP").write_text("")
+        deadline = time.monotonic() + 5
+        while stop.requested_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.requested_at is not None   # the watcher saw it, not a check at a step end
+        assert stop.local() and stop.reason() == f"stop file {tmp_path / 'STOP'}"
+    finally:
+        stop.close()
+
+
+@pytest.mark.parametrize("grace", ["0", "-5", "soon"])
+def test_a_grace_period_that_is_not_positive_is_a_config_error(grace):
+    from megatron_rl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.preempt_grace_s"):
+        load_config("configs/recipes/tiny_moe_gspo.yaml", [f"train.preempt_grace_s={grace}"])
