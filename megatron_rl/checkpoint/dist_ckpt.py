@@ -7,7 +7,7 @@ mid-save leaves the previous checkpoint as the latest; ``<root>/latest`` names t
 complete one (replaced atomically); only the last ``keep_last`` are kept. The last file written
 is ``manifest.json`` (every file's size and SHA-256, ``manifest.py``), checked before any load: a
 truncated or altered file is named instead of loaded. Loading never unpickles arbitrary objects
-(``torch.load(weights_only=True)``).
+(``safe_load.py``: torch's metadata through an allowlist, ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.checkpoint import manifest as M
+from megatron_rl.checkpoint.safe_load import safe_checkpoint_loads
 from megatron_rl.train.crash_points import reached
 from megatron_rl.train.model_setup import unwrap
 
@@ -211,13 +212,13 @@ def load_checkpoint(path: os.PathLike, model, optimizer, scheduler,
     msd = model.sharded_state_dict()
     with torch.no_grad():  # the fp32 optimizer copies into views of parameters that need grads
         try:
-            loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
-                msd, is_loading=True, metadata=_OPTIM_METADATA)}, str(path))
+            with safe_checkpoint_loads():
+                loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
+                    msd, is_loading=True, metadata=_OPTIM_METADATA)}, str(path))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 -- torch's CheckpointException is a BaseException
-            raise M.CheckpointError(f"checkpoint {path}: does not fit the model and optimizer "
-                                    f"built from the config ({_last_line(e)[:300]})") from None
+            raise _load_error(path, e, "the model and optimizer") from None
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_step(optimizer, loaded["optimizer"])
@@ -301,13 +302,24 @@ def load_model(path: os.PathLike, model) -> None:
     verify_checkpoint(path)
     model = unwrap(model)  # a DDP wrapper's state dict keys say "module."
     try:
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        with safe_checkpoint_loads():
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
         model.load_state_dict(loaded["model"])
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 -- torch's CheckpointException is a BaseException
-        raise ValueError(f"{path}: does not fit the model built from the config "
-                         f"({_last_line(e)[:300]})") from None
+        raise _load_error(path, e, "the model") from None
+
+
+def _load_error(path: Path, e: BaseException, what: str) -> M.CheckpointError:
+    text = str(e)
+    for marker in ("refused to unpickle", "Weights only load failed", "Unsupported global"):
+        if marker in text:
+            line = next(ln.strip() for ln in text.splitlines() if marker in ln)
+            return M.CheckpointError(f"checkpoint {path}: holds objects that loading would have to "
+                                     f"execute, not load ({line[:300]}); never load it")
+    return M.CheckpointError(f"checkpoint {path}: does not fit {what} built from the config "
+                             f"({_last_line(e)[:300]})")
 
 
 def _last_line(e: BaseException) -> str:

@@ -138,6 +138,21 @@ def integrity(rank: int, world: int, tmp: str) -> dict:
     attempt("none_left", fallback=True)
     (root / "latest").write_text("banana")
     attempt("bad_latest")
+    # a forger rewrites .metadata to run code at load, and the manifest to match
+    import pickle
+
+    from megatron_rl.checkpoint import manifest as M
+    from megatron_rl.checkpoint.dist_ckpt import load_checkpoint as load
+    from tests.unit.test_safe_load import _Payload
+
+    forged, marker = root / "step_00000001", Path(tmp) / "pwned"
+    (forged / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    M.write_manifest(forged, M.digests(forged, M.checkpoint_files(forged)))
+    try:
+        load(forged, unwrap(model[0]), opt, sched)
+        out["forged"] = {"error": ""}
+    except CheckpointError as e:
+        out["forged"] = {"error": str(e), "ran": marker.exists()}
     destroy_megatron_parallel()
     return out
 

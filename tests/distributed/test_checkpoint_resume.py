@@ -59,6 +59,12 @@ def test_a_garbled_latest_pointer_is_named(integrity_results):
     assert "latest: expected a step number, found 'banana'" in err
 
 
+def test_a_forged_checkpoint_with_a_matching_manifest_runs_no_code(integrity_results):
+    r = integrity_results["forged"]
+    assert "holds objects that loading would have to execute" in r["error"]
+    assert "refused to unpickle" in r["error"] and not r["ran"]
+
+
 @pytest.mark.parametrize("case", ["nan_loss_on_rank1", "inf_grad_on_rank1"])
 def test_a_nonfinite_update_is_skipped_on_every_rank_touching_nothing(nonfinite_results, case):
     r = nonfinite_results[case]
