@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -95,20 +96,41 @@ def run_untrusted(code: str, stdin_text: str = "", limits: SandboxLimits = Sandb
         proc = subprocess.Popen([sys.executable, "-I", "-c", _LAUNCH, cfg], cwd=work, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
+        cut = limits.output_bytes
+        readers = [_BoundedReader(proc.stdout, cut), _BoundedReader(proc.stderr, cut)]
         timed_out = False
         try:
-            out, err = proc.communicate(timeout=limits.wall_s)
+            proc.wait(timeout=limits.wall_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
-        _kill_group(proc.pid)  # anything it left behind in its group
-        cut = limits.output_bytes
-        return SandboxResult(None if timed_out else proc.returncode,
-                             out[:cut].decode("utf-8", "replace"), err[:cut].decode("utf-8", "replace"),
-                             timed_out, time.monotonic() - t0)
+        _kill_group(proc.pid)  # at the limit, or anything it left behind in its group
+        proc.wait()
+        out, err = (r.result() for r in readers)
+        return SandboxResult(None if timed_out else proc.returncode, out, err, timed_out,
+                             time.monotonic() - t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class _BoundedReader:
+    """Drains a pipe in a thread, keeping the first ``cut`` bytes: a program that floods its
+    output cannot fill the trainer's memory (``communicate`` would keep every byte)."""
+
+    def __init__(self, pipe, cut: int):
+        self.pipe, self.cut, self.kept = pipe, cut, bytearray()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while chunk := self.pipe.read1(65536):
+            room = self.cut - len(self.kept)
+            if room > 0:
+                self.kept += chunk[:room]
+
+    def result(self) -> str:
+        self.thread.join(timeout=5)  # the group is dead: the pipe closes
+        self.pipe.close()
+        return bytes(self.kept).decode("utf-8", "replace")
 
 
 def _kill_group(pgid: int) -> None:

@@ -1,6 +1,7 @@
 """The code sandbox contains hostile programs, and the machine running the tests is unaffected.
 
-Each program runs under the code reward's sandbox with small limits; each must end contained
+Each of the 27 programs (network, filesystem, privileges, secrets, signals, resources) runs under
+the code reward's sandbox with small limits; each must end contained
 (killed at a limit, or failing inside the box), report why, and leave nothing behind: no file
 outside its directory, no process of the sandbox user, the test process alive.
 """
@@ -34,8 +35,10 @@ def _run(code, limits=LIMITS):
 
 
 def _nobody_processes() -> int:
-    out = subprocess.run(["ps", "-u", "nobody", "-o", "pid="], capture_output=True, text=True)
-    return len(out.stdout.split())
+    """Live processes of the sandbox user. Zombies do not count: a killed namespace's processes
+    are reparented to the host's init, which reaps them a moment later; they run nothing."""
+    out = subprocess.run(["ps", "-u", "nobody", "-o", "stat="], capture_output=True, text=True)
+    return sum(1 for st in out.stdout.split() if not st.startswith("Z"))
 
 
 HOSTILE = {
@@ -51,6 +54,39 @@ HOSTILE = {
     "read_secrets": ("import os\nprint(sorted(os.environ))", None),
     "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
                     "os.killpg(os.getpgid(0), signal.SIGKILL)", None),
+    # network, other ways out
+    "dns_lookup": ("import socket\nprint(socket.getaddrinfo('pypi.org', 443))", "gaierror"),
+    "loopback_server": ("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n"
+                        "socket.create_connection(s.getsockname(), timeout=2)\nprint('up')", "Network is unreachable"),
+    "nested_namespace_network": (
+        "import ctypes, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('unshare', libc.unshare(0x10000000 | 0x40000000))\n"
+        "socket.create_connection(('1.1.1.1', 80), timeout=2)\nprint('up')", "Network is unreachable"),
+    # filesystem and privileges
+    "read_shadow": ("print(open('/etc/shadow').read())", "Permission denied"),
+    "list_root_home": ("import os\nprint(os.listdir('/root'))", "Permission denied"),
+    "symlink_out": (f"import os\nos.symlink({PROJECT_MARK!r}, 'link')\nopen('link', 'w').write('x')\n"
+                    "print('wrote')", "Permission denied"),
+    "write_interpreter": ("import os, sys\nopen(os.path.join(sys.prefix, 'lib', 'pwned.py'), 'w')",
+                          "Read-only file system"),
+    "setuid_root": ("import os\nos.setuid(0)\nprint('root')", "Operation not permitted"),
+    "reboot": ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "print(libc.reboot(0x4321fedc), ctypes.get_errno())", None),
+    # secrets: the environment of every process it can see
+    "read_all_environs": ("import glob\nfor p in glob.glob('/proc/*/environ'):\n"
+                          "    try: print(p, open(p).read())\n    except OSError as e: print(e)", None),
+    # signals and processes
+    "kill_everything": ("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('still here')", None),
+    "daemon_escape": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                      "        time.sleep(600)\n    os._exit(0)\nprint('parent done')", None),
+    # resources
+    "sleep_forever": ("import time\ntime.sleep(600)", "wall-clock limit"),
+    "thread_bomb": ("import threading, time\nwhile True:\n"
+                    "    threading.Thread(target=time.sleep, args=(60,)).start()", "can't start new thread"),
+    "disk_fill": ("f = open('big', 'wb')\nwhile True: f.write(b'x' * 2**20)", "File too large"),
+    "tmp_fill": ("f = open('/tmp/big', 'wb')\nwhile True: f.write(b'x' * 2**20)",
+                 "No space left on device"),
+    "output_flood": ("import os\nwhile True: os.write(1, b'x' * 65536)", None),
 }
 
 
@@ -83,8 +119,28 @@ def test_nothing_escaped_to_the_host(hostile_results):
     assert hostile_results["write_host_tmp"].stdout == "wrote\n"
     env = hostile_results["read_secrets"].stdout
     assert "MEGATRON_RL_TEST_SECRET" not in env and env.strip() == "['HOME', 'LANG', 'PATH']"
-    assert _nobody_processes() == 0                            # fork bomb fully reaped
+    assert _nobody_processes() == 0                            # fork bomb, daemon fully reaped
     assert os.getpid() > 0                                     # and we are still here
+    assert hostile_results["daemon_escape"].stdout == "parent done\n"
+    assert hostile_results["reboot"].stdout == "-1 1\n"        # EPERM
+    assert hostile_results["nested_namespace_network"].stdout == "unshare 0\n"  # own netns: empty
+    environs = hostile_results["read_all_environs"].stdout
+    assert "/proc/self/environ" in environs and "MEGATRON_RL" not in environs
+    for name, r in hostile_results.items():
+        assert "hunter2" not in r.stdout + r.stderr, name
+
+
+def test_an_output_flood_is_cut_and_never_held_by_the_parent(hostile_results):
+    """The reader keeps the first ``output_bytes`` and drops the rest while the program writes
+    (at pipe speed, gigabytes in the 4 s it has); the parent's peak memory barely moves."""
+    import resource
+
+    r = hostile_results["output_flood"]
+    assert r.timed_out and r.stdout == "x" * LIMITS.output_bytes
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    again = _run(HOSTILE["output_flood"][0], LIMITS)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert len(again.stdout) == LIMITS.output_bytes and grown_mb < 64, grown_mb
 
 
 def test_code_reward_scores_tests_passing_and_failing():
