@@ -55,9 +55,9 @@ class Trainer:
             self.reference = HostWeights(self.ms.model)
         self.tok = S.load_tokenizer(cfg, self.hf)
         self.scorer = Scorer.of(cfg.reward, self.tok)
+        self.warnings: List[str] = []
         self._data()
         self.step = 0
-        self.warnings: List[str] = []
         self.bad_steps, self.last_good = 0, 0
         self.resumed_from = None
         self.last: Dict[str, float] = {}
@@ -92,7 +92,11 @@ class Trainer:
         d = self.cfg.data
         self.prompts = S.PromptStream(rows, self.tok, chat=d.chat_template,
                                       max_tokens=self.cfg.rollout.max_prompt_len, seed=d.seed,
-                                      shuffle=d.shuffle)
+                                      shuffle=d.shuffle, drop_too_long=d.on_bad_row == "skip")
+        if self.prompts.dropped:
+            self.warnings.append(f"{self.prompts.dropped} prompt(s) longer than "
+                                 f"rollout.max_prompt_len={self.cfg.rollout.max_prompt_len} left out "
+                                 "(data.on_bad_row=skip)")
 
     def _resume(self) -> None:
         if not self.cfg.train.resume:

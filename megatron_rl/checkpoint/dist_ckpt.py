@@ -241,6 +241,13 @@ MODEL_INFO = "megatron_rl_model.json"
 
 
 def _check_dist_checkpoint(path: Path) -> None:
+    if not path.exists():
+        raise M.CheckpointError(f"{path}: does not exist")
+    if not path.is_dir():
+        raise M.CheckpointError(f"{path}: is a file; give a checkpoint directory")
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        raise M.CheckpointError(f"{path}: a Hugging Face model, not a megatron-core checkpoint; give "
+                                "it as model.hf_config, or convert it with `megatron-rl convert import`")
     if not (path / "metadata.json").is_file():
         raise ValueError(f"{path}: not a megatron-core distributed checkpoint (no metadata.json); "
                          "give a directory written by `megatron-rl convert import` or a training "

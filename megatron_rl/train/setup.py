@@ -189,9 +189,31 @@ class PromptStream:
     already this rank's share (sharded mode) or every row (replicated generation)."""
 
     def __init__(self, rows: List[PromptRow], tokenizer, *, chat: bool, max_tokens: int,
-                 seed: int, shuffle: bool):
-        self.rows, self.tok, self.chat, self.max_tokens = rows, tokenizer, chat, max_tokens
-        self.sampler = PromptSampler(len(rows), seed=seed, shuffle=shuffle)
+                 seed: int, shuffle: bool, drop_too_long: bool = False):
+        self.tok, self.chat, self.max_tokens = tokenizer, chat, max_tokens
+        self.rows, self.dropped = self._measured(rows, drop_too_long)
+        self.sampler = PromptSampler(len(self.rows), seed=seed, shuffle=shuffle)
+
+    def _measured(self, rows: List[PromptRow], drop: bool):
+        """Every prompt rendered once now, so that a prompt too long for the engine (or a chat
+        template the tokenizer lacks) fails before the first step, not when the sampler reaches
+        it hours later. ``drop``: leave over-long rows out instead (``data.on_bad_row=skip``)."""
+        from megatron_rl.data.prompts import render_prompt
+
+        kept = []
+        for row in rows:
+            try:
+                render_prompt(row, self.tok, chat=self.chat, max_tokens=self.max_tokens)
+            except ValueError as e:
+                if drop and "max_prompt_len" in str(e):
+                    continue
+                hint = ("; raise rollout.max_prompt_len or set data.on_bad_row=skip to drop such rows"
+                        if "max_prompt_len" in str(e) else "")
+                raise ConfigError(f"data: {e}{hint}") from None
+            kept.append(row)
+        if not kept:
+            raise ConfigError(f"data: every prompt is longer than rollout.max_prompt_len={self.max_tokens}")
+        return kept, len(rows) - len(kept)
 
     def draw(self, k: int):
         from megatron_rl.data.prompts import render_prompt

@@ -209,3 +209,58 @@ def nonfinite_updates(rank: int, world: int, tmp: str) -> dict:
         torch.equal(a, b) for a, b in zip(before, unwrap(model[0]).parameters()))
     destroy_megatron_parallel()
     return results
+
+
+def _built(name, **overrides):
+    hf = load_hf_config(tiny_hf_config(name, **overrides))
+    init_megatron_parallel(Layout(), 1)
+    model, _ = build_model(hf, Layout(), ModelOptions(), distributed_optimizer=True)
+    return model
+
+
+def checkpoint_dir_fuzz(rank: int, world: int, tmp: str) -> dict:
+    """``model.init_from`` given everything but the right checkpoint: each load is refused with
+    one line naming the directory (or file) and what is wrong; the model is never half-loaded
+    into a run that then continues."""
+    import shutil
+
+    from megatron_rl.checkpoint.dist_ckpt import load_model, save_model
+
+    base = Path(tmp)
+    good = base / "good"
+    save_model(good, _built("qwen3_moe")[0], {"source": "test"})
+    destroy_megatron_parallel()
+    dirs = {"missing": base / "nope", "empty dir": base / "empty", "a file": base / "file.bin",
+            "random files": base / "random", "hf model dir": base / "hf"}
+    dirs["empty dir"].mkdir()
+    dirs["a file"].write_bytes(b"\0" * 64)
+    dirs["random files"].mkdir()
+    (dirs["random files"] / "weights.distcp").write_bytes(os.urandom(256))
+    from megatron_rl.model.tiny import write_tiny_hf_model
+
+    write_tiny_hf_model("qwen3_moe", dirs["hf model dir"])
+    for name, drop in (("no manifest", "manifest.json"), ("no metadata", "metadata.json"),
+                       ("no .metadata", ".metadata")):
+        d = base / name.replace(" ", "_")
+        shutil.copytree(good, d)
+        (d / drop).unlink()
+        dirs[name] = d
+    trunc = base / "truncated"
+    shutil.copytree(good, trunc)
+    shard = sorted(trunc.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    dirs["truncated shard"] = trunc
+    out = {}
+    targets = {"same model": {}, "wider model": {"hidden_size": 96},
+               "more experts": {"num_experts": 8}, "other architecture": None}
+    for target, overrides in targets.items():
+        model = _built("mixtral") if overrides is None else _built("qwen3_moe", **overrides)
+        cases = dirs if target == "same model" else {"good": good}
+        for name, d in cases.items():
+            try:
+                load_model(d, model[0])
+                out[f"{target} <- {name}"] = "loaded"
+            except ValueError as e:
+                out[f"{target} <- {name}"] = str(e)
+        destroy_megatron_parallel()
+    return out

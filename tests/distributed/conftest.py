@@ -120,3 +120,10 @@ def nonfinite_results(tmp_path_factory):
     from tests.distributed import ckpt_workers
 
     return spawn(ckpt_workers.nonfinite_updates, 2, str(tmp_path_factory.mktemp("nan")))
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir_fuzz_results(tmp_path_factory):
+    from tests.distributed import ckpt_workers
+
+    return spawn(ckpt_workers.checkpoint_dir_fuzz, 1, str(tmp_path_factory.mktemp("ckfuzz")))

@@ -77,3 +77,28 @@ def test_a_nonfinite_update_is_skipped_on_every_rank_touching_nothing(nonfinite_
 
 def test_a_clean_step_after_skipped_ones_applies(nonfinite_results):
     assert nonfinite_results["clean_step_moves_weights"]
+
+
+CKPT_DIR_CASES = {
+    # case: what the one-line error must say (after the directory's name)
+    "same model <- missing": "nope: does not exist",
+    "same model <- empty dir": "not a megatron-core distributed checkpoint",
+    "same model <- a file": "file.bin: is a file",
+    "same model <- random files": "not a megatron-core distributed checkpoint",
+    "same model <- hf model dir": "a Hugging Face model, not a megatron-core checkpoint",
+    "same model <- no manifest": "no manifest.json",
+    "same model <- no metadata": "not a megatron-core distributed checkpoint",
+    "same model <- no .metadata": ".metadata is missing",
+    "same model <- truncated shard": "is truncated",
+    "wider model <- good": "does not fit the model",
+    "more experts <- good": "does not fit the model",
+    "other architecture <- good": "does not fit the model",
+}
+
+
+def test_checkpoint_dir_fuzz_each_case_is_one_line_naming_the_problem(ckpt_dir_fuzz_results):
+    r = ckpt_dir_fuzz_results
+    assert set(r) == set(CKPT_DIR_CASES)
+    for case, evidence in CKPT_DIR_CASES.items():
+        msg = r[case]
+        assert evidence in msg and "\n" not in msg and len(msg) < 700, (case, msg)

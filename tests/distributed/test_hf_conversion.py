@@ -140,7 +140,7 @@ def bad_input_results(hf_models, tmp_path_factory):
     ("output_not_empty", ["not empty", "nothing was written"]),
     ("export_needs_config", ["no hf/config.json", "--hf-config"]),
     ("export_wrong_model", ["does not fit the model"]),
-    ("export_not_a_checkpoint", ["not a megatron-core distributed checkpoint"]),
+    ("export_not_a_checkpoint", ["a Hugging Face model, not a megatron-core checkpoint"]),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(bad_input_results, case, needles):
     r = bad_input_results[case]
