@@ -160,3 +160,21 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_the_last_good_weigh
     first, last = model(1), model(3)
     assert first.keys() == last.keys() and first
     assert all(torch.equal(first[k], last[k]) for k in first)
+
+
+@pytest.mark.parametrize("case", ["bad_row", "init_from_hf_dir", "unknown_key"])
+def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path, case):
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b'{"prompt": "copy: a b", "label": "a b"}\n' * 3 + b'{"prompt": "caf\xe9"}\n')
+    extra = {"bad_row": [f"data.path={data}"],
+             "init_from_hf_dir": [f"model.init_from={ROOT / 'configs' / 'models' / 'qwen3_30b_a3b'}"],
+             "unknown_key": ["train.stepz=3"]}[case]
+    out = tmp_path / "run"
+    r = subprocess.run(_args(out, 2, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("megatron-rl:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert {"bad_row": f"{data}:4: invalid UTF-8", "init_from_hf_dir": "model.init_from: ",
+            "unknown_key": "unknown key train.stepz"}[case] in errors[0]
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
