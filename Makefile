@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: run run-toy test venv clean
+.PHONY: run run-toy test test-soak venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ run-toy: venv  ## the pure-PyTorch toy policy (seconds; no Megatron, no vLLM)
 
 test: venv  ## the test suite CI runs
 	$(PY) -m pytest -q -m "not gpu and not soak"
+
+test-soak: venv  ## long runs kept out of CI: 24 random kill -9s, a 400-step memory soak
+	$(PY) -m pytest -q -s -m soak
 
 clean:
 	rm -rf $(VENV) runs

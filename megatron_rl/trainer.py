@@ -14,6 +14,7 @@ On GPU the engine sleeps while Megatron trains and wakes for the weight sync.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -245,6 +246,7 @@ class Trainer:
             local[k] = v * share if not k.endswith("/max") else v
         if self._probe_due():
             local["sync/probe_mismatch/max"] = self._probe()
+        local.update(_memory())
         local.update({"time/rollout_s": (t1 - t0) * share, "time/logprob_s": (t2 - t1) * share,
                       "time/train_s": (t3 - t2) * share, "time/sync_s": (t4 - t3) * share,
                       "perf/tokens": float(self._tokens(rollouts)) * share})
@@ -418,6 +420,22 @@ class Trainer:
         if self.engine is not None:
             self.engine.shutdown()   # vLLM tears torch.distributed down with it: last
             self.engine = None
+
+
+def _memory() -> Dict[str, float]:
+    """This rank's resident host memory (and GPU peak), reported as the maximum over ranks: the
+    soak test's leak detector and the first thing to look at before an OOM kill."""
+    out = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["mem/rss_mb/max"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux
+        import resource
+
+        out["mem/rss_mb/max"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        out["mem/gpu_peak_gb/max"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def train(cfg: RunConfig, quiet: bool = False) -> int:

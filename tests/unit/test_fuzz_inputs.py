@@ -3,7 +3,8 @@ systematically (every field of the config tree gets values of the wrong type, be
 outside its choices; every kind of bad row sits at a random line among good ones). Checkpoint
 directories are fuzzed in tests/distributed/test_checkpoint_resume.py and tests/e2e.
 
-Each family asserts how many cases it tried (docs/reliability.md reports the totals)."""
+docs/reliability.md reports how many cases each family holds (458 config values, 15 layouts,
+27 row kinds x 3 seeds, 7 files)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import pytest
 from megatron_rl.config import ConfigError, RunConfig, load_config, validate_world
 
 RECIPE = "configs/recipes/tiny_moe_gspo.yaml"
-TRIED: typing.Dict[str, int] = {}
 
 
 def _leaves(cls, prefix=""):
@@ -70,7 +70,6 @@ def test_config_fuzz_every_field_bad_values_give_one_line_naming_the_key():
             msg = str(e)
             if key not in msg or "\n" in msg:
                 failures.append(f"{override}: {msg!r}")
-    TRIED["config values"] = len(CONFIG_CASES)
     assert len(CONFIG_CASES) > 300
     assert not failures, "\n".join(failures[:20])
 
@@ -162,7 +161,6 @@ def test_dataset_row_fuzz_each_bad_row_is_named_by_file_and_line(tmp_path, seed)
             report = load_prompts(str(path), on_bad_row="skip")
             if len(report.rows) != n_good or report.skipped[0][0] != at + 1:
                 failures.append(f"{name}: skip mode kept {len(report.rows)} of {n_good}")
-    TRIED["dataset rows"] = TRIED.get("dataset rows", 0) + len(BAD_ROWS)
     assert not failures, "\n".join(failures)
 
 
@@ -218,4 +216,3 @@ def test_over_long_prompts_are_found_before_the_first_step(tmp_path):
     stream = PromptStream(loaded, tok, chat=False, max_tokens=16, seed=0, shuffle=True,
                           drop_too_long=True)
     assert len(stream.rows) == 8 and stream.dropped == 1
-    TRIED["dataset rows"] = TRIED.get("dataset rows", 0) + 1
