@@ -148,3 +148,21 @@ def plot_curve(rows: List[Dict[str, float]], out: pathlib.Path, key: str = "rewa
     out = pathlib.Path(out)
     img.save(out)
     return out
+
+
+def memory_metrics() -> Dict[str, float]:
+    """This rank's resident host memory (and GPU peak), reported as the maximum over ranks: the
+    soak test's leak detector and the first thing to look at before an OOM kill."""
+    out = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["mem/rss_mb/max"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux
+        import resource
+
+        out["mem/rss_mb/max"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+
+    if torch.cuda.is_available():
+        out["mem/gpu_peak_gb/max"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

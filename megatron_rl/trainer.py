@@ -14,7 +14,6 @@ On GPU the engine sleeps while Megatron trains and wakes for the weight sync.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
+from megatron_rl.observe import memory_metrics
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
 from megatron_rl.train import rl_batch
 from megatron_rl.train.crash_points import reached
@@ -102,8 +102,9 @@ class Trainer:
     def _resume(self) -> None:
         if not self.cfg.train.resume:
             return
-        state, self.warnings = S.resume_checkpoint(self.out / "checkpoints", self.ms,
-                                                   self.cfg.train.resume_fallback)
+        state, warned = S.resume_checkpoint(self.out / "checkpoints", self.ms,
+                                            self.cfg.train.resume_fallback)
+        self.warnings += warned
         if state is None:
             return
         self.step = int(state["step"])
@@ -141,8 +142,8 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> int:
-        """Train to ``train.steps``; returns 0, or ``EXIT_REQUEUE`` after a requested stop (a
-        checkpoint was written first)."""
+        """Train to ``train.steps``; returns 0, ``EXIT_REQUEUE`` after a requested stop, or
+        ``EXIT_NONFINITE`` after ``train.max_bad_steps`` NaN steps (a checkpoint written first)."""
         from megatron_rl.train.preempt import EXIT_NONFINITE, EXIT_REQUEUE, StopRequest
 
         if self.rank == 0:  # the request that stopped the last run
@@ -246,7 +247,7 @@ class Trainer:
             local[k] = v * share if not k.endswith("/max") else v
         if self._probe_due():
             local["sync/probe_mismatch/max"] = self._probe()
-        local.update(_memory())
+        local.update(memory_metrics())
         local.update({"time/rollout_s": (t1 - t0) * share, "time/logprob_s": (t2 - t1) * share,
                       "time/train_s": (t3 - t2) * share, "time/sync_s": (t4 - t3) * share,
                       "perf/tokens": float(self._tokens(rollouts)) * share})
@@ -420,22 +421,6 @@ class Trainer:
         if self.engine is not None:
             self.engine.shutdown()   # vLLM tears torch.distributed down with it: last
             self.engine = None
-
-
-def _memory() -> Dict[str, float]:
-    """This rank's resident host memory (and GPU peak), reported as the maximum over ranks: the
-    soak test's leak detector and the first thing to look at before an OOM kill."""
-    out = {}
-    try:
-        with open("/proc/self/statm") as f:
-            out["mem/rss_mb/max"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux
-        import resource
-
-        out["mem/rss_mb/max"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.cuda.is_available():
-        out["mem/gpu_peak_gb/max"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
 
 
 def train(cfg: RunConfig, quiet: bool = False) -> int:

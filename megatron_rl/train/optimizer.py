@@ -48,8 +48,12 @@ def build_optimizer(model: List, settings: OptimSettings, params_dtype: torch.dt
 
 def nonfinite_flag(model: List, losses: List[torch.Tensor]) -> torch.Tensor:
     """1.0 when this rank holds a non-finite gradient (any model chunk's dense or expert gradient
-    buffer) or a non-finite loss, else 0.0; a tensor on the device, no host sync."""
-    flags = [~torch.isfinite(buf.grad_data).all()
+    buffer) or a non-finite loss, else 0.0; a tensor on the device, no host sync.
+
+    A buffer's sum is non-finite iff an element is (or the sum overflows, past 3e38: an update
+    worth skipping too); unlike ``isfinite(buffer)`` it allocates no buffer-sized mask, which
+    for a large model's gradient shard would be gigabytes."""
+    flags = [~torch.isfinite(buf.grad_data.sum())
              for chunk in model for buf in chunk.buffers + chunk.expert_parallel_buffers]
     flags += [~torch.isfinite(x.detach()).all() for x in losses]
     if not flags:

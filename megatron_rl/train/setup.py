@@ -103,8 +103,9 @@ def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
 
 def resume_checkpoint(root: Path, ms: ModelState, fallback: bool) -> tuple:
     """Load the newest complete checkpoint under ``root`` (collective): ``(trainer_state or None,
-    warnings)``; the state's ``"path"`` is the directory loaded. ``latest`` names it; if its files fail the manifest check, the error names the
-    file, unless ``fallback`` allows the newest earlier checkpoint that passes."""
+    warnings)``, the state's ``"path"`` being the directory loaded. ``latest`` names it; if its
+    files fail the manifest check, the error names the file, unless ``fallback`` allows the
+    newest earlier checkpoint that passes."""
     from megatron_rl.checkpoint.dist_ckpt import (
         complete_steps, latest_step, load_checkpoint, step_dir, verify_checkpoint)
     from megatron_rl.checkpoint.manifest import CheckpointError
