@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs" / "recipes" / "tiny_moe_gspo.yaml")
 POINTS = ("rollout", "train", "sync", "checkpoint", "checkpoint.written", "checkpoint.renamed",
           "checkpoint.latest")
-VOLATILE = ("time/", "perf/", "sync/seconds")   # wall-clock measurements
+VOLATILE = ("time/", "perf/", "sync/seconds", "mem/")   # wall-clock and memory measurements
 
 
 def _args(out, steps):
