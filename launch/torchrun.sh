@@ -28,4 +28,16 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo
   exit 0
 fi
-exec "${cmd[@]}"
+PYTHON=${PYTHON:-python}
+output_dir=$("$PYTHON" -m megatron_rl print-config "$recipe" "$@" 2>/dev/null \
+  | awk '/^train:/{t=1} t && /^  output_dir:/{print $2; exit}' || true)
+output_dir=${output_dir:-runs/default}
+
+status=0
+"${cmd[@]}" || status=$?
+# torchrun reports a worker's 75 as 1: the trainer's REQUEUE file says a stop was requested
+if [[ $status -ne 0 && -f "$output_dir/REQUEUE" ]]; then
+  echo "stopped on request with a checkpoint: run the same command again to resume" >&2
+  exit 75
+fi
+exit "$status"

@@ -144,10 +144,12 @@ class Trainer:
     def run(self) -> int:
         """Train to ``train.steps``; returns 0, ``EXIT_REQUEUE`` after a requested stop, or
         ``EXIT_NONFINITE`` after ``train.max_bad_steps`` NaN steps (a checkpoint written first)."""
-        from megatron_rl.train.preempt import EXIT_NONFINITE, EXIT_REQUEUE, StopRequest
+        from megatron_rl.train.preempt import (
+            EXIT_NONFINITE, EXIT_REQUEUE, REQUEUE_FILE, StopRequest, mark_requeue)
 
-        if self.rank == 0:  # the request that stopped the last run
+        if self.rank == 0:  # the request that stopped the last run, and its answer
             (self.out / "STOP").unlink(missing_ok=True)
+            (self.out / REQUEUE_FILE).unlink(missing_ok=True)
         dist.barrier()
         stop = StopRequest(self.out / "STOP", self.cfg.train.preempt_grace_s)
         try:
@@ -173,6 +175,8 @@ class Trainer:
                                       f"checkpoint complete {stop.elapsed():.1f} s after the request "
                                       f"(grace {self.cfg.train.preempt_grace_s:g} s); rerun the "
                                       "same command to resume")
+                    if self.rank == 0:
+                        mark_requeue(self.out, f"stopped after step {self.step} ({stop.reason()})")
                     return EXIT_REQUEUE
             if self.cfg.train.export_hf:
                 self.export(self.out / "hf")

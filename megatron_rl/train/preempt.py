@@ -6,6 +6,10 @@ through one MAX all-reduce), writes a checkpoint, and exits with ``EXIT_REQUEUE`
 (``<output_dir>/STOP``) is for launchers that cannot deliver a signal to every rank: the sbatch
 script's trap creates it on the shared filesystem, and a watcher thread notices it within a second.
 
+torchrun reports a worker's exit status 75 as its own status 1, so the status alone does not
+reach the launcher: a stop on request also leaves ``<output_dir>/REQUEUE``, which the launch
+scripts check (and the trainer removes when it starts).
+
 The grace period (``train.preempt_grace_s``, counted from the request) bounds the wait: SLURM
 kills the job when its warning time is up, whatever it is doing. If the step in progress and the
 checkpoint cannot finish inside it, a watchdog exits with ``EXIT_REQUEUE`` at its end, before the
@@ -26,6 +30,17 @@ from typing import Optional
 EXIT_REQUEUE = 75   # EX_TEMPFAIL: "stopped on request, try again"
 EXIT_NONFINITE = 3  # train.max_bad_steps steps in a row had NaN/Inf: requeueing would not help
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+REQUEUE_FILE = "REQUEUE"
+
+
+def mark_requeue(run_dir: Path, text: str) -> None:
+    """Leave ``<run_dir>/REQUEUE`` for the launcher (any rank may call it; last writer wins)."""
+    try:
+        (Path(run_dir) / REQUEUE_FILE).write_text(text + "\n")
+    except OSError:
+        pass   # the exit status still says it where no torchrun is in between
 
 
 class StopRequest:
@@ -69,6 +84,7 @@ class StopRequest:
                          "train.preempt_grace_s) ran out before a checkpoint was complete; exiting "
                          f"with {EXIT_REQUEUE} to resume from the previous checkpoint\n")
         sys.stderr.flush()
+        mark_requeue(self.stop_file.parent, "grace period ran out; resume from the previous checkpoint")
         os._exit(EXIT_REQUEUE)
 
     def local(self) -> bool:

@@ -106,6 +106,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(tmp_path):
     assert proc.returncode == 75, rest[-2000:]
     assert "stopping after step" in rest and "SIGUSR1" in rest
     assert "s after the request (grace 240 s)" in rest
+    assert "SIGUSR1" in (out / "REQUEUE").read_text()   # for launchers behind torchrun
     latest, state = _trainer_state(out)
     assert 1 <= latest < 200 and state["trainer"]["step"] == latest
     assert not (out / "hf").exists()

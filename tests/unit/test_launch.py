@@ -65,3 +65,44 @@ def test_slurm_script_requeues_on_the_stop_exit_code():
     text = (ROOT / "launch" / "slurm.sbatch").read_text()
     assert f"EXIT_REQUEUE={EXIT_REQUEUE}" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
+
+
+def _fake_bin(tmp_path, **scripts) -> dict:
+    """A PATH whose first directory holds fake commands (bash bodies) that log their arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        f = bin_dir / name
+        f.write_text(f"#!/usr/bin/env bash\necho \"{name} $*\" >> {tmp_path}/calls.log\n{body}\n")
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+            "RECIPE": RECIPE}
+
+
+# torchrun turns a worker's exit 75 into its own 1 (checked with torch 2.13's torchrun): the
+# scripts must recognise a requested stop by the trainer's REQUEUE file instead
+_STOPPED = 'mkdir -p "{out}" && echo stopped > "{out}/REQUEUE"; exit 1'
+
+
+@pytest.mark.parametrize("requeue_file", [True, False])
+def test_torchrun_script_turns_a_requested_stop_into_75(tmp_path, requeue_file):
+    out = tmp_path / "run"
+    env = _fake_bin(tmp_path, torchrun=_STOPPED.format(out=out) if requeue_file else "exit 1")
+    r = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), RECIPE, f"train.output_dir={out}"],
+                       cwd=ROOT, env={**env, "NPROC": "2"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == (75 if requeue_file else 1), r.stderr
+
+
+@pytest.mark.parametrize("requeue_file", [True, False])
+def test_slurm_script_requeues_when_torchrun_reports_1_for_a_requested_stop(tmp_path, requeue_file):
+    out = tmp_path / "run"
+    env = _fake_bin(tmp_path, srun=_STOPPED.format(out=out) if requeue_file else "exit 1",
+                    scontrol='if [[ $1 == show ]]; then echo node1; fi')
+    r = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), f"train.output_dir={out}"],
+                       cwd=ROOT, env={**env, "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+                                      "SLURM_JOB_ID": "77"}, capture_output=True, text=True, timeout=120)
+    calls = (tmp_path / "calls.log").read_text()
+    if requeue_file:
+        assert r.returncode == 75 and "scontrol requeue 77" in calls, (r.stdout, r.stderr)
+    else:
+        assert r.returncode == 1 and "scontrol requeue" not in calls
