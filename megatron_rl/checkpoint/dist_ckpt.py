@@ -70,7 +70,7 @@ def latest_step(root: os.PathLike) -> Optional[int]:
     return int(text)
 
 
-def complete_steps(root: os.PathLike) -> List[int]:
+def checkpoint_steps(root: os.PathLike) -> List[int]:
     """Steps of the ``step_*`` directories under ``root``, newest first (verify before use)."""
     out = []
     for d in Path(root).glob("step_*"):
@@ -154,11 +154,12 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
 
 
 def _prune(root: Path, step: int, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints up to ``step``. Directories beyond ``step`` and
-    temporary ones are left by a run that crashed after writing them and resumed from an earlier
-    checkpoint: they are not on this run's history, so they go too."""
-    steps = complete_steps(root)
-    kept = [s for s in steps if s <= step][:keep_last]
+    """Keep the newest ``keep_last`` checkpoints up to ``step`` (all of them when ``keep_last`` is
+    0). Directories beyond ``step`` and temporary ones are left by a run that crashed after
+    writing them and resumed from an earlier checkpoint: they are not on this run's history, so
+    they go too."""
+    steps = checkpoint_steps(root)
+    kept = [s for s in steps if s <= step][:keep_last if keep_last > 0 else None]
     for s in steps:
         if s not in kept:
             shutil.rmtree(step_dir(root, s), ignore_errors=True)

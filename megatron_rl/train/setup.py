@@ -107,14 +107,14 @@ def resume_checkpoint(root: Path, ms: ModelState, fallback: bool) -> tuple:
     files fail the manifest check, the error names the file, unless ``fallback`` allows the
     newest earlier checkpoint that passes."""
     from megatron_rl.checkpoint.dist_ckpt import (
-        complete_steps, latest_step, load_checkpoint, step_dir, verify_checkpoint)
+        checkpoint_steps, latest_step, load_checkpoint, step_dir, verify_checkpoint)
     from megatron_rl.checkpoint.manifest import CheckpointError
 
     last = latest_step(root)
     if last is None:
         return None, []
     warned = []
-    for step in [last] + [s for s in complete_steps(root) if s < last]:
+    for step in [last] + [s for s in checkpoint_steps(root) if s < last]:
         try:
             verify_checkpoint(step_dir(root, step))
         except CheckpointError as e:
