@@ -1,7 +1,7 @@
 """Load: a long CPU run with host memory sampled every step (``mem/rss_mb/max`` in the metrics).
 After a warm-up the resident set must stay flat: no growth beyond ``BOUND_MB`` between the mean
-of steps 51-100 and the mean of the last 50 steps. Not in CI (``-m soak``); the measured curve is
-in docs/reliability.md and docs/soak_rss.png."""
+of steps 51-100 and the mean of the last 50 steps. Not in CI (``-m soak``); the measured curves
+(400 and 2000 steps, ``MEGATRON_RL_SOAK_STEPS``) are in docs/reliability.md and docs/soak_rss.png."""
 
 from __future__ import annotations
 
