@@ -1,7 +1,8 @@
 """What a person sees of a run (rank 0 only): ``metrics.jsonl``, TensorBoard scalars, a console
 line per step with ETA, the resolved config and git SHA, and a PNG of the reward curve.
 
-Everything lands in the run directory; a resumed run appends (the step numbers continue).
+Everything lands in the run directory; a resumed run appends (the step numbers continue), after
+dropping the rows of the steps it redoes.
 """
 
 from __future__ import annotations

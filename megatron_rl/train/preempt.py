@@ -51,7 +51,6 @@ class StopRequest:
         self.requested_at: Optional[float] = None
         self._previous = {}
         self._done = threading.Event()
-        self._lock = threading.Lock()
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -69,8 +68,10 @@ class StopRequest:
                 return
 
     def _arm(self) -> None:
-        """Start the grace period at the first request (signal handlers only set state and start
-        a thread: no locks held by the interrupted code are needed)."""
+        """Start the grace period at the first request. No lock: the signal handler calls this on
+        the main thread, which may be inside ``local()`` already, so a lock could deadlock; a
+        signal and the watcher arming at the same instant start two watchdogs with the same
+        deadline, both disarmed by ``close``."""
         if self.requested_at is not None:
             return
         self.requested_at = time.monotonic()

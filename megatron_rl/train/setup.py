@@ -198,7 +198,9 @@ class PromptStream:
     def _measured(self, rows: List[PromptRow], drop: bool):
         """Every prompt rendered once now, so that a prompt too long for the engine (or a chat
         template the tokenizer lacks) fails before the first step, not when the sampler reaches
-        it hours later. ``drop``: leave over-long rows out instead (``data.on_bad_row=skip``)."""
+        it hours later. ``drop``: leave over-long rows out instead (``data.on_bad_row=skip``).
+        The ids are not kept: ``draw`` renders a step's few prompts again, which costs less than
+        holding every row's ids as Python lists for the whole run."""
         from megatron_rl.data.prompts import render_prompt
 
         kept = []
