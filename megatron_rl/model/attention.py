@@ -1,11 +1,20 @@
 """Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for megatron-core's
-local (TransformerEngine-free) layer spec.
+local (TransformerEngine-free) layer spec, context parallelism included.
 
-Megatron's own local ``DotProductAttention`` materialises ``[b, np, s, s]`` scores and refuses packed
-sequences; SDPA picks the flash / memory-efficient kernel on GPU and runs on CPU. Inputs are
-Megatron's: ``[s, b, np, hn]`` (or ``[t, np, hn]`` for packed THD batches, whose sequences are
-kept apart by a block-diagonal causal mask built from ``cu_seqlens``). Context-parallel attention
-needs TransformerEngine; this module runs with ``context_parallel_size == 1`` only.
+Megatron's own local ``DotProductAttention`` materialises ``[b, np, s, s]`` scores, refuses packed
+sequences and refuses context parallelism (only TE's attention has it); SDPA picks the flash /
+memory-efficient kernel on GPU and runs on CPU. Inputs are Megatron's: ``[s, b, np, hn]`` (or
+``[t, np, hn]`` for packed THD batches, whose sequences are kept apart by a block-diagonal causal
+mask built from ``cu_seqlens_padded``).
+
+Context parallelism (``context_parallel_attention``): each CP rank holds its two zigzag chunks of
+every sequence (``parallel.cp_layout``) for q, k and v. It all-gathers the keys and values of the
+whole sequence over the CP group (one collective for both; the backward reduce-scatters their
+gradients, see ``collectives.all_gather_partial``) and masks causally by *global* position: a
+local query at position ``p`` of sequence ``s`` attends exactly the keys of ``s`` at positions
+``<= p``, the keys it attends at CP 1. Memory per rank: the gathered K/V (``cp`` times the local
+ones) and a ``[local tokens, cp x local tokens]`` boolean mask; TE's ring attention (the GPU
+image's ``attention_backend: te``) overlaps the exchange with compute and is the fast path.
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_rl.parallel.collectives import Group, all_gather_partial, group_rank, group_size
+from megatron_rl.parallel.cp_layout import zigzag_positions
 
 Tensor = torch.Tensor
 
@@ -29,6 +41,49 @@ def _packed_causal_mask(cu_seqlens: Tensor, total: int, device) -> Tensor:
     return (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
 
 
+def _cp_mask(seq_lens: Tensor, cp_size: int, cp_rank: int, local: int) -> Tensor:
+    """``[local, cp * local]`` bool: local query i may attend gathered key j (keys in rank order,
+    each rank's share in its local order) when both are in the same sequence and the key's global
+    position is at most the query's."""
+    q_seq, q_pos = zigzag_positions(seq_lens, cp_size, cp_rank, local)
+    keys = [zigzag_positions(seq_lens, cp_size, r, local) for r in range(cp_size)]
+    k_seq = torch.cat([s for s, _ in keys])
+    k_pos = torch.cat([p for _, p in keys])
+    return (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+
+
+def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, *, cp_group: Group,
+                               seq_lens: Tensor, scale: Optional[float] = None,
+                               dropout_p: float = 0.0) -> Tensor:
+    """Causal attention of this CP rank's queries over whole sequences.
+
+    ``query[n, b, np, hn]``, ``key[n, b, ng, hn]``, ``value[n, b, ng, hv]``: this rank's ``n``
+    tokens in Megatron's zigzag order (BSHD: every row is one sequence, ``seq_lens = [n * cp]``;
+    THD: ``b = 1`` and ``seq_lens[B]`` the padded lengths of the packed sequences). ``ng`` may
+    divide ``np`` (grouped-query attention). Returns ``[n, b, np, hv]``.
+    """
+    n, b, ng = key.shape[0], key.shape[1], key.shape[2]
+    hk, hv = key.shape[3], value.shape[3]
+    kv = torch.cat([key.reshape(n, b, ng * hk), value.reshape(n, b, ng * hv)], dim=-1)
+    kv = all_gather_partial(kv, cp_group, dim=0)                         # [cp*n, b, ng*(hk+hv)]
+    k_all = kv[..., :ng * hk].reshape(-1, b, ng, hk)
+    v_all = kv[..., ng * hk:].reshape(-1, b, ng, hv)
+    allowed = _cp_mask(seq_lens, group_size(cp_group), group_rank(cp_group), n)
+    q, k, v = (x.permute(1, 2, 0, 3) for x in (query, k_all, v_all))    # [b, heads, tokens, d]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
+                                         scale=scale, enable_gqa=ng != query.shape[2])
+    return out.permute(2, 0, 1, 3)                                       # [n, b, np, hv]
+
+
+def _cp_group_of(pg_collection) -> Group:
+    cp = getattr(pg_collection, "cp", None)
+    if cp is None:
+        from megatron.core import parallel_state as ps
+
+        cp = ps.get_context_parallel_group()
+    return cp if group_size(cp) > 1 else None
+
+
 class SDPAttention(MegatronModule):
     """Drop-in for the ``core_attention`` submodule of Megatron's self-attention."""
 
@@ -36,33 +91,61 @@ class SDPAttention(MegatronModule):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None, **kwargs):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise ValueError(
-                "context-parallel attention needs TransformerEngine (model.attention_backend: te); "
-                "the SDPA spec runs context_parallel_size 1")
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.scale = softmax_scale
+        # cp_comm_type (p2p / a2a / all_gather) picks TE's schedule; this path always all-gathers
+        self.cp_group = _cp_group_of(pg_collection) if config.context_parallel_size > 1 else None
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias=None,
                 packed_seq_params=None) -> Tensor:
         mask_type = attn_mask_type or self.attn_mask_type
+        dropout = self.dropout if self.training else 0.0
+        if self.cp_group is not None:
+            return self._context_parallel(query, key, value, attention_mask, mask_type,
+                                          packed_seq_params, dropout)
         if packed_seq_params is not None:                        # [t, np, hn], one sequence stream
-            cu = packed_seq_params.cu_seqlens_q_padded
-            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-            allowed = _packed_causal_mask(cu, query.shape[0], query.device)
+            allowed = _packed_causal_mask(_cu_seqlens(packed_seq_params), query.shape[0],
+                                          query.device)
             q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-            out = self._sdpa(q, k, v, allowed, False)           # [1, np, t, hn]
+            out = self._sdpa(q, k, v, allowed, False, dropout)  # [1, np, t, hn]
             return out.squeeze(0).transpose(0, 1).reshape(query.shape[0], -1)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))   # [b, np, s, hn]
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         allowed = None if attention_mask is None else ~attention_mask    # Megatron: True = masked
-        out = self._sdpa(q, k, v, allowed, causal)
+        out = self._sdpa(q, k, v, allowed, causal, dropout)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _sdpa(self, q, k, v, allowed, causal):
+    def _context_parallel(self, query, key, value, attention_mask, mask_type, packed_seq_params,
+                          dropout):
+        if attention_mask is not None or mask_type not in (AttnMaskType.causal,
+                                                           AttnMaskType.padding_causal):
+            raise ValueError("context-parallel SDPA attention is causal only (an explicit "
+                             "attention mask cannot be sharded by position); use "
+                             "model.attention_backend: te for other masks")
+        cp = group_size(self.cp_group)
+        if packed_seq_params is not None:                        # [t, np, hn]
+            cu = _cu_seqlens(packed_seq_params)
+            out = context_parallel_attention(
+                query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), cp_group=self.cp_group,
+                seq_lens=cu[1:] - cu[:-1], scale=self.scale, dropout_p=dropout)
+            return out.reshape(query.shape[0], -1)
+        s, b = query.shape[0], query.shape[1]
+        lens = torch.tensor([s * cp], device=query.device)
+        out = context_parallel_attention(query, key, value, cp_group=self.cp_group, seq_lens=lens,
+                                         scale=self.scale, dropout_p=dropout)
+        return out.reshape(s, b, -1)
+
+    def _sdpa(self, q, k, v, allowed, causal, dropout):
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
+            q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=causal, scale=self.scale,
+            enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _cu_seqlens(packed_seq_params) -> Tensor:
+    """The padded boundaries of the packed (global, un-sharded) sequences."""
+    cu = packed_seq_params.cu_seqlens_q_padded
+    return packed_seq_params.cu_seqlens_q if cu is None else cu
+

@@ -92,3 +92,43 @@ def all_reduce_partial(x: Tensor, group: Group) -> Tensor:
     share is the sum over ranks of the gradients each partial loss sends back.
     """
     return x if group_size(group) == 1 else _AllReducePartial.apply(x, group)
+
+
+def _reduce_scatter_sum(grad: Tensor, group, dim: int) -> Tensor:
+    """This rank's slice (along ``dim``) of the sum over ``group`` of ``grad``. NCCL reduce-scatters;
+    gloo has no reduce-scatter, so it all-reduces and keeps the slice (same sum, more bytes)."""
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    n = grad.shape[dim] // p
+    if dist.get_backend(group) != "gloo":
+        chunks = grad.movedim(dim, 0).contiguous()
+        out = chunks.new_empty((n,) + tuple(chunks.shape[1:]))
+        dist.reduce_scatter_tensor(out, chunks, group=group)
+        return out.movedim(0, dim)
+    total = grad.contiguous().clone()
+    dist.all_reduce(total, group=group)
+    return total.narrow(dim, r * n, n).contiguous()
+
+
+class _AllGatherPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _reduce_scatter_sum(grad, ctx.group, ctx.dim), None, None
+
+
+def all_gather_partial(x: Tensor, group: Group, dim: int = 0) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim``, in rank order; backward = reduce-scatter
+    (sum) of the gradients, each rank keeping the slice of its own ``x``.
+
+    For per-rank partial losses that all read every rank's share (context-parallel attention:
+    the queries of every CP rank attend the keys and values this rank holds). The gradient of a
+    share is the sum of what every partial loss sends back to it; an identity backward (keeping
+    only this rank's own gradient slice) would drop the other ranks' queries' terms.
+    """
+    return x if group_size(group) == 1 else _AllGatherPartial.apply(x, group, dim)

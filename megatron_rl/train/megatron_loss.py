@@ -99,15 +99,18 @@ def _loss_func(mb: PolicyMicroBatch, loss: PolicyLoss, groups: ParallelGroups, s
     return value * scale, logged
 
 
-def _schedule_shapes(model: List, micro_batches: List[PolicyMicroBatch]) -> Dict[str, int]:
+def _schedule_shapes(model: List, micro_batches: List[PolicyMicroBatch],
+                     cp_size: int) -> Dict[str, int]:
     """Pipeline send/recv shapes: fixed when every micro-batch has the same ``[b, s]``; packed
-    batches of different lengths make Megatron exchange shapes first (``variable_seq_lengths``)."""
+    batches of different lengths make Megatron exchange shapes first (``variable_seq_lengths``).
+    Megatron takes the *whole* sequence length and divides it by the CP size itself
+    (``schedules.get_tensor_shapes``), so this rank's ``s / cp`` is multiplied back."""
     from megatron.core.utils import get_model_config
 
     shapes = {tuple(m.tokens.shape) for m in micro_batches}
     get_model_config(model[0]).variable_seq_lengths = len(shapes) > 1
     b, s = micro_batches[0].tokens.shape
-    return {"seq_length": int(s), "micro_batch_size": int(b)}
+    return {"seq_length": int(s) * cp_size, "micro_batch_size": int(b)}
 
 
 def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], loss: PolicyLoss,
@@ -127,7 +130,8 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
 
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(micro_batches), model=model,
-        num_microbatches=n, forward_only=False, **_schedule_shapes(model, micro_batches))
+        num_microbatches=n, forward_only=False,
+        **_schedule_shapes(model, micro_batches, groups.cp_size))
 
 
 def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups: ParallelGroups,
@@ -153,5 +157,5 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
         out = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(micro_batches), model=model,
             num_microbatches=len(micro_batches), forward_only=True,
-            **_schedule_shapes(model, micro_batches))
+            **_schedule_shapes(model, micro_batches, groups.cp_size))
     return [o["logprobs"] for o in out]

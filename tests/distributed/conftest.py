@@ -127,3 +127,71 @@ def ckpt_dir_fuzz_results(tmp_path_factory):
     from tests.distributed import ckpt_workers
 
     return spawn(ckpt_workers.checkpoint_dir_fuzz, 1, str(tmp_path_factory.mktemp("ckfuzz")))
+
+
+@pytest.fixture(scope="session")
+def cp_attention_results():
+    """The CP attention alone at CP 2 and 4 (and its two mutants), one 4-process spawn."""
+    from tests.distributed import cp_workers
+
+    return spawn(cp_workers.cp_attention_equivalence, 4)
+
+
+# Context parallelism through the real model: the batch builder shards every sequence over CP
+# (bshd; thd ragged; thd_aligned = the group-aligned lengths the trainer packs for future-KL)
+FKL = "future_kl_grpo"
+MODEL_CASES_CP_2 = [
+    ("cp2_bshd_gspo", {"cp": 2}, 1, "gspo", "bshd"),
+    ("cp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd"),
+    ("cp2_bshd_fkl", {"cp": 2}, 2, FKL, "bshd"),
+    ("cp2_thd_fkl_ragged", {"cp": 2}, 2, FKL, "thd"),
+    ("cp2_thd_fkl_aligned", {"cp": 2}, 1, FKL, "thd_aligned"),
+    ("cp2_ep2_bshd_gspo", {"cp": 2, "ep": 2}, 1, "gspo", "bshd"),
+    ("cp2_ep2_thd_fkl", {"cp": 2, "ep": 2}, 1, FKL, "thd"),
+]
+# the loss-scaling contract broken on purpose: our adapter multiplies by the CP size that
+# Megatron's schedule already applies (model_workers._mutation); the gradients must double
+MODEL_CASES_CP_MUTANT = [
+    ("mutant_cp_factor_twice", {"cp": 2}, 1, "gspo", "bshd", {}, {"mutation": "cp_factor_twice"}),
+]
+MODEL_CASES_CP_4 = [
+    ("cp4_bshd_gspo", {"cp": 4}, 1, "gspo", "bshd"),
+    ("cp4_thd_gspo", {"cp": 4}, 2, "gspo", "thd"),
+    ("cp4_bshd_fkl", {"cp": 4}, 1, FKL, "bshd"),
+    ("cp4_thd_fkl_aligned", {"cp": 4}, 2, FKL, "thd_aligned"),
+    # responses of 1-2 tokens: CP ranks 0-2 hold no response token (they still join every
+    # collective and contribute gradient through the attention's K/V)
+    ("cp4_thd_fkl_short", {"cp": 4}, 1, FKL, "thd", {}, {"responses": "short"}),
+    ("cp4_bshd_gspo_short", {"cp": 4}, 1, "gspo", "bshd", {}, {"responses": "short"}),
+    ("cp2_tp2_bshd_gspo", {"cp": 2, "tp": 2}, 1, "gspo", "bshd"),
+    ("cp2_tp2_thd_fkl", {"cp": 2, "tp": 2}, 1, FKL, "thd"),
+    ("cp2_pp2_bshd_fkl", {"cp": 2, "pp": 2}, 2, FKL, "bshd"),
+    ("cp2_pp2_thd_gspo", {"cp": 2, "pp": 2}, 2, "gspo", "thd"),
+    ("cp2_dp2_bshd_fkl", {"cp": 2}, 1, FKL, "bshd"),       # world 4 / CP 2 = DP 2
+    ("cp2_dp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd"),
+]
+MODEL_CASES_CP_OTHER = {
+    # (model, HF overrides): cases
+    ("deepseek_v3", None): [("deepseek_cp2_bshd_fkl", {"cp": 2}, 1, FKL, "bshd"),
+                            ("deepseek_cp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd")],
+    # YaRN RoPE (the released DeepSeek-V3's), scaling past 8 positions of the 16
+    ("deepseek_v3", "yarn"): [("deepseek_yarn_cp2_thd_fkl", {"cp": 2}, 1, FKL, "thd")],
+    ("mixtral", None): [("mixtral_cp2_bshd_fkl", {"cp": 2}, 1, FKL, "bshd"),
+                        ("mixtral_cp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd")],
+}
+YARN = {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+
+
+@pytest.fixture(scope="session")
+def cp_model_results(tmp_path_factory):
+    from tests.distributed import model_workers
+
+    out = spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("cp2")),
+                MODEL_CASES_CP_2 + MODEL_CASES_CP_MUTANT)
+    out.update(spawn(model_workers.model_equivalence, 4, str(tmp_path_factory.mktemp("cp4")),
+                     MODEL_CASES_CP_4))
+    for (model, overrides), cases in MODEL_CASES_CP_OTHER.items():
+        out.update(spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp(model)),
+                         cases, model, YARN if overrides == "yarn" else None))
+    return out

@@ -13,8 +13,9 @@ One spawn, three phases per layout:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,12 +42,20 @@ LOSSES = {
 }
 
 
-def _sequences(vocab: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+RESPONSES = {
+    "uneven": [12, 7, 9, 3, 12, 1, 5, 10],
+    # sequences of 5-6 tokens: at CP 4 (chunks of 1 after padding to 8) CP ranks 0-2 hold no
+    # response token in label coordinates, only rank 3 does
+    "short": [1, 2, 1, 1, 2, 1, 1, 2],
+}
+
+
+def _sequences(vocab: int, seed: int = 0, responses: str = "uneven") -> Dict[str, torch.Tensor]:
     """NSEQ sequences of S tokens (2 groups of 4; responses of uneven length), label coordinates."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (NSEQ, S), generator=g)
     loss_mask = torch.zeros(NSEQ, S)
-    for b, n in enumerate([12, 7, 9, 3, 12, 1, 5, 10]):
+    for b, n in enumerate(RESPONSES[responses]):
         loss_mask[b, PROMPT:PROMPT + n] = 1
     mask = shift_left(loss_mask, 1)
     return dict(tokens=tokens, labels=shift_left(tokens, 1), mask=mask, loss_mask=loss_mask,
@@ -60,8 +69,10 @@ def _advantages(data, adv_name, adv_params):
                               group_ids=data["groups"], kl=data["kl"], **adv_params)
 
 
-def _built_micro_batches(data, adv, rows_list, cp_group, packed) -> List[PolicyMicroBatch]:
-    """Through the production batch builder, each sequence cut to its real length."""
+def _built_micro_batches(data, adv, rows_list, groups: ParallelGroups, packed: bool,
+                         align: bool = False) -> List[PolicyMicroBatch]:
+    """Through the production batch builder, each sequence cut to its real length and sharded
+    over CP (``align``: group-aligned packed lengths, as the trainer packs for future-KL)."""
     out = []
     for rows in rows_list:
         seqs = []
@@ -69,7 +80,9 @@ def _built_micro_batches(data, adv, rows_list, cp_group, packed) -> List[PolicyM
             n = int(data["loss_mask"][b].nonzero().max()) + 1
             seqs.append({"tokens": data["tokens"][b, :n], "loss_mask": data["loss_mask"][b, :n],
                          "old_logprobs": data["old"][b, :n], "advantages": adv[b, :n]})
-        out.append(build_micro_batch(seqs, data["groups"][rows], packed=packed, cp_group=cp_group))
+        out.append(build_micro_batch(seqs, data["groups"][rows], packed=packed,
+                                     cp_size=groups.cp_size, cp_rank=groups.cp_rank,
+                                     cp_group=groups.cp, align_groups=align))
     return out
 
 
@@ -140,7 +153,7 @@ def _load(model, path):
 
 
 def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out_dir, batching,
-                opt):
+                opt, extra):
     from megatron.core import parallel_state as ps
 
     groups = init_megatron_parallel(layout, seed)
@@ -152,10 +165,13 @@ def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, o
     if batching == "manual":
         mbs = _micro_batches(data, adv, rows, groups.cp)
     else:
-        mbs = _built_micro_batches(data, adv, rows, groups.cp, packed=batching == "thd")
+        mbs = _built_micro_batches(data, adv, rows, groups, packed=batching.startswith("thd"),
+                                   align=batching == "thd_aligned")
     num_tokens, num_seqs = step_denominators([m.shard for m in mbs], groups.dp_cp)
-    logged = train_forward_backward([model], mbs, PolicyLoss(loss_name, params, num_tokens, num_seqs),
-                                    groups)
+    with _mutation(extra.get("mutation"), groups):
+        logged = train_forward_backward([model], mbs, PolicyLoss(loss_name, params, num_tokens,
+                                                                 num_seqs), groups)
+    held = sum(float(m.shard.mask.sum()) for m in mbs)
     loss = torch.zeros(1, dtype=torch.float64)
     if ps.is_pipeline_last_stage() and groups.tp_rank == 0:  # TP ranks hold the same partial loss
         loss[0] = sum(float(x["loss"]) for x in logged)
@@ -164,28 +180,50 @@ def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, o
             p.copy_(p.main_grad)
     _save(unwrap(model), out_dir)
     destroy_megatron_parallel()
-    return loss
+    return loss, held
+
+
+@contextlib.contextmanager
+def _mutation(name, groups: ParallelGroups):
+    """Break the loss-scaling contract on purpose (the test must then fail)."""
+    if name is None:
+        yield
+        return
+    from megatron_rl.train import megatron_loss as ML
+
+    if name != "cp_factor_twice":
+        raise KeyError(name)
+    orig = ML.megatron_loss_scale
+    ML.megatron_loss_scale = lambda n, dp: orig(n, dp) * groups.cp_size  # Megatron already has it
+    try:
+        yield
+    finally:
+        ML.megatron_loss_scale = orig
 
 
 def _layout_dp(layout: Layout, world: int) -> int:
     return world // (layout.tp * layout.pp * layout.cp)
 
 
-def model_equivalence(rank: int, world: int, tmp: str, cases, model: str = "qwen3_moe") -> dict:
-    """``cases``: list of (name, layout kwargs, n_mb, loss name[, batching[, ModelOptions kwargs]])."""
-    hf = load_hf_config(tiny_hf_config(model))
-    data = _sequences(hf.vocab_size)
+def model_equivalence(rank: int, world: int, tmp: str, cases, model: str = "qwen3_moe",
+                      hf_overrides: Optional[dict] = None) -> dict:
+    """``cases``: list of (name, layout kwargs, n_mb, loss name[, batching[, ModelOptions kwargs[,
+    extra]]]); batching: manual | bshd | thd | thd_aligned (the last three through the batch
+    builder); extra: ``responses`` (a ``RESPONSES`` key), ``mutation``."""
+    hf = load_hf_config(tiny_hf_config(model, **(hf_overrides or {})))
     results, refs, seed = {}, {}, 1234
     weights = os.path.join(tmp, "weights")
     saved = False  # a collective save: every rank takes the same branch
     for name, kw, n_mb, loss_name, *rest in cases:
-        batching = rest[0] if rest else "manual"    # manual | bshd | thd (the batch builder)
+        batching = rest[0] if rest else "manual"
         opt = ModelOptions(**(rest[1] if len(rest) > 1 else {}))
+        extra = rest[2] if len(rest) > 2 else {}
+        data = _sequences(hf.vocab_size, responses=extra.get("responses", "uneven"))
         aux = bool(opt.router_aux_loss_coef or opt.router_z_loss_coef)
         layout = Layout(**kw)
         partition = _partition(_layout_dp(layout, world), n_mb) if aux else [list(range(NSEQ))]
         adv_name, adv_params, params = LOSSES[loss_name]
-        key = (loss_name, str(partition), opt)
+        key = (loss_name, str(partition), opt, extra.get("responses"))
         if key not in refs:
             adv = _advantages(data, adv_name, adv_params)
             ref_model, value, grads = _reference(hf, data, adv, loss_name, params, seed, partition, opt)
@@ -196,9 +234,11 @@ def model_equivalence(rank: int, world: int, tmp: str, cases, model: str = "qwen
             destroy_megatron_parallel()
         value, ref_grads, adv = refs[key]
         out = os.path.join(tmp, f"grads_{name}")
-        loss = _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out,
-                           batching, opt)
+        loss, held = _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights,
+                                 out, batching, opt, extra)
         dist.all_reduce(loss)
+        held_by_rank = [0.0] * world
+        dist.all_gather_object(held_by_rank, held)
         init_megatron_parallel(Layout(), seed)
         [model], _ = build_model(hf, Layout(), opt, ddp=False)
         _load(model, out)
@@ -209,7 +249,8 @@ def model_equivalence(rank: int, world: int, tmp: str, cases, model: str = "qwen
         destroy_megatron_parallel()
         results[name] = {"grad": errs[worst_param], "worst_param": worst_param,
                          "bad": {k: v for k, v in errs.items() if v > 1e-4},
-                         "loss": abs(float(loss[0]) - value) / abs(value), "scale": worst}
+                         "loss": abs(float(loss[0]) - value) / abs(value), "scale": worst,
+                         "response_tokens_by_rank": held_by_rank}
     return results
 
 

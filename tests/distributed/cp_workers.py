@@ -1,0 +1,146 @@
+"""Context-parallel attention alone, in gloo processes, against a brute-force single-process
+reference (float64 loops over sequences and heads).
+
+Every rank builds the same full q / k / v and output weights from a seed, keeps its zigzag share
+(``parallel.cp_layout``), runs ``context_parallel_attention`` and the loss ``sum(out * w)``
+backward; the outputs and the q / k / v gradients are gathered over the CP group, un-sharded and
+compared with the reference. The same spawn runs the two mutations the test must catch: an
+identity backward on the K/V all-gather, and a causal mask by local instead of global position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.parallel import collectives
+from megatron_rl.parallel.cp_layout import bshd_shard, bshd_unshard, thd_shard, thd_unshard
+
+NP, NG, HK, HV = 4, 2, 8, 6          # query heads, K/V groups (GQA), key and value head dims
+THD_LENS = [13, 5, 22, 1, 8]         # uneven packed lengths (padded to a multiple of 8)
+BSHD_B, BSHD_S = 2, 24
+
+
+def reference_attention(q, k, v, seq_lens: List[int]):
+    """``q[t, b, np, hk]`` etc.; causal within each sequence of ``seq_lens`` along dim 0."""
+    out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)
+    rep = q.shape[2] // k.shape[2]
+    start = 0
+    for n in seq_lens:
+        for b in range(q.shape[1]):
+            for h in range(q.shape[2]):
+                qs, ks, vs = q[start:start + n, b, h], k[start:start + n, b, h // rep], v[start:start + n, b, h // rep]
+                scores = qs @ ks.T / HK ** 0.5
+                causal = torch.ones(n, n, dtype=torch.bool).tril()
+                p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+                out[start:start + n, b, h] = p @ vs
+        start += n
+    return out
+
+
+def _inputs(layout: str, dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "bshd":
+        shape, lens = (BSHD_S, BSHD_B), [BSHD_S]
+    else:
+        lens = [-(-n // 8) * 8 for n in THD_LENS]
+        shape = (sum(lens), 1)
+    mk = lambda *s: torch.randn(*shape, *s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return dict(q=mk(NP, HK), k=mk(NG, HK), v=mk(NG, HV), w=mk(NP, HV)), lens
+
+
+def _shard(x, layout, lens, cp, rank):
+    if layout == "bshd":
+        return bshd_shard(x, cp, rank, dim=0)
+    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
+    return thd_shard(x, cu, cp, rank, dim=0)
+
+
+def _unshard(parts, layout, lens):
+    if layout == "bshd":
+        return bshd_unshard(parts, dim=0)
+    return thd_unshard(parts, [0] + torch.tensor(lens).cumsum(0).tolist(), dim=0)
+
+
+def _gather(x, group, cp):
+    parts = [torch.empty_like(x) for _ in range(cp)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+def _one_case(layout, dtype, cp, group, cp_rank) -> Dict[str, float]:
+    from megatron_rl.model.attention import context_parallel_attention
+
+    full, lens = _inputs(layout, dtype, seed=7)
+    ref_leaves = {k: full[k].double().clone().requires_grad_() for k in "qkv"}
+    ref = reference_attention(ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], lens)
+    (ref * full["w"].double()).sum().backward()
+    local = {k: _shard(v, layout, lens, cp, cp_rank) for k, v in full.items()}
+    leaves = {k: local[k].clone().requires_grad_() for k in "qkv"}
+    out = context_parallel_attention(leaves["q"], leaves["k"], leaves["v"], cp_group=group,
+                                     seq_lens=torch.tensor(lens), scale=HK ** -0.5)
+    (out * local["w"]).sum().backward()
+    errs = {"out": (_unshard(_gather(out.detach(), group, cp), layout, lens).double() - ref.detach())}
+    for k in "qkv":
+        got = _unshard(_gather(leaves[k].grad, group, cp), layout, lens).double()
+        errs[f"d{k}"] = got - ref_leaves[k].grad
+    return {name: float(e.abs().max()) for name, e in errs.items()}
+
+
+@contextlib.contextmanager
+def _mutation(name: str):
+    """Break one part of the CP attention on purpose (the test must then fail)."""
+    import megatron_rl.model.attention as A
+
+    if name == "identity_backward":
+        orig = collectives._AllGatherPartial.backward
+
+        def identity(ctx, grad):       # keep this rank's slice of its own gradient, no sum
+            p, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+            n = grad.shape[ctx.dim] // p
+            return grad.narrow(ctx.dim, r * n, n).contiguous(), None, None
+
+        collectives._AllGatherPartial.backward = staticmethod(identity)
+        try:
+            yield
+        finally:
+            collectives._AllGatherPartial.backward = orig
+    elif name == "local_mask":
+        orig = A._cp_mask
+
+        def local_positions(seq_lens, cp_size, cp_rank, local):  # positions 0..n-1 on every rank
+            q = torch.arange(local)
+            return q.repeat(cp_size)[None, :] <= q[:, None]
+
+        A._cp_mask = local_positions
+        try:
+            yield
+        finally:
+            A._cp_mask = orig
+    else:
+        raise KeyError(name)
+
+
+CASES = [(layout, dtype, cp) for layout in ("bshd", "thd") for dtype in ("float64", "float32")
+         for cp in (2, 4)]
+MUTATIONS = [("identity_backward", "bshd", 2), ("identity_backward", "thd", 4),
+             ("local_mask", "bshd", 4), ("local_mask", "thd", 2)]
+
+
+def cp_attention_equivalence(rank: int, world: int) -> dict:
+    """World 4: CP 2 (two groups side by side) and CP 4."""
+    torch.manual_seed(0)
+    groups = {2: [dist.new_group([0, 1]), dist.new_group([2, 3])], 4: [dist.group.WORLD]}
+
+    def run(layout, dtype, cp):
+        group = groups[cp][rank // cp]
+        return _one_case(layout, getattr(torch, dtype), cp, group, dist.get_rank(group))
+
+    out = {f"{layout}_{dtype}_cp{cp}": run(layout, dtype, cp) for layout, dtype, cp in CASES}
+    for name, layout, cp in MUTATIONS:
+        with _mutation(name):
+            out[f"mutant_{name}_{layout}_cp{cp}"] = run(layout, "float64", cp)
+    return out
