@@ -188,6 +188,10 @@ def future_kl_returns(
     return r * as_float_mask(mask, r)
 
 
+# estimators with per-position group statistics: under CP their packed batches are group-aligned
+PER_POSITION_ESTIMATORS = frozenset({"future_kl_grpo"})
+
+
 @ADVANTAGE_ESTIMATORS.register("future_kl_grpo")
 def future_kl_grpo(
     *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,

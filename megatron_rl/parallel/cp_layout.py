@@ -25,9 +25,10 @@ import torch
 Tensor = torch.Tensor
 
 
-def padded_length(n: int, cp_size: int) -> int:
-    """Smallest multiple of ``2*cp_size`` that holds ``n`` tokens."""
-    q = 2 * cp_size
+def padded_length(n: int, cp_size: int, tp_size: int = 1) -> int:
+    """Smallest multiple of ``2*cp_size*tp_size`` that holds ``n`` tokens: ``2*cp`` chunks, each
+    rank's share split evenly over the TP ranks by sequence parallelism (Megatron asserts it)."""
+    q = 2 * cp_size * tp_size
     return -(-n // q) * q
 
 

@@ -50,19 +50,35 @@ def _pad(x: Tensor, n: int) -> Tensor:
     return torch.cat([x, x.new_zeros(n - x.shape[0])])
 
 
+def packed_lengths(lens: Sequence[int], group_of_seq: Sequence[int], cp_size: int,
+                   align_groups: bool, tp_size: int = 1) -> List[int]:
+    """Each sequence's padded length in a packed (THD) micro-batch: a multiple of ``2*cp``; with
+    ``align_groups`` the longest of its group's, so that position ``p`` of every member of a group
+    sits in the same view column on the same CP rank and per-position group statistics stay local
+    (``CPShard.positions_aligned``) instead of all-reducing a ``[groups, S_max]`` buffer."""
+    if not align_groups or cp_size == 1:
+        return [padded_length(n, cp_size, tp_size) for n in lens]
+    longest: Dict[int, int] = {}
+    for g, n in zip(group_of_seq, lens):
+        longest[g] = max(longest.get(g, 0), n)
+    return [padded_length(longest[g], cp_size, tp_size) for g in group_of_seq]
+
+
 def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, packed: bool,
                       cp_size: int = 1, cp_rank: int = 0, cp_group: Group = None,
-                      num_groups: Optional[int] = None, device=None) -> PolicyMicroBatch:
+                      num_groups: Optional[int] = None, align_groups: bool = False,
+                      tp_size: int = 1, device=None) -> PolicyMicroBatch:
     """This CP rank's ``PolicyMicroBatch`` of ``seqs`` (THD when ``packed``, else BSHD), on
     ``device`` (default: where the sequences are). The layout is computed from host lengths and
     the host group ids; the only device work is one copy per field and the sequence-length
-    all-reduce over CP."""
+    all-reduce over CP. ``align_groups``: see ``packed_lengths`` (BSHD is always aligned).
+    Every sequence is padded to a multiple of ``2 * cp_size * tp_size`` (``padded_length``)."""
     lens = [int(s["tokens"].shape[0]) for s in seqs]
     group_of_seq = [int(g) for g in group_ids]
     device = seqs[0]["tokens"].device if device is None else torch.device(device)
     present = [k for k in LOSS_INPUTS if seqs[0].get(k) is not None]
     if packed:
-        padded = [padded_length(n, cp_size) for n in lens]
+        padded = packed_lengths(lens, group_of_seq, cp_size, align_groups, tp_size)
         cu = [0] + torch.tensor(padded).cumsum(0).tolist()
         full = {k: torch.cat([_pad(s[k], p) for s, p in zip(seqs, padded)])
                 for k in ("tokens", "loss_mask", *present)}
@@ -73,7 +89,7 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
         psp = _packed_seq_params(cu, max(padded), device)
         model_in = {k: local[k][None] for k in ("tokens", "positions", "labels")}  # [1, N]
     else:
-        S = padded_length(max(lens), cp_size)
+        S = padded_length(max(lens), cp_size, tp_size)
         full = {k: torch.stack([_pad(s[k], S) for s in seqs]) for k in ("tokens", "loss_mask", *present)}
         full["labels"], full["mask"] = (shift_left(full[k], 1) for k in ("tokens", "loss_mask"))
         full["positions"] = torch.arange(S).expand(len(seqs), S)

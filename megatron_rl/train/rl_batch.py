@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_rl.algo.advantages import PER_POSITION_ESTIMATORS
 from megatron_rl.algo.kl import kl_estimate
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import sharded_advantages, step_denominators
@@ -72,15 +73,19 @@ def group_sequences(prompt_ids: List[int], samples: Sequence) -> List[Dict[str, 
 
 def build_step_batch(groups: List[List[Dict[str, Tensor]]], rewards: List[Tensor],
                      groups_per_micro_batch: int, pg: ParallelGroups, *, cp_size: int, cp_rank: int,
-                     packed: bool, device) -> StepBatch:
-    """``groups[P][G]`` sequences and their ``rewards[P]`` ``[G]`` -> micro-batches of whole groups."""
+                     packed: bool, device, advantage: str = "") -> StepBatch:
+    """``groups[P][G]`` sequences and their ``rewards[P]`` ``[G]`` -> micro-batches of whole groups.
+    An ``advantage`` with per-position group statistics gets group-aligned packed lengths
+    (``batches.packed_lengths``): under CP its statistics then need no communication."""
+    align = advantage in PER_POSITION_ESTIMATORS
     mbs, rs = [], []
     for start in range(0, len(groups), groups_per_micro_batch):
         chunk = range(start, min(start + groups_per_micro_batch, len(groups)))
         seqs = [s for g in chunk for s in groups[g]]
         gid = torch.tensor([i for i, g in enumerate(chunk) for _ in groups[g]])
         mbs.append(build_micro_batch(seqs, gid, packed=packed, cp_size=cp_size, cp_rank=cp_rank,
-                                     cp_group=pg.cp, num_groups=len(chunk), device=device))
+                                     cp_group=pg.cp, num_groups=len(chunk), align_groups=align,
+                                     tp_size=pg.tp_size, device=device))
         rs.append(torch.cat([rewards[g] for g in chunk]).to(device))
     return StepBatch(mbs, rs, [None] * len(mbs))
 

@@ -171,16 +171,23 @@ MODEL_CASES_CP_4 = [
     ("cp2_dp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd"),
 ]
 MODEL_CASES_CP_OTHER = {
-    # (model, HF overrides): cases
-    ("deepseek_v3", None): [("deepseek_cp2_bshd_fkl", {"cp": 2}, 1, FKL, "bshd"),
-                            ("deepseek_cp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd")],
+    # (model, HF overrides, world): cases
+    ("deepseek_v3", None, 2): [("deepseek_cp2_bshd_fkl", {"cp": 2}, 1, FKL, "bshd"),
+                               ("deepseek_cp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd")],
     # YaRN RoPE (the released DeepSeek-V3's), scaling past 8 positions of the 16
-    ("deepseek_v3", "yarn"): [("deepseek_yarn_cp2_thd_fkl", {"cp": 2}, 1, FKL, "thd")],
-    ("mixtral", None): [("mixtral_cp2_bshd_fkl", {"cp": 2}, 1, FKL, "bshd"),
-                        ("mixtral_cp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd")],
+    ("deepseek_v3", "yarn", 2): [("deepseek_yarn_cp2_thd_fkl", {"cp": 2}, 1, FKL, "thd")],
+    ("mixtral", None, 2): [("mixtral_cp2_bshd_fkl", {"cp": 2}, 1, FKL, "bshd"),
+                           ("mixtral_cp2_thd_gspo", {"cp": 2}, 2, "gspo", "thd")],
+    # sequence parallelism splits each rank's share over TP: the builder pads every sequence to a
+    # multiple of 2 x CP x TP (a multiple of 2 x CP failed Megatron's divisibility check at TP 4)
+    ("qwen3_moe", "kv4", 4): [("tp4_thd_gspo", {"tp": 4}, 1, "gspo", "thd"),
+                              ("tp4_bshd_fkl", {"tp": 4}, 2, FKL, "bshd")],
 }
-YARN = {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+OVERRIDES = {
+    "yarn": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    "kv4": {"num_key_value_heads": 4},   # TP 4 must divide the K/V heads
+}
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +198,7 @@ def cp_model_results(tmp_path_factory):
                 MODEL_CASES_CP_2 + MODEL_CASES_CP_MUTANT)
     out.update(spawn(model_workers.model_equivalence, 4, str(tmp_path_factory.mktemp("cp4")),
                      MODEL_CASES_CP_4))
-    for (model, overrides), cases in MODEL_CASES_CP_OTHER.items():
-        out.update(spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp(model)),
-                         cases, model, YARN if overrides == "yarn" else None))
+    for (model, overrides, world), cases in MODEL_CASES_CP_OTHER.items():
+        out.update(spawn(model_workers.model_equivalence, world, str(tmp_path_factory.mktemp(model)),
+                         cases, model, OVERRIDES.get(overrides)))
     return out

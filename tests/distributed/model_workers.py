@@ -82,7 +82,8 @@ def _built_micro_batches(data, adv, rows_list, groups: ParallelGroups, packed: b
                          "old_logprobs": data["old"][b, :n], "advantages": adv[b, :n]})
         out.append(build_micro_batch(seqs, data["groups"][rows], packed=packed,
                                      cp_size=groups.cp_size, cp_rank=groups.cp_rank,
-                                     cp_group=groups.cp, align_groups=align))
+                                     cp_group=groups.cp, align_groups=align,
+                                     tp_size=groups.tp_size))
     return out
 
 

@@ -137,3 +137,44 @@ def test_group_rank_lists_match_megatron_core_rank_generator(tp, cp, dp):
     ours = layout_ranks(tp, cp, dp)
     for kind, token in (("tp", "tp"), ("cp", "cp"), ("dp", "dp"), ("dp_cp", "dp-cp")):
         assert sorted(map(list, ours[kind])) == sorted(gen.get_ranks(token)), kind
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_zigzag_positions_of_the_local_stream_are_the_global_positions(cp):
+    """What the CP attention masks by: for the tokens a rank holds, their sequence and position,
+    against the brute force of sharding a stream of (sequence, position) pairs."""
+    from megatron_rl.parallel.cp_layout import thd_partition_index, zigzag_positions
+
+    lens = [2 * cp, 6 * cp, 4 * cp, 2 * cp]
+    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
+    seq_of = torch.cat([torch.full((n,), b) for b, n in enumerate(lens)])
+    pos_of = torch.cat([torch.arange(n) for n in lens])
+    for r in range(cp):
+        idx = thd_partition_index(cu, cp, r)
+        seq, pos = zigzag_positions(torch.tensor(lens), cp, r, idx.numel())
+        assert torch.equal(seq, seq_of[idx]) and torch.equal(pos, pos_of[idx])
+        bshd_seq, bshd_pos = zigzag_positions(torch.tensor([8 * cp]), cp, r, 8)
+        assert torch.equal(bshd_pos, CPShard.bshd(1, 8 * cp, cp, r).positions[0])
+        assert not bshd_seq.any()
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_group_aligned_packing_keeps_position_statistics_local(cp):
+    """Future-KL under CP: a packed micro-batch whose groups share a padded length needs no
+    per-position all-reduce (the shard sees it); ragged lengths do."""
+    from megatron_rl.train.batches import build_micro_batch, packed_lengths
+
+    lens, groups = [5, 11, 3, 9, 9, 2], [0, 0, 0, 1, 1, 1]
+    aligned = packed_lengths(lens, groups, cp, align_groups=True)
+    assert aligned == [padded_length(11, cp)] * 3 + [padded_length(9, cp)] * 3
+    assert packed_lengths(lens, groups, cp, align_groups=False) == [padded_length(n, cp) for n in lens]
+    assert packed_lengths(lens, groups, 1, align_groups=True) == [padded_length(n, 1) for n in lens]
+    # sequence parallelism splits each CP rank's share over TP: a multiple of 2 x CP x TP
+    assert packed_lengths([5, 17], [0, 0], cp, False, tp_size=4) == [8 * cp * -(-5 // (8 * cp)),
+                                                                      8 * cp * -(-17 // (8 * cp))]
+    seqs = [{"tokens": torch.arange(n), "loss_mask": (torch.arange(n) >= 1).float(),
+             "old_logprobs": torch.zeros(n), "advantages": torch.zeros(n)} for n in lens]
+    gid = torch.tensor(groups)
+    for align, expect in ((True, True), (False, False)):
+        mb = build_micro_batch(seqs, gid, packed=True, cp_size=cp, cp_rank=cp - 1, align_groups=align)
+        assert mb.shard.shard.positions_aligned is expect
