@@ -288,6 +288,7 @@ class Trainer:
             groups_needed=cfg.train.prompts_per_step, n=cfg.rollout.n_samples_per_prompt,
             max_tokens=cfg.rollout.max_response_len, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, stop_token_ids=(self.tok.eos_token_id,),
+            ignore_eos=cfg.rollout.ignore_eos,
             dynamic=cfg.algo.dynamic_sampling, oversample=cfg.rollout.oversample,
             max_rounds=cfg.rollout.max_sample_rounds, overlong_buffer=cfg.algo.overlong.buffer_len,
             overlong_factor=cfg.algo.overlong.penalty_factor)
@@ -308,7 +309,8 @@ class Trainer:
         per_mb = max(1, cfg.train.micro_batch_size // cfg.rollout.n_samples_per_prompt)
         batch = rl_batch.build_step_batch(
             groups, rewards, per_mb, self.pg, cp_size=cfg.parallel.context_parallel_size,
-            cp_rank=self._cp_rank(), packed=cfg.train.pack_sequences, device=self._device())
+            cp_rank=self._cp_rank(), packed=cfg.train.pack_sequences, device=self._device(),
+            advantage=cfg.algo.advantage.name)
         return batch, rollouts
 
     def _cp_rank(self) -> int:
@@ -328,7 +330,8 @@ class Trainer:
         seed = ((self.cfg.rollout.seed * 1_000_003 + self.step) * 1009 + round_) * 131 + self.engine_index
         groups = self.engine.generate([ids for _, ids in mine], n=plan.n, max_tokens=plan.max_tokens,
                                       temperature=plan.temperature, top_p=plan.top_p, seed=seed,
-                                      stop_token_ids=plan.stop_token_ids) if mine else []
+                                      stop_token_ids=plan.stop_token_ids,
+                                      ignore_eos=plan.ignore_eos) if mine else []
         payload = None
         if self.rank % self.engine_tp == 0:   # one rank per engine scores and reports
             scores, failures, error = score_groups(self.scorer, [r for r, _ in mine], groups)

@@ -52,6 +52,11 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.synthetic_min_len > cfg.data.synthetic_max_len:
         raise ConfigError(f"data.synthetic_min_len: {cfg.data.synthetic_min_len} exceeds "
                           f"data.synthetic_max_len={cfg.data.synthetic_max_len}")
+    if cfg.rollout.ignore_eos and cfg.algo.overlong.buffer_len:
+        raise ConfigError(
+            "algo.overlong.buffer_len: rollout.ignore_eos makes every response "
+            "rollout.max_response_len long, so the overlong penalty would hit all of them; set "
+            "algo.overlong.buffer_len=0")
     if cfg.algo.overlong.buffer_len > cfg.rollout.max_response_len:
         raise ConfigError(
             f"algo.overlong.buffer_len: {cfg.algo.overlong.buffer_len} exceeds "
@@ -69,6 +74,13 @@ def _check_model(cfg: RunConfig) -> None:
         check_model_layout(hf, cfg.parallel.layout(), cfg.model.options())
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    total = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+    if total > hf.max_position_embeddings:
+        # vLLM refuses a max_model_len past the model's positions, deep inside its start-up
+        raise ConfigError(
+            f"rollout.max_response_len: max_prompt_len + max_response_len = {total} exceeds the "
+            f"model's max_position_embeddings={hf.max_position_embeddings}; shorten them, or "
+            "raise it with model.hf_overrides.max_position_embeddings if the model supports it")
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> int:

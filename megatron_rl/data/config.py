@@ -22,3 +22,5 @@ class DataConfig:
     synthetic_rows: int = field_(10000, ge=1)
     synthetic_min_len: int = field_(2, ge=1)
     synthetic_max_len: int = field_(4, ge=1)
+    synthetic_answer_len: int = field_(0, ge=0, help="words in each answer of synthetic:repeat "
+                                                     "(the long-response task); 0: its default")

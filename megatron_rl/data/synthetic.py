@@ -6,6 +6,11 @@ random model can learn the tasks in minutes:
 
     reverse: "reverse 3 1 4 =" -> "4 1 3"      copy: "copy 3 1 4 =" -> "3 1 4"
     sort:    "sort 3 1 4 ="    -> "1 3 4"      add:  "add 12 + 7 =" -> "1 9" (digits of the sum)
+    repeat:  "repeat 3 1 4 =" -> "3 1 4 3 1 4 3 ..." (``answer_len`` words: long responses)
+
+``repeat`` is the long-response task: its answer runs to ``answer_len`` words (thousands, for
+RL at long context on CPU), and a policy only has to continue a period it has seen, which a tiny
+model learns; pair it with fixed-length generation (``rollout.ignore_eos``) and ``word_match``.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import random
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-TASKS: Dict[str, Callable[[random.Random, int], Tuple[str, str]]] = {}
+TASKS: Dict[str, Callable[..., Tuple[str, str]]] = {}
+LONG_TASKS = ("repeat",)     # the tasks that take ``answer_len``
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
-WORDS = [str(d) for d in range(10)] + ["reverse", "copy", "sort", "add", "+", "="]
+# appended words only: a word's id is its index, and trained checkpoints depend on it
+WORDS = [str(d) for d in range(10)] + ["reverse", "copy", "sort", "add", "+", "=", "repeat"]
 
 
 def _task(name):
@@ -55,14 +62,26 @@ def _add(rng, n):
     return f"add {' '.join(str(a))} + {' '.join(str(b))} =", " ".join(str(a + b))
 
 
-def make_rows(task: str, count: int, *, min_len: int = 2, max_len: int = 5, seed: int = 0) -> List[dict]:
-    """``count`` dataset rows (``prompt``, ``label``, ``metadata.task``) of ``task``."""
+@_task("repeat")
+def _repeat(rng, n, answer_len: int = 64):
+    d = _digits(rng, n)
+    return f"repeat {' '.join(d)} =", " ".join(d[i % n] for i in range(answer_len))
+
+
+def make_rows(task: str, count: int, *, min_len: int = 2, max_len: int = 5, seed: int = 0,
+              answer_len: int = 0) -> List[dict]:
+    """``count`` dataset rows (``prompt``, ``label``, ``metadata.task``) of ``task``;
+    ``answer_len`` (words) for the long tasks (``LONG_TASKS``; 0: the task's default)."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(sorted(TASKS))}")
+    if answer_len and task not in LONG_TASKS:
+        raise ValueError(f"an answer length applies to synthetic:{'/'.join(LONG_TASKS)} only, "
+                         f"not synthetic:{task}")
+    kw = {"answer_len": answer_len} if answer_len else {}
     rng = random.Random(f"{task}:{seed}")
     rows = []
     for _ in range(count):
-        prompt, label = TASKS[task](rng, rng.randint(min_len, max_len))
+        prompt, label = TASKS[task](rng, rng.randint(min_len, max_len), **kw)
         rows.append({"prompt": prompt, "label": label, "metadata": {"task": task}})
     return rows
 

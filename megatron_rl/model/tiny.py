@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict
 
+# RoPE only: the position limit costs nothing; 32k lets the long-response recipes run unchanged
 _BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, intermediate_size=128, rms_norm_eps=1e-6,
-             rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
+             rope_theta=10000.0, max_position_embeddings=32768, tie_word_embeddings=False,
              hidden_act="silu", torch_dtype="float32")
 
 TINY: Dict[str, Dict[str, Any]] = {

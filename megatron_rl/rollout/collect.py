@@ -37,6 +37,7 @@ class SamplingPlan:
     temperature: float = 1.0
     top_p: float = 1.0
     stop_token_ids: Tuple[int, ...] = ()
+    ignore_eos: bool = False                 # fixed-length generation (rollout.ignore_eos)
     dynamic: bool = False
     oversample: float = 1.0
     max_rounds: int = 1

@@ -12,6 +12,8 @@ class RolloutConfig:
     n_samples_per_prompt: int = field_(8, ge=1, help="G: responses per prompt (the group)")
     max_prompt_len: int = field_(512, ge=1, help="longer prompts are an error naming the row")
     max_response_len: int = field_(1024, ge=1)
+    ignore_eos: bool = field_(False, help="fixed-length generation: every response runs to "
+                                          "max_response_len (long-response runs, benchmarks)")
     temperature: float = field_(1.0, gt=0.0)
     top_p: float = field_(1.0, gt=0.0, le=1.0)
     seed: int = 0

@@ -87,14 +87,15 @@ class RolloutEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: Optional[int] = None,
-                 stop_token_ids: Sequence[int] = ()) -> List[List[Sample]]:
-        """``n`` samples for each prompt (token ids), in prompt order."""
+                 stop_token_ids: Sequence[int] = (), ignore_eos: bool = False) -> List[List[Sample]]:
+        """``n`` samples for each prompt (token ids), in prompt order; ``ignore_eos``: every
+        sample runs to ``max_tokens`` (no stop token ends it)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, logprobs=0, detokenize=False,
-                                stop_token_ids=list(stop_token_ids))
+                                seed=seed, logprobs=0, detokenize=False, ignore_eos=ignore_eos,
+                                stop_token_ids=[] if ignore_eos else list(stop_token_ids))
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)
         result = []

@@ -169,8 +169,12 @@ def load_rows(cfg: RunConfig) -> List[PromptRow]:
         if task not in TASKS:
             raise ConfigError(f"data.path: unknown synthetic task {task!r}; known: "
                               f"{', '.join(sorted(TASKS))}")
-        raw = make_rows(task, d.synthetic_rows, min_len=d.synthetic_min_len,
-                        max_len=d.synthetic_max_len, seed=d.seed)
+        try:
+            raw = make_rows(task, d.synthetic_rows, min_len=d.synthetic_min_len,
+                            max_len=d.synthetic_max_len, seed=d.seed,
+                            answer_len=d.synthetic_answer_len)
+        except ValueError as e:
+            raise ConfigError(f"data.synthetic_answer_len: {e}") from None
         return [PromptRow(i, r["prompt"], r["label"], r["metadata"]) for i, r in enumerate(raw)]
     if not os.path.isfile(d.path):
         raise ConfigError(f"data.path: {d.path} does not exist (a .jsonl or .parquet file, or "

@@ -140,3 +140,17 @@ def test_expert_tensor_parallel_defaults_to_tp_and_world_rules_name_the_fix():
     cfg.parallel.expert_tensor_parallel_size = 1
     with pytest.raises(ConfigError, match="expert_tensor_parallel_size=1 must equal"):
         validate_world(cfg, 4)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["rollout.ignore_eos=true", "algo.overlong.buffer_len=4"],
+     "algo.overlong.buffer_len: rollout.ignore_eos makes every response"),
+    (["rollout.max_response_len=40000"], "rollout.max_response_len: max_prompt_len + "
+                                         "max_response_len = 40016 exceeds the model's "
+                                         "max_position_embeddings=32768"),
+    (["data.synthetic_answer_len=-1"], "data.synthetic_answer_len"),
+])
+def test_long_response_settings_that_cannot_work_fail_at_load(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPES / "tiny_moe_gspo.yaml", overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)

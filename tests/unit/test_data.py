@@ -84,3 +84,14 @@ def test_an_overlong_prompt_is_named():
     row = PromptRow(3, "sort 1 2 3 4 5 =")
     with pytest.raises(ValueError, match="row 3 has 7 tokens, more than rollout.max_prompt_len=4"):
         render_prompt(row, word_tokenizer(), chat=False, max_tokens=4)
+
+
+def test_the_long_task_answers_with_its_pattern_for_answer_len_words():
+    rows = make_rows("repeat", 5, min_len=2, max_len=3, seed=0, answer_len=2000)
+    for row in rows:
+        pattern = row["prompt"].split()[1:-1]
+        words = row["label"].split()
+        assert len(words) == 2000 and 2 <= len(pattern) <= 3
+        assert words == [pattern[i % len(pattern)] for i in range(2000)]
+    with pytest.raises(ValueError, match="applies to synthetic:repeat only, not synthetic:copy"):
+        make_rows("copy", 5, answer_len=100)
