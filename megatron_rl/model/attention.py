@@ -19,7 +19,8 @@ image's ``attention_backend: te``) overlaps the exchange with compute and is the
 
 from __future__ import annotations
 
-from typing import Optional
+import itertools
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_rl.parallel.collectives import Group, all_gather_partial, group_rank, group_size
-from megatron_rl.parallel.cp_layout import zigzag_positions
+from megatron_rl.parallel.cp_layout import chunk_ids, thd_partition_index
 
 Tensor = torch.Tensor
 
@@ -41,38 +42,88 @@ def _packed_causal_mask(cu_seqlens: Tensor, total: int, device) -> Tensor:
     return (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
 
 
-def _cp_mask(seq_lens: Tensor, cp_size: int, cp_rank: int, local: int) -> Tensor:
-    """``[local, cp * local]`` bool: local query i may attend gathered key j (keys in rank order,
-    each rank's share in its local order) when both are in the same sequence and the key's global
-    position is at most the query's."""
-    q_seq, q_pos = zigzag_positions(seq_lens, cp_size, cp_rank, local)
-    keys = [zigzag_positions(seq_lens, cp_size, r, local) for r in range(cp_size)]
-    k_seq = torch.cat([s for s, _ in keys])
-    k_pos = torch.cat([p for _, p in keys])
-    return (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+class _Slice(NamedTuple):
+    """One SDPA call of the CP attention: ``q_len`` local queries from ``q_start``, attending the
+    ``k_len`` keys from ``k_start`` of the gathered stream in global order, lower-right causal."""
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+
+
+def _plan(seq_lens: Sequence[int], cp_size: int, cp_rank: int) -> List[_Slice]:
+    """Per sequence and per held chunk: chunk ``i`` (global positions ``[i*c, (i+1)*c)``) needs
+    the keys of positions ``[0, (i+1)*c)`` of its sequence and nothing later, and its query ``t``
+    sees key ``j`` iff ``j <= i*c + t``: the lower-right causal mask of a ``[c, (i+1)*c]`` block.
+    Keys past the chunk's end are never computed (no full ``[n, cp*n]`` block)."""
+    out, local, start = [], 0, 0
+    for L in seq_lens:
+        c = L // (2 * cp_size)
+        for i in chunk_ids(cp_size, cp_rank):
+            out.append(_Slice(local, c, start, (i + 1) * c))
+            local += c
+        start += L
+    return out
+
+
+class _Layout:
+    """Per micro-batch constants shared by every layer (keyed by the sequence lengths): where each
+    gathered key goes in global order, and the additive masks. One float mask per block shape,
+    shared, so autograd keeps one copy for all layers instead of one per layer and call."""
+
+    key = None
+    order: Optional[Tensor] = None
+    masks: Dict[tuple, Tensor] = {}
+
+    @classmethod
+    def get(cls, seq_lens: Sequence[int], cp_size: int, cp_rank: int, device, dtype):
+        key = (tuple(seq_lens), cp_size, cp_rank, str(device), dtype)
+        if key != cls.key:
+            cu = [0] + list(itertools.accumulate(seq_lens))
+            gathered = torch.cat([thd_partition_index(cu, cp_size, r) for r in range(cp_size)])
+            cls.key, cls.order, cls.masks = key, gathered.argsort().to(device), {}
+        return cls
+
+    @classmethod
+    def mask(cls, q_len: int, k_len: int, device, dtype) -> Tensor:
+        """``[q_len, k_len]``: 0 where query ``t`` may see key ``j <= t + k_len - q_len``, -inf
+        elsewhere (the lower-right causal mask)."""
+        m = cls.masks.get((q_len, k_len))
+        if m is None:
+            m = torch.full((q_len, k_len), float("-inf"), device=device, dtype=dtype)
+            m = cls.masks[(q_len, k_len)] = m.triu(k_len - q_len + 1)
+        return m
 
 
 def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, *, cp_group: Group,
-                               seq_lens: Tensor, scale: Optional[float] = None,
+                               seq_lens: Sequence[int], scale: Optional[float] = None,
                                dropout_p: float = 0.0) -> Tensor:
     """Causal attention of this CP rank's queries over whole sequences.
 
     ``query[n, b, np, hn]``, ``key[n, b, ng, hn]``, ``value[n, b, ng, hv]``: this rank's ``n``
     tokens in Megatron's zigzag order (BSHD: every row is one sequence, ``seq_lens = [n * cp]``;
-    THD: ``b = 1`` and ``seq_lens[B]`` the padded lengths of the packed sequences). ``ng`` may
-    divide ``np`` (grouped-query attention). Returns ``[n, b, np, hv]``.
+    THD: ``b = 1`` and ``seq_lens`` the padded lengths of the packed sequences, host ints). ``ng``
+    may divide ``np`` (grouped-query attention). Returns ``[n, b, np, hv]``.
     """
+    cp, rank = group_size(cp_group), group_rank(cp_group)
     n, b, ng = key.shape[0], key.shape[1], key.shape[2]
     hk, hv = key.shape[3], value.shape[3]
     kv = torch.cat([key.reshape(n, b, ng * hk), value.reshape(n, b, ng * hv)], dim=-1)
     kv = all_gather_partial(kv, cp_group, dim=0)                         # [cp*n, b, ng*(hk+hv)]
-    k_all = kv[..., :ng * hk].reshape(-1, b, ng, hk)
-    v_all = kv[..., ng * hk:].reshape(-1, b, ng, hv)
-    allowed = _cp_mask(seq_lens, group_size(cp_group), group_rank(cp_group), n)
-    q, k, v = (x.permute(1, 2, 0, 3) for x in (query, k_all, v_all))    # [b, heads, tokens, d]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
-                                         scale=scale, enable_gqa=ng != query.shape[2])
-    return out.permute(2, 0, 1, 3)                                       # [n, b, np, hv]
+    layout = _Layout.get(seq_lens, cp, rank, query.device, query.dtype)
+    kv = kv.index_select(0, layout.order)                                # global packed order
+    k = kv[..., :ng * hk].reshape(-1, b, ng, hk).permute(1, 2, 0, 3)     # [b, ng, T, hk]
+    v = kv[..., ng * hk:].reshape(-1, b, ng, hv).permute(1, 2, 0, 3)
+    q = query.permute(1, 2, 0, 3)                                         # [b, np, n, hk]
+    outs = []
+    for s in _plan(seq_lens, cp, rank):
+        ks, vs = (x[:, :, s.k_start:s.k_start + s.k_len] for x in (k, v))
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, s.q_start:s.q_start + s.q_len], ks, vs, dropout_p=dropout_p, scale=scale,
+            attn_mask=layout.mask(s.q_len, s.k_len, query.device, query.dtype),
+            enable_gqa=ng != query.shape[2]))
+    return torch.cat(outs, dim=2).permute(2, 0, 1, 3)                    # [n, b, np, hv]
 
 
 def _cp_group_of(pg_collection) -> Group:
@@ -127,15 +178,15 @@ class SDPAttention(MegatronModule):
                              "model.attention_backend: te for other masks")
         cp = group_size(self.cp_group)
         if packed_seq_params is not None:                        # [t, np, hn]
-            cu = _cu_seqlens(packed_seq_params)
+            cu = _cu_seqlens(packed_seq_params).tolist()     # host lengths, as Megatron's RoPE
             out = context_parallel_attention(
                 query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), cp_group=self.cp_group,
-                seq_lens=cu[1:] - cu[:-1], scale=self.scale, dropout_p=dropout)
+                seq_lens=[e - s for s, e in zip(cu[:-1], cu[1:])], scale=self.scale,
+                dropout_p=dropout)
             return out.reshape(query.shape[0], -1)
         s, b = query.shape[0], query.shape[1]
-        lens = torch.tensor([s * cp], device=query.device)
-        out = context_parallel_attention(query, key, value, cp_group=self.cp_group, seq_lens=lens,
-                                         scale=self.scale, dropout_p=dropout)
+        out = context_parallel_attention(query, key, value, cp_group=self.cp_group,
+                                         seq_lens=[s * cp], scale=self.scale, dropout_p=dropout)
         return out.reshape(s, b, -1)
 
     def _sdpa(self, q, k, v, allowed, causal, dropout):

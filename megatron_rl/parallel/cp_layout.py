@@ -56,24 +56,6 @@ def shift_left(x: Tensor, dim: int = 1, cu_seqlens_padded: Optional[Sequence[int
     return out.index_fill(dim, idx, fill)
 
 
-def zigzag_positions(seq_lens: Tensor, cp_size: int, cp_rank: int,
-                     total: int) -> Tuple[Tensor, Tensor]:
-    """``(seq, pos)``, each ``[total]``: for the tokens rank ``cp_rank`` holds of a stream of
-    sequences with padded lengths ``seq_lens[B]`` (each a multiple of ``2*cp_size``), in local
-    order, the index of the token's sequence and its position in that sequence. ``total`` is the
-    local token count (``sum(seq_lens) / cp_size``), given so that no device value is read back.
-    BSHD is one sequence of length ``S`` shared by every row."""
-    i, j = chunk_ids(cp_size, cp_rank)
-    dev = seq_lens.device
-    c = seq_lens.long() // (2 * cp_size)                                    # [B] chunk length
-    seq = torch.repeat_interleave(torch.arange(c.shape[0], device=dev), 2 * c, output_size=total)
-    start = torch.cumsum(2 * c, 0) - 2 * c                                  # [B] local offset
-    k = torch.arange(total, device=dev) - start[seq]
-    cs = c[seq]
-    pos = torch.where(k >= cs, j * cs + k - cs, i * cs + k)
-    return seq, pos
-
-
 def bshd_shard(x: Tensor, cp_size: int, cp_rank: int, dim: int = 1) -> Tensor:
     """This rank's ``[..., S/cp, ...]`` share of a padded batch (what megatron-core's
     ``get_batch_on_this_cp_rank`` does to each tensor of the batch)."""

@@ -81,7 +81,7 @@ def _one_case(layout, dtype, cp, group, cp_rank) -> Dict[str, float]:
     local = {k: _shard(v, layout, lens, cp, cp_rank) for k, v in full.items()}
     leaves = {k: local[k].clone().requires_grad_() for k in "qkv"}
     out = context_parallel_attention(leaves["q"], leaves["k"], leaves["v"], cp_group=group,
-                                     seq_lens=torch.tensor(lens), scale=HK ** -0.5)
+                                     seq_lens=lens, scale=HK ** -0.5)
     (out * local["w"]).sum().backward()
     errs = {"out": (_unshard(_gather(out.detach(), group, cp), layout, lens).double() - ref.detach())}
     for k in "qkv":
@@ -109,17 +109,17 @@ def _mutation(name: str):
         finally:
             collectives._AllGatherPartial.backward = orig
     elif name == "local_mask":
-        orig = A._cp_mask
+        orig = A._plan
 
-        def local_positions(seq_lens, cp_size, cp_rank, local):  # positions 0..n-1 on every rank
-            q = torch.arange(local)
-            return q.repeat(cp_size)[None, :] <= q[:, None]
+        def local_positions(seq_lens, cp_size, cp_rank):  # each chunk as if it were the sequence
+            return [A._Slice(s.q_start, s.q_len, s.k_start + s.k_len - s.q_len, s.q_len)
+                    for s in orig(seq_lens, cp_size, cp_rank)]
 
-        A._cp_mask = local_positions
+        A._plan = local_positions
         try:
             yield
         finally:
-            A._cp_mask = orig
+            A._plan = orig
     else:
         raise KeyError(name)
 

@@ -139,25 +139,6 @@ def test_group_rank_lists_match_megatron_core_rank_generator(tp, cp, dp):
         assert sorted(map(list, ours[kind])) == sorted(gen.get_ranks(token)), kind
 
 
-@pytest.mark.parametrize("cp", [1, 2, 4])
-def test_zigzag_positions_of_the_local_stream_are_the_global_positions(cp):
-    """What the CP attention masks by: for the tokens a rank holds, their sequence and position,
-    against the brute force of sharding a stream of (sequence, position) pairs."""
-    from megatron_rl.parallel.cp_layout import thd_partition_index, zigzag_positions
-
-    lens = [2 * cp, 6 * cp, 4 * cp, 2 * cp]
-    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
-    seq_of = torch.cat([torch.full((n,), b) for b, n in enumerate(lens)])
-    pos_of = torch.cat([torch.arange(n) for n in lens])
-    for r in range(cp):
-        idx = thd_partition_index(cu, cp, r)
-        seq, pos = zigzag_positions(torch.tensor(lens), cp, r, idx.numel())
-        assert torch.equal(seq, seq_of[idx]) and torch.equal(pos, pos_of[idx])
-        bshd_seq, bshd_pos = zigzag_positions(torch.tensor([8 * cp]), cp, r, 8)
-        assert torch.equal(bshd_pos, CPShard.bshd(1, 8 * cp, cp, r).positions[0])
-        assert not bshd_seq.any()
-
-
 @pytest.mark.parametrize("cp", [2, 4])
 def test_group_aligned_packing_keeps_position_statistics_local(cp):
     """Future-KL under CP: a packed micro-batch whose groups share a padded length needs no
