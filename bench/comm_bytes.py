@@ -10,10 +10,16 @@ sequence ratio in the loss); both include the sequence lengths and the step deno
 ``torch.distributed`` collective it issues is counted. The baseline is what verl / slime /
 NeMo-RL / ROLL do under CP: all-gather the per-token log-probs (current, old, reference) so every
 rank holds whole sequences, then compute the same quantities locally -- measured by issuing those
-all-gathers in the same processes (forward only: the backward would add a reduce-scatter).
-Bytes use the ring model: all-reduce of n bytes moves 2(p-1)/p*n per rank, all-gather of an
-n-byte result (p-1)/p*n. 64 sequences = 8 prompts x 8 responses, prompts of 128 tokens, response
-lengths uniform in [L/2, L] for THD (BSHD pads all to the longest).
+all-gathers in the same processes (forward only: the backward would add a reduce-scatter) over
+the tokens a rank holds without padding. Bytes use the ring model: all-reduce of n bytes moves
+2(p-1)/p*n per rank, all-gather of an n-byte result (p-1)/p*n. 64 sequences = 8 prompts x 8
+responses, prompts of 128 tokens, response lengths uniform in [L/2, L].
+
+Layouts: ``bshd`` pads every sequence to the longest; ``thd`` packs as the trainer does
+(``train.batches.packed_lengths``: group-aligned lengths for estimators with per-position
+statistics, i.e. future-KL, each sequence's own length otherwise); ``thd_ragged`` packs each
+sequence at its own length whatever the estimator (a user's own packing: the per-position
+statistics then all-reduce a ``[groups, S_max]`` buffer).
 """
 
 from __future__ import annotations
@@ -52,25 +58,25 @@ def _install_counters():
     dist.all_gather = all_gather
 
 
-def _batch(L, cp, layout, rank, g):
+def _batch(L, cp, layout, rank, g, per_position):
     from megatron_rl.parallel.cp_layout import CPShard, padded_length
+    from megatron_rl.train.batches import packed_lengths
 
     B, G, prompt = 64, 8, 128
     resp = torch.randint(L // 2, L + 1, (B,), generator=g).tolist()
     group_of_seq = [b // G for b in range(B)]
+    n = [prompt + r for r in resp]
     if layout == "bshd":
-        S = padded_length(prompt + max(resp), cp)
+        S = padded_length(max(n), cp)
         shard = CPShard.bshd(B, S, cp, rank)
     else:
-        n = [prompt + r for r in resp]
-        if layout == "thd_aligned":
-            n = [max(n[(b // G) * G:(b // G + 1) * G]) for b in range(B)]
-        cu = [0] + torch.tensor([padded_length(x, cp) for x in n]).cumsum(0).tolist()
+        align = per_position and layout == "thd"
+        cu = [0] + torch.tensor(packed_lengths(n, group_of_seq, cp, align)).cumsum(0).tolist()
         shard = CPShard.thd(cu, cp, rank, group_of_seq=group_of_seq)
     pos, valid = shard.positions, shard.valid
     resp_t = torch.tensor(resp)[:, None]
     mask = (valid & (pos >= prompt - 1) & (pos < prompt - 1 + resp_t)).float()
-    return shard, mask, torch.tensor(group_of_seq), G
+    return shard, mask, torch.tensor(group_of_seq), G, sum(n) // cp
 
 
 def _ours(L, cp, layout, rank, group, path):
@@ -78,7 +84,7 @@ def _ours(L, cp, layout, rank, group, path):
                                            sharded_policy_loss, step_denominators)
 
     g = torch.Generator().manual_seed(0)
-    shard, mask, gid, G = _batch(L, cp, layout, rank, g)
+    shard, mask, gid, G, unpadded = _batch(L, cp, layout, rank, g, path != "gspo")
     mb = prepare_micro_batch(shard, shard.from_view(mask), gid, group, num_groups=64 // G)
     num_tokens, num_seqs = step_denominators([mb], group)
     lp = (-torch.rand(mask.shape, generator=g)).requires_grad_()
@@ -95,7 +101,7 @@ def _ours(L, cp, layout, rank, group, path):
                                       advantages=adv, num_tokens=num_tokens, num_seqs=num_seqs,
                                       ratio="sequence", agg="seq-mean-token-mean")
     loss.backward()
-    return int(shard.from_view(mask).numel())  # tokens this rank holds
+    return unpadded  # tokens this rank holds, padding left out
 
 
 def _gather_baseline(local_tokens, cp, group):
@@ -112,7 +118,7 @@ def _worker(rank, world, port, lengths, out):
     rows = []
     for L in lengths:
         for path in ("gspo", "future_kl+gspo"):
-            for layout in ("bshd", "thd", "thd_aligned"):
+            for layout in ("bshd", "thd", "thd_ragged"):
                 COUNT.update(bytes=0.0, calls=0)
                 local = _ours(L, world, layout, rank, group, path)
                 ours = dict(COUNT)

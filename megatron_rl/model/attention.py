@@ -12,9 +12,12 @@ every sequence (``parallel.cp_layout``) for q, k and v. It all-gathers the keys 
 whole sequence over the CP group (one collective for both; the backward reduce-scatters their
 gradients, see ``collectives.all_gather_partial``) and masks causally by *global* position: a
 local query at position ``p`` of sequence ``s`` attends exactly the keys of ``s`` at positions
-``<= p``, the keys it attends at CP 1. Memory per rank: the gathered K/V (``cp`` times the local
-ones) and a ``[local tokens, cp x local tokens]`` boolean mask; TE's ring attention (the GPU
-image's ``attention_backend: te``) overlaps the exchange with compute and is the fast path.
+``<= p``, the keys it attends at CP 1. Each held chunk is one SDPA call over its sequence's keys
+up to the chunk's end with a lower-right causal mask (``_plan``): the compute is ``(2cp+1)/(2cp)``
+of a perfectly balanced causal split. Memory per rank: the gathered K/V (``cp`` times the local
+ones) and one additive mask per block shape, shared by every layer (``_Layout``). TE's ring
+attention (the GPU image's ``attention_backend: te``) overlaps the exchange with compute and
+keeps flash kernels: the fast path.
 """
 
 from __future__ import annotations
@@ -199,4 +202,3 @@ def _cu_seqlens(packed_seq_params) -> Tensor:
     """The padded boundaries of the packed (global, un-sharded) sequences."""
     cu = packed_seq_params.cu_seqlens_q_padded
     return packed_seq_params.cu_seqlens_q if cu is None else cu
-

@@ -1,0 +1,30 @@
+"""The CP attention's single-process pieces: the per-chunk plan reproduces causal attention, and
+its masks are lower-right causal (the multi-rank equality is tests/distributed/test_context_parallel.py)."""
+
+import torch
+
+from megatron_rl.model.attention import _Layout, _plan, context_parallel_attention
+from tests.distributed.cp_workers import reference_attention
+
+
+def test_lower_right_mask_lets_query_t_see_keys_up_to_t_plus_the_offset():
+    m = _Layout.mask(3, 7, "cpu", torch.float32)
+    allowed = m == 0
+    for t in range(3):
+        assert allowed[t].tolist() == [j <= t + 4 for j in range(7)]
+
+
+def test_the_plan_covers_each_local_token_once_with_keys_up_to_its_chunk_end():
+    # CP 2, rank 1 holds chunks 1 and 2 of each sequence (chunk length c = L / 4)
+    plan = _plan([8, 16], 2, 1)
+    assert [(s.q_start, s.q_len, s.k_start, s.k_len) for s in plan] == [
+        (0, 2, 0, 4), (2, 2, 0, 6), (4, 4, 8, 8), (8, 4, 8, 12)]
+
+
+def test_one_rank_equals_causal_attention_per_packed_sequence():
+    g = torch.Generator().manual_seed(0)
+    lens = [6, 2, 10]
+    q = torch.randn(sum(lens), 1, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(sum(lens), 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out = context_parallel_attention(q, k, v, cp_group=None, seq_lens=lens, scale=8 ** -0.5)
+    assert (out - reference_attention(q, k, v, lens)).abs().max() < 1e-12
