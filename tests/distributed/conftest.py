@@ -55,18 +55,23 @@ MODEL_CASES_DEEPSEEK = [
 ]
 
 
+def _model_spawns(tmp_path_factory, runs) -> dict:
+    """``runs``: (world, cases, model, HF overrides); one spawn each, every case's figures."""
+    from tests.distributed import model_workers
+
+    out = {}
+    for i, (world, cases, model, overrides) in enumerate(runs):
+        out.update(spawn(model_workers.model_equivalence, world,
+                         str(tmp_path_factory.mktemp(f"{model}_{i}")), cases, model, overrides))
+    return out
+
+
 @pytest.fixture(scope="session")
 def model_results(tmp_path_factory):
     """Three spawns (2, 4 and 2 gloo processes) run every Megatron model layout."""
-    from tests.distributed import model_workers
-
-    out = spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("m2")),
-                MODEL_CASES_2 + MODEL_CASES_AUX)
-    out.update(spawn(model_workers.model_equivalence, 4, str(tmp_path_factory.mktemp("m4")),
-                     MODEL_CASES_4))
-    out.update(spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("ds")),
-                     MODEL_CASES_DEEPSEEK, "deepseek_v3"))
-    return out
+    return _model_spawns(tmp_path_factory, [(2, MODEL_CASES_2 + MODEL_CASES_AUX, "qwen3_moe", None),
+                                            (4, MODEL_CASES_4, "qwen3_moe", None),
+                                            (2, MODEL_CASES_DEEPSEEK, "deepseek_v3", None)])
 
 
 @pytest.fixture(scope="session")
@@ -192,13 +197,8 @@ OVERRIDES = {
 
 @pytest.fixture(scope="session")
 def cp_model_results(tmp_path_factory):
-    from tests.distributed import model_workers
-
-    out = spawn(model_workers.model_equivalence, 2, str(tmp_path_factory.mktemp("cp2")),
-                MODEL_CASES_CP_2 + MODEL_CASES_CP_MUTANT)
-    out.update(spawn(model_workers.model_equivalence, 4, str(tmp_path_factory.mktemp("cp4")),
-                     MODEL_CASES_CP_4))
-    for (model, overrides, world), cases in MODEL_CASES_CP_OTHER.items():
-        out.update(spawn(model_workers.model_equivalence, world, str(tmp_path_factory.mktemp(model)),
-                         cases, model, OVERRIDES.get(overrides)))
-    return out
+    runs = [(2, MODEL_CASES_CP_2 + MODEL_CASES_CP_MUTANT, "qwen3_moe", None),
+            (4, MODEL_CASES_CP_4, "qwen3_moe", None)]
+    runs += [(world, cases, model, OVERRIDES.get(overrides))
+             for (model, overrides, world), cases in MODEL_CASES_CP_OTHER.items()]
+    return _model_spawns(tmp_path_factory, runs)

@@ -6,7 +6,6 @@ one that was not."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -14,11 +13,12 @@ import sys
 
 import pytest
 
+from tests.e2e.run_outputs import metrics, weights
+
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "configs" / "recipes"
-VOLATILE = ("time/", "perf/", "sync/seconds", "mem/")
 SHORT = ["data.synthetic_answer_len=48", "rollout.max_response_len=48", "train.prompts_per_step=4",
          "rollout.n_samples_per_prompt=4", "rollout.probe_every=2", "train.tensorboard=false"]
 # per-rank values: under CP each rank routes and holds only its share of the tokens
@@ -40,17 +40,6 @@ def _run(recipe: str, out: pathlib.Path, steps: int, cp: int, *extra: str):
     return r
 
 
-def _metrics(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
-
-
-def _weights(out):
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted((out / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 def _assert_cp_matches_cp1(cp2, cp1):
     assert [r["step"] for r in cp2] == [r["step"] for r in cp1]
     for a, b in zip(cp2, cp1):
@@ -67,17 +56,19 @@ def _assert_cp_matches_cp1(cp2, cp1):
 def test_gspo_at_cp2_equals_cp1_and_resumes_bit_identically(tmp_path):
     _run("tiny_moe_long_gspo", tmp_path / "cp2", 4, 2, "train.checkpoint_every=2")
     _run("tiny_moe_long_gspo", tmp_path / "cp1", 4, 1, "train.checkpoint_every=2")
-    cp2, cp1 = _metrics(tmp_path / "cp2"), _metrics(tmp_path / "cp1")
+    cp2, cp1 = metrics(tmp_path / "cp2"), metrics(tmp_path / "cp1")
     assert cp2[0]["response/length_mean"] == 48.0      # fixed-length generation
-    assert max(r["mismatch/mean"] for r in cp2) < 1e-4  # engine and CP-sharded trainer agree
+    # the engine's log-probs against the trainer's on CP-sharded labels: every step, and the probe
+    assert max(r["mismatch/mean"] for r in cp2) < 1e-4
+    assert max(r["sync/probe_mismatch/max"] for r in cp2 if "sync/probe_mismatch/max" in r) < 1e-4
     _assert_cp_matches_cp1(cp2, cp1)
 
     resumed = tmp_path / "resumed"
     _run("tiny_moe_long_gspo", resumed, 2, 2, "train.checkpoint_every=2")
     r = _run("tiny_moe_long_gspo", resumed, 4, 2, "train.checkpoint_every=2")
     assert "resumed from step 2" in r.stderr
-    assert _metrics(resumed) == cp2
-    wa, wb = _weights(resumed), _weights(tmp_path / "cp2")
+    assert metrics(resumed) == cp2
+    wa, wb = weights(resumed), weights(tmp_path / "cp2")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
 
 
@@ -85,6 +76,6 @@ def test_future_kl_grpo_packed_at_cp2_equals_cp1(tmp_path):
     packed = ["train.pack_sequences=true", "train.export_hf=false"]
     _run("tiny_moe_long_future_kl_grpo", tmp_path / "cp2", 2, 2, *packed)
     _run("tiny_moe_long_future_kl_grpo", tmp_path / "cp1", 2, 1, *packed)
-    cp2 = _metrics(tmp_path / "cp2")
+    cp2 = metrics(tmp_path / "cp2")
     assert cp2[0]["train/updates"] == 1.0 and "train/kl" in cp2[0]
-    _assert_cp_matches_cp1(cp2, _metrics(tmp_path / "cp1"))
+    _assert_cp_matches_cp1(cp2, metrics(tmp_path / "cp1"))

@@ -12,7 +12,6 @@ process behind. CI runs 7 kills, one at each point; ``-m soak`` runs 24 (the cou
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import random
@@ -22,11 +21,12 @@ import uuid
 
 import pytest
 
+from tests.e2e.run_outputs import metrics, weights
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs" / "recipes" / "tiny_moe_gspo.yaml")
 POINTS = ("rollout", "train", "sync", "checkpoint", "checkpoint.written", "checkpoint.renamed",
           "checkpoint.latest")
-VOLATILE = ("time/", "perf/", "sync/seconds", "mem/")   # wall-clock and memory measurements
 
 
 def _args(out, steps):
@@ -57,17 +57,6 @@ def _leftovers(tag):
     return found
 
 
-def _metrics(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
-
-
-def _weights(out):
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted((out / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 def _crash_loop(tmp_path, kills):
     seed = int(os.environ.get("MEGATRON_RL_CRASH_SEED", "20261122"))
     rng = random.Random(seed)
@@ -91,11 +80,11 @@ def _crash_loop(tmp_path, kills):
     assert r.returncode == 0, f"seed {seed}, after kills {log}:\n{r.stderr[-3000:]}"
     print(f"\n{kills} kills (seed {seed}): {' '.join(log)}")
 
-    got, want = _metrics(out), _metrics(tmp_path / "ref")
+    got, want = metrics(out), metrics(tmp_path / "ref")
     assert [row["step"] for row in got] == list(range(1, steps + 1))
     for a, b in zip(got, want):
         assert a == b, f"seed {seed}, kills {log}: step {a['step']} differs from the uninterrupted run"
-    wa, wb = _weights(out), _weights(tmp_path / "ref")
+    wa, wb = weights(out), weights(tmp_path / "ref")
     assert wa.keys() == wb.keys()
     assert all((wa[k] == wb[k]).all() for k in wa), "final weights differ"
     assert not list((out / "checkpoints").glob(".tmp-*")), "a temporary checkpoint was left"

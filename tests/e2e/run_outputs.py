@@ -1,0 +1,19 @@
+"""What the e2e tests compare between two runs of the trainer: their metrics without the wall-clock
+and memory readings, and their exported weights."""
+
+from __future__ import annotations
+
+import json
+
+VOLATILE = ("time/", "perf/", "sync/seconds", "mem/")   # wall-clock and memory measurements
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted((out / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
