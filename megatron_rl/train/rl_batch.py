@@ -51,6 +51,7 @@ class StepBatch:
     micro_batches: List[PolicyMicroBatch]
     rewards: List[Tensor]                   # [B] per micro-batch, shaped
     ref: List[Optional[Tensor]]             # [B, 2C] reference log-probs per micro-batch
+    has_logprobs: bool = False              # this rank computed the old log-probs (last PP stage)
 
 
 def group_sequences(prompt_ids: List[int], samples: Sequence) -> List[Dict[str, Tensor]]:
@@ -116,6 +117,7 @@ def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: Step
                                temperature=plan.temperature)
     for mb, lp in zip(batch.micro_batches, old):
         mb.old_logprobs = lp
+    batch.has_logprobs = bool(old)
     if not old:
         return
     if plan.needs_reference:
@@ -169,7 +171,9 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
 def mismatch_sums(batch: StepBatch) -> Dict[str, Tensor]:
     """Train/inference mismatch on this step's tokens: |trainer old log-prob - engine log-prob|
     summed over action tokens (partial sums, on the device; divide by the token count after the
-    reduce)."""
+    reduce). Only the last pipeline stage has the trainer's log-probs: the others add nothing."""
+    if not batch.has_logprobs:
+        return {}
     diffs = [((mb.old_logprobs.double() - mb.rollout_logprobs.double()).abs() * mb.shard.mask.double(),
               mb.shard.mask.double()) for mb in batch.micro_batches]
     return {"mismatch/abs_sum": sum(d.sum() for d, _ in diffs),
