@@ -1,40 +1,57 @@
 """Every monkeypatch megatron-core needs to run on a CPU-only PyTorch build, in one place.
 
-``apply_cpu_patches()`` does nothing when CUDA is available. On CPU it applies each patch once; each
-records how to undo itself (``revert_cpu_patches``), so ``tests/distributed/test_cpu_patches.py``
-can run a scenario with every patch but one and check that upstream still fails with the error
-the patch's docstring names. When a test there fails, upstream fixed the problem: delete the patch.
+``apply_cpu_patches()`` does nothing when CUDA is available. On CPU it applies each patch that the
+installed megatron-core needs (``CpuPatch.needed``: detected from the code, not from a version
+number), once; each records how to undo itself (``revert_cpu_patches``), so
+``tests/distributed/test_cpu_patches.py`` can run a scenario with every patch but one and check
+that upstream still fails with the error the patch's docstring names, and that a patch this
+version does not need really is not needed. When a test there fails, upstream fixed the problem:
+gate or delete the patch.
 
-Written against megatron-core 0.16.1 (the newest for Python 3.11); each docstring says where.
+Written against megatron-core 0.16.1 (the newest for Python 3.11) and 0.19 (Python 3.12, the GPU
+images); each docstring says where and which versions.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 Undo = Callable[[], None]
+# a CUDA call without CUDA: torch's CPU build says the first, a CUDA build without a GPU the second
+NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver")
 
 
 @dataclass(frozen=True)
 class CpuPatch:
     name: str
-    error: str                 # what upstream raises without the patch (a substring)
+    errors: Tuple[str, ...]    # what upstream raises without the patch (any of these substrings)
     where: str                 # the megatron-core function that raises it (module path:function)
     apply: Callable[[], Undo]
+    needed: Callable[[], bool]  # does the installed megatron-core still have the problem?
+
+    def explains(self, failure: str) -> bool:
+        """``failure``: ``"Type: message @ module:function"`` of a step run without the patch."""
+        return any(e in failure for e in self.errors) and failure.endswith(f"@ {self.where}")
 
 
 CPU_PATCHES: Dict[str, CpuPatch] = {}
 _APPLIED: Dict[str, Undo] = {}
 
 
-def _patch(name: str, error: str, where: str):
+def _always() -> bool:
+    return True
+
+
+def _patch(name: str, error: Union[str, Tuple[str, ...]], where: str,
+           needed: Callable[[], bool] = _always):
     def register(fn: Callable[[], Undo]):
-        CPU_PATCHES[name] = CpuPatch(name, error, where, fn)
+        errors = (error,) if isinstance(error, str) else tuple(error)
+        CPU_PATCHES[name] = CpuPatch(name, errors, where, fn, needed)
         return fn
     return register
 
@@ -50,11 +67,12 @@ def _undo_all(undo: List[Undo]) -> Undo:
 
 
 def apply_cpu_patches(skip: Sequence[str] = ()) -> List[str]:
-    """Apply every CPU patch not in ``skip`` (none when CUDA is available); returns their names."""
+    """Apply every CPU patch that this megatron-core needs and is not in ``skip`` (none when CUDA
+    is available); returns the names applied."""
     if torch.cuda.is_available():
         return []
     for name, p in CPU_PATCHES.items():
-        if name not in skip and name not in _APPLIED:
+        if name not in skip and name not in _APPLIED and p.needed():
             _APPLIED[name] = p.apply()
     return list(_APPLIED)
 
@@ -64,7 +82,7 @@ def revert_cpu_patches() -> None:
         _APPLIED.pop(name)()
 
 
-@_patch("rng", "Torch not compiled with CUDA enabled",
+@_patch("rng", NO_CUDA,
         "tensor_parallel/random.py:add")
 def _rng() -> Undo:
     """``model_parallel_cuda_manual_seed`` -> ``CudaRNGStatesTracker.add`` calls
@@ -106,7 +124,7 @@ def _rng() -> Undo:
     return _undo_all(undo)
 
 
-@_patch("curdev", "Torch not compiled with CUDA enabled",
+@_patch("curdev", NO_CUDA,
         "tensor_parallel/layers.py:__init__")
 def _curdev() -> Undo:
     """Embeddings, linear layers, rotary embeddings and the global memory buffer allocate on
@@ -117,17 +135,21 @@ def _curdev() -> Undo:
     return _undo_all(undo)
 
 
+def _lacks_te_general_gemm() -> bool:
+    import megatron.core.transformer.moe.moe_utils as M
+
+    return not hasattr(M, "te_general_gemm")
+
+
 @_patch("tegemm", "name 'te_general_gemm' is not defined",
-        "transformer/moe/moe_utils.py:forward")
+        "transformer/moe/moe_utils.py:forward", needed=_lacks_te_general_gemm)
 def _tegemm() -> Undo:
     """0.16.1 bug without TransformerEngine (CPU or GPU): the MoE router's
     ``RouterGatingLinearFunction.forward`` reads ``te_general_gemm``, which is only imported when TE
-    is: "NameError: name 'te_general_gemm' is not defined". Fixed upstream by 0.19.2; define it as
-    None (the torch fallback) where it is missing."""
+    is: "NameError: name 'te_general_gemm' is not defined". Fixed upstream by 0.19 (the name is
+    defined, None without TE): needed where it is missing, where it is defined as None."""
     import megatron.core.transformer.moe.moe_utils as M
 
-    if hasattr(M, "te_general_gemm"):
-        return lambda: None
     M.te_general_gemm = None
     return lambda: delattr(M, "te_general_gemm")
 
@@ -190,7 +212,7 @@ class _NoStream:
         return 0.0
 
 
-@_patch("stream", "Torch not compiled with CUDA enabled",
+@_patch("stream", NO_CUDA,
         "transformer/moe/token_dispatcher.py:_maybe_dtoh_and_synchronize")
 def _stream() -> Undo:
     """The all-to-all token dispatcher moves its routing metadata to the host on a side CUDA
@@ -268,17 +290,22 @@ def _uneven() -> Undo:
     return _undo_all(undo)
 
 
+def _te_linear_is_not_a_type() -> bool:
+    import megatron.core.transformer.multi_latent_attention as MLA
+
+    return not isinstance(MLA.TELinear, type)
+
+
 @_patch("telinear", "isinstance() arg 2 must be a type",
-        "transformer/multi_latent_attention.py:__init__")
+        "transformer/multi_latent_attention.py:__init__", needed=_te_linear_is_not_a_type)
 def _telinear() -> Undo:
     """Without TransformerEngine, multi-latent attention (DeepSeek-V3) checks
     ``isinstance(self.linear_proj, TELinear)`` against the mock megatron-core puts in TE's place
     (transformer/multi_latent_attention.py, 0.16.1): "TypeError: isinstance() arg 2 must be a
-    type". Put a class that nothing is an instance of there instead."""
+    type". Put a class that nothing is an instance of there instead. 0.19 no longer needs it
+    (its stand-in is a class)."""
     import megatron.core.transformer.multi_latent_attention as MLA
 
-    if isinstance(MLA.TELinear, type):
-        return lambda: None
     undo: List[Undo] = []
     _set(MLA, "TELinear", type("NoTransformerEngineLinear", (), {}), undo)
     return _undo_all(undo)
@@ -320,7 +347,7 @@ def _enter_mode(mode: TorchFunctionMode) -> Undo:
     return lambda: mode.__exit__(None, None, None)
 
 
-@_patch("devmode", "Torch not compiled with CUDA enabled",
+@_patch("devmode", NO_CUDA,
         "optimizer/optimizer.py:__init__")
 def _devmode() -> Undo:
     """Hard-coded ``device="cuda"`` and ``.cuda()`` in every pipeline schedule
@@ -331,7 +358,7 @@ def _devmode() -> Undo:
     return _enter_mode(_CudaToCpu())
 
 
-@_patch("sync", "Torch not compiled with CUDA enabled",
+@_patch("sync", NO_CUDA,
         "pipeline_parallel/p2p_communication.py:_communicate")
 def _sync() -> Undo:
     """``torch.cuda.synchronize()`` after pipeline send/recv (pipeline_parallel/
@@ -354,7 +381,7 @@ def _typestr() -> Undo:
 
 
 def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
-    """``FileSystemWriterAsync.write_preloaded_data_multiproc`` without the worker processes."""
+    """``FileSystemWriterAsync.write_preloaded_data_multiproc`` (0.16) without the worker processes."""
     import queue
 
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
@@ -375,16 +402,21 @@ def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, glob
 
 @contextlib.contextmanager
 def in_process_checkpoint_writes():
-    """Scoped, CPU only: megatron-core's ``torch_dist`` checkpoint writer forks one process per
-    write bucket (``mp.get_context("fork")`` in dist_checkpointing/strategies/filesystem_async.py,
-    0.16.1) from a process that runs gloo and OpenMP threads; a child forked while another thread
-    holds a lock hangs forever (seen in CI: a save that never returned). Write the buckets in
-    the calling process instead. Not a global patch: only our saves need it, and on GPU the
-    upstream writer is kept for its parallel writes.
+    """Scoped, CPU only: megatron-core's ``torch_dist`` checkpoint writer runs without helper
+    processes. Not a global patch: only our saves need it, and on GPU the upstream writer is kept.
 
-    The results then travel through a plain ``queue.Queue`` rather than the upstream
-    ``multiprocessing.Manager().Queue()``: that manager is a spawned server process which outlives
-    a trainer killed with SIGKILL (one orphan of ~270 MB per crash, found by the crash test)."""
+    * 0.16 forks one process per write bucket (``write_preloaded_data_multiproc``,
+      ``mp.get_context("fork")`` in dist_checkpointing/strategies/filesystem_async.py) from a
+      process that runs gloo and OpenMP threads; a child forked while another thread holds a lock
+      hangs forever (seen in CI: a save that never returned). The buckets are written in the
+      calling process instead. 0.19 writes them in threads (``write_preloaded_data_multithread``)
+      and needs nothing here.
+    * Both collect the results in a ``multiprocessing.Manager().Queue()`` (0.16
+      ``_get_write_results_queue``, 0.19 ``get_write_results_queue``): the manager is a spawned
+      server process that outlives a trainer killed with SIGKILL (one orphan of ~270 MB per crash,
+      found by the crash test). A plain ``queue.Queue`` serves, since nothing crosses processes.
+
+    ``tests/unit/test_checkpoint_writer.py`` checks which of the two the installed version has."""
     if torch.cuda.is_available():
         yield
         return
@@ -392,12 +424,16 @@ def in_process_checkpoint_writes():
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
 
-    orig = fsa.FileSystemWriterAsync.__dict__["write_preloaded_data_multiproc"]
-    orig_queue = fsa._get_write_results_queue
-    fsa.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
-    fsa._get_write_results_queue = queue.Queue
+    undo: List[Undo] = []
+    writer, attr = fsa.FileSystemWriterAsync, "write_preloaded_data_multiproc"
+    if attr in writer.__dict__:
+        orig = writer.__dict__[attr]                       # the staticmethod object itself
+        setattr(writer, attr, staticmethod(_write_buckets_in_process))
+        undo.append(lambda: setattr(writer, attr, orig))
+    name = "_get_write_results_queue" if hasattr(fsa, "_get_write_results_queue") \
+        else "get_write_results_queue"
+    _set(fsa, name, lambda *a, **k: queue.Queue(), undo)
     try:
         yield
     finally:
-        fsa.FileSystemWriterAsync.write_preloaded_data_multiproc = orig
-        fsa._get_write_results_queue = orig_queue
+        _undo_all(undo)()

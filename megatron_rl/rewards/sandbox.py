@@ -1,8 +1,10 @@
 """Run untrusted (model-generated) Python in a contained child process.
 
-The parent starts ``python -I -m megatron_rl.rewards.sandbox CONFIG`` in a new session (its own
-process group) with an empty environment, stdin closed and a fresh temp dir as working directory.
-That launcher confines itself, then ``exec``s the interpreter on the untrusted program:
+The parent starts ``python -I -S <this file> CONFIG`` in a new session (its own process group)
+with an empty environment, stdin closed and a fresh temp dir as working directory. The launcher
+imports the standard library only (not this package, whose ``__init__`` pulls in torch: seconds of
+start-up inside the wall-clock limit). It confines itself, then ``exec``s the interpreter on the
+untrusted program:
 
 - network: a new network namespace (only a loopback that is down) -- ``unshare(CLONE_NEWNET)``,
   as root directly, otherwise inside a new user namespace;
@@ -93,7 +95,7 @@ def run_untrusted(code: str, stdin_text: str = "", limits: SandboxLimits = Sandb
                           "file_mb": limits.file_mb, "nproc": limits.max_processes})
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # no secrets of the trainer's
         t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-I", "-c", _LAUNCH, cfg], cwd=work, env=env,
+        proc = subprocess.Popen([sys.executable, "-I", "-S", _LAUNCHER, cfg], cwd=work, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
         cut = limits.output_bytes
@@ -140,9 +142,9 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-# The launcher runs with -I (no environment variables, no user site, no script dir on the path):
-# it imports this installed module and confines itself before any untrusted byte runs.
-_LAUNCH = "import sys; from megatron_rl.rewards.sandbox import confine_and_exec; confine_and_exec(sys.argv[1])"
+# The launcher is this file run as a script with -I -S (no environment variables, no site
+# packages, no script dir on the path): it confines itself before any untrusted byte runs.
+_LAUNCHER = os.path.abspath(__file__)
 
 
 def _libc():
@@ -219,5 +221,14 @@ def confine_and_exec(cfg_json: str) -> None:
     _limit(cfg)
     os.dup2(os.open(os.path.join(work, "stdin.txt"), os.O_RDONLY), 0)
     os.chdir(work)
-    os.execve(exe, [exe, "-I", "-S", "-B", "main.py"], {"PATH": "/usr/bin:/bin", "HOME": work,
-                                                        "LANG": "C.UTF-8"})
+    env = {"PATH": "/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8"}
+    lib = os.path.join(os.path.dirname(os.path.dirname(exe)), "lib")
+    if os.path.isdir(lib):
+        # a shared-libpython build (pyenv) finds libpython through an absolute RUNPATH into its
+        # install, which the dropped user may not reach (/root is 0700); point it at the bind mount
+        env["LD_LIBRARY_PATH"] = lib
+    os.execve(exe, [exe, "-I", "-S", "-B", "main.py"], env)
+
+
+if __name__ == "__main__":
+    confine_and_exec(sys.argv[1])

@@ -1,11 +1,29 @@
-"""Why ``model.cpu_patches.in_process_checkpoint_writes`` exists."""
+"""Why ``model.cpu_patches.in_process_checkpoint_writes`` exists, per megatron-core version: what
+it replaces must still be there (else drop that part)."""
+
+import inspect
 
 
-def test_upstream_checkpoint_writer_still_forks():
-    # why model.cpu_patches.in_process_checkpoint_writes exists; drop it when this fails
-    import inspect
+def test_upstream_writer_forks_or_threads_and_collects_through_a_manager_queue():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
 
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    writer = fsa.FileSystemWriterAsync
+    if "write_preloaded_data_multiproc" in writer.__dict__:        # 0.16: one fork per bucket
+        assert 'get_context("fork")' in inspect.getsource(writer.write_preloaded_data_multiproc)
+    else:                                                           # 0.19: threads, nothing to do
+        assert "threading.Thread" in inspect.getsource(writer.write_preloaded_data_multithread)
+    queue_fn = getattr(fsa, "_get_write_results_queue", None) or fsa.get_write_results_queue
+    assert "Manager().Queue()" in inspect.getsource(queue_fn)       # a server process: replaced
 
-    src = inspect.getsource(FileSystemWriterAsync.write_preloaded_data_multiproc)
-    assert 'get_context("fork")' in src
+
+def test_the_scoped_writer_patch_undoes_itself():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
+
+    before = dict(vars(fsa)), dict(fsa.FileSystemWriterAsync.__dict__)
+    with in_process_checkpoint_writes():
+        name = "_get_write_results_queue" if hasattr(fsa, "_get_write_results_queue") \
+            else "get_write_results_queue"
+        assert type(getattr(fsa, name)()).__module__ == "queue"
+    assert dict(vars(fsa)) == before[0] and dict(fsa.FileSystemWriterAsync.__dict__) == before[1]

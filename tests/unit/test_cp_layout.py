@@ -65,15 +65,26 @@ def one_process_world(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cp", [2, 4])
-def test_bshd_shard_matches_megatron_core_get_batch_on_this_cp_rank(one_process_world, cp):
+def test_bshd_shard_matches_megatron_core_get_batch_on_this_cp_rank(one_process_world, cp,
+                                                                    monkeypatch):
+    import inspect
+
     from megatron.core.utils import get_batch_on_this_cp_rank
 
+    # 0.19 added a required ``is_hybrid_cp`` (False: Megatron's plain zigzag layout)
+    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(
+        get_batch_on_this_cp_rank).parameters else {}
+    # 0.19 asks torch.distributed for the group's size and rank (0.16 asks the group)
+    for fn in ("get_world_size", "get_rank"):
+        real = getattr(dist, fn)
+        monkeypatch.setattr(dist, fn, lambda g=None, real=real, fn=fn: (
+            (g.size() if fn == "get_world_size" else g.rank()) if isinstance(g, _Group) else real(g)))
     B, S = 2, 8 * cp
     batch = {"tokens": torch.randint(0, 100, (B, S)), "labels": torch.randint(0, 100, (B, S)),
              "loss_mask": torch.rand(B, S), "position_ids": torch.arange(S).expand(B, S),
              "attention_mask": torch.rand(B, 1, S, S) > 0.5}
     for r in range(cp):
-        theirs = get_batch_on_this_cp_rank(dict(batch), cp_group=_Group(cp, r))
+        theirs = get_batch_on_this_cp_rank(dict(batch), cp_group=_Group(cp, r), **extra)
         for k, v in batch.items():
             dim = 2 if k == "attention_mask" else 1
             assert torch.equal(bshd_shard(v, cp, r, dim=dim), theirs[k]), (k, r)
