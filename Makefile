@@ -3,8 +3,14 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
+# The stack GPU users run (NGC images): Python 3.12, the registry's torch (a CUDA build, which runs
+# on CPU), the newest megatron-core below 0.20; no vLLM (its CPU build is Python 3.11 only).
+PYTHON312 ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
+	$$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { command -v $$p; break; }; done)
+VENV312   := .venv312
+PY312     := $(VENV312)/bin/python
 
-.PHONY: run run-toy test test-soak venv clean
+.PHONY: run run-toy test test-soak test-py312 gpu-check venv venv312 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +35,19 @@ test: venv  ## the test suite CI runs
 test-soak: venv  ## long runs kept out of CI: 24 random kill -9s, a 400-step memory soak
 	$(PY) -m pytest -q -s -m soak
 
+$(VENV312)/.installed: pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "no Python 3.12 found: set PYTHON312=/path/to/python3.12" >&2; exit 2; }
+	$(PYTHON312) -m venv $(VENV312)
+	# torch by exact version (the CUDA build, ~3 GB with its nvidia packages); pip's cache is
+	# shared with the first venv
+	$(PY312) -m pip install --quiet "torch==2.13.0"
+	$(PY312) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv312: $(VENV312)/.installed
+
+test-py312: venv312  ## the same suite on Python 3.12 + megatron-core 0.19 (vLLM tests skip, saying why)
+	$(PY312) -m pytest -q -m "not gpu and not soak"
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV312) runs

@@ -293,7 +293,8 @@ def _uneven() -> Undo:
 def _te_linear_is_not_a_type() -> bool:
     import megatron.core.transformer.multi_latent_attention as MLA
 
-    return not isinstance(MLA.TELinear, type)
+    # 0.16 believes TE is there (HAVE_TE) and gets a mock; 0.19 sees it is not and skips the check
+    return bool(MLA.HAVE_TE) and not isinstance(MLA.TELinear, type)
 
 
 @_patch("telinear", "isinstance() arg 2 must be a type",
@@ -303,7 +304,7 @@ def _telinear() -> Undo:
     ``isinstance(self.linear_proj, TELinear)`` against the mock megatron-core puts in TE's place
     (transformer/multi_latent_attention.py, 0.16.1): "TypeError: isinstance() arg 2 must be a
     type". Put a class that nothing is an instance of there instead. 0.19 no longer needs it
-    (its stand-in is a class)."""
+    (without TE its ``HAVE_TE`` is False, which guards the check)."""
     import megatron.core.transformer.multi_latent_attention as MLA
 
     undo: List[Undo] = []

@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.run_outputs import metrics, weights
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "configs" / "recipes"

@@ -91,11 +91,13 @@ def _crash_loop(tmp_path, kills):
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_seven_kills_one_at_each_point_resume_bit_identical(tmp_path):
     _crash_loop(tmp_path, kills=len(POINTS))
 
 
 @pytest.mark.slow
 @pytest.mark.soak
+@pytest.mark.vllm
 def test_twenty_four_random_kills_resume_bit_identical(tmp_path):
     _crash_loop(tmp_path, kills=24)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.soak]
+pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.vllm]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = int(os.environ.get("MEGATRON_RL_SOAK_STEPS", "400"))

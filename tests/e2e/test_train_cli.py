@@ -46,6 +46,7 @@ def _trainer_state(out):
     return latest, json.loads((out / "checkpoints" / f"step_{latest:08d}" / "trainer_state.json").read_text())
 
 
+@pytest.mark.vllm
 def test_train_produces_metrics_checkpoint_tensorboard_export_and_resumes(tmp_path):
     out = tmp_path / "run"
     r = _train(out, 3)
@@ -86,6 +87,7 @@ def test_train_produces_metrics_checkpoint_tensorboard_export_and_resumes(tmp_pa
     assert latest == 5 and state["trainer"]["sampler"] == {"epoch": 0, "position": 5 * P}
 
 
+@pytest.mark.vllm
 def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_args(out, 200, "train.checkpoint_every=0", "train.export_hf=false"),
@@ -112,6 +114,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(tmp_path):
     assert not (out / "hf").exists()
 
 
+@pytest.mark.vllm
 def test_torchrun_two_ranks_tensor_parallel_trainer_and_engine(tmp_path):
     """TP 2 in Megatron and in vLLM: the engine agrees with the trainer, and the logged metrics
     are the single-model values (a near-uniform random policy has entropy ~ ln(vocab); a metric
@@ -134,6 +137,7 @@ def test_torchrun_two_ranks_tensor_parallel_trainer_and_engine(tmp_path):
     assert max(row["mismatch/mean"] for row in rows) < 1e-4
 
 
+@pytest.mark.vllm
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_the_last_good_weights(tmp_path):
     """An absurd learning rate: step 1 applies and blows the weights up to ~1e30, the forward of
     every later step overflows to NaN, its update is skipped; after train.max_bad_steps (2) the
