@@ -103,7 +103,8 @@ class Trainer:
         if not self.cfg.train.resume:
             return
         state, warned = S.resume_checkpoint(self.out / "checkpoints", self.ms,
-                                            self.cfg.train.resume_fallback)
+                                            self.cfg.train.resume_fallback,
+                                            self.cfg.parallel.layout().sizes(self.world))
         self.warnings += warned
         if state is None:
             return
@@ -398,7 +399,9 @@ class Trainer:
         save_checkpoint(self.out / "checkpoints", self.step, self.ms.model[0], self.ms.optimizer,
                         self.ms.scheduler, {"sampler": self.prompts.sampler.state_dict(),
                                             "step": self.step},
-                        keep_last=self.cfg.train.keep_checkpoints)
+                        keep_last=self.cfg.train.keep_checkpoints,
+                        optimizer_format=self.cfg.train.optimizer_checkpoint,
+                        layout=self.cfg.parallel.layout().sizes(self.world))
 
     def export(self, out: Path) -> None:
         from megatron_rl.checkpoint.convert import write_hf_model

@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.checkpoint import manifest as M
+from megatron_rl.checkpoint.optim_state import (destination_keeps_adam_step, prime_adam_state,
+                                                restore_adam_step, sharding_metadata)
 from megatron_rl.checkpoint.safe_load import safe_checkpoint_loads
 from megatron_rl.train.crash_points import reached
 from megatron_rl.train.model_setup import unwrap
 
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _rank() -> int:
@@ -114,8 +115,12 @@ def verify_checkpoint(path: os.PathLike) -> None:
 
 
 def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
-                    trainer_state: Dict[str, Any], keep_last: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+                    trainer_state: Dict[str, Any], keep_last: int = 2,
+                    optimizer_format: str = "dp_reshardable",
+                    layout: Optional[Dict[str, int]] = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. ``optimizer_format``:
+    see ``optim_state``; ``layout`` (the parallel sizes) is recorded so that a resume under
+    another layout can be checked against what the format allows."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -127,16 +132,17 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
     reached("checkpoint", step)
     from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
 
-    _prime_adam_state(optimizer)  # a checkpoint before the first update (no Adam state yet)
+    prime_adam_state(optimizer)  # a checkpoint before the first update (no Adam state yet)
     # the unwrapped model: the same keys as `save_model`, so either kind loads through `load_model`
     msd = unwrap(model).sharded_state_dict()
     with in_process_checkpoint_writes():
         dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(
-            msd, metadata=_OPTIM_METADATA)}, str(tmp))
+            msd, metadata=sharding_metadata(optimizer_format))}, str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     if _rank() == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "scheduler": scheduler.state_dict(), "trainer": trainer_state}))
+            {"step": step, "scheduler": scheduler.state_dict(), "trainer": trainer_state,
+             "optimizer_format": optimizer_format, "layout": layout}))
     _barrier()
     _seal(tmp)
     reached("checkpoint.written", step)
@@ -167,39 +173,11 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prime_adam_state(optimizer) -> None:
-    """megatron-core 0.16's distributed optimizer (torch Adam, no TE/Apex) asserts one shared
-    ``step`` in the Adam state when building its sharded state dict, which a fresh optimizer lacks:
-    give every parameter an empty state before loading into it."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if not isinstance(inner, torch.optim.Adam):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                st = inner.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-
-
-def _restore_adam_step(optimizer, loaded: Dict[str, Any]) -> None:
-    """The loaded Adam ``step`` comes back as 0 through the distributed optimizer's state dict
-    (0.16, torch Adam): take it from the saved param groups instead, or bias correction restarts."""
-    step = loaded.get("optimizer", {}).get("param_groups", [{}])[0].get("step")
-    if step is None:
-        return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt.optimizer, torch.optim.Adam):
-            for st in opt.optimizer.state.values():
-                st["step"] = torch.tensor(float(step))
-
-
-def load_checkpoint(path: os.PathLike, model, optimizer, scheduler,
-                    verify: bool = True) -> Dict[str, Any]:
+def load_checkpoint(path: os.PathLike, model, optimizer, scheduler, verify: bool = True,
+                    layout: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint`` into freshly built objects (collective);
-    returns the trainer state saved with it."""
+    returns the trainer state saved with it. ``layout``: the parallel sizes loading it, checked
+    against the saved ones when the optimizer format cannot reshard."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -208,25 +186,51 @@ def load_checkpoint(path: os.PathLike, model, optimizer, scheduler,
     if not (path / "trainer_state.json").is_file():
         raise M.CheckpointError(f"checkpoint {path}: no trainer_state.json (a weights-only "
                                 "directory: give it as model.init_from instead)")
-    _prime_adam_state(optimizer)
+    state = json.loads((path / "trainer_state.json").read_text())
+    fmt = state.get("optimizer_format", "dp_reshardable")   # what checkpoints before it used
+    _check_resharding(path, fmt, state.get("layout"), layout)
+    prime_adam_state(optimizer)
     model = unwrap(model)
     msd = model.sharded_state_dict()
     with torch.no_grad():  # the fp32 optimizer copies into views of parameters that need grads
         try:
             with safe_checkpoint_loads():
                 loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
-                    msd, is_loading=True, metadata=_OPTIM_METADATA)}, str(path))
+                    msd, is_loading=True, metadata=sharding_metadata(fmt))}, str(path))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 -- torch's CheckpointException is a BaseException
             raise _load_error(path, e, "the model and optimizer") from None
         model.load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_step(optimizer, loaded["optimizer"])
-    state = json.loads((path / "trainer_state.json").read_text())
+        with destination_keeps_adam_step():
+            optimizer.load_state_dict(loaded["optimizer"])
+        restore_adam_step(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     load_rng_state(path)
     return state["trainer"]
+
+
+def _check_resharding(path: Path, fmt: str, saved: Optional[Dict[str, int]],
+                      now: Optional[Dict[str, int]]) -> None:
+    """What a resume under another layout may change (checked here, in one line, instead of
+    failing deep inside the load): ``dp_reshardable`` optimizer state is each rank's flat buffer
+    shard, so nothing; ``fully_reshardable`` state is per parameter, so TP, PP, CP and DP (tested),
+    but not expert parallelism, which changes the optimizer itself (one, or dense + expert
+    chained)."""
+    if not saved or not now or saved == now:
+        return
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    diff = ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in changed)
+    # expert-TP follows TP when EP is 1; with EP > 1 it shapes the expert optimizer (untested)
+    experts = "ep" in changed or ("etp" in changed and max(saved.get("ep", 1), now.get("ep", 1)) > 1)
+    if fmt == "fully_reshardable" and not experts:
+        return
+    hint = ("save with train.optimizer_checkpoint=fully_reshardable to change TP, PP, CP or DP"
+            if fmt == "dp_reshardable" else "expert parallelism cannot change across a resume")
+    raise M.CheckpointError(
+        f"checkpoint {path}: its optimizer state (train.optimizer_checkpoint={fmt}) cannot follow "
+        f"this layout change ({diff}); resume with the saved layout, or start from its weights "
+        f"alone (model.init_from) with a fresh optimizer; {hint}")
 
 
 def load_rng_state(path: os.PathLike) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 from megatron_rl.config.fields import ConfigError, field_
 
@@ -22,6 +22,11 @@ class Layout:
     @property
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
+
+    def sizes(self, world_size: int) -> Dict[str, int]:
+        """Every parallel size on ``world_size`` ranks, DP included (what checkpoints record)."""
+        return {"tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep, "etp": self.expert_tp,
+                "dp": world_size // (self.tp * self.pp * self.cp)}
 
 
 def check_layout(layout: Layout, world_size: int) -> int:

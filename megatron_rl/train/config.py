@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_rl.checkpoint.optim_state import OPTIMIZER_FORMATS
 from megatron_rl.config.fields import field_
 
 
@@ -27,6 +28,9 @@ class TrainConfig:
     log_every: int = field_(1, ge=1)
     checkpoint_every: int = field_(0, ge=0, help="steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = field_(2, ge=1, help="newest step_* directories kept")
+    optimizer_checkpoint: str = field_("dp_reshardable", choices=OPTIMIZER_FORMATS,
+                                       help="dp_reshardable: fast, resumes under the same layout; "
+                                            "fully_reshardable: resumes under other TP/PP/CP/DP sizes")
     export_hf: bool = field_(True, help="write <output_dir>/hf (safetensors) at the end")
     resume: bool = field_(True, help="continue from the newest checkpoint in output_dir")
     resume_fallback: bool = field_(False, help="if the newest checkpoint fails its manifest check, "

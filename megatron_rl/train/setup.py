@@ -101,7 +101,8 @@ def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
     return source
 
 
-def resume_checkpoint(root: Path, ms: ModelState, fallback: bool) -> tuple:
+def resume_checkpoint(root: Path, ms: ModelState, fallback: bool,
+                      layout: Optional[dict] = None) -> tuple:
     """Load the newest complete checkpoint under ``root`` (collective): ``(trainer_state or None,
     warnings)``, the state's ``"path"`` being the directory loaded. ``latest`` names it; if its
     files fail the manifest check, the error names the file, unless ``fallback`` allows the
@@ -124,7 +125,7 @@ def resume_checkpoint(root: Path, ms: ModelState, fallback: bool) -> tuple:
             warned.append(f"skipping a damaged checkpoint: {e}")
             continue
         state = load_checkpoint(step_dir(root, step), ms.model[0], ms.optimizer, ms.scheduler,
-                                verify=False)
+                                verify=False, layout=layout)
         return {**state, "path": str(step_dir(root, step))}, warned
     raise CheckpointError(f"{root}: no complete checkpoint to resume from ({'; '.join(warned)}); "
                           "set train.resume=false or choose a new train.output_dir to start over")

@@ -39,7 +39,7 @@ def _train(model, opt, sched, groups, steps, start):
             m.zero_grad_buffer()
         opt.zero_grad()
         mine = [b for b in range(mw.NSEQ) if b % groups.dp_size == groups.dp_rank]
-        mbs = mw._micro_batches(data, adv, [mine[::2], mine[1::2]], groups.cp)
+        mbs = mw._built_micro_batches(data, adv, [mine[::2], mine[1::2]], groups, packed=False)
         nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
         out = train_forward_backward(model, mbs, PolicyLoss("gspo", {"eps_low": 0.2, "eps_high": 0.2}, nt, ns),
                                      groups)
@@ -63,9 +63,10 @@ def resume(rank: int, world: int, tmp: str, layout_kw) -> dict:
     state = load_checkpoint(root / "step_00000003", unwrap(model[0]), opt, sched)
     resumed = _train(model, opt, sched, groups, 3, 3)
     got = [p.detach() for p in unwrap(model[0]).parameters()]
-    identical = all(torch.equal(a, b) for a, b in zip(want, got))
+    identical = torch.tensor([float(all(torch.equal(a, b) for a, b in zip(want, got)))])
+    torch.distributed.all_reduce(identical, op=torch.distributed.ReduceOp.MIN)   # every rank's shard
     destroy_megatron_parallel()
-    return {"identical_weights": identical, "straight": straight, "resumed": resumed,
+    return {"identical_weights": bool(identical), "straight": straight, "resumed": resumed,
             "first": first, "trainer_state": state, "latest": latest_step(root)}
 
 
@@ -190,7 +191,7 @@ def nonfinite_updates(rank: int, world: int, tmp: str) -> dict:
         for m in model:
             m.zero_grad_buffer()
         mine = [b for b in range(mw.NSEQ) if b % groups.dp_size == groups.dp_rank]
-        mbs = mw._micro_batches(data, adv, [mine[::2], mine[1::2]], groups.cp)
+        mbs = mw._built_micro_batches(data, adv, [mine[::2], mine[1::2]], groups, packed=False)
         nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
         out = train_forward_backward(model, mbs, PolicyLoss("gspo", {}, nt, ns), groups)
         if case == "inf_grad_on_rank1" and rank == 1:  # after the DP reduce: rank 1 alone sees it
@@ -263,4 +264,49 @@ def checkpoint_dir_fuzz(rank: int, world: int, tmp: str) -> dict:
             except ValueError as e:
                 out[f"{target} <- {name}"] = str(e)
         destroy_megatron_parallel()
+    return out
+
+
+def _global_losses(losses, groups):
+    """Each step's whole loss: the partial losses of the last stage's TP-rank-0 ranks, summed."""
+    from megatron.core import parallel_state as ps
+
+    mine = ps.is_pipeline_last_stage() and groups.tp_rank == 0
+    t = torch.tensor([x if mine else 0.0 for x in losses], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def reshard(rank: int, world: int, tmp: str, cases) -> dict:
+    """``cases``: (name, saving layout, loading layout, optimizer format). Train 3 steps, save,
+    train 2 more; then build the other layout, load, train the same 2: the whole-step losses
+    (and so the optimizer state: Adam moments, step, LR schedule) must carry over, or the load
+    must be refused in one line."""
+    from megatron_rl.checkpoint.manifest import CheckpointError
+
+    from megatron_rl.checkpoint.dist_ckpt import load_model
+
+    out = {}
+    for name, src, dst, fmt in cases:
+        root = Path(tmp) / name
+        src, dst = Layout(**src), Layout(**dst)
+        _, groups, model, opt, sched = _setup(src, seed=1)
+        _train(model, opt, sched, groups, 3, 0)
+        save_checkpoint(root, 3, unwrap(model[0]), opt, sched, {}, optimizer_format=fmt,
+                        layout=src.sizes(world))
+        straight = _global_losses(_train(model, opt, sched, groups, 2, 3), groups)
+        destroy_megatron_parallel()
+        _, groups, model, opt, sched = _setup(dst, seed=99)
+        try:
+            if name.endswith("weights_only"):     # the mutant: a fresh optimizer on the weights
+                load_model(root / "step_00000003", unwrap(model[0]))
+                opt.reload_model_params()
+            else:
+                load_checkpoint(root / "step_00000003", unwrap(model[0]), opt, sched,
+                                layout=dst.sizes(world))
+            resumed, error = _global_losses(_train(model, opt, sched, groups, 2, 3), groups), ""
+        except CheckpointError as e:
+            resumed, error = [], str(e)
+        destroy_megatron_parallel()
+        out[name] = {"straight": straight, "resumed": resumed, "error": error}
     return out

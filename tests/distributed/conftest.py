@@ -74,12 +74,37 @@ def model_results(tmp_path_factory):
                                             (2, MODEL_CASES_DEEPSEEK, "deepseek_v3", None)])
 
 
+# EP 2 has two chained optimizers (dense and expert parameters): each restores its own Adam step
+RESUME_LAYOUTS = {"tp2": {"tp": 2}, "dp2": {}, "ep2": {"ep": 2}, "pp2": {"pp": 2}, "cp2": {"cp": 2}}
+
+
 @pytest.fixture(scope="session")
 def resume_results(tmp_path_factory):
     from tests.distributed import ckpt_workers
 
     return {name: spawn(ckpt_workers.resume, 2, str(tmp_path_factory.mktemp(name)), kw)
-            for name, kw in (("tp2", {"tp": 2}), ("dp2", {}))}
+            for name, kw in RESUME_LAYOUTS.items()}
+
+
+# optimizer state across a layout change (train.optimizer_checkpoint): name, saved, loaded, format
+RESHARD_CASES = [
+    ("tp2_to_dp2", {"tp": 2}, {}, "fully_reshardable"),
+    ("dp2_to_tp2", {}, {"tp": 2}, "fully_reshardable"),
+    ("pp2_to_dp2", {"pp": 2}, {}, "fully_reshardable"),
+    ("cp2_to_dp2", {"cp": 2}, {}, "fully_reshardable"),
+    ("ep2_same_layout", {"ep": 2}, {"ep": 2}, "fully_reshardable"),
+    ("ep2_to_dp2", {"ep": 2}, {}, "fully_reshardable"),       # refused: EP changes the optimizer
+    ("dp_reshardable_tp2_to_dp2", {"tp": 2}, {}, "dp_reshardable"),   # refused: same layout only
+    # what the test must tell apart: the weights alone with a fresh optimizer
+    ("tp2_to_dp2_weights_only", {"tp": 2}, {}, "fully_reshardable"),
+]
+
+
+@pytest.fixture(scope="session")
+def reshard_results(tmp_path_factory):
+    from tests.distributed import ckpt_workers
+
+    return spawn(ckpt_workers.reshard, 2, str(tmp_path_factory.mktemp("reshard")), RESHARD_CASES)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,10 @@
 
 import pytest
 
+from tests.distributed.conftest import RESUME_LAYOUTS
 
-@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+
+@pytest.mark.parametrize("layout", sorted(RESUME_LAYOUTS))
 def test_train_save_train_equals_load_train_bit_for_bit(resume_results, layout):
     # 3 steps, save, 3 more  vs  fresh model (other seed), load, the same 3 steps; distributed
     # optimizer (Adam moments, step count), cosine LR schedule with warm-up, RNG states
@@ -102,3 +104,28 @@ def test_checkpoint_dir_fuzz_each_case_is_one_line_naming_the_problem(ckpt_dir_f
     for case, evidence in CKPT_DIR_CASES.items():
         msg = r[case]
         assert evidence in msg and "\n" not in msg and len(msg) < 700, (case, msg)
+
+
+@pytest.mark.parametrize("case", ["tp2_to_dp2", "dp2_to_tp2", "pp2_to_dp2", "cp2_to_dp2",
+                                  "ep2_same_layout"])
+def test_fully_reshardable_optimizer_state_resumes_under_another_layout(reshard_results, case):
+    """The two steps after the load give the losses of the run that never stopped, within
+    float32 rounding (another layout sums in another order): the first shows the weights, the
+    second the Adam moments, step and LR schedule, which the weights alone do not reproduce."""
+    r = reshard_results[case]
+    assert not r["error"], r["error"]
+    for got, want in zip(r["resumed"], r["straight"]):
+        assert abs(got - want) <= 1e-6 * abs(want), r
+    fresh = reshard_results["tp2_to_dp2_weights_only"]
+    assert abs(fresh["resumed"][0] - fresh["straight"][0]) <= 1e-6 * abs(fresh["straight"][0])
+    assert abs(fresh["resumed"][1] - fresh["straight"][1]) > 1e-4 * abs(fresh["straight"][1])
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("ep2_to_dp2", "expert parallelism cannot change across a resume"),
+    ("dp_reshardable_tp2_to_dp2", "save with train.optimizer_checkpoint=fully_reshardable"),
+])
+def test_a_layout_change_the_format_cannot_follow_is_refused_in_one_line(reshard_results, case,
+                                                                         needle):
+    err = reshard_results[case]["error"]
+    assert "cannot follow this layout change" in err and needle in err and "\n" not in err
