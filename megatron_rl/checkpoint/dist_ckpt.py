@@ -213,20 +213,22 @@ def load_checkpoint(path: os.PathLike, model, optimizer, scheduler, verify: bool
 def _check_resharding(path: Path, fmt: str, saved: Optional[Dict[str, int]],
                       now: Optional[Dict[str, int]]) -> None:
     """What a resume under another layout may change (checked here, in one line, instead of
-    failing deep inside the load): ``dp_reshardable`` optimizer state is each rank's flat buffer
-    shard, so nothing; ``fully_reshardable`` state is per parameter, so TP, PP, CP and DP (tested),
-    but not expert parallelism, which changes the optimizer itself (one, or dense + expert
-    chained)."""
+    failing deep inside the load): ``dp_reshardable`` optimizer state is each rank's flat shard of
+    the buffers the DP x CP ranks split, so the DP and CP sizes only (tested: DP 2 -> 1, CP 2 ->
+    DP 2); ``fully_reshardable`` state is per parameter, so TP, PP, CP and DP too, but not expert
+    parallelism, which changes the optimizer itself (one, or dense + expert chained)."""
     if not saved or not now or saved == now:
         return
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     diff = ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in changed)
     # expert-TP follows TP when EP is 1; with EP > 1 it shapes the expert optimizer (untested)
     experts = "ep" in changed or ("etp" in changed and max(saved.get("ep", 1), now.get("ep", 1)) > 1)
-    if fmt == "fully_reshardable" and not experts:
+    model_parallel = [k for k in changed if k not in ("dp", "cp")]
+    if not experts and (fmt == "fully_reshardable" or not model_parallel):
         return
-    hint = ("save with train.optimizer_checkpoint=fully_reshardable to change TP, PP, CP or DP"
-            if fmt == "dp_reshardable" else "expert parallelism cannot change across a resume")
+    hint = ("save with train.optimizer_checkpoint=fully_reshardable to change TP or PP"
+            if fmt == "dp_reshardable" and not experts
+            else "expert parallelism cannot change across a resume")
     raise M.CheckpointError(
         f"checkpoint {path}: its optimizer state (train.optimizer_checkpoint={fmt}) cannot follow "
         f"this layout change ({diff}); resume with the saved layout, or start from its weights "

@@ -1,10 +1,11 @@
 """The distributed optimizer's state in checkpoints, and what megatron-core gets wrong about it
 when the optimizer is torch's Adam (no Apex / TransformerEngine: CPU, or a plain CUDA install).
 
-Formats (``train.optimizer_checkpoint``): ``dp_reshardable`` saves each DP rank's flat buffer
-shard, fast, and resumes only under the same TP / PP / EP / DP layout; ``fully_reshardable``
-gathers each parameter's state (on DP rank 0 of its group at save time) and resumes under any
-layout. Three torch-Adam problems, the same on megatron-core 0.16 and 0.19, are handled here:
+Formats (``train.optimizer_checkpoint``): ``dp_reshardable`` saves each DP x CP rank's flat
+buffer shard, fast, and resumes under other DP and CP sizes only; ``fully_reshardable`` gathers
+each parameter's state (on DP rank 0 of its group at save time) and resumes under other TP, PP,
+CP and DP sizes. Neither follows a change of expert parallelism (``dist_ckpt._check_resharding``
+refuses it). Three torch-Adam problems, the same on megatron-core 0.16 and 0.19, are handled here:
 
 - a fresh optimizer has no Adam state, and building the sharded state dict asserts one shared
   ``step``: ``prime_adam_state`` gives every parameter an empty state first;

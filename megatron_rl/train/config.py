@@ -29,8 +29,8 @@ class TrainConfig:
     checkpoint_every: int = field_(0, ge=0, help="steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = field_(2, ge=1, help="newest step_* directories kept")
     optimizer_checkpoint: str = field_("dp_reshardable", choices=OPTIMIZER_FORMATS,
-                                       help="dp_reshardable: fast, resumes under the same layout; "
-                                            "fully_reshardable: resumes under other TP/PP/CP/DP sizes")
+                                       help="dp_reshardable: fast, resumes under other DP/CP sizes; "
+                                            "fully_reshardable: other TP/PP sizes too")
     export_hf: bool = field_(True, help="write <output_dir>/hf (safetensors) at the end")
     resume: bool = field_(True, help="continue from the newest checkpoint in output_dir")
     resume_fallback: bool = field_(False, help="if the newest checkpoint fails its manifest check, "

@@ -310,3 +310,24 @@ def reshard(rank: int, world: int, tmp: str, cases) -> dict:
         destroy_megatron_parallel()
         out[name] = {"straight": straight, "resumed": resumed, "error": error}
     return out
+
+
+def dp_world_save(rank: int, world: int, tmp: str, fmt: str) -> list:
+    """World 2 (DP 2): 3 steps, save, 2 more; the whole-step losses of the last 2."""
+    _, groups, model, opt, sched = _setup(Layout(), seed=1)
+    _train(model, opt, sched, groups, 3, 0)
+    save_checkpoint(Path(tmp), 3, unwrap(model[0]), opt, sched, {}, optimizer_format=fmt,
+                    layout=Layout().sizes(world))
+    out = _global_losses(_train(model, opt, sched, groups, 2, 3), groups)
+    destroy_megatron_parallel()
+    return out
+
+
+def dp_world_load(rank: int, world: int, tmp: str) -> list:
+    """Another world size (DP 1): load the checkpoint and take the same 2 steps."""
+    _, groups, model, opt, sched = _setup(Layout(), seed=9)
+    load_checkpoint(Path(tmp) / "step_00000003", unwrap(model[0]), opt, sched,
+                    layout=Layout().sizes(world))
+    out = _global_losses(_train(model, opt, sched, groups, 2, 3), groups)
+    destroy_megatron_parallel()
+    return out

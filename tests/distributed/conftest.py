@@ -94,7 +94,8 @@ RESHARD_CASES = [
     ("cp2_to_dp2", {"cp": 2}, {}, "fully_reshardable"),
     ("ep2_same_layout", {"ep": 2}, {"ep": 2}, "fully_reshardable"),
     ("ep2_to_dp2", {"ep": 2}, {}, "fully_reshardable"),       # refused: EP changes the optimizer
-    ("dp_reshardable_tp2_to_dp2", {"tp": 2}, {}, "dp_reshardable"),   # refused: same layout only
+    ("dp_reshardable_cp2_to_dp2", {"cp": 2}, {}, "dp_reshardable"),   # the same DP x CP shards
+    ("dp_reshardable_tp2_to_dp2", {"tp": 2}, {}, "dp_reshardable"),   # refused: TP changed
     # what the test must tell apart: the weights alone with a fresh optimizer
     ("tp2_to_dp2_weights_only", {"tp": 2}, {}, "fully_reshardable"),
 ]
@@ -105,6 +106,19 @@ def reshard_results(tmp_path_factory):
     from tests.distributed import ckpt_workers
 
     return spawn(ckpt_workers.reshard, 2, str(tmp_path_factory.mktemp("reshard")), RESHARD_CASES)
+
+
+@pytest.fixture(scope="session")
+def dp_world_results(tmp_path_factory):
+    """Saved by 2 ranks (DP 2), resumed by 1 (DP 1), in each optimizer format."""
+    from tests.distributed import ckpt_workers
+
+    out = {}
+    for fmt in ("dp_reshardable", "fully_reshardable"):
+        d = str(tmp_path_factory.mktemp(fmt))
+        out[fmt] = {"straight": spawn(ckpt_workers.dp_world_save, 2, d, fmt),
+                    "resumed": spawn(ckpt_workers.dp_world_load, 1, d)}
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -107,8 +107,8 @@ def test_checkpoint_dir_fuzz_each_case_is_one_line_naming_the_problem(ckpt_dir_f
 
 
 @pytest.mark.parametrize("case", ["tp2_to_dp2", "dp2_to_tp2", "pp2_to_dp2", "cp2_to_dp2",
-                                  "ep2_same_layout"])
-def test_fully_reshardable_optimizer_state_resumes_under_another_layout(reshard_results, case):
+                                  "ep2_same_layout", "dp_reshardable_cp2_to_dp2"])
+def test_optimizer_state_resumes_under_a_layout_its_format_allows(reshard_results, case):
     """The two steps after the load give the losses of the run that never stopped, within
     float32 rounding (another layout sums in another order): the first shows the weights, the
     second the Adam moments, step and LR schedule, which the weights alone do not reproduce."""
@@ -129,3 +129,10 @@ def test_a_layout_change_the_format_cannot_follow_is_refused_in_one_line(reshard
                                                                          needle):
     err = reshard_results[case]["error"]
     assert "cannot follow this layout change" in err and needle in err and "\n" not in err
+
+
+@pytest.mark.parametrize("fmt", ["dp_reshardable", "fully_reshardable"])
+def test_optimizer_state_resumes_on_fewer_data_parallel_ranks(dp_world_results, fmt):
+    r = dp_world_results[fmt]
+    for got, want in zip(r["resumed"], r["straight"]):
+        assert abs(got - want) <= 1e-6 * abs(want), r
