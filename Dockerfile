@@ -14,7 +14,8 @@ ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.10-py3
 FROM ${BASE_IMAGE}
 
 ARG VLLM_VERSION=0.32.0
-ARG MCORE_VERSION=0.19.0
+# the version CI's Python 3.12 leg tests (make test-py312)
+ARG MCORE_VERSION=0.19.2
 ARG MAX_JOBS=16
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -39,7 +40,9 @@ RUN git clone --depth 1 --branch "v${VLLM_VERSION}" https://github.com/vllm-proj
 WORKDIR /opt/megatron_rl
 RUN rm -rf /tmp/vllm
 
-# dependencies first (cached across source edits), then the package itself
+# dependencies first (cached across source edits), then the package itself. The package asks for
+# torch>=2.6 (not a pin), so pip keeps the image's torch under PIP_CONSTRAINT; its `cpu` extra
+# (vLLM's CPU build, torch==2.13.0) is not installed here.
 COPY pyproject.toml README.md ./
 COPY megatron_rl ./megatron_rl
 COPY configs ./configs

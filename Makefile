@@ -10,7 +10,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.1
 VENV312   := .venv312
 PY312     := $(VENV312)/bin/python
 
-.PHONY: run run-toy test test-soak test-py312 gpu-check venv venv312 clean
+.PHONY: run run-toy test test-soak test-py312 test-gpu-check gpu-wheels gpu-check venv venv312 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,22 @@ venv312: $(VENV312)/.installed
 
 test-py312: venv312  ## the same suite on Python 3.12 + megatron-core 0.19 (vLLM tests skip, saying why)
 	$(PY312) -m pytest -q -m "not gpu and not soak"
+
+# A bare CUDA box (Python 3.12 and its own CUDA torch; no TransformerEngine, vLLM or network):
+# `make gpu-wheels` where there is network, carry gpu_wheels/ (about 3 MB) over, `make gpu-check`.
+GPU_WHEELS   ?= gpu_wheels
+GPU_PYTHON   ?= python3
+GPU_PACKAGES := "megatron-core>=0.16.1,<0.20" psutil einops pytest pluggy iniconfig
+
+gpu-wheels: venv312  ## (needs network) download what gpu-check installs on a bare CUDA box
+	$(PY312) -m pip download --quiet --no-deps --only-binary :all: -d $(GPU_WHEELS) $(GPU_PACKAGES)
+
+gpu-check:  ## on one GPU: the GPU tests and GPU benchmarks, summary in runs/gpu_check (or $$OUT)
+	$(GPU_PYTHON) -m pip install --quiet --no-index --find-links $(GPU_WHEELS) $(GPU_PACKAGES)
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) tools/gpu_check.py $(ARGS)
+
+test-gpu-check: venv312  ## what CI runs of gpu-check: the same steps on CPU at toy sizes
+	$(PY312) tools/gpu_check.py --dry-run --out runs/gpu_check_dry_run
 
 clean:
 	rm -rf $(VENV) $(VENV312) runs
