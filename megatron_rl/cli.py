@@ -9,7 +9,9 @@
 
 Every command runs as one process or under torchrun (the layout's product must divide the world).
 
-Bad input ends in one line on stderr naming the key or file, and exit status 2.
+Bad input ends in one line on stderr naming the key or file, and exit status 2; a write that
+fails (full disk, quota, read-only) in one line naming the path and the errno, and status 74.
+``train`` also exits 75 when stopped on request (requeue it) and 3 after repeated NaN steps.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import sys
 import warnings
 from typing import List, Optional
 
-from megatron_rl.config import ConfigError, load_config, to_yaml
+# megatron_rl.config (and torch under it) is imported inside `main`, after `train` has started
+# recording preemption signals: the imports take seconds, a SIGTERM during them must not kill
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,6 +86,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     for message in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message)
     args = _parser().parse_args(argv)
+    if args.command == "train":  # a preemption during start-up is a stop, not a kill
+        from megatron_rl.train.preempt import record_signals_early
+
+        record_signals_early()
+    from megatron_rl.config import ConfigError, load_config, to_yaml
+    from megatron_rl.io_errors import EXIT_IO, WriteFailed
+
     try:
         if args.command == "print-config":
             print(to_yaml(load_config(args.recipe, args.overrides)), end="")
@@ -99,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"megatron-rl: error: {e}", file=sys.stderr)
         return 2
+    except WriteFailed as e:
+        print(f"megatron-rl: {e}", file=sys.stderr)
+        return EXIT_IO
 
 
 def _convert(args) -> int:
@@ -132,6 +145,8 @@ def _convert(args) -> int:
 
 def _eval(args) -> int:
     import json
+
+    from megatron_rl.config import ConfigError, load_config
 
     from megatron_rl.evaluate import evaluate
 

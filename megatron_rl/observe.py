@@ -56,13 +56,19 @@ class RunLog:
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
+        from megatron_rl.io_errors import reported_writes
+
         row = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        after = "the checkpoints are as they were; free space and rerun the same command to resume"
+        with reported_writes("metrics", self.dir / "metrics.jsonl", after):
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
         if self.writer is not None:
-            for k, v in metrics.items():
-                self.writer.add_scalar(k, v, step)
-            self.writer.flush()
+            # TensorBoard writes in a thread and raises its failure at a later call
+            with reported_writes("TensorBoard events", self.dir / "tensorboard", after):
+                for k, v in metrics.items():
+                    self.writer.add_scalar(k, v, step)
+                self.writer.flush()
         if self.first_step is None:
             self.first_step = step
         if not self.quiet:
@@ -83,9 +89,13 @@ class RunLog:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self.jsonl.close()
-        if self.writer is not None:
-            self.writer.close()
+        """Best effort: a run ending on a failed write has already said so."""
+        for closing in (self.jsonl.close, self.writer.close if self.writer is not None else None):
+            try:
+                if closing is not None:
+                    closing()
+            except Exception:  # noqa: BLE001 -- the error that ended the run is the one to show
+                pass
 
 
 def _clock(seconds: float) -> str:

@@ -14,6 +14,7 @@ On GPU the engine sleeps while Megatron trains and wakes for the weight sync.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -32,7 +33,6 @@ from megatron_rl.train import setup as S
 class Trainer:
     def __init__(self, cfg: RunConfig, quiet: bool = False):
         from megatron_rl.parallel.launch import init_distributed
-        from megatron_rl.train.parallel_init import init_megatron_parallel
 
         self.cfg, self.quiet = cfg, quiet
         if cfg.algo.advantage.name == "gae":
@@ -41,10 +41,46 @@ class Trainer:
         self.world = init_distributed()
         self.rank = dist.get_rank()
         self.dp = validate_world(cfg, self.world)
-        layout = cfg.parallel.layout()
         self.engine_tp = cfg.rollout.tensor_parallel_size
         self.engine_index, self.n_engines = self.rank // self.engine_tp, self.world // self.engine_tp
         self.out = Path(cfg.train.output_dir)
+        self.engine, self.log, self.lock = None, None, None
+        self._claim_output_dir()
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim_output_dir(self) -> None:
+        """The run's id, the output directory's lock (rank 0 holds it; every rank learns the
+        outcome), and the stop watch: all before anything is built or written."""
+        from megatron_rl.parallel.weight_comm import all_gather_objects
+        from megatron_rl.train.preempt import REQUEUE_FILE, StopRequest, own_request_id
+        from megatron_rl.train.run_lock import RunDirBusy, RunLock, new_run_id
+
+        self.run_id = all_gather_objects(new_run_id())[0]
+        refused = ""
+        if self.rank == 0:
+            try:
+                self.lock = RunLock(self.out, self.run_id)
+                self.lock.acquire()
+            except RunDirBusy as e:
+                self.lock, refused = None, str(e)
+        refused = all_gather_objects(refused)[0]
+        if refused:
+            raise RunDirBusy(refused)
+        self.stop = StopRequest(self.out / "STOP", self.cfg.train.preempt_grace_s,
+                                request_id=own_request_id())
+        if self.rank == 0:  # the request that stopped the last run, and its answer
+            self.stop.discard_stale()
+            (self.out / REQUEUE_FILE).unlink(missing_ok=True)
+
+    def _start(self) -> None:
+        from megatron_rl.train.parallel_init import init_megatron_parallel
+
+        cfg, quiet = self.cfg, self.quiet
+        layout = cfg.parallel.layout()
         self.hf = cfg.model.hf_model()
         self.pg = init_megatron_parallel(layout, cfg.train.seed)
         self.ms = S.build_model_state(cfg, self.hf, layout, self.pg)
@@ -63,6 +99,10 @@ class Trainer:
         self.resumed_from = None
         self.last: Dict[str, float] = {}
         self._resume()
+        # a stop during start-up: leave before the engine starts and before anything is written
+        self.stopped_early = self._agreed(self.stop.local())
+        if self.stopped_early:
+            return
         self.engine = self._engine()
         if self.resumed_from is not None:  # the engine's start-up drew random numbers
             from megatron_rl.checkpoint.dist_ckpt import load_rng_state
@@ -72,7 +112,6 @@ class Trainer:
         from megatron_rl.train.moe_stats import RouterLoad
 
         self.router_load = RouterLoad(self.ms.model) if self.hf.num_experts else None
-        self.log = None
         if self.rank == 0:
             from megatron_rl.observe import RunLog
 
@@ -101,6 +140,7 @@ class Trainer:
 
     def _resume(self) -> None:
         if not self.cfg.train.resume:
+            S.refuse_to_overwrite(self.out / "checkpoints")
             return
         state, warned = S.resume_checkpoint(self.out / "checkpoints", self.ms,
                                             self.cfg.train.resume_fallback,
@@ -145,14 +185,11 @@ class Trainer:
     def run(self) -> int:
         """Train to ``train.steps``; returns 0, ``EXIT_REQUEUE`` after a requested stop, or
         ``EXIT_NONFINITE`` after ``train.max_bad_steps`` NaN steps (a checkpoint written first)."""
-        from megatron_rl.train.preempt import (
-            EXIT_NONFINITE, EXIT_REQUEUE, REQUEUE_FILE, StopRequest, mark_requeue)
+        from megatron_rl.train.preempt import EXIT_NONFINITE, EXIT_REQUEUE, mark_requeue
 
-        if self.rank == 0:  # the request that stopped the last run, and its answer
-            (self.out / "STOP").unlink(missing_ok=True)
-            (self.out / REQUEUE_FILE).unlink(missing_ok=True)
-        dist.barrier()
-        stop = StopRequest(self.out / "STOP", self.cfg.train.preempt_grace_s)
+        stop = self.stop
+        if self.stopped_early or self._agreed(stop.local()):   # asked during the engine start
+            return self._stop_at_startup()
         try:
             while self.step < self.cfg.train.steps:
                 self.step += 1
@@ -185,8 +222,18 @@ class Trainer:
             return 0
         finally:
             stop.close()
-            if self.log is not None:
-                self.log.close()
+
+    def _stop_at_startup(self) -> int:
+        from megatron_rl.train.preempt import EXIT_REQUEUE, mark_requeue
+
+        self.stop.close()
+        if self.rank == 0:
+            where = f"step {self.step}'s checkpoint" if self.step else "the start"
+            line = (f"megatron-rl: stop requested during start-up ({self.stop.reason()}); nothing "
+                    f"was trained or written; the requeued run starts again from {where}")
+            print(line, file=sys.stderr, flush=True)
+            mark_requeue(self.out, line)
+        return EXIT_REQUEUE
 
     def _too_many_bad_steps(self) -> bool:
         """Counts steps in a row whose updates were skipped for NaN/Inf (the skip itself happens
@@ -399,17 +446,21 @@ class Trainer:
         save_checkpoint(self.out / "checkpoints", self.step, self.ms.model[0], self.ms.optimizer,
                         self.ms.scheduler, {"sampler": self.prompts.sampler.state_dict(),
                                             "step": self.step},
-                        keep_last=self.cfg.train.keep_checkpoints,
+                        keep_last=self.cfg.train.keep_checkpoints, run_id=self.run_id,
                         optimizer_format=self.cfg.train.optimizer_checkpoint,
                         layout=self.cfg.parallel.layout().sizes(self.world))
 
     def export(self, out: Path) -> None:
         from megatron_rl.checkpoint.convert import write_hf_model
+        from megatron_rl.io_errors import reported_writes
 
-        write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
-                       self.ms.hf_cfg, out, self.ms.dtype)
-        if self.rank == 0:
-            self.tok.save_pretrained(str(out))
+        after = (f"the final checkpoint (step {self.step}) is complete; free space and export it "
+                 "with `megatron-rl convert export`")
+        with reported_writes("the Hugging Face export", out, after):
+            write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
+                           self.ms.hf_cfg, out, self.ms.dtype)
+            if self.rank == 0:
+                self.tok.save_pretrained(str(out))
 
     def _finish(self) -> None:
         if self.log is None:
@@ -427,10 +478,18 @@ class Trainer:
     def close(self) -> None:
         from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
+        if getattr(self, "stop", None) is not None:
+            self.stop.close()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         destroy_megatron_parallel()
         if self.engine is not None:
             self.engine.shutdown()   # vLLM tears torch.distributed down with it: last
             self.engine = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def train(cfg: RunConfig, quiet: bool = False) -> int:

@@ -4,7 +4,8 @@ A checkpoint is ``<root>/step_<N>/``: the model and optimizer (sharded, any TP/P
 load it), the LR scheduler and the trainer's own state (rank 0, JSON), and every rank's RNG
 states. It is written to ``<root>/.tmp-step_<N>`` and renamed only when complete, so a crash
 mid-save leaves the previous checkpoint as the latest; ``<root>/latest`` names the newest
-complete one (replaced atomically); only the last ``keep_last`` are kept. The last file written
+complete one (replaced atomically; advisory: resume scans the directories); only the last
+``keep_last`` are kept. The last file written
 is ``manifest.json`` (every file's size and SHA-256, ``manifest.py``), checked before any load: a
 truncated or altered file is named instead of loaded. Loading never unpickles arbitrary objects
 (``safe_load.py``: torch's metadata through an allowlist, ``torch.load(weights_only=True)``).
@@ -16,8 +17,9 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,15 +62,20 @@ def _world() -> int:
 
 
 def latest_step(root: os.PathLike) -> Optional[int]:
-    """The step of the newest complete checkpoint under ``root``, or None."""
+    """The step ``<root>/latest`` names, or None (missing, empty or garbled: see ``read_latest``).
+    Advisory only: resume scans the ``step_*`` directories (``train.setup.resume_checkpoint``)."""
+    return read_latest(root)[0]
+
+
+def read_latest(root: os.PathLike) -> tuple:
+    """``(step or None, what is wrong with the pointer or "")``."""
     f = Path(root) / "latest"
     if not f.is_file():
-        return None
+        return None, f"{f} is missing"
     text = f.read_text(errors="replace").strip()
     if not text.isdigit():
-        raise M.CheckpointError(f"{f}: expected a step number, found {text[:40]!r}; delete the "
-                                "file to start over, or write the step of a complete step_* in it")
-    return int(text)
+        return None, f"{f}: expected a step number, found {text[:40]!r}"
+    return int(text), ""
 
 
 def checkpoint_steps(root: os.PathLike) -> List[int]:
@@ -85,7 +92,7 @@ def step_dir(root: os.PathLike, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
-def _seal(directory: Path) -> None:
+def _seal(directory: Path, run_id: str) -> None:
     """Collective: hash this rank's share of the files; rank 0 writes the manifest."""
     from megatron_rl.parallel.weight_comm import all_gather_objects
 
@@ -94,7 +101,7 @@ def _seal(directory: Path) -> None:
     for part in all_gather_objects(M.digests(directory, M.my_share(files, _rank(), _world()))):
         entries.update(part)
     if _rank() == 0:
-        M.write_manifest(directory, entries)
+        M.write_manifest(directory, entries, run_id)
 
 
 def verify_checkpoint(path: os.PathLike) -> None:
@@ -112,24 +119,61 @@ def verify_checkpoint(path: os.PathLike) -> None:
     if problems:
         whole = [p[1:] for p in problems if p.startswith("!")]
         raise M.CheckpointError(whole[0] if whole else M.problem_message(path, problems))
+    M.check_one_run(path)
 
 
 def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
                     trainer_state: Dict[str, Any], keep_last: int = 2,
                     optimizer_format: str = "dp_reshardable",
-                    layout: Optional[Dict[str, int]] = None) -> Path:
+                    layout: Optional[Dict[str, int]] = None, run_id: str = "") -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. ``optimizer_format``:
     see ``optim_state``; ``layout`` (the parallel sizes) is recorded so that a resume under
-    another layout can be checked against what the format allows."""
+    another layout can be checked against what the format allows. ``run_id`` (the trainer's;
+    a fresh one if empty) names the temporary directory, so no two runs ever write into one,
+    and is recorded in ``trainer_state.json`` and the manifest, so a mixed directory fails."""
+    from megatron_rl.parallel.weight_comm import all_gather_objects
+    from megatron_rl.train.run_lock import new_run_id
+
+    run_id = run_id or all_gather_objects(new_run_id())[0]
+    root = Path(root)
+    final, tmp = step_dir(root, step), root / f".tmp-step_{step:08d}-{run_id}"
+    failed = _WriteAgreement(root, tmp, step)
+    if _rank() == 0:
+        with failed.catch():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    failed.agree()
+    reached("checkpoint", step)
+    with failed.catch():
+        _write_state(tmp, model, optimizer, scheduler, {
+            "step": step, "scheduler": scheduler.state_dict(), "trainer": trainer_state,
+            "optimizer_format": optimizer_format, "layout": layout, "run_id": run_id},
+            optimizer_format)
+    failed.agree()
+    with failed.catch():
+        _seal(tmp, run_id)
+    failed.agree()
+    reached("checkpoint.written", step)
+    if _rank() == 0:
+        with failed.catch():
+            if final.exists():  # one resume skipped as damaged (resume_fallback): kept for a look
+                os.replace(final, root / f"{final.name}.replaced-{run_id}")
+            os.replace(tmp, final)
+            reached("checkpoint.renamed", step)
+            pointer = root / ".latest.tmp"
+            pointer.write_text(str(step))
+            os.replace(pointer, root / "latest")
+            reached("checkpoint.latest", step)
+            _prune(root, step, keep_last)
+    failed.agree()
+    return final
+
+
+def _write_state(tmp: Path, model, optimizer, scheduler, state: Dict[str, Any],
+                 optimizer_format: str) -> None:
+    """Every rank's shards and RNG states, and (rank 0) the trainer state, into ``tmp``."""
     from megatron.core import dist_checkpointing
 
-    root = Path(root)
-    final, tmp = step_dir(root, step), root / f".tmp-step_{step:08d}"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    reached("checkpoint", step)
     from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
 
     prime_adam_state(optimizer)  # a checkpoint before the first update (no Adam state yet)
@@ -140,35 +184,68 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
             msd, metadata=sharding_metadata(optimizer_format))}, str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     if _rank() == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "scheduler": scheduler.state_dict(), "trainer": trainer_state,
-             "optimizer_format": optimizer_format, "layout": layout}))
-    _barrier()
-    _seal(tmp)
-    reached("checkpoint.written", step)
-    if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        reached("checkpoint.renamed", step)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(str(step))
-        os.replace(pointer, root / "latest")
-        reached("checkpoint.latest", step)
-        _prune(root, step, keep_last)
-    _barrier()
-    return final
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+
+
+class _WriteAgreement:
+    """A save's failure, agreed by every rank at each phase's end (one all-gather, where a plain
+    barrier stood), so that all ranks stop together: an I/O failure (full disk, quota, read-only)
+    becomes one ``WriteFailed`` line on every rank, the half-written temporary directory is
+    removed (its space freed), and the checkpoints before it stay as they were."""
+
+    def __init__(self, root: Path, tmp: Path, step: int):
+        self.root, self.tmp, self.step = root, tmp, step
+        self.error: Optional[BaseException] = None
+
+    @contextmanager
+    def catch(self) -> Iterator[None]:
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 -- agreed in `agree`, then raised
+            self.error = e
+
+    def agree(self) -> None:
+        from megatron_rl.io_errors import WriteFailed, diagnose
+        from megatron_rl.parallel.weight_comm import all_gather_objects
+
+        mine, io = "", False
+        if self.error is not None:
+            found = diagnose("checkpoint", self.tmp, self.error, self._after())
+            io = found is not None
+            mine = str(found) if io else f"rank {_rank()}: {self.error!r}"[:500]
+        said = all_gather_objects((io, mine))
+        if not any(m for _, m in said):
+            return
+        if _rank() == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        io_lines = [m for was_io, m in said if was_io]
+        if io_lines:
+            raise WriteFailed(io_lines[0])
+        if self.error is not None:
+            raise self.error   # not an I/O failure: a bug keeps its traceback
+        raise _Agreed(next(m for _, m in said if m))
+
+    def _after(self) -> str:
+        done = [s for s in checkpoint_steps(self.root) if s < self.step]
+        kept = f"step_{done[0]:08d} and older checkpoints are" if done else "no checkpoint was"
+        return f"{kept} left as they were; free space and rerun the same command to resume"
+
+
+class _Agreed(RuntimeError):
+    """Another rank's failure, raised here so that every rank stops at the same point."""
 
 
 def _prune(root: Path, step: int, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints up to ``step`` (all of them when ``keep_last`` is
-    0). Directories beyond ``step`` and temporary ones are left by a run that crashed after
-    writing them and resumed from an earlier checkpoint: they are not on this run's history, so
-    they go too."""
-    steps = checkpoint_steps(root)
-    kept = [s for s in steps if s <= step][:keep_last if keep_last > 0 else None]
-    for s in steps:
-        if s not in kept:
-            shutil.rmtree(step_dir(root, s), ignore_errors=True)
+    """Runs right after this run saved ``step``: keep the newest ``keep_last`` checkpoints up to
+    it (all of them when ``keep_last`` is 0). A directory beyond ``step`` is never deleted: resume
+    takes the newest complete one, so one there is damaged (skipped under resume_fallback) and
+    kept for a look. Temporary directories are debris of dead writers (the output directory's
+    lock excludes live ones)."""
+    steps = [s for s in checkpoint_steps(root) if s <= step]
+    for s in steps[keep_last:] if keep_last > 0 else []:
+        shutil.rmtree(step_dir(root, s), ignore_errors=True)
     for tmp in root.glob(".tmp-step_*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -291,7 +368,7 @@ def save_model(path: os.PathLike, model, info: Dict[str, Any],
             (tmp / "hf").mkdir()
             copy_side_files(hf_files, tmp / "hf", ("config.json", *SIDE_FILES))
     _barrier()
-    _seal(tmp)
+    _seal(tmp, "")
     if _rank() == 0:
         if path.exists():
             path.rmdir()

@@ -48,11 +48,25 @@ def digests(root: Path, files: List[str]) -> Dict[str, Dict[str, object]]:
     return {rel: digest(root / rel) for rel in files}
 
 
-def write_manifest(root: Path, entries: Dict[str, Dict[str, object]]) -> None:
+def write_manifest(root: Path, entries: Dict[str, Dict[str, object]], run_id: str = "") -> None:
     tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"version": _VERSION, "files": dict(sorted(entries.items()))},
-                              indent=1))
+    tmp.write_text(json.dumps({"version": _VERSION, "run_id": run_id,
+                               "files": dict(sorted(entries.items()))}, indent=1))
     os.replace(tmp, root / MANIFEST)
+
+
+def check_one_run(root: Path) -> None:
+    """A verified checkpoint's trainer state was written by the run that sealed it (both record
+    the run id): files of two runs under one manifest are refused."""
+    state_file = root / "trainer_state.json"
+    try:
+        sealed = json.loads((root / MANIFEST).read_text()).get("run_id", "")
+        written = json.loads(state_file.read_text()).get("run_id", "") if state_file.is_file() else ""
+    except (OSError, ValueError, AttributeError):
+        raise CheckpointError(f"checkpoint {root}: trainer_state.json is not the JSON it wrote") from None
+    if sealed and written and sealed != written:
+        raise CheckpointError(f"checkpoint {root}: mixes two runs (trainer_state.json from run "
+                              f"{written}, sealed by run {sealed}); never resume from it")
 
 
 def read_manifest(root: Path) -> Dict[str, Dict[str, object]]:

@@ -104,18 +104,26 @@ def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
 def resume_checkpoint(root: Path, ms: ModelState, fallback: bool,
                       layout: Optional[dict] = None) -> tuple:
     """Load the newest complete checkpoint under ``root`` (collective): ``(trainer_state or None,
-    warnings)``, the state's ``"path"`` being the directory loaded. ``latest`` names it; if its
-    files fail the manifest check, the error names the file, unless ``fallback`` allows the
-    newest earlier checkpoint that passes."""
+    warnings)``, the state's ``"path"`` being the directory loaded.
+
+    The ``step_*`` directories are scanned, newest first; ``latest`` is only compared with the
+    choice (a deleted, cut or garbled pointer is reported, never trusted). A checkpoint that fails
+    its manifest is an error naming the file, unless ``fallback`` allows the next older one.
+    Checkpoints present but none complete (or a pointer with no directory left) stop the run:
+    it never silently starts over."""
     from megatron_rl.checkpoint.dist_ckpt import (
-        checkpoint_steps, latest_step, load_checkpoint, step_dir, verify_checkpoint)
+        checkpoint_steps, load_checkpoint, read_latest, step_dir, verify_checkpoint)
     from megatron_rl.checkpoint.manifest import CheckpointError
 
-    last = latest_step(root)
-    if last is None:
-        return None, []
+    latest, pointer_problem = read_latest(root)
+    steps = checkpoint_steps(root)
+    if not steps:
+        if latest is None and not (root / "latest").exists():
+            return None, []
+        raise CheckpointError(f"{root}: `latest` exists but no step_* checkpoint directory is "
+                              "left; restore them, or choose a new train.output_dir")
     warned = []
-    for step in [last] + [s for s in checkpoint_steps(root) if s < last]:
+    for step in steps:
         try:
             verify_checkpoint(step_dir(root, step))
         except CheckpointError as e:
@@ -124,11 +132,26 @@ def resume_checkpoint(root: Path, ms: ModelState, fallback: bool,
                                       "resume from the newest earlier checkpoint that is complete") from None
             warned.append(f"skipping a damaged checkpoint: {e}")
             continue
+        if latest != step:
+            said = pointer_problem or f"{root / 'latest'} names step {latest}"
+            warned.append(f"{said}, but the newest complete checkpoint is step_{step:08d}: "
+                          "resuming from it")
         state = load_checkpoint(step_dir(root, step), ms.model[0], ms.optimizer, ms.scheduler,
                                 verify=False, layout=layout)
         return {**state, "path": str(step_dir(root, step))}, warned
     raise CheckpointError(f"{root}: no complete checkpoint to resume from ({'; '.join(warned)}); "
-                          "set train.resume=false or choose a new train.output_dir to start over")
+                          "restore one, or choose a new train.output_dir to start over")
+
+
+def refuse_to_overwrite(root: Path) -> None:
+    """``train.resume=false`` in a directory with checkpoints would overwrite and prune them."""
+    from megatron_rl.checkpoint.dist_ckpt import checkpoint_steps
+
+    steps = checkpoint_steps(root)
+    if steps:
+        raise ConfigError(f"train.resume: false, but {root} holds checkpoints (newest "
+                          f"step_{steps[0]:08d}) that a new run would overwrite; choose a new "
+                          "train.output_dir, or move them away to start over")
 
 
 def load_tokenizer(cfg: RunConfig, hf, model_dir: Optional[str] = None):

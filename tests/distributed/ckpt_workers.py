@@ -137,8 +137,6 @@ def integrity(rank: int, world: int, tmp: str) -> dict:
     attempt("no_manifest")
     (root / "step_00000001" / "trainer_state.json").write_text("{}")
     attempt("none_left", fallback=True)
-    (root / "latest").write_text("banana")
-    attempt("bad_latest")
     # a forger rewrites .metadata to run code at load, and the manifest to match
     import pickle
 
@@ -154,6 +152,59 @@ def integrity(rank: int, world: int, tmp: str) -> dict:
         out["forged"] = {"error": ""}
     except CheckpointError as e:
         out["forged"] = {"error": str(e), "ran": marker.exists()}
+    destroy_megatron_parallel()
+    return out
+
+
+def latest_damage(rank: int, world: int, tmp: str) -> dict:
+    """Resume scans the step directories and only compares ``latest``; a save never deletes a
+    checkpoint newer than itself; a checkpoint mixing two runs is refused."""
+    import json
+    from types import SimpleNamespace
+
+    from megatron_rl.checkpoint import manifest as M
+    from megatron_rl.checkpoint.manifest import CheckpointError
+    from megatron_rl.train.setup import resume_checkpoint
+
+    root = Path(tmp) / "ckpt"
+    _, groups, model, opt, sched = _setup(Layout(), seed=1)
+    for step in (25, 30):
+        _train(model, opt, sched, groups, 1, step)
+        save_checkpoint(root, step, unwrap(model[0]), opt, sched, {"step": step}, keep_last=2)
+    ms = SimpleNamespace(model=model, optimizer=opt, scheduler=sched)
+    out = {}
+
+    def attempt(name, fallback=False):
+        try:
+            state, warned = resume_checkpoint(root, ms, fallback)
+            out[name] = {"step": state["step"] if state else None, "warned": warned}
+        except CheckpointError as e:
+            out[name] = {"error": str(e)}
+
+    latest = root / "latest"
+    latest.unlink()
+    attempt("deleted")
+    attempt("deleted_fallback", fallback=True)
+    for name, text in (("cut", "3"), ("empty", ""), ("garbled", "banana")):
+        latest.write_text(text)
+        attempt(name)
+        attempt(f"{name}_fallback", fallback=True)
+    latest.write_text("30")
+    # a run saving an early step (it started over) deletes nothing newer than that step
+    save_checkpoint(root, 1, unwrap(model[0]), opt, sched, {"step": 1}, keep_last=2)
+    out["after_early_save"] = sorted(p.name for p in root.glob("step_*"))
+    out["latest_after_early_save"] = latest.read_text()
+    # trainer_state.json of another run under a manifest rewritten to match its bytes
+    d = root / "step_00000030"
+    state = json.loads((d / "trainer_state.json").read_text())
+    sealed_by = json.loads((d / "manifest.json").read_text())["run_id"]
+    (d / "trainer_state.json").write_text(json.dumps({**state, "run_id": "another-run"}))
+    M.write_manifest(d, M.digests(d, M.checkpoint_files(d)), sealed_by)
+    attempt("mixed")
+    out["run_ids"] = [sealed_by, state["run_id"]]
+    for p in root.glob("step_*"):
+        p.rename(root / f"moved-{p.name}")
+    attempt("no_directories_left", fallback=True)
     destroy_megatron_parallel()
     return out
 

@@ -160,6 +160,13 @@ def integrity_results(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def latest_damage_results(tmp_path_factory):
+    from tests.distributed import ckpt_workers
+
+    return spawn(ckpt_workers.latest_damage, 1, str(tmp_path_factory.mktemp("latest")))
+
+
+@pytest.fixture(scope="session")
 def nonfinite_results(tmp_path_factory):
     from tests.distributed import ckpt_workers
 

@@ -53,12 +53,39 @@ def test_a_damaged_or_missing_manifest_is_refused(integrity_results):
 
 def test_no_complete_checkpoint_left_is_an_error_not_a_fresh_start(integrity_results):
     err = integrity_results["none_left"]["error"]
-    assert "no complete checkpoint to resume from" in err and "train.resume=false" in err
+    assert "no complete checkpoint to resume from" in err and "choose a new train.output_dir" in err
 
 
-def test_a_garbled_latest_pointer_is_named(integrity_results):
-    err = integrity_results["bad_latest"]["error"]
-    assert "latest: expected a step number, found 'banana'" in err
+@pytest.mark.parametrize("case", ["deleted", "cut", "empty", "garbled"])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_resume_takes_the_newest_complete_checkpoint_whatever_latest_says(
+        latest_damage_results, case, fallback):
+    """`latest` deleted, cut from 30 to 3, emptied or garbled: step 30 is resumed (not a fresh
+    start at step 1), and the disagreement is reported in one line."""
+    r = latest_damage_results[case + ("_fallback" if fallback else "")]
+    assert r.get("step") == 30, r
+    said = {"deleted": "latest is missing", "cut": "latest names step 3,",
+            "empty": "expected a step number, found ''",
+            "garbled": "expected a step number, found 'banana'"}[case]
+    assert len(r["warned"]) == 1 and said in r["warned"][0]
+    assert "newest complete checkpoint is step_00000030" in r["warned"][0]
+
+
+def test_a_save_never_deletes_a_checkpoint_newer_than_itself(latest_damage_results):
+    r = latest_damage_results
+    assert r["after_early_save"] == ["step_00000001", "step_00000025", "step_00000030"]
+
+
+def test_a_checkpoint_mixing_two_runs_is_refused(latest_damage_results):
+    r = latest_damage_results
+    assert r["run_ids"][0] == r["run_ids"][1] and r["run_ids"][0]   # saved: one run id in both
+    err = r["mixed"]["error"]
+    assert "mixes two runs" in err and "another-run" in err and "\n" not in err
+
+
+def test_a_latest_pointer_without_any_checkpoint_stops_the_run(latest_damage_results):
+    err = latest_damage_results["no_directories_left"]["error"]
+    assert "no step_* checkpoint directory is left" in err
 
 
 def test_a_forged_checkpoint_with_a_matching_manifest_runs_no_code(integrity_results):

@@ -66,8 +66,11 @@ def _crash_loop(tmp_path, kills):
 
     out, log = tmp_path / "crashed", []
     for i in range(kills):
-        latest = out / "checkpoints" / "latest"
-        done = int(latest.read_text()) if latest.exists() else 0
+        # where the restart resumes: the newest sealed step directory (a kill after the rename
+        # and before `latest` moved leaves one newer than `latest`)
+        sealed = [int(d.name[len("step_"):]) for d in (out / "checkpoints").glob("step_*")
+                  if (d / "manifest.json").is_file()]
+        done = max(sealed, default=0)
         point = POINTS[i % len(POINTS)] if i < len(POINTS) else rng.choice(POINTS)
         delay = 0 if point.startswith("checkpoint.") else rng.randrange(0, 250)
         at = f"{point}:{done + 1 + rng.randrange(0, 2)}:{delay}"

@@ -106,3 +106,31 @@ def test_slurm_script_requeues_when_torchrun_reports_1_for_a_requested_stop(tmp_
         assert r.returncode == 75 and "scontrol requeue 77" in calls, (r.stdout, r.stderr)
     else:
         assert r.returncode == 1 and "scontrol requeue" not in calls
+
+
+def test_the_slurm_trap_writes_a_stop_request_naming_this_job_incarnation(tmp_path):
+    """What the trainer compares with its own SLURM_JOB_ID.SLURM_RESTART_COUNT: a requeued job
+    ignores its predecessor's request, and honours one written during its own start-up."""
+    import signal
+    import time
+
+    from megatron_rl.train.preempt import stop_file_is_stale
+
+    out = tmp_path / "run"
+    env = _fake_bin(tmp_path, srun=f'for i in $(seq 100); do [[ -f "{out}/STOP" ]] && exit 0; sleep 0.1; done',
+                    scontrol='if [[ $1 == show ]]; then echo node1; fi')
+    env = {**env, "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "77",
+           "SLURM_RESTART_COUNT": "2"}
+    p = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), f"train.output_dir={out}"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while "srun" not in ((tmp_path / "calls.log").read_text() if (tmp_path / "calls.log").exists() else ""):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    p.communicate(timeout=60)
+    stop = out / "STOP"
+    assert stop.read_text() == "request 77.2\n"
+    long_after = time.time() + 3600   # the file time does not matter once a request is named
+    assert not stop_file_is_stale(stop, long_after, "77.2")
+    assert stop_file_is_stale(stop, long_after, "77.3")     # the requeued job

@@ -70,3 +70,55 @@ def test_a_grace_period_that_is_not_positive_is_a_config_error(grace):
 
     with pytest.raises(ConfigError, match="train.preempt_grace_s"):
         load_config("configs/recipes/tiny_moe_gspo.yaml", [f"train.preempt_grace_s={grace}"])
+
+
+@pytest.mark.parametrize("content,age_s,request_id,stale", [
+    ("", 3600, None, True),                          # a hand-made STOP left by the last run
+    ("", -2, None, False),                           # touched after this process started
+    ("request 77.0\n", 3600, "77.1", True),          # the requeued job's predecessor asked
+    ("request 77.1\n", 3600, "77.1", False),         # this incarnation asked (any file time)
+    ("request 77.1\n", -2, None, False),             # no id of our own: the file time decides
+])
+def test_a_stop_file_is_stale_only_if_it_belongs_to_an_earlier_run(tmp_path, content, age_s,
+                                                                    request_id, stale):
+    import os
+
+    from megatron_rl.train.preempt import process_start_time
+
+    f = tmp_path / "STOP"
+    f.write_text(content)
+    t = process_start_time() - age_s
+    os.utime(f, (t, t))
+    stop = StopRequest(f, grace_s=60, poll_s=0.02, request_id=request_id)
+    try:
+        time.sleep(0.1)   # the watcher has looked
+        assert stop.local() is (not stale)
+        stop.discard_stale()
+        assert f.exists() is (not stale)
+    finally:
+        stop.close()
+
+
+def test_the_slurm_request_id_names_the_job_incarnation(monkeypatch):
+    from megatron_rl.train.preempt import own_request_id
+
+    monkeypatch.delenv("MEGATRON_RL_REQUEST_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert own_request_id() == "4242.3"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert own_request_id() is None
+
+
+def test_a_signal_before_the_stop_request_exists_is_adopted_with_its_time(tmp_path):
+    r = _child("""
+        from megatron_rl.train.preempt import record_signals_early
+        record_signals_early()
+        os.kill(os.getpid(), signal.SIGTERM)   # while the model would still be building
+        time.sleep(0.3)
+        stop = StopRequest(stop_file, grace_s=60)
+        print(stop.local(), stop.reason(), stop.elapsed() >= 0.3)
+        stop.close()
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "SIGTERM", "True"]
