@@ -1,13 +1,16 @@
 """The code sandbox contains hostile programs, and the machine running the tests is unaffected.
 
-Each of the 27 programs (network, filesystem, privileges, secrets, signals, resources) runs under
+Each of the 31 programs (network, filesystem, privileges, secrets, signals, resources, IPC) runs under
 the code reward's sandbox with small limits; each must end contained
 (killed at a limit, or failing inside the box), report why, and leave nothing behind: no file
 outside its directory, no process of the sandbox user, the test process alive.
 """
 
+import glob
 import os
-import subprocess
+import socket
+import threading
+import time
 
 import pytest
 
@@ -23,6 +26,11 @@ FLOOD = SandboxLimits(wall_s=4.0, cpu_s=30, memory_mb=256)
 HOST_MARK = "/tmp/megatron_rl_sandbox_escape_marker"
 ETC_MARK = "/etc/megatron_rl_sandbox_escape_marker"
 PROJECT_MARK = os.path.abspath(__file__) + ".pwned"  # under /tmp in some CI clones: then hidden
+PERSIST_MARKS = ("/var/tmp/megatron_rl_sandbox_persist", "/run/lock/megatron_rl_sandbox_persist",
+                 "/dev/shm/megatron_rl_sandbox_persist")
+SHM_KEY = 0x4D524C31
+# host unix sockets (mode 777) in the usual places: the sandbox must not reach them
+HOST_SOCKETS = ("/tmp/megatron_rl_sandbox_test.sock", "/run/megatron_rl_sandbox_test.sock")
 
 
 def _limits(name):
@@ -36,13 +44,6 @@ def _run(code, limits=LIMITS):
     return r
 
 
-def _nobody_processes() -> int:
-    """Live processes of the sandbox user. Zombies do not count: a killed namespace's processes
-    are reparented to the host's init, which reaps them a moment later; they run nothing."""
-    out = subprocess.run(["ps", "-u", "nobody", "-o", "stat="], capture_output=True, text=True)
-    return sum(1 for st in out.stdout.split() if not st.startswith("Z"))
-
-
 HOSTILE = {
     "infinite_loop": ("while True: pass", "killed by SIGKILL"),
     "fork_bomb": ("import os\nwhile True:\n    try: os.fork()\n    except OSError: pass",
@@ -50,7 +51,7 @@ HOSTILE = {
     "allocate_10gb": ("x = bytearray(10 * 1024**3)\nprint('allocated')", "MemoryError"),
     "network": ("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\nprint('up')",
                 "Network is unreachable"),
-    "write_outside": (f"open({ETC_MARK!r}, 'w').write('x')", "Permission denied"),
+    "write_outside": (f"open({ETC_MARK!r}, 'w').write('x')", "Read-only file system"),
     "write_project": (f"open({PROJECT_MARK!r}, 'w').write('x')\nprint('wrote')", None),
     "write_host_tmp": (f"open({HOST_MARK!r}, 'w').write('x')\nprint('wrote')", None),
     "read_secrets": ("import os\nprint(sorted(os.environ))", None),
@@ -66,7 +67,7 @@ HOSTILE = {
         "socket.create_connection(('1.1.1.1', 80), timeout=2)\nprint('up')", "Network is unreachable"),
     # filesystem and privileges
     "read_shadow": ("print(open('/etc/shadow').read())", "Permission denied"),
-    "list_root_home": ("import os\nprint(os.listdir('/root'))", "Permission denied"),
+    "list_root_home": ("import os\ntry: print(os.listdir('/root'))\nexcept OSError as e: print(e)", None),
     "symlink_out": (f"import os\nos.symlink({PROJECT_MARK!r}, 'link')\nopen('link', 'w').write('x')\n"
                     "print('wrote')", None),   # denied, or hidden under /tmp: see below
     "write_interpreter": ("import os, sys\nopen(os.path.join(sys.prefix, 'lib', 'pwned.py'), 'w')",
@@ -89,20 +90,81 @@ HOSTILE = {
     "tmp_fill": ("f = open('/tmp/big', 'wb')\nwhile True: f.write(b'x' * 2**20)",
                  "No space left on device"),
     "output_flood": ("import os\nwhile True: os.write(1, b'x' * 65536)", None),
+    # found outside the first set: each escaped the earlier sandbox
+    "setsid_survivor": ("import os, time\nos.setsid()\nheld = bytearray(64 * 2**20)\n"
+                        "print('detached', flush=True)\ntime.sleep(600)", "wall-clock limit"),
+    "persist_outside_tmp": ("".join(f"open({m!r}, 'w').write('x')\n" for m in PERSIST_MARKS)
+                            + "print('wrote')", None),
+    "sysv_shared_memory": ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                           f"print(libc.shmget({SHM_KEY}, 4096, 0o1666) >= 0)", None),
+    "host_unix_socket": ("import socket\nfor p in " + repr(HOST_SOCKETS) + ":\n"
+                         "    s = socket.socket(socket.AF_UNIX)\n"
+                         "    try: s.connect(p); print('reached', p)\n"
+                         "    except OSError as e: print(type(e).__name__)", None),
+    "other_sandboxes": ("import glob\nprint(glob.glob('/tmp/mrl-sandbox-*') + "
+                        "glob.glob('/var/tmp/mrl-sandbox-*') + glob.glob('/*/mrl-sandbox-*'))", None),
 }
+
+
+def _clock_ticks_now() -> int:
+    """Now, in the unit of /proc/PID/stat's start time (clock ticks since boot)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK")) + 1
+
+
+def _live_in_namespace(ns: str, started_by: int):
+    """Live processes in PID namespace ``ns`` that started by ``started_by`` (ticks). Another
+    sandbox may reuse a dead namespace's id later; its processes start after, and do not count."""
+    out = []
+    for p in glob.glob("/proc/[0-9]*"):
+        try:
+            if os.readlink(p + "/ns/pid") != ns:
+                continue
+            with open(p + "/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[19]) <= started_by:
+            out.append(p)
+    return out
+
+
+def _host_sockets():
+    servers = []
+    for path in HOST_SOCKETS:
+        try:
+            srv = socket.socket(socket.AF_UNIX)
+            if os.path.exists(path):
+                os.unlink(path)
+            srv.bind(path)
+            os.chmod(path, 0o777)
+            srv.listen()
+            servers.append((path, srv))
+        except OSError:
+            pass   # e.g. /run not writable here: that place is then not tried
+    return servers
 
 
 @pytest.fixture(scope="module")
 def hostile_results():
     os.environ["MEGATRON_RL_TEST_SECRET"] = "hunter2"
+    servers = _host_sockets()
     try:
-        return {name: _run(code, _limits(name)) for name, (code, _) in HOSTILE.items()}
+        out = {}
+        for name, (code, _) in HOSTILE.items():
+            out[name] = _run(code, _limits(name))
+            out[name].ended = _clock_ticks_now()
+        out["_sockets"] = [p for p, _ in servers]
+        return out
     finally:
         del os.environ["MEGATRON_RL_TEST_SECRET"]
+        for path, srv in servers:
+            srv.close()
+            os.unlink(path)
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_program_is_contained_and_reported(hostile_results, name):
+    """Ended as expected, and no process it started outlives it (``setsid`` or not)."""
     r = hostile_results[name]
     _, evidence = HOSTILE[name]
     if evidence == "wall-clock limit":
@@ -112,6 +174,14 @@ def test_hostile_program_is_contained_and_reported(hostile_results, name):
     elif evidence is not None:
         assert not r.ok and evidence in r.stderr, (r.reason(), r.stderr[-300:])
     assert r.seconds < _limits(name).wall_s + 3
+    assert r.pid_namespace.startswith("pid:[")
+    left = _live_in_namespace(r.pid_namespace, r.ended)
+    for _ in range(50):   # a killed namespace's processes die asynchronously
+        if not left:
+            break
+        time.sleep(0.1)
+        left = _live_in_namespace(r.pid_namespace, r.ended)
+    assert not left, left
 
 
 def test_nothing_escaped_to_the_host(hostile_results):
@@ -121,10 +191,22 @@ def test_nothing_escaped_to_the_host(hostile_results):
     assert link.stdout == "" and ("Permission denied" in link.stderr or "No such file" in link.stderr)
     assert not os.path.exists(HOST_MARK)                       # /tmp inside was a private tmpfs
     assert hostile_results["write_host_tmp"].stdout == "wrote\n"
-    env = hostile_results["read_secrets"].stdout   # LD_LIBRARY_PATH: the interpreter's own libs
+    env = hostile_results["read_secrets"].stdout
     assert "MEGATRON_RL_TEST_SECRET" not in env
-    assert env.strip() == "['HOME', 'LANG', 'LD_LIBRARY_PATH', 'PATH']"
-    assert _nobody_processes() == 0                            # fork bomb, daemon fully reaped
+    assert env.strip() == "['HOME', 'LANG', 'PATH']"
+    home = hostile_results["list_root_home"].stdout   # at most the interpreter's install path
+    assert not [e for e in os.listdir("/root") if e != ".pyenv" and repr(e) in home] if (
+        os.access("/root", os.R_OK)) else True
+    for mark in PERSIST_MARKS:       # /var/tmp, /run/lock, /dev/shm inside were private tmpfs
+        assert not os.path.exists(mark), mark
+    assert hostile_results["persist_outside_tmp"].stdout == "wrote\n"
+    assert hostile_results["sysv_shared_memory"].stdout == "True\n"   # made, in its own IPC ns
+    with open("/proc/sysvipc/shm") as f:
+        assert str(SHM_KEY) not in [ln.split()[0] for ln in f.readlines()[1:]]
+    sockets = hostile_results["host_unix_socket"].stdout
+    assert hostile_results["_sockets"] and "reached" not in sockets
+    assert sockets.split() == ["FileNotFoundError"] * len(HOST_SOCKETS)
+    assert hostile_results["other_sandboxes"].stdout == "[]\n"
     assert os.getpid() > 0                                     # and we are still here
     assert hostile_results["daemon_escape"].stdout == "parent done\n"
     assert hostile_results["reboot"].stdout == "-1 1\n"        # EPERM
@@ -132,7 +214,29 @@ def test_nothing_escaped_to_the_host(hostile_results):
     environs = hostile_results["read_all_environs"].stdout
     assert "/proc/self/environ" in environs and "MEGATRON_RL" not in environs
     for name, r in hostile_results.items():
-        assert "hunter2" not in r.stdout + r.stderr, name
+        if not name.startswith("_"):
+            assert "hunter2" not in r.stdout + r.stderr, name
+
+
+def test_two_sandboxes_at_once_cannot_see_or_touch_each_other():
+    """``reward.workers > 1``: A keeps its program and a file alive while B looks for them (by
+    every path it could guess) and tries to write there."""
+    box_a = {}
+    looker = ("import glob, os\nfound = [p for pat in ('/tmp/mrl-sandbox-*', '/var/tmp/mrl-sandbox-*',"
+              " '/*/mrl-sandbox-*', '/proc/*/cwd/secret.txt', '/proc/*/root/work/secret.txt')"
+              " for p in glob.glob(pat)]\nprint(found)\nfor p in glob.glob('/proc/[0-9]*/cwd'):\n"
+              "    try: open(p + '/pwned', 'w').write('B')\n    except OSError: pass\n")
+    holder = ("import os, time\nopen('secret.txt', 'w').write('A')\nprint(os.getpid(), flush=True)\n"
+              "time.sleep(3)\nprint(sorted(os.listdir('.')))")
+    t = threading.Thread(target=lambda: box_a.update(r=_run(holder, SandboxLimits(wall_s=8, cpu_s=2))))
+    t.start()
+    time.sleep(1.0)
+    b = _run(looker, SandboxLimits(wall_s=8, cpu_s=2))
+    t.join()
+    assert b.ok and b.stdout == "[]\n", b.stdout
+    a = box_a["r"]
+    assert a.ok and a.stdout.split("\n")[1] == "['main.py', 'secret.txt', 'stdin.txt']", a.stdout
+    assert a.pid_namespace != b.pid_namespace
 
 
 def test_an_output_flood_is_cut_and_never_held_by_the_parent(hostile_results):
