@@ -97,16 +97,16 @@ def hygiene(rank: int, world: int, tmp: str) -> dict:
             "tmp_left": os.path.isdir(root / ".tmp-step_00000004")}
 
 
-def integrity(rank: int, world: int, tmp: str) -> dict:
-    """Damaged checkpoints are named at load; fallback only when allowed."""
+def _saved(root: Path, steps):
+    """A model trained one step before each of ``steps`` and saved there (keep 2), and
+    ``attempt(name, fallback)``: resume from ``root``, recording the step or the error in ``out``."""
     from types import SimpleNamespace
 
     from megatron_rl.checkpoint.manifest import CheckpointError
     from megatron_rl.train.setup import resume_checkpoint
 
-    root = Path(tmp) / "ckpt"
     _, groups, model, opt, sched = _setup(Layout(), seed=1)
-    for step in (1, 2):
+    for step in steps:
         _train(model, opt, sched, groups, 1, step)
         save_checkpoint(root, step, unwrap(model[0]), opt, sched, {"step": step}, keep_last=2)
     ms = SimpleNamespace(model=model, optimizer=opt, scheduler=sched)
@@ -115,10 +115,19 @@ def integrity(rank: int, world: int, tmp: str) -> dict:
     def attempt(name, fallback=False):
         try:
             state, warned = resume_checkpoint(root, ms, fallback)
-            out[name] = {"step": state["step"], "warned": warned}
+            out[name] = {"step": state["step"] if state else None, "warned": warned}
         except CheckpointError as e:
             out[name] = {"error": str(e)}
 
+    return model, opt, sched, out, attempt
+
+
+def integrity(rank: int, world: int, tmp: str) -> dict:
+    """Damaged checkpoints are named at load; fallback only when allowed."""
+    from megatron_rl.checkpoint.manifest import CheckpointError
+
+    root = Path(tmp) / "ckpt"
+    model, opt, sched, out, attempt = _saved(root, (1, 2))
     attempt("clean")
     shard = sorted((root / "step_00000002").glob("*.distcp"))[0]
     data = shard.read_bytes()
@@ -160,27 +169,11 @@ def latest_damage(rank: int, world: int, tmp: str) -> dict:
     """Resume scans the step directories and only compares ``latest``; a save never deletes a
     checkpoint newer than itself; a checkpoint mixing two runs is refused."""
     import json
-    from types import SimpleNamespace
 
     from megatron_rl.checkpoint import manifest as M
-    from megatron_rl.checkpoint.manifest import CheckpointError
-    from megatron_rl.train.setup import resume_checkpoint
 
     root = Path(tmp) / "ckpt"
-    _, groups, model, opt, sched = _setup(Layout(), seed=1)
-    for step in (25, 30):
-        _train(model, opt, sched, groups, 1, step)
-        save_checkpoint(root, step, unwrap(model[0]), opt, sched, {"step": step}, keep_last=2)
-    ms = SimpleNamespace(model=model, optimizer=opt, scheduler=sched)
-    out = {}
-
-    def attempt(name, fallback=False):
-        try:
-            state, warned = resume_checkpoint(root, ms, fallback)
-            out[name] = {"step": state["step"] if state else None, "warned": warned}
-        except CheckpointError as e:
-            out[name] = {"error": str(e)}
-
+    model, opt, sched, out, attempt = _saved(root, (25, 30))
     latest = root / "latest"
     latest.unlink()
     attempt("deleted")
