@@ -81,8 +81,6 @@ def probe(directory: os.PathLike) -> Optional[OSError]:
 
 
 def diagnose(what: str, path: os.PathLike, exc: BaseException, after: str = "") -> Optional[WriteFailed]:
-    if isinstance(exc, WriteFailed):
-        return exc
     err = _os_error_in(exc) or probe(path)
     return None if err is None else WriteFailed.of(what, path, err, after)
 

@@ -90,10 +90,10 @@ class RunLog:
 
     def close(self) -> None:
         """Best effort: a run ending on a failed write has already said so."""
-        for closing in (self.jsonl.close, self.writer.close if self.writer is not None else None):
+        for f in (self.jsonl, self.writer):
             try:
-                if closing is not None:
-                    closing()
+                if f is not None:
+                    f.close()
             except Exception:  # noqa: BLE001 -- the error that ended the run is the one to show
                 pass
 

@@ -33,6 +33,7 @@ from megatron_rl.train import setup as S
 class Trainer:
     def __init__(self, cfg: RunConfig, quiet: bool = False):
         from megatron_rl.parallel.launch import init_distributed
+        from megatron_rl.train.run_dir import claim_output_dir
 
         self.cfg, self.quiet = cfg, quiet
         if cfg.algo.advantage.name == "gae":
@@ -44,43 +45,21 @@ class Trainer:
         self.engine_tp = cfg.rollout.tensor_parallel_size
         self.engine_index, self.n_engines = self.rank // self.engine_tp, self.world // self.engine_tp
         self.out = Path(cfg.train.output_dir)
-        self.engine, self.log, self.lock = None, None, None
-        self._claim_output_dir()
+        self.engine, self.log = None, None
+        self.run_id, self.lock, self.stop = claim_output_dir(self.out, self.rank,
+                                                             cfg.train.preempt_grace_s)
         try:
             self._start()
         except BaseException:
             self.close()
             raise
 
-    def _claim_output_dir(self) -> None:
-        """The run's id, the output directory's lock (rank 0 holds it; every rank learns the
-        outcome), and the stop watch: all before anything is built or written."""
-        from megatron_rl.parallel.weight_comm import all_gather_objects
-        from megatron_rl.train.preempt import REQUEUE_FILE, StopRequest, own_request_id
-        from megatron_rl.train.run_lock import RunDirBusy, RunLock, new_run_id
-
-        self.run_id = all_gather_objects(new_run_id())[0]
-        refused = ""
-        if self.rank == 0:
-            try:
-                self.lock = RunLock(self.out, self.run_id)
-                self.lock.acquire()
-            except RunDirBusy as e:
-                self.lock, refused = None, str(e)
-        refused = all_gather_objects(refused)[0]
-        if refused:
-            raise RunDirBusy(refused)
-        self.stop = StopRequest(self.out / "STOP", self.cfg.train.preempt_grace_s,
-                                request_id=own_request_id())
-        if self.rank == 0:  # the request that stopped the last run, and its answer
-            self.stop.discard_stale()
-            (self.out / REQUEUE_FILE).unlink(missing_ok=True)
-
     def _start(self) -> None:
         from megatron_rl.train.parallel_init import init_megatron_parallel
 
         cfg, quiet = self.cfg, self.quiet
         layout = cfg.parallel.layout()
+        self.layout_sizes = layout.sizes(self.world)   # recorded with checkpoints
         self.hf = cfg.model.hf_model()
         self.pg = init_megatron_parallel(layout, cfg.train.seed)
         self.ms = S.build_model_state(cfg, self.hf, layout, self.pg)
@@ -144,7 +123,7 @@ class Trainer:
             return
         state, warned = S.resume_checkpoint(self.out / "checkpoints", self.ms,
                                             self.cfg.train.resume_fallback,
-                                            self.cfg.parallel.layout().sizes(self.world))
+                                            self.layout_sizes)
         self.warnings += warned
         if state is None:
             return
@@ -448,7 +427,7 @@ class Trainer:
                                             "step": self.step},
                         keep_last=self.cfg.train.keep_checkpoints, run_id=self.run_id,
                         optimizer_format=self.cfg.train.optimizer_checkpoint,
-                        layout=self.cfg.parallel.layout().sizes(self.world))
+                        layout=self.layout_sizes)
 
     def export(self, out: Path) -> None:
         from megatron_rl.checkpoint.convert import write_hf_model
@@ -478,8 +457,7 @@ class Trainer:
     def close(self) -> None:
         from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
-        if getattr(self, "stop", None) is not None:
-            self.stop.close()
+        self.stop.close()
         if self.log is not None:
             self.log.close()
             self.log = None

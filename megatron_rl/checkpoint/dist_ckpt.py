@@ -61,14 +61,9 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def latest_step(root: os.PathLike) -> Optional[int]:
-    """The step ``<root>/latest`` names, or None (missing, empty or garbled: see ``read_latest``).
-    Advisory only: resume scans the ``step_*`` directories (``train.setup.resume_checkpoint``)."""
-    return read_latest(root)[0]
-
-
 def read_latest(root: os.PathLike) -> tuple:
-    """``(step or None, what is wrong with the pointer or "")``."""
+    """What ``<root>/latest`` says: ``(step or None, what is wrong with the pointer or "")``.
+    Advisory only: resume scans the ``step_*`` directories (``train.setup.resume_checkpoint``)."""
     f = Path(root) / "latest"
     if not f.is_file():
         return None, f"{f} is missing"

@@ -245,8 +245,7 @@ def _mount(libc, src, dst: str, fstype, flags: int, data, what: str) -> None:
 def _bind(libc, src: str, dst: str, read_only: bool) -> None:
     _mount(libc, src, dst, None, MS_BIND | MS_REC, None, f"bind {src}")
     if read_only:   # a bind mount takes its own flags on a remount; keep nosuid/nodev (locked)
-        _mount(libc, None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
-               if not src.startswith("/dev/") else MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID,
+        _mount(libc, None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
                None, f"read-only {src}")
 
 

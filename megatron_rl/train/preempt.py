@@ -63,15 +63,26 @@ def own_request_id() -> Optional[str]:
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
 
 
+def process_start_ticks(pid: int) -> Optional[int]:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat), or
+    None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def process_start_time() -> float:
     """This process's start (wall clock, from /proc), or now where /proc cannot say."""
+    ticks = process_start_ticks(os.getpid())
+    if ticks is None:
+        return time.time()
     try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/stat") as f:
             btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
         return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
+    except (OSError, ValueError, StopIteration):
         return time.time()
 
 

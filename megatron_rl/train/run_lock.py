@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from megatron_rl.train.preempt import process_start_ticks
+
 LOCK_DIR = ".lock"
 HOLDER = "holder.json"
 HEARTBEAT_S = 5.0
@@ -40,16 +42,6 @@ class RunDirBusy(ValueError):
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
-
-
-def _proc_start(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None
-    when no such process exists."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def _read(lock: Path) -> Optional[dict]:
@@ -75,7 +67,7 @@ class RunLock:
         self.lock = self.dir / LOCK_DIR
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.me = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                   "pid_start": _proc_start(os.getpid()),
+                   "pid_start": process_start_ticks(os.getpid()),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "beat": 0}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -119,7 +111,7 @@ class RunLock:
             time.sleep(max(1.0, self.heartbeat_s))
             seen = _read(self.lock)
         if seen is not None and seen.get("host") == self.me["host"]:
-            start = _proc_start(int(seen.get("pid", -1)))
+            start = process_start_ticks(int(seen.get("pid", -1)))
             if start is not None and start == seen.get("pid_start"):
                 return seen
         elif seen is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_rl.checkpoint.dist_ckpt import latest_step, load_checkpoint, save_checkpoint
+from megatron_rl.checkpoint.dist_ckpt import load_checkpoint, read_latest, save_checkpoint
 from megatron_rl.model.build import ModelOptions
 from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import load_hf_config
@@ -67,7 +67,7 @@ def resume(rank: int, world: int, tmp: str, layout_kw) -> dict:
     torch.distributed.all_reduce(identical, op=torch.distributed.ReduceOp.MIN)   # every rank's shard
     destroy_megatron_parallel()
     return {"identical_weights": bool(identical), "straight": straight, "resumed": resumed,
-            "first": first, "trainer_state": state, "latest": latest_step(root)}
+            "first": first, "trainer_state": state, "latest": read_latest(root)[0]}
 
 
 def hygiene(rank: int, world: int, tmp: str) -> dict:
@@ -82,7 +82,7 @@ def hygiene(rank: int, world: int, tmp: str) -> dict:
         (root / ".tmp-step_00000004").mkdir()
         (root / ".tmp-step_00000004" / "half_written").write_text("x")
     torch.distributed.barrier()
-    latest = latest_step(root)
+    latest = read_latest(root)[0]
     _, groups2, model2, opt2, sched2 = (None,) * 5
     destroy_megatron_parallel()
     _, groups2, model2, opt2, sched2 = _setup(Layout(), seed=5)

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from megatron_rl.train.run_lock import HOLDER, LOCK_DIR, RunDirBusy, RunLock, _proc_start
+from megatron_rl.train.preempt import process_start_ticks
+from megatron_rl.train.run_lock import HOLDER, LOCK_DIR, RunDirBusy, RunLock
 
 
 def test_a_live_holder_refuses_a_second_run_naming_itself(tmp_path):
@@ -50,9 +51,9 @@ def test_a_reused_pid_does_not_keep_a_dead_lock(tmp_path):
     """The holder's pid now belongs to another process (ours): the start times differ."""
     (tmp_path / LOCK_DIR).mkdir()
     (tmp_path / LOCK_DIR / HOLDER).write_text(json.dumps(
-        {"run_id": "old", "host": socket.gethostname(), "pid": os.getpid(), "pid_start": "1",
+        {"run_id": "old", "host": socket.gethostname(), "pid": os.getpid(), "pid_start": 1,
          "beat": 0}))
-    assert _proc_start(os.getpid()) != "1"
+    assert process_start_ticks(os.getpid()) != 1
     lock = RunLock(tmp_path, "new", stale_s=60)
     lock.acquire()
     lock.release()
@@ -61,7 +62,7 @@ def test_a_reused_pid_does_not_keep_a_dead_lock(tmp_path):
 def _fake_remote(tmp_path, beat=0):
     (tmp_path / LOCK_DIR).mkdir(exist_ok=True)
     (tmp_path / LOCK_DIR / HOLDER).write_text(json.dumps(
-        {"run_id": "remote", "host": "another-node", "pid": 1, "pid_start": "1", "beat": beat}))
+        {"run_id": "remote", "host": "another-node", "pid": 1, "pid_start": 1, "beat": beat}))
 
 
 def test_another_hosts_lock_is_stale_only_when_its_heartbeat_stops(tmp_path):
