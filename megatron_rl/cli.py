@@ -4,6 +4,7 @@
   megatron-rl train --config RECIPE [key=value ...]
   megatron-rl eval --config RECIPE --model HF_DIR [--prompts N] [--n N] [key=value ...]
   megatron-rl convert import HF_DIR OUT_CKPT [--tp N --pp N --ep N --etp N] [--dtype D]
+                             [--no-verify] [--allow-unknown-config-keys]
   megatron-rl convert export CKPT OUT_HF_DIR [layout] [--hf-config F] [--tokenizer DIR] [--dtype D]
   megatron-rl convert verify HF_DIR CKPT [--tp N --ep N] [--tolerance X]
 
@@ -59,6 +60,11 @@ def _convert_parser(sub) -> None:
     im.add_argument("hf_dir")
     im.add_argument("out")
     im.add_argument("--dtype", default="auto", help="parameter dtype: auto (config.json's), fp32, bf16")
+    im.add_argument("--no-verify", action="store_true",
+                    help="skip comparing the import's logits with transformers' (on by default)")
+    im.add_argument("--verify-tolerance", type=float, default=1e-3,
+                    help="max abs logit difference (fp32) the import's check accepts")
+    _unknown_keys_arg(im)
     _layout_args(im)
     ex = verbs.add_parser("export", help="distributed checkpoint -> HF safetensors directory")
     ex.add_argument("ckpt")
@@ -67,12 +73,20 @@ def _convert_parser(sub) -> None:
     ex.add_argument("--tokenizer", help="directory whose tokenizer/generation files to copy")
     ex.add_argument("--dtype", default=None, help="tensor dtype of the export (default: the checkpoint's)")
     ex.add_argument("--shard-size-gb", type=float, default=4.0)
+    _unknown_keys_arg(ex)
     _layout_args(ex)
     ve = verbs.add_parser("verify", help="compare logits of an HF model and a distributed checkpoint")
     ve.add_argument("hf_dir")
     ve.add_argument("ckpt")
     ve.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference (fp32)")
+    _unknown_keys_arg(ve)
     _layout_args(ve)
+
+
+def _unknown_keys_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unknown-config-keys", action="store_true",
+                   help="ignore config.json keys megatron_rl does not know (printed) instead of "
+                        "refusing them: only when you know they do not change the model")
 
 
 # megatron-core announces on import what a CPU stack lacks; users cannot act on any of it
@@ -124,12 +138,16 @@ def _convert(args) -> int:
     layout = Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     try:
         if args.verb == "import":
-            line = convert.import_hf(args.hf_dir, args.out, layout, args.dtype).line("imported")
+            line = convert.import_hf(args.hf_dir, args.out, layout, args.dtype,
+                                     args.allow_unknown_config_keys, not args.no_verify,
+                                     args.verify_tolerance).line("imported")
         elif args.verb == "export":
             line = convert.export_hf(args.ckpt, args.out, layout, args.hf_config, args.tokenizer,
-                                     args.dtype, int(args.shard_size_gb * 2**30)).line("exported")
+                                     args.dtype, int(args.shard_size_gb * 2**30),
+                                     args.allow_unknown_config_keys).line("exported")
         else:
-            r = convert.verify(args.hf_dir, args.ckpt, layout)
+            r = convert.verify(args.hf_dir, args.ckpt, layout,
+                               allow_unknown_keys=args.allow_unknown_config_keys)
             ok = r["max_abs_diff"] <= args.tolerance
             line = (f"verify: max |logit diff| {r['max_abs_diff']:.3e} (mean {r['mean_abs_diff']:.3e}, "
                     f"logits up to {r['logit_scale']:.3g}) over {r['tokens']} tokens: "

@@ -11,6 +11,7 @@ can fail runs on every rank, so a bad input is one clear error everywhere, never
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from megatron_rl.checkpoint.hf_io import SIDE_FILES, HFReader, HFWriter, copy_si
 from megatron_rl.checkpoint.hf_mapping import IGNORED_HF, mapping_for
 from megatron_rl.checkpoint.hf_weights import iter_hf_weights, load_hf_weights
 from megatron_rl.model.build import ModelOptions
-from megatron_rl.model.hf_config import HFModel, load_hf_config
+from megatron_rl.model.hf_config import HFModel, load_hf_config, read_config_json
 from megatron_rl.parallel.config import Layout
 from megatron_rl.parallel.launch import init_distributed
 from megatron_rl.parallel.weight_comm import all_gather_objects
@@ -50,13 +51,32 @@ class Report:
                 f"({rate:.2f} GB/s){self.notes}")
 
 
+def _one_line(e: BaseException) -> str:
+    """A bad-input exception as one line: ours already are; a ``KeyError`` names its key, the
+    safetensors / shape errors of a file that does not match its index or config are prefixed."""
+    if isinstance(e, ValueError) and type(e) is ValueError:
+        return " ".join(str(e).split())
+    detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+    return " ".join(f"{type(e).__name__}: {detail}".split())[:600]
+
+
+# what a bad input raises from inside safetensors / torch / transformers (safetensors' own error
+# type derives from Exception only)
+BAD_INPUT = (ValueError, KeyError, IndexError, TypeError, RuntimeError, OSError, AssertionError)
+
+
 def _everywhere(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on every rank; if it raised ``ValueError`` on any, raise the first message on all."""
+    """Run ``fn`` on every rank; if it raised on any, raise the first message on all, as one line
+    (``ValueError``: the CLI's exit status 2)."""
     err, out = None, None
     try:
         out = fn()
-    except ValueError as e:
-        err = str(e)
+    except BAD_INPUT as e:
+        err = _one_line(e)
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, huggingface_hub errors
+        if type(e).__module__.split(".")[0] not in ("safetensors", "huggingface_hub", "builtins"):
+            raise
+        err = _one_line(e)
     errors = [e for e in all_gather_objects(err) if e]
     if errors:
         raise ValueError(errors[0])
@@ -82,8 +102,15 @@ def _build(hf: HFModel, layout: Layout, dtype: torch.dtype):
     from megatron_rl.train.model_setup import build_model
     from megatron_rl.train.parallel_init import init_megatron_parallel, weight_groups
 
+    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+
     init_megatron_parallel(layout, seed=0)
-    [model], _ = build_model(hf, layout, ModelOptions(params_dtype=dtype, init_weights=False), ddp=False)
+    try:
+        [model], _ = build_model(hf, layout, ModelOptions(params_dtype=dtype, init_weights=False),
+                                 ddp=False)
+    except BaseException:
+        destroy_megatron_parallel()
+        raise
     return model, weight_groups()
 
 
@@ -97,20 +124,23 @@ def _mtp_layer(name: str, hf_cfg: Dict) -> bool:
 
 
 def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
-              dtype: str = "auto") -> Report:
-    """HF directory -> model-only distributed checkpoint at ``out`` (collective)."""
+              dtype: str = "auto", allow_unknown_keys: bool = False, check: bool = True,
+              tolerance: float = 1e-3) -> Report:
+    """HF directory -> model-only distributed checkpoint at ``out`` (collective). With ``check``
+    the saved checkpoint's logits are compared with transformers' on fixed prompts (when both
+    fp32 models fit in host memory); a mismatch above ``tolerance`` removes ``out`` and fails."""
     from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
     init_distributed()
     out = Path(out)
     reader = _everywhere(lambda: HFReader(hf_dir))
-    hf_cfg = reader.config()
-    hf = _everywhere(lambda: load_hf_config(hf_cfg))
+    hf_cfg = _everywhere(reader.config)
+    hf = _everywhere(lambda: load_hf_config(hf_cfg, allow_unknown_keys))
     mapping = _everywhere(lambda: mapping_for(hf))
     params_dtype = _everywhere(lambda: _dtype(dtype, hf_cfg))
     _everywhere(lambda: _require_empty(out))
     t0 = time.perf_counter()
-    model, groups = _build(hf, layout, params_dtype)
+    model, groups = _everywhere(lambda: _build(hf, layout, params_dtype))
     try:
         read = _everywhere(lambda: load_hf_weights(model, reader, mapping, groups, hf.num_experts))
         used = set().union(*[set(r) for r in all_gather_objects(sorted(read))])
@@ -126,10 +156,50 @@ def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
                 "hf_tensors": len(used)}
         save_model(out, model, info, hf_files=hf_dir)
         nbytes = sum(reader.shape_bytes(n) for n in used)
+        fp32_bytes = sum(4 * math.prod(reader.shape(n)) for n in used)
     finally:
         destroy_megatron_parallel()
-    note = f"; skipped {len(skipped)} multi-token-prediction tensors" if skipped else ""
-    return Report(len(used), nbytes, time.perf_counter() - t0, note)
+    notes = [f"skipped {len(skipped)} multi-token-prediction tensors"] if skipped else []
+    if hf.ignored:
+        notes.append("ignored config.json keys " + ", ".join(f"{k}={v!r}" for k, v in hf.ignored))
+    seconds = time.perf_counter() - t0
+    notes.append(_check_import(hf_dir, out, layout, hf, check, tolerance, fp32_bytes))
+    return Report(len(used), nbytes, seconds, "; " + "; ".join(notes))
+
+
+def _check_import(hf_dir, out: Path, layout: Layout, hf: HFModel, check: bool, tolerance: float,
+                  fp32_bytes: int) -> str:
+    """The verification note of an import; removes ``out`` and raises when the logits differ."""
+    if not check:
+        return "not verified (--no-verify): run convert verify before training"
+    need, free = 3 * fp32_bytes, _available_memory()
+    if need > free:
+        return (f"not verified: the fp32 models need ~{need / 1e9:.1f} GB, the host has "
+                f"{free / 1e9:.1f} GB available; run convert verify on a larger host")
+    r = verify(hf_dir, out, Layout(tp=layout.tp, ep=layout.ep, etp=layout.etp), hf=hf)
+    line = (f"max |logit diff| vs transformers {r['max_abs_diff']:.2e} "
+            f"(logits up to {r['logit_scale']:.3g}, {r['tokens']} tokens)")
+    if not r["max_abs_diff"] <= tolerance:
+        import torch.distributed as dist
+
+        if _rank() == 0:
+            shutil.rmtree(out, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+        raise ValueError(f"{hf_dir}: the imported model does not reproduce transformers: "
+                         f"{line} > --verify-tolerance {tolerance:g} (nothing was kept); "
+                         "please report this config.json")
+    return "verified: " + line
+
+
+def _available_memory() -> int:
+    """Host memory this process may still use (MemAvailable), per rank on this host."""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 1 << 62  # unknown: try
+    return kb * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _hf_config_for(ckpt: Path, hf_config: Optional[os.PathLike]) -> Path:
@@ -145,22 +215,23 @@ def _hf_config_for(ckpt: Path, hf_config: Optional[os.PathLike]) -> Path:
 
 def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
               hf_config: Optional[os.PathLike] = None, tokenizer: Optional[os.PathLike] = None,
-              dtype: Optional[str] = None, shard_bytes: int = 4 << 30) -> Report:
+              dtype: Optional[str] = None, shard_bytes: int = 4 << 30,
+              allow_unknown_keys: bool = False) -> Report:
     """Distributed checkpoint -> HF directory at ``out`` (collective; rank 0 writes)."""
     from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
     init_distributed()
     ckpt, out = Path(ckpt), Path(out)
     cfg_path = _everywhere(lambda: _hf_config_for(ckpt, hf_config))
-    hf_cfg = json.loads(cfg_path.read_text())
-    hf = _everywhere(lambda: load_hf_config(cfg_path))
+    hf_cfg = _everywhere(lambda: read_config_json(cfg_path))
+    hf = _everywhere(lambda: load_hf_config(hf_cfg, allow_unknown_keys))
     mapping = _everywhere(lambda: mapping_for(hf))
     _everywhere(lambda: _require_empty(out))
     info = model_info(ckpt) or {}
     params_dtype = DTYPES[info.get("dtype", "float32")]
     out_dtype = _everywhere(lambda: _dtype(dtype, hf_cfg) if dtype else params_dtype)
     t0 = time.perf_counter()
-    model, groups = _build(hf, layout, params_dtype)
+    model, groups = _everywhere(lambda: _build(hf, layout, params_dtype))
     try:
         _everywhere(lambda: load_model(ckpt, model))
         side = tokenizer or (ckpt / "hf" if (ckpt / "hf").is_dir() else None)
@@ -227,25 +298,40 @@ def _hf_logits(hf_dir: os.PathLike, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def verify(hf_dir: os.PathLike, ckpt: os.PathLike, layout: Layout = Layout(),
-           num_prompts: int = 4, prompt_len: int = 32, seed: int = 0) -> Dict[str, float]:
-    """Logits of the HF model (transformers, fp32) and of the megatron checkpoint (fp32, this
-    layout) on a fixed random prompt batch; returns the max and mean absolute difference."""
+           num_prompts: int = 4, prompt_len: int = 32, seed: int = 0,
+           hf: Optional[HFModel] = None, allow_unknown_keys: bool = False) -> Dict[str, float]:
+    """Logits of the HF model (transformers, fp32, on rank 0) and of the megatron checkpoint
+    (fp32, this layout) on a fixed random prompt batch; the max and mean absolute difference,
+    on every rank."""
     from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
     init_distributed()
     if layout.pp > 1:
         raise ValueError("convert verify runs with --pp 1 (distributed checkpoints reshard on "
                          "load, so any TP/EP layout checks the same weights)")
-    hf = _everywhere(lambda: load_hf_config(hf_dir))
+    if hf is None:
+        hf = _everywhere(lambda: load_hf_config(hf_dir, allow_unknown_keys))
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, hf.vocab_size, (num_prompts, prompt_len), generator=g)
-    model, groups = _build(hf, layout, torch.float32)
+    tokens = torch.randint(0, hf.vocab_size, (num_prompts, min(prompt_len, hf.max_position_embeddings)),
+                           generator=g)
+    model, groups = _everywhere(lambda: _build(hf, layout, torch.float32))
     try:
         _everywhere(lambda: load_model(ckpt, model))
+        model.eval()
         ours = _megatron_logits(model, tokens, groups.tp)
     finally:
         destroy_megatron_parallel()
-    theirs = _hf_logits(hf_dir, tokens)
-    diff = (ours - theirs).abs()
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "logit_scale": float(theirs.abs().max()), "tokens": int(tokens.numel())}
+    result = None
+    if _rank() == 0:
+        try:
+            theirs = _hf_logits(hf_dir, tokens)
+        except Exception as e:  # noqa: BLE001 - reported on every rank, not only here
+            result = {"error": f"{hf_dir}: transformers cannot run this model: {_one_line(e)}"}
+        else:
+            diff = (ours - theirs).abs()
+            result = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                      "logit_scale": float(theirs.abs().max()), "tokens": int(tokens.numel())}
+    result = all_gather_objects(result)[0]
+    if "error" in result:
+        raise ValueError(result["error"])
+    return result

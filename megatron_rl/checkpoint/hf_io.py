@@ -41,7 +41,10 @@ class HFReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map values must be file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                    AttributeError) as e:
                 raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
         elif (self.dir / SINGLE).is_file():
             weight_map = None
@@ -62,6 +65,8 @@ class HFReader:
                 raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
         if weight_map is None:
             weight_map = {k: SINGLE for k in self._handles[SINGLE].keys()}
+        else:
+            _check_index(index, weight_map, {f: set(h.keys()) for f, h in self._handles.items()})
         self.weight_map: Dict[str, str] = weight_map
         self.read: Set[str] = set()
 
@@ -89,10 +94,24 @@ class HFReader:
         return self._handles[self.weight_map[name]]
 
     def config(self) -> Dict:
-        p = self.dir / "config.json"
-        if not p.is_file():
+        from megatron_rl.model.hf_config import read_config_json
+
+        if not (self.dir / "config.json").is_file():
             raise ValueError(f"{self.dir}: no config.json")
-        return json.loads(p.read_text())
+        return read_config_json(self.dir / "config.json")
+
+
+def _check_index(index: Path, weight_map: Dict[str, str], held: Dict[str, Set[str]]) -> None:
+    """Every tensor the index names is in the shard it names (a stale or hand-edited index
+    otherwise fails deep inside safetensors, or reads the wrong tensor)."""
+    wrong = sorted(n for n, f in weight_map.items() if n not in held[f])
+    if wrong:
+        n = wrong[0]
+        where = [f for f, names in held.items() if n in names]
+        found = f" (it is in {where[0]})" if where else " (no shard holds it)"
+        raise ValueError(f"{index}: maps {len(wrong)} tensor(s) to a shard that does not hold "
+                         f"them, e.g. {n} -> {weight_map[n]}{found}; the index does not match "
+                         "the shard files")
 
 
 class HFWriter:

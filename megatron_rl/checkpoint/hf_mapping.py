@@ -53,23 +53,30 @@ class Rule:
 
 # ----------------------------------------------------------------------------- rule sets
 
-def _attention_gqa(qkv_bias: bool, qk_norm: bool) -> List[Rule]:
+def _attention_gqa(hf: HFModel, qk_norm: bool) -> List[Rule]:
     a, m = "decoder.layers.{L}.self_attention.", "model.layers.{L}.self_attn."
     rules = [Rule(a + "linear_qkv.weight", tuple(m + f"{x}_proj.weight" for x in "qkv"), "qkv", "col"),
              Rule(a + "linear_proj.weight", (m + "o_proj.weight",), split="row")]
-    if qkv_bias:
+    if hf.config.get("add_qkv_bias"):
         rules.append(Rule(a + "linear_qkv.bias", tuple(m + f"{x}_proj.bias" for x in "qkv"), "qkv", "col"))
+    if hf.proj_bias:  # a row-parallel layer's bias is added once, after the reduction: replicated
+        rules.append(Rule(a + "linear_proj.bias", (m + "o_proj.bias",)))
     if qk_norm:
         rules += [Rule(a + "q_layernorm.weight", (m + "q_norm.weight",)),
                   Rule(a + "k_layernorm.weight", (m + "k_norm.weight",))]
     return rules
 
 
-def _attention_mla() -> List[Rule]:
+def _attention_mla(hf: HFModel) -> List[Rule]:
+    """Low-rank queries (``q_lora_rank``) or, when it is null (DeepSeek-V2-Lite style), one
+    full-rank query projection."""
     a, m = "decoder.layers.{L}.self_attention.", "model.layers.{L}.self_attn."
-    return [Rule(a + "linear_q_down_proj.weight", (m + "q_a_proj.weight",)),
-            Rule(a + "q_layernorm.weight", (m + "q_a_layernorm.weight",)),
-            Rule(a + "linear_q_up_proj.weight", (m + "q_b_proj.weight",), split="col"),
+    q = [Rule(a + "linear_q_down_proj.weight", (m + "q_a_proj.weight",)),
+         Rule(a + "q_layernorm.weight", (m + "q_a_layernorm.weight",)),
+         Rule(a + "linear_q_up_proj.weight", (m + "q_b_proj.weight",), split="col")]
+    if not hf.config.get("q_lora_rank"):
+        q = [Rule(a + "linear_q_proj.weight", (m + "q_proj.weight",), split="col")]
+    return q + [
             Rule(a + "linear_kv_down_proj.weight", (m + "kv_a_proj_with_mqa.weight",)),
             Rule(a + "kv_layernorm.weight", (m + "kv_a_layernorm.weight",)),
             Rule(a + "linear_kv_up_proj.weight", (m + "kv_b_proj.weight",), split="col"),
@@ -109,18 +116,18 @@ def _common(hf: HFModel) -> List[Rule]:
 DENSE_MLP = _mlp("decoder.layers.{L}.mlp.", "model.layers.{L}.mlp.")
 
 RULE_SETS: Dict[str, Callable[[HFModel], List[Rule]]] = {
-    "Qwen2ForCausalLM": lambda hf: _attention_gqa(True, False) + DENSE_MLP,
-    "Qwen3ForCausalLM": lambda hf: _attention_gqa(False, True) + DENSE_MLP,
+    "Qwen2ForCausalLM": lambda hf: _attention_gqa(hf, False) + DENSE_MLP,
+    "Qwen3ForCausalLM": lambda hf: _attention_gqa(hf, True) + DENSE_MLP,
     "Qwen3MoeForCausalLM": lambda hf: (
-        _attention_gqa(False, True) + DENSE_MLP
+        _attention_gqa(hf, True) + DENSE_MLP
         + [Rule("decoder.layers.{L}.mlp.router.weight", ("model.layers.{L}.mlp.gate.weight",))]
         + _experts("model.layers.{L}.mlp.experts.{E}.")),
     "MixtralForCausalLM": lambda hf: (
-        _attention_gqa(False, False)
+        _attention_gqa(hf, False)
         + [Rule("decoder.layers.{L}.mlp.router.weight", ("model.layers.{L}.block_sparse_moe.gate.weight",))]
         + _experts("model.layers.{L}.block_sparse_moe.experts.{E}.", "w1", "w3", "w2")),
     "DeepseekV3ForCausalLM": lambda hf: (
-        _attention_mla() + DENSE_MLP
+        _attention_mla(hf) + DENSE_MLP
         + [Rule("decoder.layers.{L}.mlp.router.weight", ("model.layers.{L}.mlp.gate.weight",)),
            Rule("decoder.layers.{L}.mlp.router.expert_bias",
                 ("model.layers.{L}.mlp.gate.e_score_correction_bias",))]

@@ -66,7 +66,7 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
         )
     gpu = torch.cuda.is_available()
     config_class = MLATransformerConfig if hf.config.get("multi_latent_attention") else TransformerConfig
-    return config_class(
+    config = config_class(
         **hf.config, **moe,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
@@ -80,6 +80,9 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
         apply_rope_fusion=False, persist_layer_norm=gpu,
         perform_initialization=opt.init_weights,
     )
+    for name, value in hf.yarn:  # GPTModel's YaRN reads these with getattr; no config field
+        setattr(config, name, value)
+    return config
 
 
 def check_model_layout(hf: HFModel, layout: Layout, opt: ModelOptions) -> None:
@@ -107,7 +110,7 @@ def check_model_layout(hf: HFModel, layout: Layout, opt: ModelOptions) -> None:
                              f"choose a divisor of {n}")
 
 
-def layer_spec(config, opt: ModelOptions, vp_stage: Optional[int] = None):
+def layer_spec(config, opt: ModelOptions, vp_stage: Optional[int] = None, proj_bias: bool = False):
     """The decoder block spec of this pipeline stage (dense and MoE layers as the config says)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -116,12 +119,34 @@ def layer_spec(config, opt: ModelOptions, vp_stage: Optional[int] = None):
     te = opt.use_te()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm",
                                       vp_stage=vp_stage)
-    if te:
+    if te and not proj_bias:
         return spec
     spec = copy.deepcopy(spec)  # the layer specs share submodule objects
     for layer in spec.layer_specs:
-        layer.submodules.self_attention.submodules.core_attention = SDPAttention
+        attention = layer.submodules.self_attention.submodules
+        if not te:
+            attention.core_attention = SDPAttention
+        if proj_bias:
+            attention.linear_proj = _with_bias(attention.linear_proj)
     return spec
+
+
+def _with_bias(linear_cls):
+    """``linear_cls`` built with a bias whatever ``add_bias_linear`` says: Qwen3's
+    ``attention_bias`` biases the output projection but not the MLPs, which megatron-core's one
+    switch cannot express."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(linear_cls, ModuleSpec):
+        return ModuleSpec(module=_with_bias(linear_cls.module), params=linear_cls.params,
+                          submodules=linear_cls.submodules)
+
+    class Biased(linear_cls):
+        def __init__(self, *args, bias: bool = False, **kwargs):
+            super().__init__(*args, bias=True, **kwargs)
+
+    Biased.__name__ = Biased.__qualname__ = f"Biased{linear_cls.__name__}"
+    return Biased
 
 
 def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool = True,
@@ -132,13 +157,16 @@ def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool
         from megatron.core.transformer.moe.router_replay import RouterReplay
 
         RouterReplay.clear_global_router_replay_instances()
+    if config.moe_router_num_groups:
+        from megatron_rl.model.router import use_transformers_group_score
+
+        use_transformers_group_score()
     return GPTModel(
-        config=config, transformer_layer_spec=layer_spec(config, opt, vp_stage),
+        config=config, transformer_layer_spec=layer_spec(config, opt, vp_stage, hf.proj_bias),
         vocab_size=hf.vocab_size, max_sequence_length=hf.max_position_embeddings,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=hf.tie_word_embeddings,
-        # multi-latent attention applies its own (decoupled) rotary embedding
-        position_embedding_type="none" if config.multi_latent_attention else "rope",
-        rotary_base=hf.rotary_base, vp_stage=vp_stage,
+        # multi-latent attention applies its own (decoupled) rotary embedding: "none" here
+        **dict(hf.rotary), rotary_base=hf.rotary_base, vp_stage=vp_stage,
         parallel_output=True,
     )

@@ -30,6 +30,8 @@ class ModelConfig:
                                help="auto: bf16 on GPU, fp32 on CPU")
     routing_replay: bool = field_(False, help="replay the old-policy pass's expert routes in training")
     hf_overrides: Dict[str, Any] = field(default_factory=dict)  # config.json keys replaced
+    allow_unknown_config_keys: bool = field_(False, help="ignore (and print) config.json keys "
+                                             "megatron_rl does not know instead of refusing")
     init_from: str = field_("", help="a `convert import` checkpoint to start from; empty: the "
                                      "HF weights when hf_config is a directory holding them, "
                                      "else random initialisation (seeded by train.seed)")
@@ -67,11 +69,17 @@ class ModelConfig:
         from megatron_rl.model.hf_config import load_hf_config
 
         try:
-            return load_hf_config(self.hf_dict())
+            hf = load_hf_config(self.hf_dict(), self.allow_unknown_config_keys)
         except KeyError as e:
             raise ConfigError(f"model.hf_config: {str(e).strip(chr(34) + chr(39))}") from None
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if hf.ignored:
+            import warnings
+
+            warnings.warn("model.allow_unknown_config_keys: ignoring config.json keys "
+                          + ", ".join(f"{k}={v!r}" for k, v in hf.ignored), stacklevel=2)
+        return hf
 
     def options(self):
         import torch

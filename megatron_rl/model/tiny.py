@@ -49,9 +49,15 @@ def write_tiny_hf_model(name: str, path, seed: int = 0, **overrides) -> Dict[str
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        if name == "deepseek_v3":  # HF initialises the routing bias to zero: make it matter
-            for m in model.modules():
-                if hasattr(m, "e_score_correction_bias"):
-                    m.e_score_correction_bias.data.uniform_(-0.1, 0.1)
+        # HF initialises biases (and DeepSeek's routing bias) to zero and norms to one: a
+        # mapping that dropped or swapped them would go unseen
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.data.uniform_(-0.1, 0.1)
+        for pname, p in model.named_parameters():
+            if pname.endswith(".bias"):
+                p.data.uniform_(-0.1, 0.1)
+            elif "norm" in pname:
+                p.data.uniform_(0.8, 1.2)
     model.save_pretrained(str(path))
     return cfg

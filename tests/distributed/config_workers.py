@@ -1,0 +1,62 @@
+"""One config.json variant at a time: transformers writes a tiny random model of it, ``convert
+import`` imports it, and the Megatron logits are compared with transformers' own.
+
+Outcomes: ``ok`` (with the logit difference), ``refused`` (the import's one-line error), or
+``transformers_fails`` (transformers cannot build or run the variant; then ``ours`` is what our
+config loader said about it, which must be a refusal).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from megatron_rl.checkpoint.convert import import_hf, verify
+
+Case = Tuple[str, str, Dict[str, Any], Dict[str, Any]]  # id, tiny model, overrides, json edits
+
+
+def _line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:400]
+
+
+def _config_error(cfg: Dict[str, Any]) -> str:
+    from megatron_rl.model.hf_config import load_hf_config
+
+    try:
+        load_hf_config(cfg)
+    except ValueError as e:
+        return str(e)
+    return "NO ERROR"
+
+
+def run_case(root: Path, tiny: str, overrides: Dict[str, Any], edits: Dict[str, Any]) -> dict:
+    from megatron_rl.model.tiny import tiny_hf_config, write_tiny_hf_model
+
+    hf_dir, ckpt = root / "hf", root / "mc"
+    try:
+        write_tiny_hf_model(tiny, hf_dir, seed=5, **overrides)
+    except Exception as e:  # noqa: BLE001 - transformers refuses the variant itself
+        return {"outcome": "transformers_fails", "transformers": _line(e),
+                "ours": _config_error({**tiny_hf_config(tiny, **overrides), **edits})}
+    if edits:
+        p = hf_dir / "config.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), **edits}))
+    try:
+        import_hf(hf_dir, ckpt, check=False)
+    except ValueError as e:
+        return {"outcome": "refused", "message": str(e)}
+    try:
+        v = verify(hf_dir, ckpt)
+    except ValueError as e:
+        return {"outcome": "transformers_fails", "transformers": str(e), "ours": "NO ERROR"}
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return {"outcome": "ok", **v}
+
+
+def flips(rank: int, world: int, tmp: str, cases: List[Case]) -> dict:
+    return {case: run_case(Path(tmp) / case, tiny, overrides, edits)
+            for case, tiny, overrides, edits in cases}
