@@ -54,7 +54,7 @@ class Report:
 def _one_line(e: BaseException) -> str:
     """A bad-input exception as one line: ours already are; a ``KeyError`` names its key, the
     safetensors / shape errors of a file that does not match its index or config are prefixed."""
-    if isinstance(e, ValueError) and type(e) is ValueError:
+    if isinstance(e, ValueError):
         return " ".join(str(e).split())
     detail = e.args[0] if isinstance(e, KeyError) and e.args else e
     return " ".join(f"{type(e).__name__}: {detail}".split())[:600]

@@ -91,6 +91,46 @@ def _with_config(src: str, dst: str, **changes) -> str:
     return dst
 
 
+def _two_shards_wrong_index(src: str, dst: str) -> str:
+    """Two shard files and an index that points one tensor at the shard that lacks it."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    os.remove(os.path.join(dst, "model.safetensors"))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for f, part in halves.items():
+        save_file({n: tensors[n] for n in part}, os.path.join(dst, f))
+        weight_map.update({n: f for n in part})
+    weight_map[names[0]] = "model-00002-of-00002.safetensors"
+    Path(dst, "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return dst
+
+
+def _truncated(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    p = Path(dst, "model.safetensors")
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 4096])
+    return dst
+
+
+def _import_with_wrong_reference(hf_dir: str, out: str):
+    """The import's own check against transformers, with transformers' logits shifted: the
+    import must fail and keep nothing."""
+    from megatron_rl.checkpoint import convert
+
+    real = convert._hf_logits
+    convert._hf_logits = lambda d, tokens: real(d, tokens) + 0.01
+    try:
+        return import_hf(hf_dir, out)
+    finally:
+        convert._hf_logits = real
+
+
 def bad_inputs(rank: int, world: int, tmp: str, models: Dict[str, str]) -> dict:
     """Each broken input's error message, and whether any output appeared."""
     moe, t = models["qwen3_moe"], Path(tmp)
@@ -104,6 +144,12 @@ def bad_inputs(rank: int, world: int, tmp: str, models: Dict[str, str]) -> dict:
     (bin_only / "config.json").write_text(Path(moe, "config.json").read_text())
     (bin_only / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     cases = {
+        "index_wrong_shard": lambda o: import_hf(_two_shards_wrong_index(moe, str(t / "idx")), o),
+        "truncated_shard": lambda o: import_hf(_truncated(moe, str(t / "trunc")), o),
+        "unknown_config_key": lambda o: import_hf(_with_config(moe, str(t / "unk"), foo=1), o),
+        "transformers_rejects": lambda o: import_hf(_with_config(
+            moe, str(t / "rej"), num_attention_heads="x"), o),
+        "verify_mismatch": lambda o: _import_with_wrong_reference(moe, o),
         "missing_expert": lambda o: import_hf(_copy_without(
             moe, str(t / "missing"), "model.layers.1.mlp.experts.3.up_proj.weight"), o),
         "shape_mismatch": lambda o: import_hf(_with_config(moe, str(t / "shape"), moe_intermediate_size=32), o),

@@ -130,6 +130,12 @@ def bad_input_results(hf_models, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case,needles", [
+    ("index_wrong_shard", ["maps 1 tensor(s) to a shard that does not hold", "-of-00002",
+                           "it is in", "index does not match"]),
+    ("truncated_shard", ["model.safetensors"]),
+    ("unknown_config_key", ["foo=1", "--allow-unknown-config-keys"]),
+    ("transformers_rejects", ["rejects this config.json", "num_attention_heads"]),
+    ("verify_mismatch", ["does not reproduce transformers", "nothing was kept"]),
     ("missing_expert", ["missing 1 tensor", "model.layers.1.mlp.experts.3.up_proj.weight"]),
     ("shape_mismatch", ["model.layers.0.mlp.experts.0.gate_proj.weight", "[64, 64]", "[32, 64]",
                         "config.json"]),

@@ -31,3 +31,25 @@ def test_eval_bad_arguments_are_one_line_and_status_2(tmp_path):
     r = _cli("eval", "--config", recipe, "--model", str(tmp_path), "--temperature", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{tmp_path}: not a Hugging Face model directory (no config.json)" in r.stderr
+
+
+def test_convert_import_verifies_against_transformers_and_says_so(tmp_path):
+    import json
+
+    from megatron_rl.model.tiny import write_tiny_hf_model
+
+    hf = tmp_path / "hf"
+    write_tiny_hf_model("qwen3", hf, seed=1)
+    r = _cli("convert", "import", str(hf), str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert "verified: max |logit diff| vs transformers" in r.stdout, r.stdout
+    r = _cli("convert", "import", str(hf), str(tmp_path / "b"), "--no-verify")
+    assert r.returncode == 0 and "not verified (--no-verify)" in r.stdout, r.stdout + r.stderr
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(cfg, my_extension=3)))
+    r = _cli("convert", "import", str(hf), str(tmp_path / "c"))
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("megatron-rl")]
+    assert r.returncode == 2 and len(lines) == 1 and "my_extension=3" in lines[0], r.stderr
+    assert not (tmp_path / "c").exists()
+    r = _cli("convert", "import", str(hf), str(tmp_path / "c"), "--allow-unknown-config-keys")
+    assert r.returncode == 0 and "ignored config.json keys my_extension=3" in r.stdout, r.stderr

@@ -119,3 +119,114 @@ def test_multi_latent_attention_with_tp_needs_transformer_engine():
     hf = load_hf_config(tiny_hf_config("deepseek_v3"))
     with pytest.raises(ValueError, match="multi-latent attention .* needs TransformerEngine"):
         transformer_config(hf, Layout(tp=2), ModelOptions(attention_backend="sdpa"))
+
+
+# ----------------------------------------------------------------------------- key accounting
+
+from megatron_rl.model.hf_arch import ARCHITECTURES, COMMON_IRRELEVANT, COMMON_MAPPED  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_key_transformers_defines_is_mapped_or_listed_irrelevant(arch):
+    """A transformers upgrade that adds a config key fails here until the key is classified."""
+    from transformers import CONFIG_MAPPING
+
+    spec = ARCHITECTURES[arch]
+    keys = set(CONFIG_MAPPING[spec.model_type]().to_dict())
+    known = COMMON_MAPPED | spec.mapped | set(COMMON_IRRELEVANT) | set(spec.irrelevant)
+    assert keys - known == set()
+    assert not (spec.mapped & set(spec.irrelevant)) or arch == "Qwen3MoeForCausalLM"
+
+
+def test_unknown_key_is_refused_naming_it_and_ignored_on_request():
+    cfg = tiny_hf_config("qwen3_moe", shared_expert_intermediate_size=64)
+    with pytest.raises(ValueError, match=r"shared_expert_intermediate_size=64 .*"
+                                         r"--allow-unknown-config-keys"):
+        load_hf_config(cfg)
+    hf = load_hf_config(cfg, allow_unknown_keys=True)
+    assert hf.ignored == (("shared_expert_intermediate_size", 64),)
+
+
+def test_a_key_at_transformers_default_is_accepted_unread():
+    # DeepseekV3Config defines pretraining_tp=1; Mixtral's sliding_window=None
+    assert not load_hf_config(tiny_hf_config("mixtral", sliding_window=None)).ignored
+    assert load_hf_config(tiny_hf_config("deepseek_v3", pretraining_tp=1)).architecture
+
+
+def test_absent_keys_take_transformers_defaults_not_ours():
+    """transformers' Qwen3-MoE default is norm_topk_prob=False (softmax weights kept)."""
+    cfg = tiny_hf_config("qwen3_moe")
+    del cfg["norm_topk_prob"]
+    assert load_hf_config(cfg).config["moe_router_pre_softmax"]
+
+
+def _yarn(theta=None, **kw):
+    out = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, **kw}
+    return dict(out, rope_theta=theta) if theta else out
+
+
+@pytest.mark.parametrize("keys", [
+    dict(rope_scaling=_yarn(), rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rope_theta=1e6),
+    dict(rope_scaling=_yarn(theta=3e5), rope_theta=1e6),
+    dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=2e4),
+    dict(rope_scaling=_yarn(), rope_parameters=_yarn(factor=8.0)),
+    dict(rope_theta=7e4),
+])
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_v3"])
+def test_rope_precedence_is_transformers_precedence(name, keys):
+    """rope_scaling vs rope_parameters vs rope_theta: what transformers itself resolves."""
+    from transformers import CONFIG_MAPPING
+
+    cfg = tiny_hf_config(name, **keys)
+    theirs = CONFIG_MAPPING[cfg["model_type"]](**{k: v for k, v in cfg.items()
+                                                   if k != "model_type"}).rope_parameters
+    kind = theirs["rope_type"]
+    if name == "deepseek_v3" and kind == "linear":
+        with pytest.raises(ValueError, match="rope_type='linear'"):
+            load_hf_config(cfg)
+        return
+    hf = load_hf_config(cfg)
+    assert hf.rotary_base == theirs["rope_theta"]
+    if name == "qwen3":
+        rotary = dict(hf.rotary)
+        assert rotary["position_embedding_type"] == ("yarn" if kind == "yarn" else "rope")
+        assert rotary.get("seq_len_interpolation_factor") == (2.0 if kind == "linear" else None)
+        if kind == "yarn":
+            assert dict(hf.yarn)["yarn_rotary_scaling_factor"] == theirs["factor"]
+    elif kind == "yarn":
+        assert hf.config["rope_type"] == "yarn"
+        assert hf.config["rotary_scaling_factor"] == theirs["factor"]
+    else:
+        assert hf.config["rope_type"] == "rope"
+
+
+def test_both_expert_count_spellings_follow_transformers():
+    from transformers import CONFIG_MAPPING
+
+    cfg = tiny_hf_config("qwen3_moe", num_experts=4, num_local_experts=8)
+    theirs = CONFIG_MAPPING["qwen3_moe"](**{k: v for k, v in cfg.items() if k != "model_type"})
+    assert load_hf_config(cfg).num_experts == theirs.num_experts == 8
+
+
+def test_a_config_transformers_rejects_is_one_line():
+    with pytest.raises(ValueError, match="transformers' Qwen3Config rejects this config.json") as e:
+        load_hf_config(tiny_hf_config("qwen3", num_attention_heads="four"))
+    assert "\n" not in str(e.value) and "num_attention_heads" in str(e.value)
+
+
+def test_group_limited_routing_scores_groups_by_their_top_two():
+    """transformers' rule, not megatron-core's top (topk // topk_group)."""
+    import torch
+
+    from megatron_rl.model.router import group_limited_topk_top2
+
+    scores = torch.tensor([[0.9, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.0]])  # groups of 4
+    # top-2 sums: group 0 = 0.9, group 1 = 1.0 -> group 1; top-3 sums would pick group 1 too,
+    # top-1 would pick group 0
+    _, idx = group_limited_topk_top2(scores, 3, 1, 8, 2, 1)
+    assert sorted(idx[0].tolist()) == [4, 5, 6]
+    scores = torch.tensor([[0.9, 0.3, 0.05, 0.0, 0.45, 0.45, 0.45, 0.0]])
+    # top-2 sums: 1.2 > 0.9 -> group 0; megatron-core's top-3 (3 // 1) sums: 1.25 < 1.35 -> group 1
+    _, idx = group_limited_topk_top2(scores, 3, 1, 8, 2, 1)
+    assert sorted(idx[0].tolist()) == [0, 1, 2]
