@@ -95,6 +95,12 @@ def check_model_layout(hf: HFModel, layout: Layout, opt: ModelOptions) -> None:
                          "(DeepSeek-V3) needs TransformerEngine: megatron-core's local modules "
                          "give wrong gradients under TP; use expert / pipeline / data "
                          "parallelism, or the GPU image")
+    if hf.config.get("multi_latent_attention") and not hf.config.get("q_lora_rank") \
+            and mla_norms_full_rank_queries():
+        raise ValueError("model.hf_config: q_lora_rank=None (full-rank DeepSeek queries) is not "
+                         "supported with this megatron-core (>= 0.19): its MLA normalises the "
+                         "input of the full-rank query projection, which transformers' "
+                         "DeepseekV3 does not; megatron-core 0.16 imports it exactly")
     c = hf.config
     rules = [
         (c["num_attention_heads"], layout.tp, "num_attention_heads", "tensor_model_parallel_size"),
@@ -108,6 +114,14 @@ def check_model_layout(hf: HFModel, layout: Layout, opt: ModelOptions) -> None:
         if n % k:
             raise ValueError(f"parallel.{par_name}={k} does not divide {hf_name}={n} of the model; "
                              f"choose a divisor of {n}")
+
+
+def mla_norms_full_rank_queries() -> bool:
+    """megatron-core >= 0.19 (``mla_qk_norm_config``) fuses a norm into MLA's full-rank query
+    projection whenever the latents are normalised."""
+    import importlib.util
+
+    return importlib.util.find_spec("megatron.core.transformer.mla_qk_norm_config") is not None
 
 
 def layer_spec(config, opt: ModelOptions, vp_stage: Optional[int] = None, proj_bias: bool = False):

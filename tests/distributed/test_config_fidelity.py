@@ -137,7 +137,13 @@ def test_irrelevant_key_leaves_the_logits_unchanged(flip_results, case):
 
 @pytest.mark.parametrize("case", [c[0] for c in REGRESSIONS if c[0] != "unknown_key"])
 def test_real_checkpoint_option_imports_exactly(flip_results, case):
+    from megatron_rl.model.build import mla_norms_full_rank_queries
+
     r = flip_results[case]
+    if case == "deepseek_q_lora_rank_null" and mla_norms_full_rank_queries():
+        # megatron-core 0.19 adds a norm transformers lacks: refused, saying so
+        assert r["outcome"] == "refused" and "q_lora_rank=None" in r["message"], r
+        return
     assert r["outcome"] == "ok", r
     assert r["max_abs_diff"] <= TOL and r["logit_scale"] > 0.1, r
 
