@@ -43,6 +43,7 @@ class Report:
     bytes: int
     seconds: float
     notes: str = ""
+    verified: Optional[Dict[str, float]] = None   # the import's logit check, when it ran
 
     def line(self, what: str) -> str:
         gb = self.bytes / 1e9
@@ -127,8 +128,10 @@ def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
               dtype: str = "auto", allow_unknown_keys: bool = False, check: bool = True,
               tolerance: float = 1e-3) -> Report:
     """HF directory -> model-only distributed checkpoint at ``out`` (collective). With ``check``
-    the saved checkpoint's logits are compared with transformers' on fixed prompts (when both
-    fp32 models fit in host memory); a mismatch above ``tolerance`` removes ``out`` and fails."""
+    the model's logits are compared with transformers' on fixed prompts (when both fp32 models
+    fit in host memory): an fp32 import at ``--pp 1`` checks the model in memory before saving;
+    any other checks its mapping at fp32 and ``--pp 1`` after saving. A difference above
+    ``tolerance`` fails, and leaves nothing behind."""
     from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
     init_distributed()
@@ -141,6 +144,7 @@ def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
     _everywhere(lambda: _require_empty(out))
     t0 = time.perf_counter()
     model, groups = _everywhere(lambda: _build(hf, layout, params_dtype))
+    checked = None
     try:
         read = _everywhere(lambda: load_hf_weights(model, reader, mapping, groups, hf.num_experts))
         used = set().union(*[set(r) for r in all_gather_objects(sorted(read))])
@@ -151,45 +155,73 @@ def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
             raise ValueError(f"{hf_dir}: {len(unused)} tensor(s) the model built from config.json "
                              f"does not use, e.g. {', '.join(unused[:3])}: config.json disagrees "
                              "with the weights (nothing was written)")
+        nbytes = sum(reader.shape_bytes(n) for n in used)
+        # rank 0 runs transformers: its host decides, for every rank
+        skip_why = all_gather_objects(_skip_check(check, sum(4 * math.prod(reader.shape(n))
+                                                             for n in used)))[0]
+        if skip_why is None and layout.pp == 1 and params_dtype == torch.float32:
+            checked = _judge(hf_dir, _compare(hf_dir, hf, model, groups), tolerance, None)
         info = {"format": "megatron_rl.model/1", "architecture": hf.architecture,
                 "dtype": str(params_dtype).replace("torch.", ""), "source": str(Path(hf_dir).resolve()),
                 "hf_tensors": len(used)}
         save_model(out, model, info, hf_files=hf_dir)
-        nbytes = sum(reader.shape_bytes(n) for n in used)
-        fp32_bytes = sum(4 * math.prod(reader.shape(n)) for n in used)
     finally:
         destroy_megatron_parallel()
+    seconds = time.perf_counter() - t0
+    if skip_why is None and checked is None:  # bf16 or pipelined: the same mapping at fp32
+        checked = _judge(hf_dir, _check_mapping_fp32(hf_dir, reader, hf, mapping, layout),
+                         tolerance, out)
     notes = [f"skipped {len(skipped)} multi-token-prediction tensors"] if skipped else []
     if hf.ignored:
         notes.append("ignored config.json keys " + ", ".join(f"{k}={v!r}" for k, v in hf.ignored))
-    seconds = time.perf_counter() - t0
-    notes.append(_check_import(hf_dir, out, layout, hf, check, tolerance, fp32_bytes))
-    return Report(len(used), nbytes, seconds, "; " + "; ".join(notes))
+    notes.append(skip_why or "verified: " + _diff_line(checked))
+    return Report(len(used), nbytes, seconds, "; " + "; ".join(notes), checked)
 
 
-def _check_import(hf_dir, out: Path, layout: Layout, hf: HFModel, check: bool, tolerance: float,
-                  fp32_bytes: int) -> str:
-    """The verification note of an import; removes ``out`` and raises when the logits differ."""
+def _check_mapping_fp32(hf_dir, reader: HFReader, hf: HFModel, mapping, layout: Layout):
+    """The import's mapping at its TP/EP layout (``--pp 1``), loaded at fp32 from the same
+    files, against transformers (collective). A lower-precision checkpoint holds these tensors
+    cast: comparing at fp32 isolates the mapping from rounding."""
+    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+
+    at = Layout(tp=layout.tp, ep=layout.ep, etp=layout.etp)
+    model, groups = _everywhere(lambda: _build(hf, at, torch.float32))
+    try:
+        _everywhere(lambda: load_hf_weights(model, reader, mapping, groups, hf.num_experts))
+        return _compare(hf_dir, hf, model, groups)
+    finally:
+        destroy_megatron_parallel()
+
+
+def _skip_check(check: bool, fp32_bytes: int) -> Optional[str]:
+    """Why the import is not checked against transformers (None: it is)."""
     if not check:
         return "not verified (--no-verify): run convert verify before training"
     need, free = 3 * fp32_bytes, _available_memory()
     if need > free:
         return (f"not verified: the fp32 models need ~{need / 1e9:.1f} GB, the host has "
                 f"{free / 1e9:.1f} GB available; run convert verify on a larger host")
-    r = verify(hf_dir, out, Layout(tp=layout.tp, ep=layout.ep, etp=layout.etp), hf=hf)
-    line = (f"max |logit diff| vs transformers {r['max_abs_diff']:.2e} "
-            f"(logits up to {r['logit_scale']:.3g}, {r['tokens']} tokens)")
-    if not r["max_abs_diff"] <= tolerance:
-        import torch.distributed as dist
+    return None
 
-        if _rank() == 0:
-            shutil.rmtree(out, ignore_errors=True)
-        if dist.is_initialized():
-            dist.barrier()
-        raise ValueError(f"{hf_dir}: the imported model does not reproduce transformers: "
-                         f"{line} > --verify-tolerance {tolerance:g} (nothing was kept); "
-                         "please report this config.json")
-    return "verified: " + line
+
+def _diff_line(r: Dict[str, float]) -> str:
+    return (f"max |logit diff| vs transformers {r['max_abs_diff']:.2e} "
+            f"(logits up to {r['logit_scale']:.3g}, {r['tokens']} tokens)")
+
+
+def _judge(hf_dir, r: Dict[str, float], tolerance: float, saved: Optional[Path]) -> Dict[str, float]:
+    """``r`` when within ``tolerance``; else the import fails (removing ``saved``, if any)."""
+    if r["max_abs_diff"] <= tolerance:
+        return r
+    import torch.distributed as dist
+
+    if saved is not None and _rank() == 0:
+        shutil.rmtree(saved, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    raise ValueError(f"{hf_dir}: the imported model does not reproduce transformers: "
+                     f"{_diff_line(r)} > --verify-tolerance {tolerance:g} (nothing was kept); "
+                     "please report this config.json")
 
 
 def _available_memory() -> int:
@@ -286,20 +318,53 @@ def _megatron_logits(model, tokens: torch.Tensor, tp_group) -> torch.Tensor:
     return torch.cat(gather_pieces(local.float(), tp_group), dim=-1)
 
 
-def _hf_logits(hf_dir: os.PathLike, tokens: torch.Tensor) -> torch.Tensor:
+def _hf_logits(hf_dir: os.PathLike, tokens: torch.Tensor,
+               weights: torch.dtype = torch.float32) -> torch.Tensor:
+    """transformers' fp32 forward, its weights first rounded to ``weights`` (the checkpoint's
+    dtype: a bf16 import is compared with the same bf16 weights, not with the fp32 files)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=weights).float()
     model.eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
 
 
+def _prompts(hf: HFModel, num_prompts: int = 4, prompt_len: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, hf.vocab_size, (num_prompts, min(prompt_len, hf.max_position_embeddings)),
+                         generator=g)
+
+
+def _compare(hf_dir: os.PathLike, hf: HFModel, model, groups,
+             weights: torch.dtype = torch.float32, **prompts) -> Dict[str, float]:
+    """The megatron ``model`` (this layout, collective) against transformers' forward of
+    ``hf_dir`` (fp32 with ``weights``-rounded weights, rank 0 only) on fixed random prompts;
+    the result on every rank."""
+    tokens = _prompts(hf, **prompts)
+    model.eval()
+    ours = _megatron_logits(model, tokens, groups.tp)
+    result = None
+    if _rank() == 0:
+        try:
+            theirs = _hf_logits(hf_dir, tokens, weights)
+        except Exception as e:  # noqa: BLE001 - reported on every rank, not only here
+            result = {"error": f"{hf_dir}: transformers cannot run this model: {_one_line(e)}"}
+        else:
+            diff = (ours - theirs).abs()
+            result = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                      "logit_scale": float(theirs.abs().max()), "tokens": int(tokens.numel())}
+    result = all_gather_objects(result)[0]
+    if "error" in result:
+        raise ValueError(result["error"])
+    return result
+
+
 def verify(hf_dir: os.PathLike, ckpt: os.PathLike, layout: Layout = Layout(),
-           num_prompts: int = 4, prompt_len: int = 32, seed: int = 0,
-           hf: Optional[HFModel] = None, allow_unknown_keys: bool = False) -> Dict[str, float]:
+           hf: Optional[HFModel] = None, allow_unknown_keys: bool = False,
+           **prompts) -> Dict[str, float]:
     """Logits of the HF model (transformers, fp32, on rank 0) and of the megatron checkpoint
     (fp32, this layout) on a fixed random prompt batch; the max and mean absolute difference,
     on every rank."""
@@ -311,27 +376,10 @@ def verify(hf_dir: os.PathLike, ckpt: os.PathLike, layout: Layout = Layout(),
                          "load, so any TP/EP layout checks the same weights)")
     if hf is None:
         hf = _everywhere(lambda: load_hf_config(hf_dir, allow_unknown_keys))
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, hf.vocab_size, (num_prompts, min(prompt_len, hf.max_position_embeddings)),
-                           generator=g)
     model, groups = _everywhere(lambda: _build(hf, layout, torch.float32))
     try:
         _everywhere(lambda: load_model(ckpt, model))
-        model.eval()
-        ours = _megatron_logits(model, tokens, groups.tp)
+        weights = DTYPES[(model_info(Path(ckpt)) or {}).get("dtype", "float32")]
+        return _compare(hf_dir, hf, model, groups, weights, **prompts)
     finally:
         destroy_megatron_parallel()
-    result = None
-    if _rank() == 0:
-        try:
-            theirs = _hf_logits(hf_dir, tokens)
-        except Exception as e:  # noqa: BLE001 - reported on every rank, not only here
-            result = {"error": f"{hf_dir}: transformers cannot run this model: {_one_line(e)}"}
-        else:
-            diff = (ours - theirs).abs()
-            result = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                      "logit_scale": float(theirs.abs().max()), "tokens": int(tokens.numel())}
-    result = all_gather_objects(result)[0]
-    if "error" in result:
-        raise ValueError(result["error"])
-    return result

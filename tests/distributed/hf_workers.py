@@ -124,7 +124,7 @@ def _import_with_wrong_reference(hf_dir: str, out: str):
     from megatron_rl.checkpoint import convert
 
     real = convert._hf_logits
-    convert._hf_logits = lambda d, tokens: real(d, tokens) + 0.01
+    convert._hf_logits = lambda *args: real(*args) + 0.01
     try:
         return import_hf(hf_dir, out)
     finally:
