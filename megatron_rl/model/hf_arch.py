@@ -60,9 +60,11 @@ COMMON_IRRELEVANT = {
 def common(c) -> Dict[str, Any]:
     if c.hidden_act != "silu":
         raise refuse("hidden_act", c.hidden_act, "only silu (SwiGLU) MLPs are mapped")
-    if getattr(c, "quantization_config", None):
-        raise refuse("quantization_config", "...", "quantized weights are not imported; "
-                     "dequantize the checkpoint to bf16 first")
+    quant = getattr(c, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
+        raise refuse("quantization_config", {"quant_method": method}, "quantized weights are not "
+                     "imported; dequantize the checkpoint to bf16 first")
     if int(getattr(c, "pretraining_tp", 1) or 1) != 1:
         raise refuse("pretraining_tp", c.pretraining_tp, "transformers' sliced linear layers")
     heads = int(c.num_attention_heads)
@@ -116,8 +118,6 @@ def rope(c, mla: bool) -> Tuple[float, Dict[str, Any], Dict[str, Any]]:
         raise ValueError(f"model.hf_config: rope_type={kind!r} (of rope_scaling / "
                          "rope_parameters) is not supported: RoPE types default, linear (not "
                          "with multi-latent attention) and yarn are mapped")
-    head = int(getattr(c, "qk_rope_head_dim", 0) or getattr(c, "head_dim", None)
-               or c.hidden_size // c.num_attention_heads)
     original = int(p["original_max_position_embeddings"])
     factor = float(p["factor"]) if p.get("factor") is not None else c.max_position_embeddings / original
     m, m_all = p.get("mscale"), p.get("mscale_all_dim")
@@ -148,6 +148,7 @@ def rope(c, mla: bool) -> Tuple[float, Dict[str, Any], Dict[str, Any]]:
            "yarn": {f"yarn_{k}": v for k, v in yarn.items()} | {"yarn_mscale": 1.0,
                                                                 "yarn_mscale_all_dim": 0.0}}
     ratio = attention / _mscale(factor)
+    head = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     extra = {} if abs(ratio - 1.0) < 1e-12 else {"softmax_scale": ratio ** 2 / math.sqrt(head)}
     return theta, extra, gpt
 
