@@ -24,7 +24,7 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
     if not (d / "config.json").is_file():
         raise ConfigError(f"{d}: not a Hugging Face model directory (no config.json)")
     try:
-        hf = load_hf_config(d)
+        hf = load_hf_config(d, cfg.model.allow_unknown_config_keys)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tok = load_tokenizer(cfg, hf, model_dir=str(d))
