@@ -41,9 +41,12 @@ def run_case(root: Path, tiny: str, overrides: Dict[str, Any], edits: Dict[str, 
     except Exception as e:  # noqa: BLE001 - transformers refuses the variant itself
         return {"outcome": "transformers_fails", "transformers": _line(e),
                 "ours": _config_error({**tiny_hf_config(tiny, **overrides), **edits})}
-    if edits:
-        p = hf_dir / "config.json"
-        p.write_text(json.dumps({**json.loads(p.read_text()), **edits}))
+    # every key transformers' config class defines, not only those save_pretrained writes
+    # (non-default ones): each must be accounted for, then the hand edits
+    from transformers import AutoConfig
+
+    full = AutoConfig.from_pretrained(hf_dir).to_dict()
+    (hf_dir / "config.json").write_text(json.dumps({**full, **edits}))
     try:  # the import's own check against transformers, reporting any difference
         report = import_hf(hf_dir, ckpt, tolerance=float("inf"))
     except ValueError as e:

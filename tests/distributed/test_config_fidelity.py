@@ -1,7 +1,8 @@
 """An import reproduces transformers for every config.json key, or refuses naming the key.
 
 For each architecture, every key its mapping reads is flipped away from the tiny model's value
-one at a time: transformers writes a random model of the variant, ``convert import`` imports it,
+one at a time: transformers writes a random model of the variant (its config.json rewritten with
+every key transformers' config class defines), ``convert import`` imports it,
 and the Megatron logits must equal transformers' (1e-4, fp32) or the import must refuse in one
 line naming the flipped key. Keys declared irrelevant are flipped too, and must not change the
 logits. This is the guard for the whole class of "imports fine, silently wrong" bugs: a key the
