@@ -37,6 +37,9 @@ def round_trips(rank: int, world: int, tmp: str, models: Dict[str, str]) -> dict
         rep = import_hf(hf_dir, ck)
         out[name] = {"imported": rep.tensors, "verify": verify(hf_dir, ck),
                      "exported": export_hf(ck, ex).tensors, "out_dir": ex}
+        # bf16: the import's check runs on the same mapping at fp32, after saving
+        bf16 = import_hf(hf_dir, os.path.join(tmp, name, "mc_bf16"), dtype="bf16", tolerance=1e-4)
+        out[name]["bf16_check"] = {"notes": bf16.notes, **bf16.verified}
     return out
 
 

@@ -83,6 +83,13 @@ def test_imported_model_gives_transformers_logits(round_trip_results, model):
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_bf16_import_checks_its_mapping_at_fp32(round_trip_results, model):
+    r = round_trip_results[model]["bf16_check"]
+    assert "verified: max |logit diff| vs transformers" in r["notes"], r
+    assert r["max_abs_diff"] <= LOGIT_TOL and r["logit_scale"] > 0.1, r
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
 def test_export_returns_every_original_tensor_bit_for_bit(round_trip_results, hf_models, model):
     r = round_trip_results[model]
     original, exported = _tensors(hf_models[model]), _tensors(r["out_dir"])

@@ -43,17 +43,14 @@ def test_convert_import_verifies_against_transformers_and_says_so(tmp_path):
     r = _cli("convert", "import", str(hf), str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     assert "verified: max |logit diff| vs transformers" in r.stdout, r.stdout
-    r = _cli("convert", "import", str(hf), str(tmp_path / "b"), "--no-verify")
-    assert r.returncode == 0 and "not verified (--no-verify)" in r.stdout, r.stdout + r.stderr
-    # bf16: checked after saving, the saved weights at fp32 against transformers at fp32
-    r = _cli("convert", "import", str(hf), str(tmp_path / "bf16"), "--dtype", "bf16",
-             "--verify-tolerance", "1e-4")
-    assert r.returncode == 0 and "verified: max |logit diff|" in r.stdout, r.stdout + r.stderr
     cfg = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps(dict(cfg, my_extension=3)))
     r = _cli("convert", "import", str(hf), str(tmp_path / "c"))
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("megatron-rl")]
     assert r.returncode == 2 and len(lines) == 1 and "my_extension=3" in lines[0], r.stderr
     assert not (tmp_path / "c").exists()
-    r = _cli("convert", "import", str(hf), str(tmp_path / "c"), "--allow-unknown-config-keys")
-    assert r.returncode == 0 and "ignored config.json keys my_extension=3" in r.stdout, r.stderr
+    r = _cli("convert", "import", str(hf), str(tmp_path / "c"), "--allow-unknown-config-keys",
+             "--no-verify")
+    assert r.returncode == 0, r.stderr
+    assert "ignored config.json keys my_extension=3" in r.stdout, r.stdout
+    assert "not verified (--no-verify)" in r.stdout, r.stdout
