@@ -75,8 +75,8 @@ def _everywhere(fn: Callable[[], T]) -> T:
     except BAD_INPUT as e:
         err = _one_line(e)
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, huggingface_hub errors
-        if type(e).__module__.split(".")[0] not in ("safetensors", "huggingface_hub", "builtins"):
-            raise
+        if type(e).__module__.split(".")[0] not in ("safetensors", "huggingface_hub"):
+            raise  # anything else is a bug, not bad input: keep its traceback
         err = _one_line(e)
     errors = [e for e in all_gather_objects(err) if e]
     if errors:
@@ -101,9 +101,8 @@ def _require_empty(out: Path) -> None:
 
 def _build(hf: HFModel, layout: Layout, dtype: torch.dtype):
     from megatron_rl.train.model_setup import build_model
-    from megatron_rl.train.parallel_init import init_megatron_parallel, weight_groups
-
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+    from megatron_rl.train.parallel_init import (destroy_megatron_parallel, init_megatron_parallel,
+                                                 weight_groups)
 
     init_megatron_parallel(layout, seed=0)
     try:

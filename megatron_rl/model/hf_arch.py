@@ -278,7 +278,9 @@ ARCHITECTURES: Dict[str, Arch] = {
     "Qwen2ForCausalLM": Arch("qwen2", _qwen2, _QWEN_ATTN, {
         "attention_bias": "transformers' Qwen2 always has q/k/v biases and no o_proj bias"}),
     "Qwen3ForCausalLM": Arch("qwen3", _qwen3, _QWEN_ATTN | {"attention_bias"}),
-    "Qwen3MoeForCausalLM": Arch("qwen3_moe", _qwen3_moe, _QWEN_ATTN | {
+    # transformers' Qwen3-MoE has no per-layer types: its window is all or nothing
+    "Qwen3MoeForCausalLM": Arch("qwen3_moe", _qwen3_moe, _QWEN_ATTN - {"max_window_layers",
+                                                                       "layer_types"} | {
         "attention_bias", "num_experts", "num_local_experts", "num_experts_per_tok",
         "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"}, {
         "max_window_layers": "transformers' Qwen3-MoE does not read it"},

@@ -135,7 +135,7 @@ def test_every_key_transformers_defines_is_mapped_or_listed_irrelevant(arch):
     keys = set(CONFIG_MAPPING[spec.model_type]().to_dict())
     known = COMMON_MAPPED | spec.mapped | set(COMMON_IRRELEVANT) | set(spec.irrelevant)
     assert keys - known == set()
-    assert not (spec.mapped & set(spec.irrelevant)) or arch == "Qwen3MoeForCausalLM"
+    assert not (spec.mapped & set(spec.irrelevant))
 
 
 def test_unknown_key_is_refused_naming_it_and_ignored_on_request():
