@@ -68,11 +68,11 @@ def _batch(L, cp, layout, rank, g, per_position):
     n = [prompt + r for r in resp]
     if layout == "bshd":
         S = padded_length(max(n), cp)
-        shard = CPShard.bshd(B, S, cp, rank)
+        shard = CPShard.bshd(B, S, cp, rank, actions_aligned=True)   # single-turn
     else:
         align = per_position and layout == "thd"
         cu = [0] + torch.tensor(packed_lengths(n, group_of_seq, cp, align)).cumsum(0).tolist()
-        shard = CPShard.thd(cu, cp, rank, group_of_seq=group_of_seq)
+        shard = CPShard.thd(cu, cp, rank, group_of_seq=group_of_seq, actions_aligned=True)
     pos, valid = shard.positions, shard.valid
     resp_t = torch.tensor(resp)[:, None]
     mask = (valid & (pos >= prompt - 1) & (pos < prompt - 1 + resp_t)).float()

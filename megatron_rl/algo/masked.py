@@ -80,6 +80,43 @@ def pooled_mean_std(
     return mean.to(x.dtype), var.sqrt().to(x.dtype), n.to(x.dtype)
 
 
+def action_index(mask: Tensor, ops: "SeqOps" = None) -> Tensor:
+    """``[B,T]`` long: ``j`` (0-based) on the ``j``-th action token of each sequence, counted over
+    action tokens only, so environment tokens between turns do not shift it (0 off the mask).
+    Written as ``H - (actions at or after t)`` so that it needs only the sequence ops' length and
+    suffix sum, which also exist for sequences sharded over CP ranks."""
+    ops = ops or LOCAL
+    m = as_float_mask(mask, torch.empty((), dtype=torch.float64))
+    idx = ops.seq_len(mask, torch.float64)[:, None] - ops.suffix_sum(m, m)
+    return (idx * m).round().long()
+
+
+def keyed_pool(keys: Tensor, size: int, reduce: Callable[[Tensor], Tensor] = lambda t: t):
+    """A ``pool`` for ``pooled_mean_std``: elements with the same ``keys`` value (``[B,T]`` long in
+    ``[0, size)``) are pooled through a ``[size]`` buffer; ``reduce`` sums that buffer over ranks
+    holding other shards of the same sequences (identity for whole sequences)."""
+    flat = keys.flatten()
+
+    def pool(t: Tensor) -> Tensor:
+        buf = t.new_zeros(size).index_add_(0, flat, t.flatten())
+        return reduce(buf).index_select(0, flat).view_as(t)
+
+    return pool
+
+
+def action_group_stats(x: Tensor, valid: Tensor, group_ids: Tensor, *, max_actions: int,
+                       num_groups: int, unbiased: bool = True, ops: "SeqOps" = None,
+                       reduce: Callable[[Tensor], Tensor] = lambda t: t
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mean, std and count of ``x`` per (group, action index ``j``): the ``j``-th action of every
+    response of a group is pooled wherever it sits in the padded sequence (``action_index``);
+    padding and environment tokens (``valid`` 0) take no part. ``max_actions`` bounds ``H`` and
+    ``num_groups`` the group ids (host ints: the buffer is ``[num_groups * max_actions]``)."""
+    j = action_index(valid, ops).clamp(0, max(max_actions - 1, 0))
+    keys = group_ids[:, None].long() * max_actions + j
+    return pooled_mean_std(x, valid, keyed_pool(keys, num_groups * max_actions, reduce), unbiased)
+
+
 def masked_whiten(
     x: Tensor, mask: Tensor, eps: float = 1e-8, shift_mean: bool = True, ops: "SeqOps" = None
 ) -> Tensor:
@@ -121,9 +158,12 @@ class SeqOps:
     def position_group_stats(
         self, x: Tensor, valid: Tensor, group_ids: Tensor, unbiased: bool = True
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Per-position ``group_mean_std`` of ``x[B,T]``: position ``j`` of every response in a
-        group is pooled. Statistics for advantages: callers treat them as constants."""
-        return group_mean_std(x, valid, group_ids, unbiased)
+        """Per-action-position ``group_mean_std`` of ``x[B,T]``: the ``j``-th action token
+        (``action_index`` over ``valid``) of every response in a group is pooled, not the ``j``-th
+        padded column. Statistics for advantages: callers treat them as constants."""
+        B, T = x.shape
+        return action_group_stats(x, valid, group_ids, max_actions=T, num_groups=B,
+                                  unbiased=unbiased, ops=self)
 
     def batch_sum(self, x: Tensor) -> Tensor:
         """Sum of every element of ``x`` over the whole batch (scalar)."""

@@ -122,9 +122,12 @@ class CPShard:
 
     ``positions[B, 2C]``: each view slot's position in its (padded) sequence; ``valid[B, 2C]``:
     False on THD padding slots; ``chunks``: the global chunk index of view columns ``[0, C)`` and
-    ``[C, 2C)``; ``positions_aligned``: every member of a group has its position ``p`` in the same
-    view column, so per-position group statistics need no communication (always true for BSHD;
-    for THD when each group's members share a padded length).
+    ``[C, 2C)``; ``positions_aligned``: the ``j``-th action of every member of a group sits in the
+    same view column, so per-action group statistics need no communication. It takes the caller's
+    word that each group's actions are one contiguous run from one start (``actions_aligned``:
+    single-turn responses to one prompt; ``train.batches.actions_share_columns`` checks it), and
+    for THD also that each group's members share a padded length. Without that word the
+    statistics pool by action index over CP, which is right for every layout.
     """
 
     cp_size: int
@@ -143,18 +146,20 @@ class CPShard:
         return chunk_ids(self.cp_size, self.cp_rank)
 
     @classmethod
-    def bshd(cls, num_seqs: int, seq_len: int, cp_size: int, cp_rank: int, device=None) -> "CPShard":
+    def bshd(cls, num_seqs: int, seq_len: int, cp_size: int, cp_rank: int, device=None,
+             actions_aligned: bool = False) -> "CPShard":
         _check_multiple(seq_len, cp_size, "sequence length")
         C = seq_len // (2 * cp_size)
         i, j = chunk_ids(cp_size, cp_rank)
         cols = torch.cat([torch.arange(i * C, (i + 1) * C), torch.arange(j * C, (j + 1) * C)])
         positions = cols.expand(num_seqs, -1).to(device)
         valid = torch.ones(num_seqs, 2 * C, dtype=torch.bool, device=device)
-        return cls(cp_size, cp_rank, num_seqs, C, seq_len, positions, valid, True)
+        return cls(cp_size, cp_rank, num_seqs, C, seq_len, positions, valid, actions_aligned)
 
     @classmethod
     def thd(cls, cu_seqlens_padded: Sequence[int], cp_size: int, cp_rank: int, device=None,
-            group_of_seq: Optional[Sequence[int]] = None) -> "CPShard":
+            group_of_seq: Optional[Sequence[int]] = None,
+            actions_aligned: bool = False) -> "CPShard":
         """``group_of_seq[b]`` (host ints, optional) lets the shard see whether every group's
         members share a padded length (then per-position statistics stay local)."""
         lens = [e - s for s, e in zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:])]
@@ -174,7 +179,8 @@ class CPShard:
         N = 2 * sum(c)
         view_index = torch.where(valid, local, torch.full_like(local, N)).flatten()
         token_index = torch.arange(B * 2 * C).view(B, 2 * C)[valid]   # row-major = local order
-        aligned = group_of_seq is not None and _groups_share_length(group_of_seq, lens)
+        aligned = (actions_aligned and group_of_seq is not None
+                   and _groups_share_length(group_of_seq, lens))
         return cls(cp_size, cp_rank, B, C, max(lens, default=0), positions.to(device),
                    valid.to(device), aligned, view_index.to(device), token_index.to(device))
 

@@ -6,7 +6,8 @@ per-chunk scalars, never per-token tensors:
   seq_sum        local row sums, one all-reduce of ``[B]``
   suffix_sum     local suffix sums inside each held chunk, one all-reduce of the ``[B, 2cp]``
                  chunk totals, plus the exclusive suffix over later chunks
-  position stats aligned layouts (BSHD; THD with group-aligned lengths): local, no traffic;
+  position stats pooled by (group, action index); aligned single-turn layouts (BSHD, or THD
+                 with group-aligned lengths, and no environment tokens): local, no traffic;
                  otherwise a scatter-add into a ``[num_groups, S_max]`` buffer, all-reduced
   batch_sum      local sum, one scalar all-reduce
 Accumulation is float64 (a 32k-token suffix sum in fp32 loses the bits the future-KL advantage
@@ -20,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_rl.algo.masked import SeqOps, as_float_mask, group_mean_std, pooled_mean_std
+from megatron_rl.algo.masked import SeqOps, action_group_stats, as_float_mask, group_mean_std
 from megatron_rl.parallel.collectives import Group, all_reduce_nograd, all_reduce_partial
 from megatron_rl.parallel.cp_layout import CPShard
 
@@ -72,21 +73,16 @@ class CPSeqOps(SeqOps):
     def position_group_stats(
         self, x: Tensor, valid: Tensor, group_ids: Tensor, unbiased: bool = True
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Pooled by (group, action index ``j``). ``positions_aligned`` shards (every group's
+        actions contiguous, starting at one position, and in the same view columns: the batch
+        builder checks this on the host) pool by view column, locally; otherwise the ``j``-th
+        actions meet in a ``[num_groups * max_len]`` buffer all-reduced over CP."""
         with torch.no_grad():
             if self.shard.positions_aligned:
                 return group_mean_std(x, valid, group_ids, unbiased)
-            return pooled_mean_std(x, valid, self._position_pool(group_ids), unbiased)
-
-    def _position_pool(self, group_ids: Tensor):
-        """Pool every view slot with the slots of the same (group, position) on all CP ranks."""
-        L = self.shard.max_len
-        key = (group_ids[:, None] * L + self.shard.positions).flatten()
-
-        def pool(t: Tensor) -> Tensor:
-            buf = t.new_zeros(self.num_groups * L).index_add_(0, key, t.flatten())
-            return all_reduce_nograd(buf, self.group).index_select(0, key).view_as(t)
-
-        return pool
+            return action_group_stats(x, valid, group_ids, max_actions=self.shard.max_len,
+                                      num_groups=self.num_groups, unbiased=unbiased, ops=self,
+                                      reduce=lambda buf: all_reduce_nograd(buf, self.group))
 
     def batch_sum(self, x: Tensor) -> Tensor:
         return all_reduce_partial(x.double().sum(), self.group).to(x.dtype)

@@ -77,6 +77,7 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
     group_of_seq = [int(g) for g in group_ids]
     device = seqs[0]["tokens"].device if device is None else torch.device(device)
     present = [k for k in LOSS_INPUTS if seqs[0].get(k) is not None]
+    aligned = actions_share_columns([s["loss_mask"] for s in seqs], group_of_seq)
     if packed:
         padded = packed_lengths(lens, group_of_seq, cp_size, align_groups, tp_size)
         cu = [0] + torch.tensor(padded).cumsum(0).tolist()
@@ -85,7 +86,8 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
         full["labels"], full["mask"] = (shift_left(full[k], 0, cu) for k in ("tokens", "loss_mask"))
         full["positions"] = torch.cat([torch.arange(p) for p in padded])
         local = {k: thd_shard(v, cu, cp_size, cp_rank).to(device) for k, v in full.items()}
-        shard = CPShard.thd(cu, cp_size, cp_rank, device=device, group_of_seq=group_of_seq)
+        shard = CPShard.thd(cu, cp_size, cp_rank, device=device, group_of_seq=group_of_seq,
+                            actions_aligned=aligned)
         psp = _packed_seq_params(cu, max(padded), device)
         model_in = {k: local[k][None] for k in ("tokens", "positions", "labels")}  # [1, N]
     else:
@@ -94,13 +96,30 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
         full["labels"], full["mask"] = (shift_left(full[k], 1) for k in ("tokens", "loss_mask"))
         full["positions"] = torch.arange(S).expand(len(seqs), S)
         local = {k: bshd_shard(v, cp_size, cp_rank).to(device) for k, v in full.items()}
-        shard, psp = CPShard.bshd(len(seqs), S, cp_size, cp_rank, device=device), None
+        shard, psp = CPShard.bshd(len(seqs), S, cp_size, cp_rank, device=device,
+                                 actions_aligned=aligned), None
         model_in = {k: local[k] for k in ("tokens", "positions", "labels")}
     smb = prepare_micro_batch(shard, local["mask"], group_ids.to(device), cp_group,
                               num_groups=num_groups)
     return PolicyMicroBatch(tokens=model_in["tokens"], position_ids=model_in["positions"],
                             labels=model_in["labels"], shard=smb, packed_seq_params=psp,
                             **{k: smb.view(local[k]) for k in present})
+
+
+def actions_share_columns(loss_masks: Sequence[Tensor], group_of_seq: Sequence[int]) -> bool:
+    """True when each sequence's actions are one contiguous run and the members of a group start
+    it at the same token position (single-turn responses to one prompt): then the ``j``-th action
+    of every member sits in the same column and per-action statistics can pool by column.
+    Multi-turn sequences (environment tokens between actions) make this False. Host masks."""
+    start: Dict[int, int] = {}
+    for m, g in zip(loss_masks, group_of_seq):
+        where = torch.nonzero(m.detach().cpu() > 0).flatten()
+        if where.numel() == 0:
+            continue
+        first, last = int(where[0]), int(where[-1])
+        if last - first + 1 != where.numel() or start.setdefault(g, first) != first:
+            return False
+    return True
 
 
 def _packed_seq_params(cu: List[int], max_len: int, device=None):

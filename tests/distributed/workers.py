@@ -13,6 +13,7 @@ from megatron_rl.parallel import seq_ops
 from megatron_rl.parallel.collectives import all_reduce_nograd, all_reduce_partial, all_reduce_replicated
 from megatron_rl.parallel.cp_layout import CPShard, bshd_shard, padded_length
 from megatron_rl.parallel.groups import build_groups
+from megatron_rl.train.batches import actions_share_columns
 from megatron_rl.parallel.loss import (
     logprobs_entropy, prepare_micro_batch, sharded_advantages, sharded_policy_loss, step_denominators,
 )
@@ -79,10 +80,13 @@ def _sharded_step(mbs, case: Case, layout: str, par, groups, dtype, ref_grads):
     for i in mine:
         mb = mbs[i]
         cu, S, local = layout_tensors(mb, layout, cp, cp_rank)
+        aligned = actions_share_columns([mb.loss_mask_tokens(b) for b in range(len(mb.seqs))],
+                                        mb.group_of_seq)
         if layout == "bshd":
-            shard = CPShard.bshd(len(mb.seqs), S, cp, cp_rank)
+            shard = CPShard.bshd(len(mb.seqs), S, cp, cp_rank, actions_aligned=aligned)
         else:
-            shard = CPShard.thd(cu, cp, cp_rank, group_of_seq=mb.group_of_seq)
+            shard = CPShard.thd(cu, cp, cp_rank, group_of_seq=mb.group_of_seq,
+                                actions_aligned=aligned)
         smb = prepare_micro_batch(shard, local["mask"], torch.tensor(mb.group_of_seq), groups.cp,
                                   num_groups=max(mb.group_of_seq) + 1, dtype=dtype)
         prepared.append((i, local, smb))

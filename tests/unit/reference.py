@@ -113,10 +113,13 @@ def future_kl_grpo(rewards, kl, mask, groups, beta, norm=True, eps=1e-6):
         H = len(actions(mask[i]))
         for j in actions(mask[i]):
             r[i][j] = rewards[i] - beta / H * sum(kl[i][k] for k in actions(mask[i]) if k >= j)
+    # the n-th action of a response is pooled with the n-th action of its group's other
+    # responses, wherever environment tokens put it (the formulation indexes actions, not columns)
     out = [[0.0] * T for _ in range(B)]
     for i in range(B):
-        for j in actions(mask[i]):
-            peers = [r[k][j] for k in range(B) if groups[k] == groups[i] and mask[k][j] > 0]
+        for n, j in enumerate(actions(mask[i])):
+            peers = [r[k][actions(mask[k])[n]] for k in range(B)
+                     if groups[k] == groups[i] and len(actions(mask[k])) > n]
             if len(peers) < 2:
                 continue
             a = r[i][j] - _mean(peers)

@@ -85,11 +85,27 @@ def test_future_kl_returns_equal_gae_with_unit_discounts_and_zero_values(batch):
     torch.testing.assert_close(future_kl_returns(batch["rewards"], batch["kl"], mask, beta), via_gae)
 
 
-def test_future_kl_grpo_position_with_one_valid_response_gets_zero(batch):
-    # response 0 is the only one of group 0 with an action token at position 6
+def test_future_kl_grpo_action_index_with_one_response_gets_zero(batch):
+    # response 5 is the only one of group 1 with a 5th and 6th action (columns 5 and 6: its
+    # environment token at column 2 shifts them), although response 4 is valid up to column 3
     a = adv("future_kl_grpo", batch, beta=0.1)
-    assert batch["mask"][0, 6] == 1 and batch["mask"][1:3, 6].sum() == 0
-    assert a[0, 6] == 0
+    assert batch["mask"][5].sum() == 6 and batch["mask"][3:5].sum(-1).max() == 4
+    assert a[5, 5] == 0 and a[5, 6] == 0 and a[5, 4] != 0
+
+
+def test_future_kl_grpo_pools_by_action_index_not_column(batch):
+    """Response 0's 4th action sits at column 4 (a tool token at column 3): its statistics pool
+    with the 4th actions of responses 1 and 2 (column 3), so shifting response 0's tokens after
+    the tool token by one column changes nothing."""
+    a = adv("future_kl_grpo", batch, beta=0.3)
+    shifted = {k: v.clone() for k, v in batch.items()}
+    for k in ("mask", "kl"):    # move response 0's environment token from column 3 to column 1
+        row = batch[k][0]
+        shifted[k][0] = torch.cat([row[:1], row[3:4], row[1:3], row[4:]])
+    b = adv("future_kl_grpo", shifted, beta=0.3)
+    keep = batch["mask"][0] > 0
+    torch.testing.assert_close(b[0][shifted["mask"][0] > 0], a[0][keep])
+    torch.testing.assert_close(b[1:], a[1:])
 
 
 @pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))

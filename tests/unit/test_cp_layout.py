@@ -114,7 +114,7 @@ def test_bshd_view_positions_are_the_global_positions(cp):
     for r in range(cp):
         shard = CPShard.bshd(3, S, cp, r)
         assert torch.equal(shard.to_view(bshd_shard(pos, cp, r)), shard.positions)
-        assert shard.positions_aligned
+        assert not shard.positions_aligned   # until the caller vouches for its actions
 
 
 @pytest.mark.parametrize("cp", CPS)
@@ -133,9 +133,24 @@ def test_thd_view_round_trips_and_knows_global_positions(cp):
 
 
 def test_thd_group_alignment_is_detected_from_host_lengths():
-    assert CPShard.thd([0, 8, 16, 20], 2, 0, group_of_seq=[0, 0, 1]).positions_aligned
-    assert not CPShard.thd([0, 8, 12, 20], 2, 0, group_of_seq=[0, 0, 1]).positions_aligned
-    assert not CPShard.thd([0, 8, 16], 2, 0).positions_aligned  # groups unknown: assume ragged
+    kw = dict(actions_aligned=True)
+    assert CPShard.thd([0, 8, 16, 20], 2, 0, group_of_seq=[0, 0, 1], **kw).positions_aligned
+    assert not CPShard.thd([0, 8, 12, 20], 2, 0, group_of_seq=[0, 0, 1], **kw).positions_aligned
+    assert not CPShard.thd([0, 8, 16], 2, 0, **kw).positions_aligned  # groups unknown: ragged
+    # multi-turn actions (not one run from one start) never take the by-column shortcut
+    assert not CPShard.thd([0, 8, 16, 20], 2, 0, group_of_seq=[0, 0, 1]).positions_aligned
+    assert not CPShard.bshd(3, 8, 2, 0).positions_aligned
+    assert CPShard.bshd(3, 8, 2, 0, **kw).positions_aligned
+
+
+def test_actions_share_columns_only_for_single_turn_groups():
+    from megatron_rl.train.batches import actions_share_columns
+
+    m = lambda *bits: torch.tensor(bits, dtype=torch.float32)
+    assert actions_share_columns([m(0, 0, 1, 1, 1), m(0, 0, 1, 1, 0), m(0, 1, 1, 0, 0)], [0, 0, 1])
+    assert not actions_share_columns([m(0, 0, 1, 0, 1), m(0, 0, 1, 1, 0)], [0, 0])  # a tool token
+    assert not actions_share_columns([m(0, 0, 1, 1, 0), m(0, 1, 1, 0, 0)], [0, 0])  # two starts
+    assert actions_share_columns([m(0, 0, 1, 1, 0), m(0, 0, 0, 0, 0)], [0, 0])      # empty response
 
 
 @pytest.mark.parametrize("tp,cp,dp", [(2, 2, 2), (1, 4, 2), (2, 1, 4), (2, 4, 1)])
