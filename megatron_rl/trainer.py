@@ -71,6 +71,7 @@ class Trainer:
             self.reference = HostWeights(self.ms.model)
         self.tok = S.load_tokenizer(cfg, self.hf)
         self.scorer = Scorer.of(cfg.reward, self.tok)
+        self.episodes = self._episode_runner() if cfg.env.name else None
         self.warnings: List[str] = []
         self._data()
         self.step = 0
@@ -116,6 +117,22 @@ class Trainer:
             self.warnings.append(f"{self.prompts.dropped} prompt(s) longer than "
                                  f"rollout.max_prompt_len={self.cfg.rollout.max_prompt_len} left out "
                                  "(data.on_bad_row=skip)")
+
+    def _episode_runner(self):
+        from megatron_rl.parallel.rollout_comm import EngineChannel
+        from megatron_rl.rollout.multiturn import EpisodeLimits, EpisodeRunner
+
+        e, r = self.cfg.env, self.cfg.rollout
+        limits = EpisodeLimits(e.max_turns, r.max_response_len, e.max_turn_tokens,
+                               e.max_obs_tokens, vocab_size=self.hf.vocab_size)
+        chat = e.render == "chat" or (e.render == "auto" and self.cfg.data.chat_template)
+        try:
+            return EpisodeRunner(e.name, e.params, self.cfg.reward, self.tok, limits, chat=chat,
+                                 role=e.role, temperature=r.temperature, top_p=r.top_p,
+                                 stop_token_ids=(self.tok.eos_token_id,),
+                                 channel=EngineChannel(self.rank, self.world, self.engine_tp))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def _resume(self) -> None:
         if not self.cfg.train.resume:
@@ -323,7 +340,8 @@ class Trainer:
         rollouts = collect_rollouts(self.prompts.draw, lambda drawn: self._sample(drawn, plan, next(rounds)),
                                     plan)
         if rollouts.failures and self.log is not None:
-            self.log.note(f"step {self.step}: {rollouts.failures} reward failure(s), e.g. "
+            what = "episode" if self.episodes is not None else "reward"
+            self.log.note(f"step {self.step}: {rollouts.failures} {what} failure(s), e.g. "
                           f"{rollouts.first_error}")
         # every DP rank trains on the same number of whole groups
         per_rank = len(rollouts.rows) // self.dp
@@ -350,11 +368,15 @@ class Trainer:
 
     def _sample(self, drawn, plan: SamplingPlan, round_: int):
         """This engine's share of ``drawn`` generated and scored, then everyone's, in order."""
-        from megatron_rl.parallel.weight_comm import all_gather_objects
         from megatron_rl.rollout.collect import score_groups
 
         mine = drawn[self.engine_index::self.n_engines]
         seed = ((self.cfg.rollout.seed * 1_000_003 + self.step) * 1009 + round_) * 131 + self.engine_index
+        if self.episodes is not None:   # multi-turn: the environment scores its episodes
+            groups, scores, failures, error = self.episodes.collect(self.engine, mine, plan.n, seed)
+            payload = ((self.engine_index, groups, scores, failures, error)
+                       if self.rank % self.engine_tp == 0 else None)
+            return self._gather_samples(payload, len(drawn))
         groups = self.engine.generate([ids for _, ids in mine], n=plan.n, max_tokens=plan.max_tokens,
                                       temperature=plan.temperature, top_p=plan.top_p, seed=seed,
                                       stop_token_ids=plan.stop_token_ids,
@@ -363,8 +385,14 @@ class Trainer:
         if self.rank % self.engine_tp == 0:   # one rank per engine scores and reports
             scores, failures, error = score_groups(self.scorer, [r for r, _ in mine], groups)
             payload = (self.engine_index, groups, scores, failures, error)
+        return self._gather_samples(payload, len(drawn))
+
+    def _gather_samples(self, payload, n_drawn: int):
+        """Every engine's ``(index, groups, scores, failures, error)``, merged in draw order."""
+        from megatron_rl.parallel.weight_comm import all_gather_objects
+
         parts = {p[0]: p for p in all_gather_objects(payload) if p is not None}
-        out_groups, out_scores, failures, error = [None] * len(drawn), [None] * len(drawn), 0, ""
+        out_groups, out_scores, failures, error = [None] * n_drawn, [None] * n_drawn, 0, ""
         for e, (_, gs, sc, f, err) in sorted(parts.items()):
             out_groups[e::self.n_engines], out_scores[e::self.n_engines] = gs, sc
             failures += f

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from megatron_rl.algo.config import GROUP_ESTIMATORS, AlgoConfig
 from megatron_rl.config.fields import ConfigError, check_fields
 from megatron_rl.data.config import DataConfig
+from megatron_rl.envs.config import EnvConfig
 from megatron_rl.model.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
 from megatron_rl.rewards.config import RewardConfig
@@ -22,6 +23,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
@@ -32,6 +34,9 @@ def validate(cfg: RunConfig) -> None:
     check_fields(cfg, "")
     cfg.algo.check("algo", context_parallel=cfg.parallel.context_parallel_size)
     cfg.reward.check("reward")
+    cfg.env.check("env")
+    if cfg.env.name:
+        _check_env(cfg)
     if not cfg.data.path:
         raise ConfigError("data.path: required (a .jsonl or .parquet file with prompt and label "
                           "columns, or synthetic:<task>)")
@@ -61,6 +66,23 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"algo.overlong.buffer_len: {cfg.algo.overlong.buffer_len} exceeds "
             f"rollout.max_response_len={cfg.rollout.max_response_len}")
+
+
+def _check_env(cfg: RunConfig) -> None:
+    """What multi-turn episodes do not combine with (refused rather than trained wrongly)."""
+    if cfg.model.kind != "mcore":
+        raise ConfigError(f"env.name: multi-turn environments run in the Megatron trainer "
+                          f"(model.kind: mcore), not model.kind={cfg.model.kind}")
+    if cfg.model.routing_replay:
+        raise ConfigError("model.routing_replay: expert routes are recorded per engine call, and a "
+                          "multi-turn episode spans several; set model.routing_replay=false with "
+                          "env.name")
+    if cfg.rollout.ignore_eos:
+        raise ConfigError("rollout.ignore_eos: a multi-turn turn ends at its end-of-turn token; "
+                          "set rollout.ignore_eos=false with env.name")
+    if cfg.env.render == "chat" and not cfg.data.chat_template:
+        raise ConfigError("env.render: chat renders observations as chat messages, which needs "
+                          "data.chat_template=true (or env.render=plain)")
 
 
 def _check_model(cfg: RunConfig) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -158,6 +159,15 @@ def shard_for_rank(items: Sequence[Any], dp_rank: int, dp_size: int) -> List[Any
     return list(items[dp_rank * k:(dp_rank + 1) * k])
 
 
+def chat_token_ids(tokenizer, messages, add_generation_prompt: bool) -> List[int]:
+    """The chat template's token ids for ``messages``. transformers 5 returns a ``BatchEncoding``
+    (a Mapping, not a dict) where 4.x returned the list: taking ``list()`` of the former would
+    give its keys."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
+    return [int(t) for t in (ids["input_ids"] if isinstance(ids, Mapping) else ids)]
+
+
 def render_prompt(row: PromptRow, tokenizer, *, chat: bool, max_tokens: int) -> List[int]:
     """Token ids of a prompt: chat messages (or ``chat=True``) through the tokenizer's chat
     template with the generation prompt; plain strings encoded as they are."""
@@ -166,8 +176,7 @@ def render_prompt(row: PromptRow, tokenizer, *, chat: bool, max_tokens: int) -> 
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("data.chat_template: the tokenizer has no chat template; use plain "
                              "string prompts or a tokenizer that ships one")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = chat_token_ids(tokenizer, messages, add_generation_prompt=True)
     else:
         ids = tokenizer.encode(row.prompt, add_special_tokens=False)
     if len(ids) > max_tokens:

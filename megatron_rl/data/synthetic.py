@@ -7,6 +7,8 @@ random model can learn the tasks in minutes:
     reverse: "reverse 3 1 4 =" -> "4 1 3"      copy: "copy 3 1 4 =" -> "3 1 4"
     sort:    "sort 3 1 4 ="    -> "1 3 4"      add:  "add 12 + 7 =" -> "1 9" (digits of the sum)
     repeat:  "repeat 3 1 4 =" -> "3 1 4 3 1 4 3 ..." (``answer_len`` words: long responses)
+    lookup:  "lookup 3 1 4 =" -> a digit hashed from the key: only the ``lookup`` tool
+             environment (``envs.tools``) knows them; a policy must call it (multi-turn)
 
 ``repeat`` is the long-response task: its answer runs to ``answer_len`` words (thousands, for
 RL at long context on CPU), and a policy only has to continue a period it has seen, which a tiny
@@ -15,6 +17,7 @@ model learns; pair it with fixed-length generation (``rollout.ignore_eos``) and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -24,7 +27,8 @@ TASKS: Dict[str, Callable[..., Tuple[str, str]]] = {}
 LONG_TASKS = ("repeat",)     # the tasks that take ``answer_len``
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 # appended words only: a word's id is its index, and trained checkpoints depend on it
-WORDS = [str(d) for d in range(10)] + ["reverse", "copy", "sort", "add", "+", "=", "repeat"]
+WORDS = [str(d) for d in range(10)] + ["reverse", "copy", "sort", "add", "+", "=", "repeat",
+                                      "lookup", "call", "result"]
 
 
 def _task(name):
@@ -68,6 +72,19 @@ def _repeat(rng, n, answer_len: int = 64):
     return f"repeat {' '.join(d)} =", " ".join(d[i % n] for i in range(answer_len))
 
 
+def lookup_value(key: str, salt: int = 0, value_len: int = 2) -> str:
+    """The hidden table of ``synthetic:lookup``: ``value_len`` digit words hashed from the key's
+    words (stable across processes and Python versions; no model can compute it)."""
+    digest = hashlib.sha256(f"{salt}:{' '.join(str(key).split())}".encode()).digest()
+    return " ".join(str(b % 10) for b in digest[:value_len])
+
+
+@_task("lookup")
+def _lookup(rng, n):
+    key = " ".join(_digits(rng, n))
+    return f"lookup {key} =", lookup_value(key, 0, 1), {"key": key, "salt": 0, "value_len": 1}
+
+
 def make_rows(task: str, count: int, *, min_len: int = 2, max_len: int = 5, seed: int = 0,
               answer_len: int = 0) -> List[dict]:
     """``count`` dataset rows (``prompt``, ``label``, ``metadata.task``) of ``task``;
@@ -81,8 +98,8 @@ def make_rows(task: str, count: int, *, min_len: int = 2, max_len: int = 5, seed
     rng = random.Random(f"{task}:{seed}")
     rows = []
     for _ in range(count):
-        prompt, label = TASKS[task](rng, rng.randint(min_len, max_len), **kw)
-        rows.append({"prompt": prompt, "label": label, "metadata": {"task": task}})
+        prompt, label, *meta = TASKS[task](rng, rng.randint(min_len, max_len), **kw)
+        rows.append({"prompt": prompt, "label": label, "metadata": {"task": task, **(meta or [{}])[0]}})
     return rows
 
 

@@ -78,6 +78,7 @@ class Rollouts:
     first_error: str = ""
     groups_drawn: int = 0
     rounds: int = 0
+    episodes: Dict[str, float] = field(default_factory=dict)   # multi-turn sums (episode_metrics)
 
     def metrics(self) -> Dict[str, float]:
         r = torch.tensor(self.all_rewards or [0.0], dtype=torch.float64)
@@ -91,6 +92,15 @@ class Rollouts:
                "rollout/groups_drawn": float(self.groups_drawn), "rollout/rounds": float(self.rounds)}
         if self.rewards:
             out["reward/kept_mean"] = float(torch.cat(self.rewards).mean())
+        e = self.episodes
+        if e.get("episodes"):
+            n_ep = e["episodes"]
+            out.update({"env/turns_mean": e["turns"] / n_ep, "env/tool_calls_mean": e["tool_calls"] / n_ep,
+                        "env/tool_errors_mean": e["tool_errors"] / n_ep,
+                        "env/tool_error_frac": e["tool_errors"] / max(e["tool_calls"], 1.0),
+                        "env/env_token_share": e["env_tokens"] / max(e["tokens"], 1.0),
+                        "env/truncated_frac": e["truncated"] / n_ep, "env/failed_frac": e["failed"] / n_ep,
+                        "env/obs_cut": e["obs_cut"]})
         return out
 
 
@@ -147,7 +157,12 @@ def _add_group(out: Rollouts, plan: SamplingPlan, row: PromptRow, group, scores)
     lengths = torch.tensor([len(s.token_ids) for s in group])
     out.all_rewards += scores
     out.all_lengths += lengths.tolist()
-    out.truncated += sum(s.finish_reason == "length" for s in group)
+    out.truncated += sum(s.finish_reason in ("length", "turns") for s in group)
+    if group and getattr(group[0], "info", None) is not None:
+        from megatron_rl.rollout.multiturn import episode_metrics
+
+        for k, v in episode_metrics(group).items():
+            out.episodes[k] = out.episodes.get(k, 0.0) + v
     shaped = torch.tensor(scores, dtype=torch.float32)
     if plan.overlong_buffer:
         shaped = shaped + overlong_penalty(lengths, max_len=plan.max_tokens,

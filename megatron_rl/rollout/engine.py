@@ -43,8 +43,11 @@ class Sample:
     prompt_ids: List[int]
     token_ids: List[int]
     logprobs: List[float]
-    finish_reason: str                    # "stop" | "length" | "abort"
+    finish_reason: str                    # "stop" | "length" | "abort"; episodes: "turns", "error"
     routed_experts: Optional[Any] = field(default=None, repr=False)
+    # multi-turn episodes: 1 on engine tokens, 0 on observation tokens (whose logprobs are 0)
+    action_mask: Optional[List[int]] = None
+    info: Optional[Dict[str, Any]] = None  # episode counters (rollout.multiturn)
 
 
 def _under_torchrun() -> bool:
@@ -90,12 +93,29 @@ class RolloutEngine:
                  stop_token_ids: Sequence[int] = (), ignore_eos: bool = False) -> List[List[Sample]]:
         """``n`` samples for each prompt (token ids), in prompt order; ``ignore_eos``: every
         sample runs to ``max_tokens`` (no stop token ends it)."""
+        params = self._params(n, max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos)
+        return self._run(prompts, params)
+
+    def generate_each(self, prompts: Sequence[Sequence[int]], max_tokens: Sequence[int],
+                      seeds: Sequence[int], temperature: float = 1.0, top_p: float = 1.0,
+                      stop_token_ids: Sequence[int] = ()) -> List[Sample]:
+        """One sample per prompt, each with its own token budget and seed, in one engine call
+        (the turns of multi-turn episodes: identical contexts must still draw differently)."""
+        params = [self._params(1, m, temperature, top_p, s, stop_token_ids, False)
+                  for m, s in zip(max_tokens, seeds)]
+        return [g[0] for g in self._run(prompts, params)] if prompts else []
+
+    @staticmethod
+    def _params(n, max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos):
         from vllm import SamplingParams
+
+        return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, logprobs=0, detokenize=False, ignore_eos=ignore_eos,
+                              stop_token_ids=[] if ignore_eos else list(stop_token_ids))
+
+    def _run(self, prompts, params) -> List[List[Sample]]:
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, logprobs=0, detokenize=False, ignore_eos=ignore_eos,
-                                stop_token_ids=[] if ignore_eos else list(stop_token_ids))
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)
         result = []

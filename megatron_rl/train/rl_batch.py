@@ -55,17 +55,20 @@ class StepBatch:
 
 
 def group_sequences(prompt_ids: List[int], samples: Sequence) -> List[Dict[str, Tensor]]:
-    """One group's sequences: prompt + response tokens, the loss mask over response positions,
-    and the engine's log-probs in label coordinates (row ``p`` is about token ``p + 1``)."""
+    """One group's sequences: prompt + response tokens exactly as the engine saw them, the loss
+    mask over the response's action tokens (multi-turn: the sample's ``action_mask``, 0 on
+    observation tokens), and the engine's log-probs in label coordinates (row ``p`` is about
+    token ``p + 1``)."""
     out = []
     L = len(prompt_ids)
     for s in samples:
         R = len(s.token_ids)
         tokens = torch.tensor(list(prompt_ids) + list(s.token_ids), dtype=torch.long)
         loss_mask = torch.zeros(L + R)
-        loss_mask[L:] = 1.0
+        actions = getattr(s, "action_mask", None)
+        loss_mask[L:] = 1.0 if actions is None else torch.tensor(actions, dtype=torch.float32)
         rollout = torch.zeros(L + R)
-        rollout[L - 1:L - 1 + R] = torch.tensor(s.logprobs, dtype=torch.float32)
+        rollout[L - 1:L - 1 + R] = torch.tensor(s.logprobs, dtype=torch.float32) * loss_mask[L:]
         zeros = torch.zeros(L + R)
         out.append({"tokens": tokens, "loss_mask": loss_mask, "rollout_logprobs": rollout,
                     "old_logprobs": zeros, "advantages": zeros})

@@ -1,0 +1,69 @@
+"""Multi-turn episodes through the CLI with the real engine (vLLM CPU build) and Megatron-Core:
+the trainer's sequences are the engine's (its log-probs on every action token agree with the
+engine's), environment tokens are counted, and at context parallel 2 (engine TP 2: the engine's
+ranks kept in step by ``EngineChannel``) with packed sequences the run equals CP 1: the same
+episodes and rewards, and the action-indexed future-KL statistics (pooled across CP ranks)
+give the same losses."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.run_outputs import metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RECIPES = ROOT / "configs" / "recipes"
+SMALL = ["train.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "train.micro_batch_size=8",
+         "train.tensorboard=false", "train.export_hf=false"]
+# future-KL GRPO on the copy task, with two tool turns whose observations are as long as the action
+ECHO = ["env.module=tests/e2e/multiturn_env.py", "env.name=e2e_echo", "env.max_turn_tokens=3",
+        "rollout.max_response_len=16", "rollout.probe_every=1", *SMALL]
+
+
+def _run(out, steps, cp, *extra, recipe="tiny_moe_future_kl_grpo"):
+    args = ["-m", "megatron_rl", "train", "--config", str(RECIPES / f"{recipe}.yaml"),
+            f"train.output_dir={out}", f"train.steps={steps}", *extra]
+    if cp == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               "--nproc-per-node=2", *args, "parallel.context_parallel_size=2",
+               "rollout.tensor_parallel_size=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_tool_recipe_episodes_are_the_engines_token_for_token(tmp_path):
+    _run(tmp_path / "run", 2, 1, *SMALL, recipe="tiny_moe_tool")
+    rows = metrics(tmp_path / "run")
+    for r in rows:
+        assert r["env/turns_mean"] >= 1.0 and r["env/failed_frac"] == 0.0
+        assert r["mismatch/mean"] < 1e-4     # a token shifted by one would be ~1 nat off
+    assert "env/env_token_share" in rows[0] and "env/tool_calls_mean" in rows[0]
+
+
+def test_multi_turn_at_cp2_with_engine_tp2_equals_cp1(tmp_path):
+    packed = ["train.pack_sequences=true", *ECHO]
+    _run(tmp_path / "cp2", 2, 2, *packed)
+    _run(tmp_path / "cp1", 2, 1, *packed)
+    cp2, cp1 = metrics(tmp_path / "cp2"), metrics(tmp_path / "cp1")
+    for a, b in zip(cp2, cp1):
+        assert a["env/turns_mean"] == 3.0 and a["env/env_token_share"] > 0.2
+        assert a["mismatch/mean"] < 1e-4
+        for k in a:
+            if k.startswith(("moe/imbalance", "mismatch/max", "sync/probe_mismatch/max", "mem/",
+                             "time/", "perf/", "sync/seconds")):
+                continue
+            if k.startswith(("reward/", "response/", "rollout/", "env/")):
+                assert a[k] == b[k], (a["step"], k, a[k], b[k])       # the same episodes
+            else:
+                assert abs(a[k] - b[k]) <= 1e-5 + 1e-4 * abs(b[k]), (a["step"], k, a[k], b[k])
