@@ -57,7 +57,7 @@ def test_multi_turn_at_cp2_with_engine_tp2_equals_cp1(tmp_path):
     _run(tmp_path / "cp1", 2, 1, *packed)
     cp2, cp1 = metrics(tmp_path / "cp2"), metrics(tmp_path / "cp1")
     for a, b in zip(cp2, cp1):
-        assert a["env/turns_mean"] == 3.0 and a["env/env_token_share"] > 0.2
+        assert a["env/turns_mean"] > 2.5 and a["env/env_token_share"] > 0.2
         assert a["mismatch/mean"] < 1e-4
         for k in a:
             if k.startswith(("moe/imbalance", "mismatch/max", "sync/probe_mismatch/max", "mem/",
