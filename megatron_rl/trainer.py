@@ -120,17 +120,15 @@ class Trainer:
 
     def _episode_runner(self):
         from megatron_rl.parallel.rollout_comm import EngineChannel
-        from megatron_rl.rollout.multiturn import EpisodeLimits, EpisodeRunner
+        from megatron_rl.rollout.multiturn import EpisodeRunner
 
-        e, r = self.cfg.env, self.cfg.rollout
-        limits = EpisodeLimits(e.max_turns, r.max_response_len, e.max_turn_tokens,
-                               e.max_obs_tokens, vocab_size=self.hf.vocab_size)
-        chat = e.render == "chat" or (e.render == "auto" and self.cfg.data.chat_template)
+        r = self.cfg.rollout
         try:
-            return EpisodeRunner(e.name, e.params, self.cfg.reward, self.tok, limits, chat=chat,
-                                 role=e.role, temperature=r.temperature, top_p=r.top_p,
-                                 stop_token_ids=(self.tok.eos_token_id,),
-                                 channel=EngineChannel(self.rank, self.world, self.engine_tp))
+            return EpisodeRunner.from_sections(
+                self.cfg.env, self.cfg.reward, self.tok, max_response_len=r.max_response_len,
+                vocab_size=self.hf.vocab_size, chat_template=self.cfg.data.chat_template,
+                temperature=r.temperature, top_p=r.top_p,
+                channel=EngineChannel(self.rank, self.world, self.engine_tp))
         except ValueError as err:
             raise ConfigError(str(err)) from None
 

@@ -82,6 +82,12 @@ class RolloutEngine:
                           enable_sleep_mode=settings.sleep_mode)
         else:
             kwargs["kv_cache_memory_bytes"] = int(settings.cpu_kv_cache_gb * 2**30)
+            # vLLM's CPU runner crashes ("CPU Generator does not use offset") when it drops the
+            # token sampled for a partly prefilled request that carries a seed (every request of
+            # ours does): it rewinds the request's generator, which only CUDA generators can.
+            # Prefilling whole prompts never drops one.
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(settings.max_model_len, 8192))
         if settings.return_routed_experts:
             kwargs["enable_return_routed_experts"] = True
         self.settings = settings

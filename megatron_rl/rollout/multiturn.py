@@ -230,6 +230,20 @@ class EpisodeRunner:
         self.sampling = dict(temperature=temperature, top_p=top_p,
                              stop_token_ids=list(stop_token_ids))
 
+    @classmethod
+    def from_sections(cls, env, reward, tokenizer, *, max_response_len: int, vocab_size: int,
+                      chat_template: bool, temperature: float, top_p: float, channel
+                      ) -> "EpisodeRunner":
+        """From the ``env`` and ``reward`` config sections (``chat_template``: the data
+        section's, which ``env.render: auto`` follows); a tokenizer that cannot render the
+        observations is a ``ValueError`` naming ``env.render``."""
+        limits = EpisodeLimits(env.max_turns, max_response_len, env.max_turn_tokens,
+                               env.max_obs_tokens, vocab_size=vocab_size)
+        chat = env.render == "chat" or (env.render == "auto" and chat_template)
+        return cls(env.name, env.params, reward, tokenizer, limits, chat=chat, role=env.role,
+                   temperature=temperature, top_p=top_p,
+                   stop_token_ids=(tokenizer.eos_token_id,), channel=channel)
+
     def _make_env(self, row):
         from megatron_rl.envs import make_environment
         from megatron_rl.rewards import score

@@ -29,6 +29,21 @@ def _mismatch(samples, ours) -> float:
     return max(float((torch.tensor(s.logprobs) - o).abs().max()) for s, o in zip(samples, ours))
 
 
+def _seeded_turns(engine) -> Dict:
+    """Multi-turn engine calls: one seeded request per episode, 300 contexts of 100 tokens (more
+    than one scheduler step's token budget, where vLLM's CPU runner used to crash rewinding a
+    seeded generator). The same seeds draw the same tokens; identical contexts with different
+    seeds draw differently."""
+    g = torch.Generator().manual_seed(5)
+    ctx = [torch.randint(3, 200, (100,), generator=g).tolist() for _ in range(150)]
+    prompts = ctx + ctx
+    seeds = list(range(300))
+    a = [s.token_ids for s in engine.generate_each(prompts, [6] * 300, seeds)]
+    b = [s.token_ids for s in engine.generate_each(prompts, [6] * 300, seeds)]
+    return {"seeded_repeat_equal": a == b,
+            "seeded_twins_differ": sum(x != y for x, y in zip(a[:150], a[150:]))}
+
+
 def sync_after_update(rank: int, world: int, tmp: str, hf_dir: str, tp: int = 1,
                       bucket_mb: float = 0.05) -> Dict:
     """Engine from the export; trainer on the imported checkpoint. Generate (engine == trainer),
@@ -67,8 +82,9 @@ def sync_after_update(rank: int, world: int, tmp: str, hf_dir: str, tp: int = 1,
     stats = sync_weights(engine, weights, int(bucket_mb * 2**20))
     after = gen()
     synced = _mismatch(after, _megatron_logprobs(model, after, groups.tp))
+    seeded = _seeded_turns(engine)
     engine.shutdown()  # vLLM tears torch.distributed down with it: last
     return {"same_weights": same_weights, "stale_gap": stale_gap, "synced": synced,
             "sync_s": stats.seconds, "buckets": stats.buckets, "tensors": stats.tensors,
             "bytes": stats.bytes, "max_bucket_bytes": stats.max_bucket_bytes,
-            "repacked": stats.repacked_moe_layers}
+            "repacked": stats.repacked_moe_layers, **seeded}

@@ -45,3 +45,10 @@ def test_sync_streams_every_tensor_in_buckets(sync_results, tp):
     assert r["buckets"] > 5                   # 50 KB buckets: many, not one whole-model copy
     assert r["max_bucket_bytes"] <= 64 * 1024  # a bucket is at most the budget or one tensor
     assert r["repacked"] == 2                 # both MoE layers' CPU expert packing refreshed
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_seeded_per_episode_requests_past_one_scheduler_step_reproduce(sync_results, tp):
+    r = sync_results[tp]
+    assert r["seeded_repeat_equal"]
+    assert r["seeded_twins_differ"] >= 140     # near-uniform random policy: twins rarely agree

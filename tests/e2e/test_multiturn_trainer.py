@@ -7,6 +7,7 @@ give the same losses."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -49,6 +50,15 @@ def test_tool_recipe_episodes_are_the_engines_token_for_token(tmp_path):
         assert r["env/turns_mean"] >= 1.0 and r["env/failed_frac"] == 0.0
         assert r["mismatch/mean"] < 1e-4     # a token shifted by one would be ~1 nat off
     assert "env/env_token_share" in rows[0] and "env/tool_calls_mean" in rows[0]
+    # `megatron-rl eval` plays the recipe's episodes too (the engine's starting weights here)
+    ev = subprocess.run([sys.executable, "-m", "megatron_rl", "eval", "--config",
+                         str(RECIPES / "tiny_moe_tool.yaml"), "--model", str(tmp_path / "run" / "hf_init"),
+                         "--prompts", "4", "--n", "2", "--temperature", "1"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert report["samples"] == 8 and report["failures"] == 0 and 1 <= report["length_mean"] <= 16
 
 
 def test_multi_turn_at_cp2_with_engine_tp2_equals_cp1(tmp_path):

@@ -366,3 +366,20 @@ def test_env_module_registers_a_users_environment(tmp_path):
     env = make_environment("guess_t", {"high": 5})
     env.reset(PromptRow(0, ""))
     assert env.step("x").done
+
+
+def test_the_docs_environment_example_plays_episodes(tmp_path):
+    """docs/rollout.md's "Writing an environment" example, loaded through env.module as a user
+    would, plays whole episodes (the fake engine guesses numbers)."""
+    from megatron_rl.envs import load_environment_module
+
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "rollout.md").read_text()
+    code = doc.split("### Writing an environment", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_envs.py").write_text(code)
+    load_environment_module(str(tmp_path / "my_envs.py"))
+    groups, rewards, failures, err = collect_episodes(
+        [(PromptRow(0, "guess", label="7"), [5, 6])], 4,
+        lambda row: make_environment("guess", {"high": 50}), FakeEngine(), Tok().decode,
+        ObservationEncoder(Tok(), False), EpisodeLimits(5, 60, vocab_size=V), seed=0)
+    assert failures == 0, err
+    assert all(s.info["turns"] >= 1 and s.info["env_tokens"] > 0 for s in groups[0])
