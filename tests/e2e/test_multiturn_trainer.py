@@ -44,10 +44,13 @@ def _run(out, steps, cp, *extra, recipe="tiny_moe_future_kl_grpo"):
 
 
 def test_tool_recipe_episodes_are_the_engines_token_for_token(tmp_path):
-    _run(tmp_path / "run", 2, 1, *SMALL, recipe="tiny_moe_tool")
+    # with DAPO dynamic sampling (refill rounds of episodes) and overlong shaping
+    _run(tmp_path / "run", 2, 1, *SMALL, "algo.dynamic_sampling=true", "rollout.oversample=2",
+         "algo.overlong.buffer_len=4", recipe="tiny_moe_tool")
     rows = metrics(tmp_path / "run")
     for r in rows:
         assert r["env/turns_mean"] >= 1.0 and r["env/failed_frac"] == 0.0
+        assert r["rollout/groups_drawn"] >= 8 and r["rollout/rounds"] >= 1
         assert r["mismatch/mean"] < 1e-4     # a token shifted by one would be ~1 nat off
     assert "env/env_token_share" in rows[0] and "env/tool_calls_mean" in rows[0]
     # `megatron-rl eval` plays the recipe's episodes too (the engine's starting weights here)
