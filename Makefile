@@ -30,7 +30,7 @@ run-toy: venv  ## the pure-PyTorch toy policy (seconds; no Megatron, no vLLM)
 	$(VENV)/bin/megatron-rl train --config configs/recipes/toy_gspo.yaml
 
 test: venv  ## the test suite CI runs
-	$(PY) -m pytest -q -m "not gpu and not soak"
+	$(PY) -m pytest -q -m "not gpu and not soak" --durations=15
 
 test-soak: venv  ## long runs kept out of CI: 24 random kill -9s, a 400-step memory soak
 	$(PY) -m pytest -q -s -m soak
@@ -47,7 +47,7 @@ $(VENV312)/.installed: pyproject.toml
 venv312: $(VENV312)/.installed
 
 test-py312: venv312  ## the same suite on Python 3.12 + megatron-core 0.19 (vLLM tests skip, saying why)
-	$(PY312) -m pytest -q -m "not gpu and not soak"
+	$(PY312) -m pytest -q -m "not gpu and not soak" --durations=15
 
 # A bare CUDA box (Python 3.12 and its own CUDA torch; no TransformerEngine, vLLM or network):
 # `make gpu-wheels` where there is network, carry gpu_wheels/ (about 3 MB) over, `make gpu-check`.
