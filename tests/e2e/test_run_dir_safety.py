@@ -35,6 +35,16 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
         proc.kill()
 
 
+def _wait_for_lock_holder(out: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    from megatron_rl.train.run_lock import HOLDER, LOCK_DIR
+
+    deadline = time.monotonic() + timeout
+    while not (out / LOCK_DIR / HOLDER).is_file():
+        assert proc.poll() is None, _finish(proc)[-2000:]
+        assert time.monotonic() < deadline, "the first trainer never took the lock"
+        time.sleep(0.05)
+
+
 def test_a_second_trainer_in_the_same_directory_is_refused_and_the_first_is_untouched(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -43,7 +53,7 @@ def test_a_second_trainer_in_the_same_directory_is_refused_and_the_first_is_unto
     os.utime(out / "STOP", (time.time() - 3600,) * 2)
     (out / "REQUEUE").write_text("old\n")
     first = _popen(out, 3, "train.export_hf=false")
-    time.sleep(0.2)
+    _wait_for_lock_holder(out, first)   # not a fixed sleep: on a loaded machine the second could win
     second = _popen(out, 3, "train.export_hf=false")
     err2 = _finish(second)
     err1 = _finish(first)
