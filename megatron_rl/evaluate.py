@@ -37,7 +37,13 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
     engine = RolloutEngine(r.engine_settings(str(d), sleep_mode=False))
     try:
         if cfg.env.name:     # multi-turn: the recipe's environment plays and scores the episodes
-            runner = _episode_runner(cfg, tok, hf.vocab_size, temperature, top_p)
+            from megatron_rl.parallel.rollout_comm import EngineChannel
+            from megatron_rl.rollout.multiturn import EpisodeRunner
+
+            runner = EpisodeRunner.from_sections(
+                cfg.env, cfg.reward, tok, max_response_len=r.max_response_len,
+                vocab_size=hf.vocab_size, chat_template=cfg.data.chat_template,
+                temperature=temperature, top_p=top_p, channel=EngineChannel(0, 1, 1))
             groups, per_group, failures, _ = runner.collect(engine, list(zip(rows, ids)), n, r.seed)
         else:
             groups = engine.generate(ids, n=n, max_tokens=r.max_response_len,
@@ -54,15 +60,3 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
             "solved_frac": sum(s >= 1.0 for s in scores) / max(len(scores), 1),
             "failures": failures, "length_mean": sum(lengths) / max(len(lengths), 1)}
 
-
-def _episode_runner(cfg: RunConfig, tok, vocab_size: int, temperature: float, top_p: float):
-    from megatron_rl.parallel.rollout_comm import EngineChannel
-    from megatron_rl.rollout.multiturn import EpisodeRunner
-
-    try:
-        return EpisodeRunner.from_sections(
-            cfg.env, cfg.reward, tok, max_response_len=cfg.rollout.max_response_len,
-            vocab_size=vocab_size, chat_template=cfg.data.chat_template, temperature=temperature,
-            top_p=top_p, channel=EngineChannel(0, 1, 1))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None

@@ -71,7 +71,16 @@ class Trainer:
             self.reference = HostWeights(self.ms.model)
         self.tok = S.load_tokenizer(cfg, self.hf)
         self.scorer = Scorer.of(cfg.reward, self.tok)
-        self.episodes = self._episode_runner() if cfg.env.name else None
+        self.episodes = None
+        if cfg.env.name:
+            from megatron_rl.parallel.rollout_comm import EngineChannel
+            from megatron_rl.rollout.multiturn import EpisodeRunner
+
+            self.episodes = EpisodeRunner.from_sections(
+                cfg.env, cfg.reward, self.tok, max_response_len=cfg.rollout.max_response_len,
+                vocab_size=self.hf.vocab_size, chat_template=cfg.data.chat_template,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                channel=EngineChannel(self.rank, self.world, self.engine_tp))
         self.warnings: List[str] = []
         self._data()
         self.step = 0
@@ -117,20 +126,6 @@ class Trainer:
             self.warnings.append(f"{self.prompts.dropped} prompt(s) longer than "
                                  f"rollout.max_prompt_len={self.cfg.rollout.max_prompt_len} left out "
                                  "(data.on_bad_row=skip)")
-
-    def _episode_runner(self):
-        from megatron_rl.parallel.rollout_comm import EngineChannel
-        from megatron_rl.rollout.multiturn import EpisodeRunner
-
-        r = self.cfg.rollout
-        try:
-            return EpisodeRunner.from_sections(
-                self.cfg.env, self.cfg.reward, self.tok, max_response_len=r.max_response_len,
-                vocab_size=self.hf.vocab_size, chat_template=self.cfg.data.chat_template,
-                temperature=r.temperature, top_p=r.top_p,
-                channel=EngineChannel(self.rank, self.world, self.engine_tp))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
 
     def _resume(self) -> None:
         if not self.cfg.train.resume:
@@ -365,37 +360,25 @@ class Trainer:
             else torch.device("cpu")
 
     def _sample(self, drawn, plan: SamplingPlan, round_: int):
-        """This engine's share of ``drawn`` generated and scored, then everyone's, in order."""
-        from megatron_rl.rollout.collect import score_groups
+        """This engine's share of ``drawn`` generated and scored (multi-turn: played and scored by
+        the environment), then everyone's, in draw order."""
+        from megatron_rl.parallel.weight_comm import all_gather_objects
+        from megatron_rl.rollout.collect import merge_engine_parts, score_groups
 
         mine = drawn[self.engine_index::self.n_engines]
         seed = ((self.cfg.rollout.seed * 1_000_003 + self.step) * 1009 + round_) * 131 + self.engine_index
-        if self.episodes is not None:   # multi-turn: the environment scores its episodes
+        leader = self.rank % self.engine_tp == 0    # one rank per engine scores and reports
+        if self.episodes is not None:
             groups, scores, failures, error = self.episodes.collect(self.engine, mine, plan.n, seed)
-            payload = ((self.engine_index, groups, scores, failures, error)
-                       if self.rank % self.engine_tp == 0 else None)
-            return self._gather_samples(payload, len(drawn))
-        groups = self.engine.generate([ids for _, ids in mine], n=plan.n, max_tokens=plan.max_tokens,
-                                      temperature=plan.temperature, top_p=plan.top_p, seed=seed,
-                                      stop_token_ids=plan.stop_token_ids,
-                                      ignore_eos=plan.ignore_eos) if mine else []
-        payload = None
-        if self.rank % self.engine_tp == 0:   # one rank per engine scores and reports
-            scores, failures, error = score_groups(self.scorer, [r for r, _ in mine], groups)
-            payload = (self.engine_index, groups, scores, failures, error)
-        return self._gather_samples(payload, len(drawn))
-
-    def _gather_samples(self, payload, n_drawn: int):
-        """Every engine's ``(index, groups, scores, failures, error)``, merged in draw order."""
-        from megatron_rl.parallel.weight_comm import all_gather_objects
-
-        parts = {p[0]: p for p in all_gather_objects(payload) if p is not None}
-        out_groups, out_scores, failures, error = [None] * n_drawn, [None] * n_drawn, 0, ""
-        for e, (_, gs, sc, f, err) in sorted(parts.items()):
-            out_groups[e::self.n_engines], out_scores[e::self.n_engines] = gs, sc
-            failures += f
-            error = error or err
-        return out_groups, out_scores, failures, error
+        else:
+            groups = self.engine.generate(
+                [ids for _, ids in mine], n=plan.n, max_tokens=plan.max_tokens,
+                temperature=plan.temperature, top_p=plan.top_p, seed=seed,
+                stop_token_ids=plan.stop_token_ids, ignore_eos=plan.ignore_eos) if mine else []
+            if leader:
+                scores, failures, error = score_groups(self.scorer, [r for r, _ in mine], groups)
+        payload = (self.engine_index, groups, scores, failures, error) if leader else None
+        return merge_engine_parts(all_gather_objects(payload), len(drawn), self.n_engines)
 
     @staticmethod
     def _tokens(rollouts) -> int:

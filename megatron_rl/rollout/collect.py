@@ -127,6 +127,18 @@ def score_groups(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Seq
     return [flat[a:a + n] for a, n in zip(starts, sizes)], len(errors), (errors[0] if errors else "")
 
 
+def merge_engine_parts(parts: Sequence[Any], n_drawn: int, n_engines: int):
+    """Every engine's ``(index, groups, scores, failures, error)`` (``None`` from ranks that do not
+    report) -> ``(groups, scores, failures, first error)`` in draw order (engine ``e`` sampled
+    draws ``e, e + n_engines, ...``)."""
+    groups, scores, failures, error = [None] * n_drawn, [None] * n_drawn, 0, ""
+    for e, gs, sc, f, err in sorted(p for p in parts if p is not None):
+        groups[e::n_engines], scores[e::n_engines] = gs, sc
+        failures += f
+        error = error or err
+    return groups, scores, failures, error
+
+
 # sample(drawn) -> (groups [P][G], scores [P][G], reward failures, first error)
 SampleFn = Callable[[List[Tuple[PromptRow, List[int]]]], Tuple[List[List[Any]], List[List[float]], int, str]]
 

@@ -236,13 +236,18 @@ class EpisodeRunner:
                       ) -> "EpisodeRunner":
         """From the ``env`` and ``reward`` config sections (``chat_template``: the data
         section's, which ``env.render: auto`` follows); a tokenizer that cannot render the
-        observations is a ``ValueError`` naming ``env.render``."""
+        observations is a ``ConfigError`` naming ``env.render``."""
+        from megatron_rl.config.fields import ConfigError
+
         limits = EpisodeLimits(env.max_turns, max_response_len, env.max_turn_tokens,
                                env.max_obs_tokens, vocab_size=vocab_size)
         chat = env.render == "chat" or (env.render == "auto" and chat_template)
-        return cls(env.name, env.params, reward, tokenizer, limits, chat=chat, role=env.role,
-                   temperature=temperature, top_p=top_p,
-                   stop_token_ids=(tokenizer.eos_token_id,), channel=channel)
+        try:
+            return cls(env.name, env.params, reward, tokenizer, limits, chat=chat, role=env.role,
+                       temperature=temperature, top_p=top_p,
+                       stop_token_ids=(tokenizer.eos_token_id,), channel=channel)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def _make_env(self, row):
         from megatron_rl.envs import make_environment

@@ -103,3 +103,12 @@ def test_update_slices_cover_every_micro_batch_once_in_order():
         assert [i for s in slices for i in s] == list(range(n))
         assert len(slices) == min(n, u)
         assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_engine_parts_merge_back_into_draw_order():
+    from megatron_rl.rollout.collect import merge_engine_parts
+
+    # 5 draws over 2 engines: engine 0 sampled draws 0, 2, 4 and engine 1 draws 1, 3; the
+    # non-reporting ranks send None, and parts arrive in rank order, not engine order
+    parts = [None, (1, ["g1", "g3"], [1, 3], 2, "e1"), (0, ["g0", "g2", "g4"], [0, 2, 4], 1, ""), None]
+    assert merge_engine_parts(parts, 5, 2) == (["g0", "g1", "g2", "g3", "g4"], [0, 1, 2, 3, 4], 3, "e1")
