@@ -32,7 +32,7 @@ run-toy: venv  ## the pure-PyTorch toy policy (seconds; no Megatron, no vLLM)
 test: venv  ## the test suite CI runs
 	$(PY) -m pytest -q -m "not gpu and not soak" --durations=15
 
-test-soak: venv  ## long runs kept out of CI: 24 random kill -9s, a 400-step memory soak
+test-soak: venv  ## long runs kept out of CI: 24 random kill -9s, a 400-step memory soak, world-4 CP x TP / PP
 	$(PY) -m pytest -q -s -m soak
 
 $(VENV312)/.installed: pyproject.toml
