@@ -78,7 +78,8 @@ def rl_step(cfg: RunConfig, policy, reference, opt, gen) -> Dict[str, Tensor]:
     with torch.no_grad():
         old_lp, _ = toy.token_logprobs(policy(prompts, tokens), tokens, temp)
         ref_lp, _ = toy.token_logprobs(reference(prompts, tokens), tokens, temp)
-    kl = kl_estimate(old_lp, ref_lp, cfg.algo.kl_estimator, mask=mask)
+    kl = kl_estimate(old_lp, ref_lp, cfg.algo.kl_estimator, mask=mask,
+                     clamp_log_ratio=cfg.algo.kl_clamp_log_ratio, clamp_value=cfg.algo.kl_clamp_value)
     adv = compute_advantages(cfg.algo.advantage.name, rewards=rewards, mask=mask, group_ids=group_ids,
                              kl=kl, **cfg.algo.advantage.params)
     metrics["advantage/mean"] = (adv * mask).sum() / mask.sum()
@@ -90,12 +91,14 @@ def rl_step(cfg: RunConfig, policy, reference, opt, gen) -> Dict[str, Tensor]:
 
 
 def _updates(cfg: RunConfig, policy, opt, batch: Dict[str, Tensor], group_ids: Tensor) -> Dict[str, Tensor]:
-    """``updates_per_step`` optimizer steps over whole-group mini-batches, each accumulated over
-    micro-batches whose loss uses the mini-batch's token and sequence counts."""
-    U = cfg.train.updates_per_step
-    groups = torch.randperm(int(group_ids.max()) + 1)
+    """``epochs_per_step`` passes of ``updates_per_step`` optimizer steps over whole-group
+    mini-batches (groups reshuffled each pass), each accumulated over micro-batches whose loss
+    uses the mini-batch's token and sequence counts."""
+    U = cfg.train.updates_per_step * cfg.train.epochs_per_step
+    chunks = [c for _ in range(cfg.train.epochs_per_step)
+              for c in torch.randperm(int(group_ids.max()) + 1).chunk(cfg.train.updates_per_step)]
     sums: Dict[str, Tensor] = {}
-    for chunk in groups.chunk(U):
+    for chunk in chunks:
         rows = torch.nonzero(torch.isin(group_ids, chunk)).squeeze(-1)
         num_tokens, num_seqs = batch["mask"][rows].sum(), float(len(rows))
         for micro in rows.split(cfg.train.micro_batch_size):

@@ -166,7 +166,9 @@ class Trainer:
         return rl_batch.StepPlan(
             a.advantage.name, dict(a.advantage.params), a.loss.name, dict(a.loss.params),
             kl_estimator=a.kl_estimator, kl_source=a.kl_source,
-            updates=self.cfg.train.updates_per_step, temperature=self.cfg.rollout.temperature,
+            kl_clamp_log_ratio=a.kl_clamp_log_ratio, kl_clamp_value=a.kl_clamp_value,
+            updates=self.cfg.train.updates_per_step, epochs=self.cfg.train.epochs_per_step,
+            seed=self.cfg.train.seed, temperature=self.cfg.rollout.temperature,
             needs_reference=self.reference is not None, record_routes=self.cfg.model.routing_replay,
             packed=self.cfg.train.pack_sequences)
 
@@ -269,7 +271,7 @@ class Trainer:
                 local.update(self.router_load.metrics())
             t2 = time.perf_counter()
             sums = rl_batch.run_updates(self.ms.model, self.ms.optimizer, self.ms.scheduler,
-                                        batch, self.pg, self.plan)
+                                        batch, self.pg, self.plan, self.step)
             sums.update(rl_batch.mismatch_sums(batch))
             local.update(self._shares(sums))
         else:
@@ -307,7 +309,8 @@ class Trainer:
             if k.endswith("/max"):
                 out[k] = v
             else:
-                out[k] = v / (self.world if k in self._EVERY_RANK else tp)
+                every = k in self._EVERY_RANK or k.endswith("/grad_norm")   # epoch<k>/grad_norm
+                out[k] = v / (self.world if every else tp)
         return out
 
     def _derived(self, m: Dict[str, float], seconds: float) -> Dict[str, float]:

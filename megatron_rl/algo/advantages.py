@@ -72,6 +72,10 @@ def _normalise_in_group(x, valid, group_ids, *, norm_by_std, eps, unbiased_std, 
     return torch.where(n > 1, adv, torch.zeros_like(adv))
 
 
+def _maybe_whiten(adv: Tensor, mask: Tensor, whiten: bool, ops: SeqOps) -> Tensor:
+    return masked_whiten(adv, mask, ops=ops) if whiten else adv
+
+
 def _require(tensor, what: str, name: str):
     if tensor is None:
         raise ValueError(f"advantage estimator {name!r} needs {what}")
@@ -82,32 +86,36 @@ def _require(tensor, what: str, name: str):
 def grpo(
     *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
     norm_by_std: bool = True, eps: float = 1e-6, unbiased_std: bool = True,
-    std_min: Optional[float] = None, std_max: Optional[float] = None,
+    std_min: Optional[float] = None, std_max: Optional[float] = None, whiten: bool = False,
 ) -> Tensor:
     """GRPO: ``A_g = (R_g - mean(R)) / (std(R) + eps)`` over the group, on every action token.
 
     ``std_min/std_max`` clip the std before dividing (a near-constant group otherwise gets huge
-    advantages); ``norm_by_std=False`` is Dr.GRPO. A group of one gets advantage 0.
+    advantages); ``norm_by_std=False`` is Dr.GRPO. A group of one gets advantage 0. ``whiten``
+    then normalises over the whole batch (the trainer: the step, every rank; see ``WHITENING``).
     """
     ones = torch.ones_like(rewards)
     adv = _normalise_in_group(rewards, ones, group_ids, norm_by_std=norm_by_std, eps=eps,
                               unbiased_std=unbiased_std, std_min=std_min, std_max=std_max)
-    return adv[:, None] * as_float_mask(mask, adv)
+    return _maybe_whiten(adv[:, None] * as_float_mask(mask, adv), mask, whiten, ops)
 
 
 @ADVANTAGE_ESTIMATORS.register("dr_grpo")
-def dr_grpo(*, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL) -> Tensor:
+def dr_grpo(*, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
+            whiten: bool = False) -> Tensor:
     """Dr.GRPO: ``A_g = R_g - mean(R)`` (no std normalisation, which biases towards easy/hard
     prompts); pair it with the ``seq-mean-token-sum`` aggregation and a constant normaliser."""
-    return grpo(rewards=rewards, mask=mask, group_ids=group_ids, ops=ops, norm_by_std=False)
+    return grpo(rewards=rewards, mask=mask, group_ids=group_ids, ops=ops, norm_by_std=False,
+                whiten=whiten)
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
-def rloo(*, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL) -> Tensor:
+def rloo(*, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
+         whiten: bool = False) -> Tensor:
     """RLOO: ``A_g = R_g - mean of the other G-1 rewards = G/(G-1) * (R_g - mean(R))``."""
     mean, _, n = group_mean_std(rewards, torch.ones_like(rewards), group_ids)
     adv = torch.where(n > 1, (rewards - mean) * n / (n - 1).clamp_min(1), torch.zeros_like(rewards))
-    return adv[:, None] * as_float_mask(mask, adv)
+    return _maybe_whiten(adv[:, None] * as_float_mask(mask, adv), mask, whiten, ops)
 
 
 def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float, ops: SeqOps = LOCAL) -> Tensor:
@@ -129,11 +137,11 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float, ops: S
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp")
 def reinforce_pp(
     *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
-    kl_coef: float = 0.0, gamma: float = 1.0, baseline: str = "none",
+    kl_coef: float = 0.0, gamma: float = 1.0, baseline: str = "none", whiten: bool = True,
 ) -> Tensor:
     """REINFORCE++: per-token reward ``-kl_coef * kl`` plus ``R`` at the last action token,
-    discounted returns, whitened over the whole batch. ``baseline="group"`` first subtracts the
-    group mean of ``R`` (REINFORCE++-baseline)."""
+    discounted returns, whitened over the whole batch (the trainer: the step's, every rank).
+    ``baseline="group"`` first subtracts the group mean of ``R`` (REINFORCE++-baseline)."""
     if baseline not in ("none", "group"):
         raise ValueError(f"reinforce_pp baseline must be 'none' or 'group', got {baseline!r}")
     r = rewards
@@ -144,7 +152,7 @@ def reinforce_pp(
     token_r = last_token(mask, ops).to(r.dtype) * r[:, None]
     if kl_coef != 0.0:
         token_r = token_r - kl_coef * _require(kl, "kl (kl_coef != 0)", "reinforce_pp") * m
-    return masked_whiten(discounted_returns(token_r, mask, gamma, ops), mask, ops=ops)
+    return _maybe_whiten(discounted_returns(token_r, mask, gamma, ops), mask, whiten, ops)
 
 
 @ADVANTAGE_ESTIMATORS.register("gae")
@@ -196,14 +204,31 @@ PER_POSITION_ESTIMATORS = frozenset({"future_kl_grpo"})
 def future_kl_grpo(
     *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
     beta: float = 0.05, norm_by_std: bool = True, eps: float = 1e-6, unbiased_std: bool = True,
+    std_min: Optional[float] = None, std_max: Optional[float] = None, whiten: bool = False,
 ) -> Tensor:
     """Token-level KL-regularised GRPO: future-KL returns ``r_j`` normalised per position ``j``
     across the responses of the group that have an action token at ``j``.
 
-    A position with a single valid response gets advantage 0. The KL lives in the advantage only:
-    adding a KL term to the loss as well would count it twice.
+    A position with a single valid response gets advantage 0. ``std_min/std_max`` clip the
+    per-position std, as in ``grpo`` (a position where the rewards agree has a std of only the KL
+    differences, and dividing by it blows the KL noise up to advantages near +-1). The KL lives
+    in the advantage only: adding a KL term to the loss as well would count it twice.
     """
     r = future_kl_returns(rewards, _require(kl, "kl", "future_kl_grpo"), mask, beta, ops=ops)
     adv = _normalise_in_group(r, mask, group_ids, norm_by_std=norm_by_std, eps=eps,
-                              unbiased_std=unbiased_std, ops=ops)
-    return adv * as_float_mask(mask, adv)
+                              unbiased_std=unbiased_std, std_min=std_min, std_max=std_max, ops=ops)
+    return _maybe_whiten(adv * as_float_mask(mask, adv), mask, whiten, ops)
+
+
+# the estimators that can whiten over the batch, with their default: the trainer calls them with
+# ``whiten=False`` and whitens over the whole step itself (``parallel.loss.step_whiten``)
+WHITENING = {"grpo": False, "dr_grpo": False, "rloo": False, "future_kl_grpo": False,
+             "reinforce_pp": True, "gae": True}
+
+
+def step_whitening(name: str, params: dict):
+    """``(params, whiten)``: the estimator's parameters with its own whitening switched off, and
+    whether the batch-wide whitening it asked for is to be done over the step instead."""
+    if name not in WHITENING:
+        return dict(params), False
+    return {**params, "whiten": False}, bool(params.get("whiten", WHITENING[name]))

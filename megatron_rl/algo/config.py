@@ -7,7 +7,7 @@ Parameters are checked against the registered function's keyword signature at lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -51,6 +51,12 @@ class AlgoConfig:
     kl_source: str = field_("old", choices=("old", "current"),
                             help="policy side of the advantage's KL: the rollout-time (old) "
                                  "policy, or the current one, recomputed before each update")
+    kl_clamp_log_ratio: Optional[float] = field_(
+        None, gt=0.0, help="bound |log(pi_ref/pi)| of the advantage's KL (verl's k3: 20)")
+    kl_clamp_value: Optional[float] = field_(
+        None, gt=0.0, help="bound the advantage's per-token KL value (verl's k3: 10)")
+    allow_unsound_kl: bool = field_(False, help="run a KL placement the load-time checks refuse "
+                                                "(the KL counted twice, k1 as a loss, k2/k3 as a reward)")
     dynamic_sampling: bool = field_(False, help="DAPO: drop groups whose rewards are all equal")
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
@@ -72,7 +78,43 @@ class AlgoConfig:
             wfn = _lookup(WEIGHT_FUNCTIONS, wname, f"{prefix}.loss.params.weight")
             _params("weight function", wname, self.loss.params.get("weight_params") or {},
                     keyword_params(wfn), f"{prefix}.loss.params.weight_params")
+        if not self.allow_unsound_kl:
+            _check_kl_placement(self, prefix)
         _dry_run(self, prefix, LOCAL if context_parallel == 1 else ShardedProbe(context_parallel))
+
+
+def advantage_kl_coef(name: str, params: Dict[str, Any]) -> float:
+    """The weight of the KL the advantage estimator puts in the reward (0: none)."""
+    key = {"future_kl_grpo": "beta", "reinforce_pp": "kl_coef", "gae": "kl_coef"}.get(name)
+    if key is None:
+        return 0.0
+    return float(params.get(key, estimator_params(name)[key]))
+
+
+def _check_kl_placement(cfg: "AlgoConfig", prefix: str) -> None:
+    """Refuse KL placements whose gradient is not the KL's (``algo.kl`` module doc)."""
+    adv, loss = cfg.advantage, cfg.loss
+    in_reward = advantage_kl_coef(adv.name, adv.params)
+    loss_coef = float(loss.params.get("kl_coef", 0.0) or 0.0)
+    placement = loss.params.get("kl_placement", "loss")
+    kind = loss.params.get("kl_kind", "k3")
+    key = {"future_kl_grpo": "beta"}.get(adv.name, "kl_coef")
+    override = f"(set {prefix}.allow_unsound_kl=true to run it anyway)"
+    if in_reward and loss_coef:
+        raise ConfigError(
+            f"{prefix}.advantage.params.{key}={in_reward:g} puts the KL in the reward and "
+            f"{prefix}.loss.params.kl_coef={loss_coef:g} adds it to the loss: the KL would be "
+            f"counted twice; set one of them to 0 {override}")
+    if loss_coef and placement == "loss" and kind == "k1":
+        raise ConfigError(
+            f"{prefix}.loss.params.kl_kind=k1 as a loss term has gradient grad(lp), which pushes "
+            "every sampled token down whatever the KL; use kl_kind k3 (or k2), or "
+            f"kl_placement=surrogate with k1 {override}")
+    if in_reward and cfg.kl_estimator in ("k2", "k3"):
+        raise ConfigError(
+            f"{prefix}.kl_estimator={cfg.kl_estimator} feeds {prefix}.advantage.name={adv.name} a "
+            "non-negative per-token penalty whose expectation is not the KL; the reward side "
+            f"takes k1 (set {prefix}.kl_estimator=k1) {override}")
 
 
 def _dry_run(cfg: "AlgoConfig", prefix: str, ops: SeqOps) -> None:

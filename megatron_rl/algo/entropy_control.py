@@ -3,10 +3,12 @@
 Entropy collapses through the few tokens whose log-prob and advantage co-vary most. Both methods
 score tokens by the centred covariance ``cov_t = (A_t - mean A) (lp_t - mean lp)`` (means over the
 action tokens of the micro-batch, detached) and treat a small selection specially:
-  Clip-Cov  a random ``ratio`` fraction of tokens with ``lb < cov < ub`` lose their gradient;
-  KL-Cov    the top ``ratio`` fraction by cov get a penalty ``coef * |lp - lp_old|``.
-Both select without host syncs: Clip-Cov by Bernoulli draws whose probability gives the same
-expected count as the reference implementation's random subset; KL-Cov by ranks from one sort.
+  Clip-Cov  a random ``ratio`` fraction (at least one) of the tokens with ``lb < cov < ub`` that
+            the PPO clip has not already zeroed lose their gradient (as verl's ``clip_cov``);
+  KL-Cov    the top ``ratio`` fraction by cov get a penalty ``coef * |lp - lp_old|``. The loss's
+            weight function still applies to every token (``grpo``: the PPO clip); verl's
+            ``kl_cov`` has no clip (``reinforce`` with ``weight: full`` gives that).
+Both select by ranks from one sort, without host syncs.
 """
 
 from __future__ import annotations
@@ -31,24 +33,32 @@ def centred_covariance(advantages: Tensor, logprobs: Tensor, mask: Tensor) -> Te
 
 def clip_cov_select(
     cov: Tensor, mask: Tensor, *, ratio: float, lb: float, ub: float,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator] = None, exclude: Optional[Tensor] = None,
 ) -> Tensor:
-    """Bool ``[B,T]``: tokens whose gradient Clip-Cov detaches (expected count
-    ``min(ratio * n_tokens, n_candidates)``)."""
+    """Bool ``[B,T]``: the tokens whose gradient Clip-Cov detaches, as the reference does: a
+    uniformly random subset of exactly ``min(max(floor(ratio * n_tokens), 1), n_candidates)`` of
+    the candidates ``lb < cov < ub``, not counting tokens in ``exclude`` (those the PPO clip
+    already zeroed). The subset is drawn by ranking random keys, without a host sync."""
     valid = mask > 0
     cand = valid & (cov > lb) & (cov < ub)
+    if exclude is not None:
+        cand = cand & ~exclude
     n_valid = valid.sum().to(cov.dtype)
-    n_cand = cand.sum().to(cov.dtype).clamp_min(1)
-    p = (ratio * n_valid / n_cand).clamp(max=1.0)
+    k = torch.minimum(torch.floor(ratio * n_valid).clamp_min(1), cand.sum().to(cov.dtype))
     u = torch.rand(cov.shape, generator=generator, dtype=cov.dtype, device=cov.device)
-    return cand & (u < p)
+    keys = torch.where(cand, u, torch.full_like(u, 2.0)).flatten()   # non-candidates rank last
+    return (_ranks(keys, descending=False).view_as(cov) < k) & cand
+
+
+def _ranks(flat: Tensor, descending: bool) -> Tensor:
+    """The rank of each element of ``flat`` in sorted order (0 = first)."""
+    order = torch.argsort(flat, descending=descending)
+    return torch.empty_like(order).scatter_(0, order, torch.arange(flat.numel(), device=flat.device))
 
 
 def kl_cov_select(cov: Tensor, mask: Tensor, *, ratio: float) -> Tensor:
     """Bool ``[B,T]``: the ``max(floor(ratio * n_tokens), 1)`` action tokens of largest cov."""
     valid = mask > 0
     flat = torch.where(valid, cov, torch.full_like(cov, float("-inf"))).flatten()
-    order = torch.argsort(flat, descending=True)
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(flat.numel(), device=flat.device))
     k = torch.floor(ratio * valid.sum().to(cov.dtype)).clamp_min(1)
-    return (rank.view_as(cov) < k) & valid
+    return (_ranks(flat, descending=True).view_as(cov) < k) & valid

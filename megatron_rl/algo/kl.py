@@ -4,7 +4,13 @@ With ``log r = ref_logprobs - logprobs``:
   k1 = -log r                 unbiased, high variance; its natural home is the reward
   k2 = (log r)^2 / 2          biased; its gradient equals that of k1-in-reward, so it belongs in a loss
   k3 = r - 1 - log r          unbiased and >= 0 in value; in a loss its gradient is biased off-policy
-(Schulman's "Approximating KL divergence"; "Rethinking KL regularisation in RLHF".)
+(Schulman's "Approximating KL divergence"; "Rethinking KL regularisation in RLHF").
+
+Where each belongs (``algo.config`` refuses the rest unless ``algo.allow_unsound_kl``): the
+reward side (the future-KL advantage, REINFORCE++'s per-token reward) takes k1, whose expectation
+is the KL; a loss takes k2 or k3, whose gradients are the KL's (k1 as a loss has gradient
+``grad lp``, which pushes every sampled token down). Off-policy (``rho != 1``) a loss-side KL
+belongs inside the importance-weighted surrogate (``kl_placement: surrogate`` in ``losses``).
 """
 
 from __future__ import annotations
@@ -42,19 +48,24 @@ def kl_estimate(
     kind: str = "k3",
     *,
     mask: Optional[Tensor] = None,
-    clamp: Optional[float] = None,
+    clamp_log_ratio: Optional[float] = None,
+    clamp_value: Optional[float] = None,
 ) -> Tensor:
     """Elementwise KL estimate ``[B,T]`` of ``kind`` in {k1, k2, k3}; gradients flow to both inputs.
 
-    ``clamp`` bounds ``log r`` to ``[-clamp, clamp]`` before the estimator (verl's ``low_var_kl``
-    uses 10 for k3, whose exp otherwise explodes on rare tokens). ``mask`` zeros padded and
-    environment positions.
+    Two optional clamps, off by default: ``clamp_log_ratio`` bounds ``log r`` to ``[-c, c]``
+    before the estimator, ``clamp_value`` bounds the estimate itself (a clamped position passes
+    no gradient). verl's ``low_var_kl`` (its k3) uses both, 20 and 10; slime and OpenRLHF clamp
+    the value only (10). Without them one rare token (``log r`` of 30) makes k3 ``e^30``.
+    ``mask`` zeros padded and environment positions.
     """
     fn = KL_ESTIMATORS.get_fn(kind)
     log_r = ref_logprobs - logprobs
-    if clamp is not None:
-        log_r = log_r.clamp(-clamp, clamp)
+    if clamp_log_ratio is not None:
+        log_r = log_r.clamp(-clamp_log_ratio, clamp_log_ratio)
     out = fn(log_r)
+    if clamp_value is not None:
+        out = out.clamp(-clamp_value, clamp_value)
     if mask is not None:
         out = out * mask.to(out.dtype)
     return out

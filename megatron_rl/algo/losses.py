@@ -2,8 +2,10 @@
 
 Per action token the loss is ``-sg(w) * A * lp`` (written ``-w * A * exp(lp - sg(lp))`` so that
 its value is ``-w * A``, the familiar surrogate, and its gradient ``-w * A * grad lp``), plus the
-optional KL-in-loss, KL-Cov and entropy terms; ``w`` = weight function of the IS ratio, times the
-truncated-IS correction, with Clip-Cov's selection zeroed.
+optional KL, KL-Cov and entropy terms; ``w`` = weight function of the IS ratio, times the
+truncated-IS correction, with Clip-Cov's selection zeroed. The KL goes outside the weight
+(``kl_placement="loss"``: ``+ kl_coef * kl``) or into ``A`` inside it (``"surrogate"``: ``A -
+kl_coef * c``, ``kl_surrogate_penalty``), which keeps its gradient right off-policy.
 
 Aggregations, with GLOBAL denominators (all ranks and micro-batches of the optimizer step, computed
 once before the first micro-batch and passed in as ``num_tokens`` / ``num_seqs``):
@@ -59,7 +61,8 @@ class LossInputs:
 @dataclass
 class Extras:
     """Parameters every loss accepts: aggregation constant, entropy bonus, truncated IS against
-    the rollout engine's log-probs, and entropy control (none | clip_cov | kl_cov)."""
+    the rollout engine's log-probs, entropy control (none | clip_cov | kl_cov), and the clamps
+    of the loss-side KL (``kl.kl_estimate``; verl's k3: 20 and 10; default none)."""
 
     norm_constant: float = 1.0
     entropy_coef: float = 0.0
@@ -72,6 +75,8 @@ class Extras:
     clip_cov_ub: float = 5.0
     kl_cov_ratio: float = 2e-3
     kl_cov_coef: float = 1.0
+    kl_clamp_log_ratio: Optional[float] = None
+    kl_clamp_value: Optional[float] = None
 
     def __post_init__(self):
         for name, allowed in (("tis_mode", ("truncate", "mask")), ("tis_level", ("token", "sequence")),
@@ -114,38 +119,75 @@ def loss_params(name: str) -> dict:
     return {**keyword_params(POLICY_LOSSES.get_fn(name)), **EXTRA_PARAMS}
 
 
+KL_PLACEMENTS = ("loss", "surrogate")
+
+
+def kl_surrogate_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str,
+                         clamp_log_ratio: Optional[float] = None,
+                         clamp_value: Optional[float] = None) -> Tensor:
+    """The per-token penalty ``c`` that ``kl_placement: surrogate`` subtracts from the advantage
+    (``A - kl_coef * c``, inside the importance weight; detached). ``c`` is the derivative in
+    ``lp`` of the loss-side estimator, so at ``rho = 1`` the gradient equals the loss placement's:
+      k1   c = lp - lp_ref = log(pi/pi_ref)      (the k2 loss's gradient; "k1 in the reward")
+      k3   c = 1 - pi_ref/pi                    (the k3 loss's gradient)
+    Off-policy, the weight ``rho`` then multiplies the KL gradient as it does the reward's, which
+    makes it the gradient of ``KL(pi || pi_ref)`` from samples of the old policy; the loss
+    placement leaves it unweighted. ``clamp_log_ratio`` bounds ``log r``, ``clamp_value`` ``c``."""
+    if kind not in ("k1", "k3"):
+        raise ValueError(f"kl_kind={kind!r} with kl_placement=surrogate: use k1 (the k2 loss's "
+                         "gradient, log pi/pi_ref) or k3 (1 - pi_ref/pi)")
+    log_r = (ref_logprobs - logprobs).detach()
+    if clamp_log_ratio is not None:
+        log_r = log_r.clamp(-clamp_log_ratio, clamp_log_ratio)
+    c = -log_r if kind == "k1" else -torch.expm1(log_r)
+    return c if clamp_value is None else c.clamp(-clamp_value, clamp_value)
+
+
 def reinforce_form(
     x: LossInputs, e: Extras, *, ratio: str, weight: str, weight_params: dict, agg: str,
-    kl_coef: float = 0.0, kl_kind: str = "k3",
+    kl_coef: float = 0.0, kl_kind: str = "k3", kl_placement: str = "loss",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The core every preset calls; returns ``(loss, metrics)``."""
     if agg not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGREGATIONS)}")
+    if kl_placement not in KL_PLACEMENTS:
+        raise ValueError(f"kl_placement must be one of {', '.join(KL_PLACEMENTS)}; got {kl_placement!r}")
     m = as_float_mask(x.mask, x.logprobs)
     lp, adv = x.logprobs, x.advantages.detach()
     if x.seq_lengths is None:  # reduce once; the ratio and the aggregation both divide by it
         x.seq_lengths = x.ops.seq_len(x.mask, lp.dtype)
+    kl = None
+    if x.ref_logprobs is not None:
+        kl = kl_estimate(lp, x.ref_logprobs, kl_kind if kl_placement == "loss" else "k3",
+                         clamp_log_ratio=e.kl_clamp_log_ratio, clamp_value=e.kl_clamp_value)
+        if kl_coef != 0.0 and kl_placement == "surrogate":
+            adv = adv - kl_coef * kl_surrogate_penalty(lp, x.ref_logprobs, kl_kind,
+                                                       e.kl_clamp_log_ratio, e.kl_clamp_value)
     log_rho = log_ratio(ratio, lp, x.old_logprobs, x.mask, x.seq_lengths, x.ops).detach()
     rho = log_rho.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
     wfn = WEIGHT_FUNCTIONS.get_fn(weight)
     check_params("weight function", weight, weight_params, keyword_params(wfn))
     W = wfn(rho, adv, **weight_params)
-    w = W.w
+    w, value = W.w, (W.w if W.surrogate is None else W.surrogate)
     metrics = {"clip_frac_low": W.clipped_low, "clip_frac_high": W.clipped_high, "ratio_mean": rho}
     if x.rollout_logprobs is not None:
         metrics["rollout_mismatch_k3"] = kl_estimate(x.rollout_logprobs, x.old_logprobs, "k3").detach()
         if e.tis_cap is not None:
             tis = truncated_is(x.old_logprobs, x.rollout_logprobs, x.mask, cap=e.tis_cap,
                                mode=e.tis_mode, level=e.tis_level, lengths=x.seq_lengths, ops=x.ops)
-            w = w * tis.w
+            w, value = w * tis.w, value * tis.w
             metrics["tis_capped_frac"] = tis.capped
-    per_token, w = _entropy_control(x, e, w, adv, metrics)
-    per_token = per_token - w * adv * torch.exp(lp - lp.detach())
+    penalty, keep = _entropy_control(x, e, adv, W, metrics)
+    if keep is not None:
+        w, value = w * keep, value * keep
+    per_token = penalty - w * adv * torch.exp(lp - lp.detach())
     metrics["pg_loss"] = aggregate(per_token.detach(), x, agg, e.norm_constant)
-    if x.ref_logprobs is not None:
-        kl = kl_estimate(lp, x.ref_logprobs, kl_kind)
+    # what verl / TRL log as pg_loss: the clipped surrogate's value, not 0 on clipped tokens
+    metrics["pg_loss_clipped_surrogate"] = aggregate((penalty - value * adv).detach(), x, agg,
+                                                     e.norm_constant)
+    if kl is not None:
         metrics["kl"] = kl.detach()
-        if kl_coef != 0.0:
+        if kl_coef != 0.0 and kl_placement == "loss":
             per_token = per_token + kl_coef * kl
     if x.entropy is not None:
         metrics["entropy"] = x.entropy.detach()
@@ -155,12 +197,12 @@ def reinforce_form(
     return loss, _finish_metrics(metrics, m, x.num_tokens)
 
 
-def _entropy_control(x: LossInputs, e: Extras, w: Tensor, adv: Tensor, metrics: dict):
-    """Apply Clip-Cov (zero ``w`` on selected tokens) or KL-Cov (penalty term); returns the
-    per-token penalty so far and the possibly modified weight."""
+def _entropy_control(x: LossInputs, e: Extras, adv: Tensor, W, metrics: dict):
+    """Clip-Cov (a 0/1 ``keep`` multiplier of the weight) or KL-Cov (a per-token penalty);
+    returns ``(penalty, keep)``, ``keep`` None when nothing is detached."""
     penalty = torch.zeros_like(x.logprobs)
     if e.entropy_control == "none":
-        return penalty, w
+        return penalty, None
     if x.ops.sharded:
         # both select tokens by a covariance ranked over the whole micro-batch; on shards that
         # would need every token's score on every rank, which this module exists to avoid
@@ -168,15 +210,17 @@ def _entropy_control(x: LossInputs, e: Extras, w: Tensor, adv: Tensor, metrics: 
                          "supported with context parallelism (set entropy_control: none or "
                          "context_parallel_size 1)")
     cov = entropy_control.centred_covariance(adv, x.logprobs, x.mask)
+    keep = None
     if e.entropy_control == "clip_cov":
         sel = entropy_control.clip_cov_select(cov, x.mask, ratio=e.clip_cov_ratio,
-                                              lb=e.clip_cov_lb, ub=e.clip_cov_ub, generator=x.generator)
-        w = torch.where(sel, torch.zeros_like(w), w)
+                                              lb=e.clip_cov_lb, ub=e.clip_cov_ub, generator=x.generator,
+                                              exclude=W.clipped_low | W.clipped_high)
+        keep = (~sel).to(x.logprobs.dtype)
     else:  # kl_cov (Extras validated the choice)
         sel = entropy_control.kl_cov_select(cov, x.mask, ratio=e.kl_cov_ratio)
         penalty = torch.where(sel, e.kl_cov_coef * (x.logprobs - x.old_logprobs).abs(), penalty)
     metrics["cov_selected_frac"] = sel
-    return penalty, w
+    return penalty, keep
 
 
 def _finish_metrics(metrics: dict, m: Tensor, num_tokens) -> Dict[str, Tensor]:
@@ -188,22 +232,26 @@ def _finish_metrics(metrics: dict, m: Tensor, num_tokens) -> Dict[str, Tensor]:
 
 @POLICY_LOSSES.register("grpo")
 def grpo(x, e, *, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: Optional[float] = None,
-         kl_coef: float = 0.0, kl_kind: str = "k3", agg: str = "token-mean"):
+         kl_coef: float = 0.0, kl_kind: str = "k3", kl_placement: str = "loss",
+         agg: str = "token-mean"):
     """Token ratios, PPO clip (``eps_high > eps_low`` = clip-higher, optional dual clip), optional
-    KL-in-loss (``kl_kind`` k2 or k3; k1 belongs in the reward)."""
+    KL: ``kl_placement=loss`` adds ``kl_coef * kl`` outside the weight (``kl_kind`` k2 or k3),
+    ``surrogate`` puts it in the advantage inside the weight (k1 or k3; see
+    ``kl_surrogate_penalty``), which stays correct off-policy."""
     return reinforce_form(x, e, ratio="token", weight="ppo_clip", agg=agg, kl_coef=kl_coef,
-                          kl_kind=kl_kind,
+                          kl_kind=kl_kind, kl_placement=kl_placement,
                           weight_params=dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip))
 
 
 @POLICY_LOSSES.register("gspo")
 def gspo(x, e, *, eps_low: float = 3e-4, eps_high: float = 4e-4, kl_coef: float = 0.0,
-         kl_kind: str = "k3", agg: str = "seq-mean-token-mean"):
+         kl_kind: str = "k3", kl_placement: str = "loss", agg: str = "seq-mean-token-mean"):
     """GSPO-token: the sequence ratio ``s_i`` (geometric mean) on every token, clipped at the
     sequence level. ``agg="seq-mean-token-sum"`` with ``norm_constant`` is Dr.GSPO (objective
     times H)."""
     return reinforce_form(x, e, ratio="sequence", weight="ppo_clip", agg=agg, kl_coef=kl_coef,
-                          kl_kind=kl_kind, weight_params=dict(eps_low=eps_low, eps_high=eps_high))
+                          kl_kind=kl_kind, kl_placement=kl_placement,
+                          weight_params=dict(eps_low=eps_low, eps_high=eps_high))
 
 
 @POLICY_LOSSES.register("future_kl_grpo")
@@ -218,7 +266,8 @@ def future_kl_grpo(x, e, *, ratio: str = "token", weight: str = "ppo_clip",
 @POLICY_LOSSES.register("reinforce")
 def reinforce(x, e, *, ratio: str = "token", weight: str = "none",
               weight_params: Optional[dict] = None, agg: str = "token-mean",
-              kl_coef: float = 0.0, kl_kind: str = "k3"):
-    """Generic REINFORCE form: any ratio kind, any weight function, optional KL-in-loss."""
+              kl_coef: float = 0.0, kl_kind: str = "k3", kl_placement: str = "loss"):
+    """Generic REINFORCE form: any ratio kind, any weight function, optional KL (placed as in
+    ``grpo``)."""
     return reinforce_form(x, e, ratio=ratio, weight=weight, weight_params=dict(weight_params or {}),
-                          agg=agg, kl_coef=kl_coef, kl_kind=kl_kind)
+                          agg=agg, kl_coef=kl_coef, kl_kind=kl_kind, kl_placement=kl_placement)

@@ -132,6 +132,23 @@ def masked_whiten(
     return out * m
 
 
+def whiten_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """``[3]`` float64 ``(count, sum, sum of squares)`` of ``x`` over masked positions: summed over
+    micro-batches and ranks, they give ``masked_whiten``'s mean and variance for the whole lot."""
+    m = as_float_mask(mask, x).double()
+    xd = x.detach().double() * m
+    return torch.stack([m.sum(), xd.sum(), (xd * xd).sum()])
+
+
+def whiten_with_moments(x: Tensor, mask: Tensor, moments: Tensor, eps: float = 1e-8) -> Tensor:
+    """``masked_whiten`` with the mean and (biased) variance of the summed ``moments``."""
+    n = moments[0].clamp_min(1)
+    mean = moments[1] / n
+    var = (moments[2] / n - mean * mean).clamp_min(0)
+    out = (x.double() - mean) * torch.rsqrt(var + eps)
+    return (out * as_float_mask(mask, out)).to(x.dtype)
+
+
 class SeqOps:
     """Reductions along sequences and across the batch, on whole sequences held by one process.
 

@@ -32,6 +32,9 @@ class Weights(NamedTuple):
     w: Tensor
     clipped_low: Tensor
     clipped_high: Tensor
+    # the ratio factor of the surrogate's VALUE as verl / TRL log it: ``clip(rho)`` where a clip
+    # binds (``w`` is 0 there: same gradient, different value); ``w`` for unclipped weights
+    surrogate: Optional[Tensor] = None
 
 
 def _no_clip(ratio: Tensor) -> Tensor:
@@ -50,8 +53,13 @@ def ppo_clip(
     if dual_clip is not None:
         if dual_clip <= 1 + eps_high:
             raise ValueError(f"dual_clip must exceed 1 + eps_high = {1 + eps_high}, got {dual_clip}")
-        high = high | ((rho > dual_clip) & (advantages < 0))
-    return Weights(torch.where(low | high, torch.zeros_like(rho), rho), low, high)
+        dual = (rho > dual_clip) & (advantages < 0)
+        high = high | dual
+    value = torch.where(low, torch.full_like(rho, 1 - eps_low), rho)
+    value = torch.where(high & (advantages > 0), torch.full_like(rho, 1 + eps_high), value)
+    if dual_clip is not None:
+        value = torch.where(dual, torch.full_like(rho, dual_clip), value)
+    return Weights(torch.where(low | high, torch.zeros_like(rho), rho), low, high, value)
 
 
 @WEIGHT_FUNCTIONS.register("upper_clip")

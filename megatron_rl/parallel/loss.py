@@ -26,6 +26,7 @@ import torch
 
 from megatron_rl.algo.advantages import compute_advantages
 from megatron_rl.algo.losses import policy_loss
+from megatron_rl.algo.masked import whiten_moments, whiten_with_moments
 from megatron_rl.parallel.collectives import Group, all_reduce_nograd
 from megatron_rl.parallel.cp_layout import CPShard
 from megatron_rl.parallel.seq_ops import CPSeqOps
@@ -97,6 +98,20 @@ def sharded_advantages(name: str, mb: ShardedMicroBatch, *, rewards: Tensor,
     """``compute_advantages`` on the view: ``rewards[B]``, ``kl``/``values`` ``[B, 2C]``."""
     return compute_advantages(name, rewards=rewards, mask=mb.mask, group_ids=mb.group_ids, kl=kl,
                               values=values, ops=mb.ops, **params)
+
+
+def step_whiten(advantages: Sequence[Tensor], micro_batches: Sequence[ShardedMicroBatch],
+                dp_cp_group: Group) -> list:
+    """Whiten every micro-batch's advantages ``[B, 2C]`` with the mean and variance over all
+    action tokens of the step: every micro-batch of every DP x CP rank (each token lives on one CP
+    rank; TP ranks hold copies and reduce in their own DP x CP group). One all-reduce of three
+    float64 numbers, no autograd (advantages are constants of the loss)."""
+    if not micro_batches:
+        raise ValueError("step_whiten needs this rank's micro-batches (an empty list would leave "
+                         "its peers waiting in the all-reduce)")
+    local = sum(whiten_moments(a, mb.mask) for a, mb in zip(advantages, micro_batches))
+    total = all_reduce_nograd(local, dp_cp_group)
+    return [whiten_with_moments(a, mb.mask, total) for a, mb in zip(advantages, micro_batches)]
 
 
 def sharded_policy_loss(name: str, mb: ShardedMicroBatch, **kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:

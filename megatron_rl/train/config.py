@@ -12,7 +12,11 @@ from megatron_rl.config.fields import field_
 class TrainConfig:
     steps: int = field_(100, ge=1, help="RL steps: one rollout batch each")
     prompts_per_step: int = field_(32, ge=1)
-    updates_per_step: int = field_(1, ge=1, help="optimizer updates (mini-batches) per rollout batch")
+    updates_per_step: int = field_(1, ge=1, help="optimizer updates (mini-batches) per pass over "
+                                                 "the rollout batch")
+    epochs_per_step: int = field_(1, ge=1, help="passes over the rollout batch (PPO epochs, verl's "
+                                                "ppo_epochs); each after the first reshuffles the "
+                                                "mini-batches from the run's seed")
     micro_batch_size: int = field_(8, ge=1, help="responses per forward/backward (whole groups "
                                                  "for the Megatron trainer)")
     pack_sequences: bool = field_(False, help="THD packing of a micro-batch (no padding)")

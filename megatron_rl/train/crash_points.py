@@ -18,6 +18,7 @@ ENV = "MEGATRON_RL_KILL_AT"
 POINTS = (
     "rollout",             # the step starts: prompts, generation, rewards
     "train",               # log-prob passes and the optimizer updates
+    "train.epoch",         # a second or later pass over the step's batch (train.epochs_per_step)
     "sync",                # weights pushed into the engine
     "checkpoint",          # the temporary checkpoint directory is being written
     "checkpoint.written",  # every file written, not yet renamed into place

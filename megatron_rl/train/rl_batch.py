@@ -17,10 +17,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_rl.algo.advantages import PER_POSITION_ESTIMATORS
+from megatron_rl.algo.advantages import PER_POSITION_ESTIMATORS, step_whitening
 from megatron_rl.algo.kl import kl_estimate
 from megatron_rl.parallel.groups import ParallelGroups
-from megatron_rl.parallel.loss import sharded_advantages, step_denominators
+from megatron_rl.parallel.loss import sharded_advantages, step_denominators, step_whiten
+from megatron_rl.train.crash_points import reached
 from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.megatron_loss import (PolicyLoss, PolicyMicroBatch, forward_logprobs,
                                              train_forward_backward)
@@ -39,7 +40,11 @@ class StepPlan:
     loss_params: Dict
     kl_estimator: str = "k1"
     kl_source: str = "old"                  # old | current
+    kl_clamp_log_ratio: Optional[float] = None
+    kl_clamp_value: Optional[float] = None
     updates: int = 1
+    epochs: int = 1                         # passes over the step's batch (PPO epochs)
+    seed: int = 0                           # the shuffles of epochs after the first
     temperature: float = 1.0
     needs_reference: bool = False
     record_routes: bool = False
@@ -94,18 +99,27 @@ def build_step_batch(groups: List[List[Dict[str, Tensor]]], rewards: List[Tensor
     return StepBatch(mbs, rs, [None] * len(mbs))
 
 
-def set_advantages(batch: StepBatch, idx: Sequence[int], plan: StepPlan,
+def set_advantages(batch: StepBatch, idx: Sequence[int], plan: StepPlan, pg: ParallelGroups,
                    policy_lp: Optional[List[Tensor]] = None) -> None:
     """Advantages of micro-batches ``idx`` from their rewards and the KL between ``policy_lp``
-    (default: the old log-probs) and the reference."""
+    (default: the old log-probs) and the reference. An estimator's batch-wide whitening is done
+    over all of ``idx`` on every DP x CP rank (the step; with ``kl_source=current``, the update)."""
+    params, whiten = step_whitening(plan.advantage, plan.advantage_params)
+    advs = []
     for j, i in enumerate(idx):
         mb = batch.micro_batches[i]
         kl = None
         if batch.ref[i] is not None:
             lp = mb.old_logprobs if policy_lp is None else policy_lp[j]
-            kl = kl_estimate(lp, batch.ref[i], plan.kl_estimator, mask=mb.shard.mask)
-        mb.advantages = sharded_advantages(plan.advantage, mb.shard, rewards=batch.rewards[i], kl=kl,
-                                           **plan.advantage_params).detach()
+            kl = kl_estimate(lp, batch.ref[i], plan.kl_estimator, mask=mb.shard.mask,
+                             clamp_log_ratio=plan.kl_clamp_log_ratio,
+                             clamp_value=plan.kl_clamp_value)
+        advs.append(sharded_advantages(plan.advantage, mb.shard, rewards=batch.rewards[i], kl=kl,
+                                       **params).detach())
+    if whiten:
+        advs = step_whiten(advs, [batch.micro_batches[i].shard for i in idx], pg.dp_cp)
+    for i, adv in zip(idx, advs):
+        batch.micro_batches[i].advantages = adv
 
 
 def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: StepPlan,
@@ -128,7 +142,7 @@ def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: Step
             batch.ref = forward_logprobs(model, batch.micro_batches, pg, temperature=plan.temperature)
         for mb, r in zip(batch.micro_batches, batch.ref):
             mb.ref_logprobs = r
-    set_advantages(batch, range(len(batch.micro_batches)), plan)
+    set_advantages(batch, range(len(batch.micro_batches)), plan, pg)
 
 
 def update_slices(n_micro_batches: int, updates: int) -> List[range]:
@@ -143,32 +157,71 @@ def update_slices(n_micro_batches: int, updates: int) -> List[range]:
     return out
 
 
+def epoch_orders(n_micro_batches: int, epochs: int, seed: int, step: int) -> List[List[int]]:
+    """The micro-batch order of each epoch: the first keeps the batch's order, each later one is
+    a permutation drawn from ``(seed, step, epoch)`` alone, so every rank draws the same one and a
+    step restarted after a crash replays it. Micro-batches hold whole groups: shuffling them
+    shuffles groups."""
+    orders = [list(range(n_micro_batches))]
+    for e in range(1, epochs):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + e)
+        orders.append(torch.randperm(n_micro_batches, generator=g).tolist())
+    return orders
+
+
 def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: ParallelGroups,
-                plan: StepPlan) -> Dict[str, Tensor]:
-    """``plan.updates`` optimizer updates over the step's micro-batches. Returns this rank's
-    partial metric sums (tensors; reduce with ``reduce_metrics``)."""
+                plan: StepPlan, step: int = 0) -> Dict[str, Tensor]:
+    """``plan.epochs`` passes over the step's micro-batches, each cut into ``plan.updates``
+    optimizer updates; the old log-probs and advantages stay those of the rollout (``kl_source=
+    current`` recomputes the KL before every update but the first). Returns this rank's partial
+    metric sums (tensors; reduce with ``reduce_metrics``): the mean over all updates, and with
+    several epochs each epoch's mean as ``train/epoch<k>/...``."""
     sums: Dict[str, Tensor] = {}
+    n_updates, skipped = 0, 0.0
+    orders = epoch_orders(len(batch.micro_batches), plan.epochs, plan.seed, step)
     slices = update_slices(len(batch.micro_batches), plan.updates)
-    for u, idx in enumerate(slices):
-        mbs = [batch.micro_batches[i] for i in idx]
-        if u > 0 and plan.kl_source == "current" and batch.ref[idx[0]] is not None:
-            current = forward_logprobs(model, mbs, pg, temperature=plan.temperature)
-            if current:
-                set_advantages(batch, idx, plan, current)
-        num_tokens, num_seqs = step_denominators([m.shard for m in mbs], pg.dp_cp)
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        loss = PolicyLoss(plan.loss, plan.loss_params, num_tokens, num_seqs, plan.temperature)
-        logged = train_forward_backward(model, mbs, loss, pg)
-        bad = nonfinite_flag(model, [row["loss"] for row in logged])
-        applied, grad_norm, _ = optimizer_step(optimizer, scheduler, bad, torch.distributed.group.WORLD)
-        for row in logged:
+    total = len(orders) * len(slices)
+    for epoch, order in enumerate(orders):
+        if epoch > 0:
+            reached("train.epoch", step)
+        for idx in ([order[i] for i in sl] for sl in slices):
+            if n_updates > 0 and plan.kl_source == "current" and batch.ref[idx[0]] is not None:
+                current = forward_logprobs(model, [batch.micro_batches[i] for i in idx], pg,
+                                           temperature=plan.temperature)
+                if current:
+                    set_advantages(batch, idx, plan, pg, current)
+            row = _one_update(model, optimizer, scheduler, batch, idx, pg, plan)
+            skipped += row.pop("skipped_updates")
             for k, v in row.items():
-                sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v.float() / len(slices)
-        sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + float(grad_norm or 0.0) / len(slices)
-        sums["train/skipped_updates"] = sums.get("train/skipped_updates", 0.0) + float(not applied)
-    sums["train/updates"] = torch.tensor(float(len(slices)))
+                sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v / total
+                if plan.epochs > 1:
+                    key = f"train/epoch{epoch + 1}/{k}"
+                    sums[key] = sums.get(key, 0.0) + v / len(slices)
+            n_updates += 1
+    sums["train/skipped_updates"] = skipped
+    sums["train/updates"] = torch.tensor(float(n_updates))
     return sums
+
+
+def _one_update(model: List, optimizer, scheduler, batch: StepBatch, idx: Sequence[int],
+                pg: ParallelGroups, plan: StepPlan) -> Dict[str, Tensor]:
+    """One optimizer update over micro-batches ``idx``: this rank's partial loss metrics (summed
+    over them), the gradient norm and whether the update was skipped."""
+    mbs = [batch.micro_batches[i] for i in idx]
+    num_tokens, num_seqs = step_denominators([m.shard for m in mbs], pg.dp_cp)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    loss = PolicyLoss(plan.loss, plan.loss_params, num_tokens, num_seqs, plan.temperature)
+    logged = train_forward_backward(model, mbs, loss, pg)
+    bad = nonfinite_flag(model, [row["loss"] for row in logged])
+    applied, grad_norm, _ = optimizer_step(optimizer, scheduler, bad, torch.distributed.group.WORLD)
+    out: Dict[str, Tensor] = {}
+    for row in logged:
+        for k, v in row.items():
+            out[k] = out.get(k, 0.0) + v.float()
+    out["grad_norm"] = torch.tensor(float(grad_norm or 0.0))
+    out["skipped_updates"] = torch.tensor(float(not applied))
+    return out
 
 
 def mismatch_sums(batch: StepBatch) -> Dict[str, Tensor]:

@@ -63,7 +63,8 @@ def build_model_state(cfg: RunConfig, hf, layout, pg) -> ModelState:
     t = cfg.train
     settings = OptimSettings(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                              max_grad_norm=t.max_grad_norm, warmup_steps=t.lr_warmup_steps,
-                             total_steps=t.steps * t.updates_per_step, decay_style=t.lr_decay_style,
+                             total_steps=t.steps * t.updates_per_step * t.epochs_per_step,
+                             decay_style=t.lr_decay_style,
                              adam_beta2=t.adam_beta2)
     optimizer, scheduler = build_optimizer(model, settings, opt.params_dtype)
     try:

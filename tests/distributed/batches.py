@@ -179,12 +179,37 @@ def step_counts(mbs: Sequence[MicroBatch]):
     return sum(m.sum() for m in masks), sum(float((m.sum(-1) > 0).sum()) for m in masks)
 
 
+def _reference_advantages(mbs: Sequence[MicroBatch], case):
+    """Each micro-batch's advantages; a ``step_whiten`` case whitens them all together: the
+    mean and biased variance of every action token of the step."""
+    params = dict(case.adv_params)
+    whiten = getattr(case, "step_whiten", False)
+    if whiten:
+        whiten = params.pop("whiten", case.adv == "reinforce_pp")
+        params["whiten"] = False
+    advs, masks = [], []
+    for mb in mbs:
+        ra = lambda xs: response_aligned(mb, xs)
+        mask = response_mask(mb)
+        old, ref = ra(mb.old), ra(mb.ref)
+        advs.append(compute_advantages(case.adv, rewards=mb.rewards, mask=mask,
+                                       group_ids=torch.tensor(mb.group_of_seq),
+                                       kl=(old - ref) * mask, **params))
+        masks.append(mask)
+    if not whiten:
+        return advs
+    values = torch.cat([a[m > 0] for a, m in zip(advs, masks)])
+    mean, var = values.mean(), values.var(unbiased=False)
+    return [(a - mean) / torch.sqrt(var + 1e-8) * m for a, m in zip(advs, masks)]
+
+
 def reference_step(mbs: Sequence[MicroBatch], case):
     """``(loss, metrics, grads)`` of one optimizer step over ``mbs`` in one process; ``grads[i][b]``
     is d(step loss)/d(logits of sequence b of micro-batch i), ``[n_b, V]``."""
     num_tokens, num_seqs = step_counts(mbs)
     total, metrics, grads = 0.0, {}, []
-    for mb in mbs:
+    advs = _reference_advantages(mbs, case)
+    for mb, adv in zip(mbs, advs):
         leaves = [lg.clone().requires_grad_() for lg in mb.logits]
         lp_seq, ent_seq = [], []
         for lg, t in zip(leaves, mb.tokens):
@@ -196,9 +221,6 @@ def reference_step(mbs: Sequence[MicroBatch], case):
         ra = lambda xs: response_aligned(mb, xs)
         mask = response_mask(mb)
         old, ref, rollout = ra(mb.old), ra(mb.ref), ra(mb.rollout)
-        adv = compute_advantages(case.adv, rewards=mb.rewards, mask=mask,
-                                 group_ids=torch.tensor(mb.group_of_seq), kl=(old - ref) * mask,
-                                 **case.adv_params)
         loss, m = policy_loss(case.loss, logprobs=ra(lp_seq), old_logprobs=old, advantages=adv,
                               mask=mask, num_tokens=num_tokens, num_seqs=num_seqs,
                               ref_logprobs=ref if case.use_ref else None,

@@ -139,6 +139,13 @@ def patch_results():
 
 
 @pytest.fixture(scope="session")
+def epoch_pass_results():
+    from tests.distributed import model_workers
+
+    return spawn(model_workers.epoch_passes, 1)
+
+
+@pytest.fixture(scope="session")
 def logprob_pass_results():
     from tests.distributed import model_workers
 

@@ -291,6 +291,62 @@ def logprob_passes(rank: int, world: int) -> dict:
             "restored": same(again, after), "update_changed": not same(after, base)}
 
 
+def epoch_passes(rank: int, world: int) -> dict:
+    """``run_updates`` with 2 epochs x 2 updates over 4 micro-batches against the same four
+    updates made by hand in ``epoch_orders``' order, from the same initial weights (the
+    advantages and old log-probs of the rollout, fixed), and against 1 epoch."""
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer, nonfinite_flag, optimizer_step
+    from megatron_rl.train.rl_batch import StepBatch, StepPlan, epoch_orders, run_updates, update_slices
+
+    hf = load_hf_config(tiny_hf_config("qwen3_moe"))
+    data = _sequences(hf.vocab_size)
+    adv = _advantages(data, "grpo", {})
+    rows = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    params = {"eps_low": 0.2, "eps_high": 0.2}
+    step, seed = 3, 11
+
+    def fresh():
+        groups = init_megatron_parallel(Layout(), 7)
+        model, _ = build_model(hf, Layout(), ModelOptions(), distributed_optimizer=True)
+        opt, sched = build_optimizer(model, OptimSettings(lr=1e-2), torch.float32)
+        mbs = _micro_batches(data, adv, rows, groups.cp)
+        return groups, model, opt, sched, mbs
+
+    def weights(model):
+        out = {k: v.detach().clone() for k, v in unwrap(model[0]).state_dict().items()
+               if torch.is_tensor(v)}
+        destroy_megatron_parallel()
+        return out
+
+    results = {}
+    for epochs in (2, 1):
+        groups, model, opt, sched, mbs = fresh()
+        plan = StepPlan("grpo", {}, "gspo", params, updates=2, epochs=epochs, seed=seed)
+        sums = run_updates(model, opt, sched, StepBatch(mbs, [data["rewards"]] * 4, [None] * 4),
+                           groups, plan, step)
+        results[epochs] = (weights(model), sums)
+    groups, model, opt, sched, mbs = fresh()
+    orders = epoch_orders(4, 2, seed, step)
+    for order in orders:
+        for sl in update_slices(4, 2):
+            chosen = [mbs[order[i]] for i in sl]
+            nt, ns = step_denominators([m.shard for m in chosen], groups.dp_cp)
+            model[0].zero_grad_buffer()
+            logged = train_forward_backward(model, chosen, PolicyLoss("gspo", params, nt, ns), groups)
+            optimizer_step(opt, sched, nonfinite_flag(model, [r["loss"] for r in logged]),
+                           torch.distributed.group.WORLD)
+    by_hand = weights(model)
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    sums = results[2][1]
+    return {"equal_to_hand": same(results[2][0], by_hand),
+            "differs_from_one_epoch": not same(results[2][0], results[1][0]),
+            "shuffled": orders[1] != orders[0],
+            "updates": float(sums["train/updates"]),
+            "epoch_keys": sorted(k for k in sums if k.startswith("train/epoch")),
+            "mean_is_mean_of_epochs": abs(float(sums["train/loss"]) - 0.5 * (
+                float(sums["train/epoch1/loss"]) + float(sums["train/epoch2/loss"]))) < 1e-6}
+
+
 def routing_replay(rank: int, world: int) -> dict:
     """Routes recorded in the old-policy pass are the ones the training forward uses after the
     weights moved; without replay some tokens would go elsewhere."""

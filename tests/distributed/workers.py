@@ -14,8 +14,10 @@ from megatron_rl.parallel.collectives import all_reduce_nograd, all_reduce_parti
 from megatron_rl.parallel.cp_layout import CPShard, bshd_shard, padded_length
 from megatron_rl.parallel.groups import build_groups
 from megatron_rl.train.batches import actions_share_columns
+from megatron_rl.algo.advantages import step_whitening
 from megatron_rl.parallel.loss import (
     logprobs_entropy, prepare_micro_batch, sharded_advantages, sharded_policy_loss, step_denominators,
+    step_whiten,
 )
 from megatron_rl.algo.masked import SeqOps
 from megatron_rl.algo.ratios import log_ratio
@@ -32,6 +34,7 @@ class Case:
     loss_params: Dict = field(default_factory=dict)
     use_ref: bool = False
     use_rollout: bool = False
+    step_whiten: bool = False      # the estimator's whitening over the whole step (the trainer's)
 
 
 CASES = [
@@ -54,7 +57,13 @@ CASES = [
          {"ratio": "sequence", "weight": "upper_clip", "weight_params": {"eps": 0.01},
           "agg": "seq-mean-token-mean", "kl_coef": 0.05, "kl_kind": "k2"}, use_ref=True),
     Case("reinforce_pp", "reinforce_pp", "reinforce", {"kl_coef": 0.05, "baseline": "group"},
-         {"ratio": "token", "weight": "full", "agg": "token-mean"}),
+         {"ratio": "token", "weight": "full", "agg": "token-mean"}, step_whiten=True),
+    Case("grpo_kl_surrogate_k1", "grpo", "grpo", {"whiten": True},
+         {"eps_low": 0.03, "eps_high": 0.05, "kl_coef": 0.1, "kl_kind": "k1",
+          "kl_placement": "surrogate"}, use_ref=True, step_whiten=True),
+    Case("gspo_kl_surrogate_k3", "grpo", "gspo", {},
+         {"eps_low": 0.01, "eps_high": 0.015, "kl_coef": 0.2, "kl_kind": "k3",
+          "kl_placement": "surrogate", "kl_clamp_log_ratio": 0.5}, use_ref=True),
 ]
 
 # (cp, tp, dp): each dimension alone, and combinations; world 8 holds the largest
@@ -91,15 +100,14 @@ def _sharded_step(mbs, case: Case, layout: str, par, groups, dtype, ref_grads):
                                   num_groups=max(mb.group_of_seq) + 1, dtype=dtype)
         prepared.append((i, local, smb))
     num_tokens, num_seqs = step_denominators([p[2] for p in prepared], groups.dp_cp)
+    advs = _advantages(mbs, case, prepared, groups, dtype)
     loss_sum, metrics, err = 0.0, {}, 0.0
     empty = sum(1 for _, _, smb in prepared if not bool(smb.mask.any()))
-    for i, local, smb in prepared:
+    for (i, local, smb), adv in zip(prepared, advs):
         mb = mbs[i]
         logits = local["logits"][..., v0:v0 + Vs].to(dtype).clone().requires_grad_()
         lp, ent = logprobs_entropy(smb, logits, local["labels"], tp_group=groups.tp, vocab_start=v0)
         old, ref, rollout = (smb.view(local[k].to(dtype)) for k in ("old", "ref", "rollout"))
-        adv = sharded_advantages(case.adv, smb, rewards=mb.rewards.to(dtype),
-                                 kl=(old - ref) * smb.mask, **case.adv_params)
         loss, m = sharded_policy_loss(
             case.loss, smb, logprobs=lp, old_logprobs=old, advantages=adv, num_tokens=num_tokens,
             num_seqs=num_seqs, ref_logprobs=ref if case.use_ref else None,
@@ -112,6 +120,22 @@ def _sharded_step(mbs, case: Case, layout: str, par, groups, dtype, ref_grads):
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + v.detach().double()
     return loss_sum, metrics, err, empty
+
+
+def _advantages(mbs, case: Case, prepared, groups, dtype):
+    """Each micro-batch's advantages on this rank's view; with ``step_whiten`` the estimator's
+    batch-wide whitening is done over every micro-batch of every DP x CP rank, as the trainer
+    does (``rl_batch.set_advantages``)."""
+    params, whiten = step_whitening(case.adv, case.adv_params) if case.step_whiten \
+        else (case.adv_params, False)
+    advs = []
+    for i, local, smb in prepared:
+        old, ref = (smb.view(local[k].to(dtype)) for k in ("old", "ref"))
+        advs.append(sharded_advantages(case.adv, smb, rewards=mbs[i].rewards.to(dtype),
+                                       kl=(old - ref) * smb.mask, **params))
+    if whiten:
+        advs = step_whiten(advs, [p[2] for p in prepared], groups.dp_cp)
+    return advs
 
 
 def loss_equivalence(rank: int, world: int, parallel=tuple(PARALLEL),

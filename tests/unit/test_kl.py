@@ -39,8 +39,22 @@ def test_kl_mask_zeroes_padding_and_clamp_bounds_log_ratio(batch):
     lp, ref, mask = batch["lp"], batch["ref"], batch["mask"]
     out = kl_estimate(lp, ref, "k3", mask=mask)
     assert (out[mask == 0] == 0).all()
-    clamped = kl_estimate(torch.zeros(1), torch.tensor([50.0]), "k3", clamp=10.0)
+    clamped = kl_estimate(torch.zeros(1), torch.tensor([50.0]), "k3", clamp_log_ratio=10.0)
     assert clamped.item() == pytest.approx(math.exp(10) - 1 - 10, rel=1e-6)
+
+
+def test_verl_k3_clamps_log_ratio_to_20_and_value_to_10_and_clamped_values_pass_no_gradient():
+    # verl's low_var_kl: log r = ref - lp clamped to +-20, then r - log r - 1 clamped to +-10
+    lp = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([50.0, -50.0, 0.5], dtype=torch.float64)
+    out = kl_estimate(lp, ref, "k3", clamp_log_ratio=20.0, clamp_value=10.0)
+    log_r = (ref - lp.detach()).clamp(-20, 20)
+    want = (log_r.exp() - log_r - 1).clamp(-10, 10)
+    assert torch.equal(out.detach(), want)
+    assert out.tolist()[:2] == [10.0, 10.0]            # e^20 and 19 + e^-20: both cut to 10
+    out.sum().backward()
+    assert lp.grad[:2].tolist() == [0.0, 0.0]
+    assert lp.grad[2].item() == pytest.approx(1 - math.exp(0.5))
 
 
 def test_unknown_kl_kind_lists_known_ones():
