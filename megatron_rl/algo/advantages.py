@@ -121,17 +121,12 @@ def rloo(*, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
 def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float, ops: SeqOps = LOCAL) -> Tensor:
     """``G_j = sum_{k >= j, action} gamma^(#actions between) r_k``; environment tokens are skipped
     (they neither earn reward nor count as a step)."""
-    if gamma == 1.0:
-        return ops.suffix_sum(token_rewards, mask) * as_float_mask(mask, token_rewards)
-    ops.require_whole_sequences("discounted returns with gamma != 1")
     m = as_float_mask(mask, token_rewards)
-    out = torch.zeros_like(token_rewards)
-    running = torch.zeros_like(token_rewards[:, 0])
-    for t in range(token_rewards.shape[1] - 1, -1, -1):
-        here = token_rewards[:, t] + gamma * running
-        running = m[:, t] * here + (1 - m[:, t]) * running
-        out[:, t] = m[:, t] * here
-    return out
+    if gamma == 1.0:
+        return ops.suffix_sum(token_rewards, mask) * m
+    # an action token discounts what follows; any other token passes it through unchanged
+    a = m * gamma + (1 - m)
+    return ops.linear_suffix_scan(a, token_rewards * m) * m
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp")
@@ -162,23 +157,19 @@ def gae(
 ) -> Tensor:
     """GAE(gamma, lambda) with per-token reward ``-kl_coef * kl`` plus ``R`` at the last action
     token; the bootstrap after the last token is 0. Environment tokens are skipped: the next
-    state of an action token is the next action token."""
+    state of an action token is the next action token. Under CP the three scans exchange only
+    per-chunk carries (``CPSeqOps.linear_suffix_scan``)."""
     v = _require(values, "values", "gae")
-    ops.require_whole_sequences("the gae estimator")
     m = as_float_mask(mask, v)
-    r = last_token(mask).to(v.dtype) * rewards[:, None]
+    r = last_token(mask, ops).to(v.dtype) * rewards[:, None]
     if kl_coef != 0.0:
         r = r - kl_coef * _require(kl, "kl (kl_coef != 0)", "gae") * m
-    adv = torch.zeros_like(v)
-    next_v = torch.zeros_like(v[:, 0])
-    next_adv = torch.zeros_like(v[:, 0])
-    for t in range(v.shape[1] - 1, -1, -1):
-        delta = r[:, t] + gamma * next_v - v[:, t]
-        here = delta + gamma * lam * next_adv
-        next_adv = m[:, t] * here + (1 - m[:, t]) * next_adv
-        next_v = m[:, t] * v[:, t] + (1 - m[:, t]) * next_v
-        adv[:, t] = m[:, t] * here
-    return masked_whiten(adv, mask) if whiten else adv
+    # the next state's value: that of the next action token (0 after the last), skipping
+    # environment tokens; then the advantage recursion over action tokens
+    next_v = ops.linear_suffix_scan(1 - m, v * m, exclusive=True)
+    delta = (r + gamma * next_v - v) * m
+    adv = ops.linear_suffix_scan(m * (gamma * lam) + (1 - m), delta) * m
+    return masked_whiten(adv, mask, ops=ops) if whiten else adv
 
 
 def future_kl_returns(

@@ -90,15 +90,23 @@ EXTRA_PARAMS = {f.name: f.default for f in fields(Extras)}
 
 def aggregate(per_token: Tensor, x: LossInputs, agg: str, norm_constant: float = 1.0) -> Tensor:
     """Reduce ``per_token[B,T]`` to this micro-batch's share of the step loss (see module doc)."""
-    m = as_float_mask(x.mask, per_token)
+    return aggregate_tokens(per_token, x.mask, agg, x.num_tokens, x.num_seqs, norm_constant,
+                            x.seq_lengths, x.ops)
+
+
+def aggregate_tokens(per_token: Tensor, mask: Tensor, agg: str, num_tokens, num_seqs,
+                     norm_constant: float = 1.0, seq_lengths: Optional[Tensor] = None,
+                     ops: SeqOps = LOCAL) -> Tensor:
+    """``aggregate`` from its parts (the critic's value loss uses it too)."""
+    m = as_float_mask(mask, per_token)
     if agg == "token-mean":
-        return (per_token * m).sum() / x.num_tokens
+        return (per_token * m).sum() / num_tokens
     if agg == "seq-mean-token-mean":
-        lengths = x.seq_lengths if x.seq_lengths is not None else x.ops.seq_len(x.mask, per_token.dtype)
+        lengths = seq_lengths if seq_lengths is not None else ops.seq_len(mask, per_token.dtype)
         per_seq = (per_token * m).sum(-1) / lengths.to(per_token.dtype).clamp_min(1)
-        return per_seq.sum() / x.num_seqs
+        return per_seq.sum() / num_seqs
     if agg == "seq-mean-token-sum":
-        return (per_token * m).sum() / (x.num_seqs * norm_constant)
+        return (per_token * m).sum() / (num_seqs * norm_constant)
     raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGREGATIONS)}")
 
 

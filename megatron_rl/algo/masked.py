@@ -14,7 +14,7 @@ run unchanged on shards; this module itself never communicates.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -42,6 +42,26 @@ def suffix_sum(x: Tensor, mask: Tensor) -> Tensor:
     """
     acc = (x * as_float_mask(mask, x)).double()
     return acc.flip(-1).cumsum(-1).flip(-1).to(x.dtype)
+
+
+def linear_suffix_scan(a: Tensor, b: Tensor, carry: Optional[Tensor] = None,
+                       exclusive: bool = False) -> Tensor:
+    """``[B,T] -> [B,T]``: ``y[t] = a[t] * y[t+1] + b[t]``, with ``y[T] = carry[B]`` (default 0);
+    ``exclusive`` returns ``y[t+1]`` at ``t`` instead. float64 accumulation.
+
+    Discounted returns that skip environment tokens are this scan with ``a = gamma`` on action
+    tokens and 1 elsewhere (a non-action token passes the return through); GAE's next value and
+    its advantage recursion are two more. A sequential scan: a loop over ``T``."""
+    a64, b64 = a.double(), b.double()
+    y = a64.new_zeros(a.shape[0]) if carry is None else carry.double()
+    out = torch.empty_like(a64)
+    for t in range(a.shape[1] - 1, -1, -1):
+        if exclusive:
+            out[:, t] = y
+        y = a64[:, t] * y + b64[:, t]
+        if not exclusive:
+            out[:, t] = y
+    return out.to(b.dtype)
 
 
 def group_sum(x: Tensor, group_ids: Tensor) -> Tensor:
@@ -186,12 +206,11 @@ class SeqOps:
         """Sum of every element of ``x`` over the whole batch (scalar)."""
         return x.sum()
 
-    def require_whole_sequences(self, what: str) -> None:
-        """Raise if ``what`` (a sequential scan) cannot run on these sequences."""
-        if self.cp_size > 1:
-            raise ValueError(f"{what} scans each sequence in order and cannot run on sequences "
-                             f"sharded over context parallelism (cp={self.cp_size}); use "
-                             "context_parallel_size 1 or an estimator built on suffix sums (gamma = 1)")
+    def linear_suffix_scan(self, a: Tensor, b: Tensor, exclusive: bool = False) -> Tensor:
+        """``[B,T] -> [B,T]``: ``linear_suffix_scan`` along each whole sequence (statistics for
+        advantages: no gradient)."""
+        return linear_suffix_scan(a, b, exclusive=exclusive)
+
 
 
 LOCAL = SeqOps()

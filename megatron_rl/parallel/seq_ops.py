@@ -10,6 +10,10 @@ per-chunk scalars, never per-token tensors:
                  with group-aligned lengths, and no environment tokens): local, no traffic;
                  otherwise a scatter-add into a ``[num_groups, S_max]`` buffer, all-reduced
   batch_sum      local sum, one scalar all-reduce
+  linear_suffix_scan  ``y[t] = a[t] y[t+1] + b[t]`` (discounted returns, GAE): each held chunk
+                 scanned locally from a zero carry, with its product of ``a``; one all-reduce
+                 of the ``[B, 2cp]`` heads and products; each chunk's carry composed from the
+                 later chunks' (``2cp`` steps on ``[B]``), then applied
 Accumulation is float64 (a 32k-token suffix sum in fp32 loses the bits the future-KL advantage
 needs). The per-rank loss is a partial loss (each rank holds other tokens), so the differentiable
 reductions use ``all_reduce_partial`` (summed backward); statistics use ``all_reduce_nograd``.
@@ -21,7 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_rl.algo.masked import SeqOps, action_group_stats, as_float_mask, group_mean_std
+from megatron_rl.algo.masked import (SeqOps, action_group_stats, as_float_mask, group_mean_std,
+                                     linear_suffix_scan)
 from megatron_rl.parallel.collectives import Group, all_reduce_nograd, all_reduce_partial
 from megatron_rl.parallel.cp_layout import CPShard
 
@@ -86,3 +91,30 @@ class CPSeqOps(SeqOps):
 
     def batch_sum(self, x: Tensor) -> Tensor:
         return all_reduce_partial(x.double().sum(), self.group).to(x.dtype)
+
+    def linear_suffix_scan(self, a: Tensor, b: Tensor, exclusive: bool = False) -> Tensor:
+        """The scan over whole sequences from their CP shards. A chunk's values are
+        ``y = y_local + P * carry``, ``P[t]`` the product of ``a`` from ``t`` to the chunk's end and
+        ``carry`` the scan's value at the next chunk's start; only per-chunk heads travel.
+        Statistics for advantages: no gradient (``all_reduce_nograd``)."""
+        B, W = a.shape
+        C, cp = W // 2, self.shard.cp_size
+        with torch.no_grad():
+            a64, b64 = a.double().view(B * 2, C), b.double().view(B * 2, C)
+            y_local = linear_suffix_scan(a64, b64).view(B, 2, C)
+            prod = linear_suffix_scan(a64, torch.zeros_like(a64), carry=a64.new_ones(B * 2))
+            prod = prod.view(B, 2, C)
+            ids = torch.tensor(self.shard.chunks, device=a.device)
+            heads = a64.new_zeros(2, B, 2 * cp)
+            if C:
+                heads[0].index_add_(1, ids, y_local[:, :, 0])
+                heads[1].index_add_(1, ids, prod[:, :, 0])
+            heads = all_reduce_nograd(heads, self.group)
+            carry = a64.new_zeros(B, 2 * cp + 1)        # carry[:, c]: y at chunk c's start
+            for c in range(2 * cp - 1, -1, -1):
+                carry[:, c] = heads[0][:, c] + heads[1][:, c] * carry[:, c + 1]
+            after = carry.index_select(1, ids + 1)       # [B, 2]: y just past each held chunk
+            y = y_local + prod * after[:, :, None]
+            if exclusive:   # y[t + 1]: shift left inside the chunk, the chunk's carry at its end
+                y = torch.cat([y[:, :, 1:], after[:, :, None]], dim=-1)
+        return y.view(B, W).to(b.dtype)
