@@ -164,7 +164,10 @@ def _with_bias(linear_cls):
 
 
 def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool = True,
-                    post_process: bool = True, vp_stage: Optional[int] = None):
+                    post_process: bool = True, vp_stage: Optional[int] = None,
+                    tie_embeddings: Optional[bool] = None):
+    """``tie_embeddings`` overrides the HF config's ``tie_word_embeddings`` (the critic replaces
+    the LM head, so it unties them)."""
     from megatron.core.models.gpt import GPTModel
 
     if opt.routing_replay:  # upstream keeps every router ever built in one global list
@@ -179,7 +182,8 @@ def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool
         config=config, transformer_layer_spec=layer_spec(config, opt, vp_stage, hf.proj_bias),
         vocab_size=hf.vocab_size, max_sequence_length=hf.max_position_embeddings,
         pre_process=pre_process, post_process=post_process,
-        share_embeddings_and_output_weights=hf.tie_word_embeddings,
+        share_embeddings_and_output_weights=(hf.tie_word_embeddings if tie_embeddings is None
+                                             else tie_embeddings),
         # multi-latent attention applies its own (decoupled) rotary embedding: "none" here
         **dict(hf.rotary), rotary_base=hf.rotary_base, vp_stage=vp_stage,
         parallel_output=True,

@@ -70,7 +70,7 @@ def _vocab_start(logits: Tensor, groups: ParallelGroups) -> int:
     return groups.tp_rank * logits.shape[-1]
 
 
-def _forward(mb: PolicyMicroBatch, model, record_routes: bool = False) -> Tensor:
+def model_forward(mb: PolicyMicroBatch, model, record_routes: bool = False) -> Tensor:
     def run():
         return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
                      packed_seq_params=mb.packed_seq_params)
@@ -99,7 +99,7 @@ def _loss_func(mb: PolicyMicroBatch, loss: PolicyLoss, groups: ParallelGroups, s
     return value * scale, logged
 
 
-def _schedule_shapes(model: List, micro_batches: List[PolicyMicroBatch],
+def schedule_shapes(model: List, micro_batches: List[PolicyMicroBatch],
                      cp_size: int) -> Dict[str, int]:
     """Pipeline send/recv shapes: fixed when every micro-batch has the same ``[b, s]``; packed
     batches of different lengths make Megatron exchange shapes first (``variable_seq_lengths``).
@@ -126,12 +126,13 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
 
     def step(data: Iterator[PolicyMicroBatch], chunk_model):
         mb = next(data)
-        return _forward(mb, chunk_model), partial(_loss_func, mb, loss, groups, scale, chunk_tokens)
+        return model_forward(mb, chunk_model), partial(_loss_func, mb, loss, groups, scale,
+                                                       chunk_tokens)
 
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(micro_batches), model=model,
         num_microbatches=n, forward_only=False,
-        **_schedule_shapes(model, micro_batches, groups.cp_size))
+        **schedule_shapes(model, micro_batches, groups.cp_size))
 
 
 def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups: ParallelGroups,
@@ -151,11 +152,11 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
 
     def step(data, chunk_model):
         mb = next(data)
-        return _forward(mb, chunk_model, record_routes), partial(logprob_func, mb)
+        return model_forward(mb, chunk_model, record_routes), partial(logprob_func, mb)
 
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(micro_batches), model=model,
             num_microbatches=len(micro_batches), forward_only=True,
-            **_schedule_shapes(model, micro_batches, groups.cp_size))
+            **schedule_shapes(model, micro_batches, groups.cp_size))
     return [o["logprobs"] for o in out]

@@ -10,14 +10,21 @@ from megatron_rl.model.hf_config import HFModel
 
 
 def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = True,
-                distributed_optimizer: bool = False) -> Tuple[List, object]:
+                distributed_optimizer: bool = False, value_head: bool = False,
+                value_head_init_std: float = 0.0) -> Tuple[List, object]:
     """``([model], transformer_config)``; with ``ddp`` the gradients go to fp32 buffers
-    (``param.main_grad``), reduced over DP (x CP) and finalised by the schedule."""
+    (``param.main_grad``), reduced over DP (x CP) and finalised by the schedule. ``value_head``
+    builds the critic: the same trunk, a scalar head (``model.value_head``), embeddings untied."""
     from megatron.core import parallel_state as ps
 
     config = transformer_config(hf, layout, opt)
     model = build_gpt_model(hf, config, opt, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage())
+                            post_process=ps.is_pipeline_last_stage(),
+                            tie_embeddings=False if value_head else None)
+    if value_head:
+        from megatron_rl.model.value_head import attach_value_head
+
+        model = attach_value_head(model, config, value_head_init_std)
     if not ddp:
         return [model], config
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
