@@ -19,8 +19,8 @@ from megatron_rl.parallel.loss import step_denominators
 from megatron_rl.train.model_setup import build_model, unwrap
 from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 from megatron_rl.train.value_train import ValueLossSpec, _value_loss_func, value_forward_backward
-from tests.distributed.model_workers import (NSEQ, S, _built_micro_batches, _load, _micro_batches,
-                                             _save, _sequences)
+from tests.distributed.model_workers import (NSEQ, S, _built_micro_batches, _finish_layout, _load,
+                                             _micro_batches, _save, _sequences)
 
 CLIP = 0.05
 INIT_STD = 0.05   # a random head, so that the trunk gets a gradient too (the default is 0)
@@ -49,8 +49,6 @@ def _reference(hf, data, returns, seed):
 
 
 def _run_layout(hf, layout, n_mb, data, returns, seed, weights, out_dir):
-    from megatron.core import parallel_state as ps
-
     groups: ParallelGroups = init_megatron_parallel(layout, seed)
     [model], _ = build_model(hf, layout, ModelOptions(), value_head=True)
     _load(unwrap(model), weights)
@@ -60,15 +58,7 @@ def _run_layout(hf, layout, n_mb, data, returns, seed, weights, out_dir):
     nt, ns = step_denominators([m.shard for m in mbs], groups.dp_cp)
     logged = value_forward_backward([model], mbs, [(m.old_logprobs, m.advantages) for m in mbs],
                                     ValueLossSpec(nt, ns, clip=CLIP), groups)
-    loss = torch.zeros(1, dtype=torch.float64)
-    if ps.is_pipeline_last_stage() and groups.tp_rank == 0:
-        loss[0] = sum(float(x["value_loss"]) for x in logged)
-    with torch.no_grad():
-        for p in model.module.parameters():
-            p.copy_(p.main_grad)
-    _save(unwrap(model), out_dir)
-    destroy_megatron_parallel()
-    return loss
+    return _finish_layout(model, groups, [float(x["value_loss"]) for x in logged], out_dir)
 
 
 def critic_equivalence(rank: int, world: int, tmp: str, cases) -> dict:

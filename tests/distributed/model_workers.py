@@ -155,8 +155,6 @@ def _load(model, path):
 
 def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, out_dir, batching,
                 opt, extra):
-    from megatron.core import parallel_state as ps
-
     groups = init_megatron_parallel(layout, seed)
     [model], _ = build_model(hf, layout, opt)
     _load(unwrap(model), weights)
@@ -173,15 +171,23 @@ def _run_layout(hf, layout, n_mb, data, adv, loss_name, params, seed, weights, o
         logged = train_forward_backward([model], mbs, PolicyLoss(loss_name, params, num_tokens,
                                                                  num_seqs), groups)
     held = sum(float(m.shard.mask.sum()) for m in mbs)
+    return _finish_layout(model, groups, [float(x["loss"]) for x in logged], out_dir), held
+
+
+def _finish_layout(model, groups: ParallelGroups, losses, out_dir):
+    """This rank's share of the step loss (TP ranks hold the same partial loss: counted once, on
+    the last pipeline stage), and its gradients saved as a checkpoint in place of the weights."""
+    from megatron.core import parallel_state as ps
+
     loss = torch.zeros(1, dtype=torch.float64)
-    if ps.is_pipeline_last_stage() and groups.tp_rank == 0:  # TP ranks hold the same partial loss
-        loss[0] = sum(float(x["loss"]) for x in logged)
+    if ps.is_pipeline_last_stage() and groups.tp_rank == 0:
+        loss[0] = sum(losses)
     with torch.no_grad():
         for p in model.module.parameters():
             p.copy_(p.main_grad)
     _save(unwrap(model), out_dir)
     destroy_megatron_parallel()
-    return loss, held
+    return loss
 
 
 @contextlib.contextmanager
