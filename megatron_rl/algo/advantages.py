@@ -92,7 +92,7 @@ def grpo(
 
     ``std_min/std_max`` clip the std before dividing (a near-constant group otherwise gets huge
     advantages); ``norm_by_std=False`` is Dr.GRPO. A group of one gets advantage 0. ``whiten``
-    then normalises over the whole batch (the trainer: the step, every rank; see ``WHITENING``).
+    then normalises over the whole batch (the trainer: the step, every rank; ``step_whitening``).
     """
     ones = torch.ones_like(rewards)
     adv = _normalise_in_group(rewards, ones, group_ids, norm_by_std=norm_by_std, eps=eps,
@@ -211,15 +211,21 @@ def future_kl_grpo(
     return _maybe_whiten(adv * as_float_mask(mask, adv), mask, whiten, ops)
 
 
-# the estimators that can whiten over the batch, with their default: the trainer calls them with
-# ``whiten=False`` and whitens over the whole step itself (``parallel.loss.step_whiten``)
-WHITENING = {"grpo": False, "dr_grpo": False, "rloo": False, "future_kl_grpo": False,
-             "reinforce_pp": True, "gae": True}
+# the parameter that weights the KL an estimator puts in the reward
+REWARD_KL_KEYS = {"future_kl_grpo": "beta", "reinforce_pp": "kl_coef", "gae": "kl_coef"}
+
+
+def reward_kl_coef(name: str, params: dict) -> float:
+    """The weight of the KL estimator ``name`` puts in the reward (0: none)."""
+    key = REWARD_KL_KEYS.get(name)
+    return 0.0 if key is None else float(params.get(key, estimator_params(name)[key]))
 
 
 def step_whitening(name: str, params: dict):
-    """``(params, whiten)``: the estimator's parameters with its own whitening switched off, and
-    whether the batch-wide whitening it asked for is to be done over the step instead."""
-    if name not in WHITENING:
+    """``(params, whiten)``: the estimator's parameters with its own batch whitening switched off
+    (every estimator with a ``whiten`` parameter), and whether the whitening it asked for (its
+    default unless set) is to be done over the whole step instead (``parallel.loss.step_whiten``)."""
+    default = estimator_params(name).get("whiten")
+    if default is None:
         return dict(params), False
-    return {**params, "whiten": False}, bool(params.get("whiten", WHITENING[name]))
+    return {**params, "whiten": False}, bool(params.get("whiten", default))

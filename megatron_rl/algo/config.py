@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from megatron_rl.algo.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, estimator_params
+from megatron_rl.algo.advantages import (ADVANTAGE_ESTIMATORS, REWARD_KL_KEYS, compute_advantages,
+                                         estimator_params, reward_kl_coef)
 from megatron_rl.algo.kl import KL_ESTIMATORS
 from megatron_rl.algo.losses import POLICY_LOSSES, loss_params, policy_loss
 from megatron_rl.algo.masked import LOCAL, SeqOps, ShardedProbe
@@ -83,22 +84,14 @@ class AlgoConfig:
         _dry_run(self, prefix, LOCAL if context_parallel == 1 else ShardedProbe(context_parallel))
 
 
-def advantage_kl_coef(name: str, params: Dict[str, Any]) -> float:
-    """The weight of the KL the advantage estimator puts in the reward (0: none)."""
-    key = {"future_kl_grpo": "beta", "reinforce_pp": "kl_coef", "gae": "kl_coef"}.get(name)
-    if key is None:
-        return 0.0
-    return float(params.get(key, estimator_params(name)[key]))
-
-
 def _check_kl_placement(cfg: "AlgoConfig", prefix: str) -> None:
     """Refuse KL placements whose gradient is not the KL's (``algo.kl`` module doc)."""
     adv, loss = cfg.advantage, cfg.loss
-    in_reward = advantage_kl_coef(adv.name, adv.params)
+    in_reward = reward_kl_coef(adv.name, adv.params)
     loss_coef = float(loss.params.get("kl_coef", 0.0) or 0.0)
     placement = loss.params.get("kl_placement", "loss")
     kind = loss.params.get("kl_kind", "k3")
-    key = {"future_kl_grpo": "beta"}.get(adv.name, "kl_coef")
+    key = REWARD_KL_KEYS.get(adv.name)
     override = f"(set {prefix}.allow_unsound_kl=true to run it anyway)"
     if in_reward and loss_coef:
         raise ConfigError(

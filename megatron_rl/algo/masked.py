@@ -14,7 +14,7 @@ run unchanged on shards; this module itself never communicates.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -44,16 +44,15 @@ def suffix_sum(x: Tensor, mask: Tensor) -> Tensor:
     return acc.flip(-1).cumsum(-1).flip(-1).to(x.dtype)
 
 
-def linear_suffix_scan(a: Tensor, b: Tensor, carry: Optional[Tensor] = None,
-                       exclusive: bool = False) -> Tensor:
-    """``[B,T] -> [B,T]``: ``y[t] = a[t] * y[t+1] + b[t]``, with ``y[T] = carry[B]`` (default 0);
+def linear_suffix_scan(a: Tensor, b: Tensor, exclusive: bool = False) -> Tensor:
+    """``[B,T] -> [B,T]``: ``y[t] = a[t] * y[t+1] + b[t]``, with ``y[T] = 0``;
     ``exclusive`` returns ``y[t+1]`` at ``t`` instead. float64 accumulation.
 
     Discounted returns that skip environment tokens are this scan with ``a = gamma`` on action
     tokens and 1 elsewhere (a non-action token passes the return through); GAE's next value and
     its advantage recursion are two more. A sequential scan: a loop over ``T``."""
     a64, b64 = a.double(), b.double()
-    y = a64.new_zeros(a.shape[0]) if carry is None else carry.double()
+    y = a64.new_zeros(a.shape[0])
     out = torch.empty_like(a64)
     for t in range(a.shape[1] - 1, -1, -1):
         if exclusive:

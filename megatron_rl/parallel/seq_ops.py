@@ -102,8 +102,7 @@ class CPSeqOps(SeqOps):
         with torch.no_grad():
             a64, b64 = a.double().view(B * 2, C), b.double().view(B * 2, C)
             y_local = linear_suffix_scan(a64, b64).view(B, 2, C)
-            prod = linear_suffix_scan(a64, torch.zeros_like(a64), carry=a64.new_ones(B * 2))
-            prod = prod.view(B, 2, C)
+            prod = a64.flip(-1).cumprod(-1).flip(-1).view(B, 2, C)   # a[t] * ... * a[chunk end]
             ids = torch.tensor(self.shard.chunks, device=a.device)
             heads = a64.new_zeros(2, B, 2 * cp)
             if C:

@@ -14,7 +14,8 @@ def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = T
                 value_head_init_std: float = 0.0) -> Tuple[List, object]:
     """``([model], transformer_config)``; with ``ddp`` the gradients go to fp32 buffers
     (``param.main_grad``), reduced over DP (x CP) and finalised by the schedule. ``value_head``
-    builds the critic: the same trunk, a scalar head (``model.value_head``), embeddings untied."""
+    builds the critic: the same trunk, a scalar ``ValueHead`` as ``output_layer``, embeddings
+    untied."""
     from megatron.core import parallel_state as ps
 
     config = transformer_config(hf, layout, opt)

@@ -21,9 +21,6 @@ import torch
 from megatron_rl.config import ConfigError, RunConfig
 from megatron_rl.data.prompts import PromptRow, PromptSampler
 
-KL_ADVANTAGES = ("future_kl_grpo", "reinforce_pp")
-
-
 @dataclass
 class ModelState:
     model: List[Any]
@@ -39,9 +36,11 @@ class ModelState:
 
 def needs_reference(cfg: RunConfig) -> bool:
     """A reference pass costs a forward: run it only when a KL uses it."""
+    from megatron_rl.algo.advantages import reward_kl_coef
+
     adv, loss = cfg.algo.advantage, cfg.algo.loss
-    kl_in_adv = adv.name == "future_kl_grpo" or (adv.name in KL_ADVANTAGES
-                                                 and float(adv.params.get("kl_coef", 0.0)) != 0.0)
+    # future_kl_grpo takes a KL tensor even at beta 0
+    kl_in_adv = adv.name == "future_kl_grpo" or reward_kl_coef(adv.name, adv.params) != 0.0
     return kl_in_adv or float(loss.params.get("kl_coef", 0.0)) != 0.0
 
 
