@@ -162,8 +162,8 @@ def plot_curve(rows: List[Dict[str, float]], out: pathlib.Path, key: str = "rewa
 
 
 def memory_metrics() -> Dict[str, float]:
-    """This rank's resident host memory (and GPU peak), reported as the maximum over ranks: the
-    soak test's leak detector and the first thing to look at before an OOM kill."""
+    """This rank's resident host memory, reported as the maximum over ranks: the soak test's leak
+    detector and the first thing to look at before an OOM kill (GPU peaks: ``PhasePeaks``)."""
     out = {}
     try:
         with open("/proc/self/statm") as f:
@@ -172,8 +172,31 @@ def memory_metrics() -> Dict[str, float]:
         import resource
 
         out["mem/rss_mb/max"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    import torch
-
-    if torch.cuda.is_available():
-        out["mem/gpu_peak_gb/max"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+class PhasePeaks:
+    """The GPU's peak allocated memory in each phase of a step (rollout, log-prob passes, updates,
+    weight sync), as ``mem/gpu_peak_<phase>_gb/max``: where the policy, the critic (PPO) and the
+    engine together come closest to the device's capacity. Nothing without a GPU."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.peaks: Dict[str, float] = {}
+
+    def end(self, phase: str) -> None:
+        if not self.cuda:
+            return
+        import torch
+
+        self.peaks[f"mem/gpu_peak_{phase}_gb/max"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+    def metrics(self) -> Dict[str, float]:
+        """The step's phase peaks and their maximum, ``mem/gpu_peak_gb/max``."""
+        out, self.peaks = self.peaks, {}
+        if out:
+            out["mem/gpu_peak_gb/max"] = max(out.values())
+        return out

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
-from megatron_rl.observe import memory_metrics
+from megatron_rl.observe import PhasePeaks, memory_metrics
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
 from megatron_rl.train import rl_batch
 from megatron_rl.train.crash_points import reached
@@ -36,9 +36,6 @@ class Trainer:
         from megatron_rl.train.run_dir import claim_output_dir
 
         self.cfg, self.quiet = cfg, quiet
-        if cfg.algo.advantage.name == "gae":
-            raise ConfigError("algo.advantage.name: gae needs a value model, which the Megatron "
-                              "trainer does not build yet; use grpo, rloo, reinforce_pp, ...")
         self.world = init_distributed()
         self.rank = dist.get_rank()
         self.dp = validate_world(cfg, self.world)
@@ -69,6 +66,10 @@ class Trainer:
             from megatron_rl.train.reference import HostWeights
 
             self.reference = HostWeights(self.ms.model)
+        self.critic = None
+        if cfg.algo.advantage.name == "gae":
+            self.critic, critic_from = S.build_critic(cfg, self.hf, layout, self.pg, self.ms)
+            self.source += f"; critic from {critic_from}"
         self.tok = S.load_tokenizer(cfg, self.hf)
         self.scorer = Scorer.of(cfg.reward, self.tok)
         self.episodes = None
@@ -133,7 +134,7 @@ class Trainer:
             return
         state, warned = S.resume_checkpoint(self.out / "checkpoints", self.ms,
                                             self.cfg.train.resume_fallback,
-                                            self.layout_sizes)
+                                            self.layout_sizes, critic=self.critic)
         self.warnings += warned
         if state is None:
             return
@@ -256,28 +257,39 @@ class Trainer:
 
     def train_step(self) -> Dict[str, float]:
         from megatron_rl.parallel.metrics_comm import reduce_step_metrics
+        from megatron_rl.train.step_metrics import derive, rank_shares
 
-        t0 = time.perf_counter()
+        t0, peaks = time.perf_counter(), PhasePeaks()
         reached("rollout", self.step)
         batch, rollouts = self._rollouts()
         t1 = time.perf_counter()
+        peaks.end("rollout")
         self.engine.sleep()
         local: Dict[str, float] = {}
         reached("train", self.step)
         if batch is not None:
             rl_batch.logprob_passes(self.ms.model, batch, self.pg, self.plan, self.reference,
-                                    self.router_load)
+                                    self.router_load, self.critic)
             if self.router_load is not None:
                 local.update(self.router_load.metrics())
             t2 = time.perf_counter()
+            peaks.end("logprob")
             sums = rl_batch.run_updates(self.ms.model, self.ms.optimizer, self.ms.scheduler,
-                                        batch, self.pg, self.plan, self.step)
+                                        batch, self.pg, self.plan, self.step, self.critic,
+                                        train_policy=self.step > self.cfg.critic.warmup_steps
+                                        or self.critic is None)
+            if self.critic is not None:
+                from megatron_rl.train.critic import explained_variance_sums
+
+                sums.update(explained_variance_sums(batch))
             sums.update(rl_batch.mismatch_sums(batch))
-            local.update(self._shares(sums))
+            local.update(rank_shares(sums, self.cfg.parallel.tensor_model_parallel_size,
+                                     self.world))
         else:
             t2 = time.perf_counter()
             local["train/skipped_steps"] = 1.0 / self.world
         t3 = time.perf_counter()
+        peaks.end("train")
         self.engine.wake_up()
         reached("sync", self.step)
         if batch is not None:
@@ -290,35 +302,16 @@ class Trainer:
             local[k] = v * share if not k.endswith("/max") else v
         if self._probe_due():
             local["sync/probe_mismatch/max"] = self._probe()
+        peaks.end("sync")
         local.update(memory_metrics())
+        local.update(peaks.metrics())
         local.update({"time/rollout_s": (t1 - t0) * share, "time/logprob_s": (t2 - t1) * share,
                       "time/train_s": (t3 - t2) * share, "time/sync_s": (t4 - t3) * share,
                       "perf/tokens": float(self._tokens(rollouts)) * share})
-        m = reduce_step_metrics(local)
-        return self._derived(m, time.perf_counter() - t0)
-
-    # the same on every rank (the optimizer's global norm and counts)
-    _EVERY_RANK = ("train/grad_norm", "train/updates", "train/skipped_updates")
-
-    def _shares(self, sums: Dict[str, float]) -> Dict[str, float]:
-        """What this rank adds to the world's sum: loss metrics are partial sums over DP x CP,
-        repeated on the TP ranks of a position; optimizer metrics are repeated on every rank."""
-        tp = self.cfg.parallel.tensor_model_parallel_size
-        out = {}
-        for k, v in sums.items():
-            if k.endswith("/max"):
-                out[k] = v
-            else:
-                every = k in self._EVERY_RANK or k.endswith("/grad_norm")   # epoch<k>/grad_norm
-                out[k] = v / (self.world if every else tp)
-        return out
-
-    def _derived(self, m: Dict[str, float], seconds: float) -> Dict[str, float]:
-        if m.get("mismatch/tokens"):
-            m["mismatch/mean"] = m.pop("mismatch/abs_sum") / m.pop("mismatch/tokens")
-        m["time/step_s"] = seconds
-        m["perf/tokens_per_s"] = m.pop("perf/tokens") / max(seconds, 1e-9)
+        m = derive(reduce_step_metrics(local), time.perf_counter() - t0)
         m["train/lr"] = float(self.ms.optimizer.param_groups[0]["lr"])
+        if self.critic is not None:
+            m["critic/lr"] = self.critic.lr()
         return m
 
     # ---- pieces of a step -----------------------------------------------------------------
@@ -439,7 +432,9 @@ class Trainer:
                                             "step": self.step},
                         keep_last=self.cfg.train.keep_checkpoints, run_id=self.run_id,
                         optimizer_format=self.cfg.train.optimizer_checkpoint,
-                        layout=self.layout_sizes)
+                        layout=self.layout_sizes,
+                        critic=None if self.critic is None else
+                        (self.critic.model[0], self.critic.optimizer, self.critic.scheduler))
 
     def export(self, out: Path) -> None:
         from megatron_rl.checkpoint.convert import write_hf_model
@@ -452,6 +447,16 @@ class Trainer:
                            self.ms.hf_cfg, out, self.ms.dtype)
             if self.rank == 0:
                 self.tok.save_pretrained(str(out))
+        if self.critic is not None:   # <out>_critic: the token classifier of the architecture
+            from megatron_rl.checkpoint.hf_mapping import value_model_config, value_model_mapping
+
+            critic_out = out.with_name(out.name + "_critic")
+            with reported_writes("the critic's Hugging Face export", critic_out, after):
+                write_hf_model(self.critic.model[0], self.hf, value_model_mapping(self.ms.mapping),
+                               self.ms.weight_groups, value_model_config(self.ms.hf_cfg),
+                               critic_out, self.ms.dtype)
+                if self.rank == 0:
+                    self.tok.save_pretrained(str(critic_out))
 
     def _finish(self) -> None:
         if self.log is None:

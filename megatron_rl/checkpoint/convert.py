@@ -24,7 +24,8 @@ import torch
 
 from megatron_rl.checkpoint.dist_ckpt import _rank, load_model, model_info, save_model
 from megatron_rl.checkpoint.hf_io import SIDE_FILES, HFReader, HFWriter, copy_side_files
-from megatron_rl.checkpoint.hf_mapping import IGNORED_HF, mapping_for
+from megatron_rl.checkpoint.hf_mapping import (IGNORED_HF, mapping_for, trunk_config,
+                                               value_model_config, value_model_mapping)
 from megatron_rl.checkpoint.hf_weights import iter_hf_weights, load_hf_weights
 from megatron_rl.model.build import ModelOptions
 from megatron_rl.model.hf_config import HFModel, load_hf_config, read_config_json
@@ -99,7 +100,7 @@ def _require_empty(out: Path) -> None:
                          "(nothing was written)")
 
 
-def _build(hf: HFModel, layout: Layout, dtype: torch.dtype):
+def _build(hf: HFModel, layout: Layout, dtype: torch.dtype, value_head: bool = False):
     from megatron_rl.train.model_setup import build_model
     from megatron_rl.train.parallel_init import (destroy_megatron_parallel, init_megatron_parallel,
                                                  weight_groups)
@@ -107,7 +108,7 @@ def _build(hf: HFModel, layout: Layout, dtype: torch.dtype):
     init_megatron_parallel(layout, seed=0)
     try:
         [model], _ = build_model(hf, layout, ModelOptions(params_dtype=dtype, init_weights=False),
-                                 ddp=False)
+                                 ddp=False, value_head=value_head)
     except BaseException:
         destroy_megatron_parallel()
         raise
@@ -248,21 +249,29 @@ def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
               hf_config: Optional[os.PathLike] = None, tokenizer: Optional[os.PathLike] = None,
               dtype: Optional[str] = None, shard_bytes: int = 4 << 30,
               allow_unknown_keys: bool = False) -> Report:
-    """Distributed checkpoint -> HF directory at ``out`` (collective; rank 0 writes)."""
+    """Distributed checkpoint -> HF directory at ``out`` (collective; rank 0 writes). A training
+    checkpoint's ``critic/`` (PPO) exports as the architecture's token classifier."""
+    from megatron_rl.checkpoint.dist_ckpt import CRITIC_MARKER
     from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
     init_distributed()
     ckpt, out = Path(ckpt), Path(out)
+    critic = (ckpt / CRITIC_MARKER).is_file()
     cfg_path = _everywhere(lambda: _hf_config_for(ckpt, hf_config))
     hf_cfg = _everywhere(lambda: read_config_json(cfg_path))
+    if critic:   # the critic's own exported config.json is as good as the policy's
+        hf_cfg = trunk_config(hf_cfg)
     hf = _everywhere(lambda: load_hf_config(hf_cfg, allow_unknown_keys))
     mapping = _everywhere(lambda: mapping_for(hf))
+    if critic:
+        mapping = value_model_mapping(mapping)
+        hf_cfg = _everywhere(lambda: value_model_config(hf_cfg))
     _everywhere(lambda: _require_empty(out))
     info = model_info(ckpt) or {}
     params_dtype = DTYPES[info.get("dtype", "float32")]
     out_dtype = _everywhere(lambda: _dtype(dtype, hf_cfg) if dtype else params_dtype)
     t0 = time.perf_counter()
-    model, groups = _everywhere(lambda: _build(hf, layout, params_dtype))
+    model, groups = _everywhere(lambda: _build(hf, layout, params_dtype, value_head=critic))
     try:
         _everywhere(lambda: load_model(ckpt, model))
         side = tokenizer or (ckpt / "hf" if (ckpt / "hf").is_dir() else None)

@@ -31,6 +31,8 @@ from megatron_rl.checkpoint.safe_load import safe_checkpoint_loads
 from megatron_rl.train.crash_points import reached
 from megatron_rl.train.model_setup import unwrap
 
+CRITIC_DIR = "critic"   # PPO's value model inside a training checkpoint
+CRITIC_MARKER = "megatron_rl_critic.json"   # in it: `critic.init_from` takes the head as well
 
 
 def _rank() -> int:
@@ -120,12 +122,15 @@ def verify_checkpoint(path: os.PathLike) -> None:
 def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
                     trainer_state: Dict[str, Any], keep_last: int = 2,
                     optimizer_format: str = "dp_reshardable",
-                    layout: Optional[Dict[str, int]] = None, run_id: str = "") -> Path:
+                    layout: Optional[Dict[str, int]] = None, run_id: str = "",
+                    critic: Optional[tuple] = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. ``optimizer_format``:
     see ``optim_state``; ``layout`` (the parallel sizes) is recorded so that a resume under
     another layout can be checked against what the format allows. ``run_id`` (the trainer's;
     a fresh one if empty) names the temporary directory, so no two runs ever write into one,
-    and is recorded in ``trainer_state.json`` and the manifest, so a mixed directory fails."""
+    and is recorded in ``trainer_state.json`` and the manifest, so a mixed directory fails.
+    ``critic``: PPO's ``(model, optimizer, scheduler)``, written to ``critic/`` inside the same
+    directory, under the same manifest and rename (one checkpoint, never half of one)."""
     from megatron_rl.parallel.weight_comm import all_gather_objects
     from megatron_rl.train.run_lock import new_run_id
 
@@ -139,12 +144,21 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
             tmp.mkdir(parents=True)
     failed.agree()
     reached("checkpoint", step)
+    state = {"step": step, "scheduler": scheduler.state_dict(), "trainer": trainer_state,
+             "optimizer_format": optimizer_format, "layout": layout, "run_id": run_id}
+    if critic is not None:
+        state["critic_scheduler"] = critic[2].state_dict()
     with failed.catch():
-        _write_state(tmp, model, optimizer, scheduler, {
-            "step": step, "scheduler": scheduler.state_dict(), "trainer": trainer_state,
-            "optimizer_format": optimizer_format, "layout": layout, "run_id": run_id},
-            optimizer_format)
+        _write_state(tmp, model, optimizer, scheduler, state, optimizer_format)
     failed.agree()
+    if critic is not None:   # its own directory, made after the policy's (an empty one to save into)
+        if _rank() == 0:
+            with failed.catch():
+                (tmp / CRITIC_DIR).mkdir()
+        failed.agree()
+        with failed.catch():
+            _write_shards(tmp / CRITIC_DIR, critic[0], critic[1], optimizer_format)
+        failed.agree()
     with failed.catch():
         _seal(tmp, run_id)
     failed.agree()
@@ -167,6 +181,14 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
 def _write_state(tmp: Path, model, optimizer, scheduler, state: Dict[str, Any],
                  optimizer_format: str) -> None:
     """Every rank's shards and RNG states, and (rank 0) the trainer state, into ``tmp``."""
+    _write_shards(tmp, model, optimizer, optimizer_format)
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    if _rank() == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+
+
+def _write_shards(directory: Path, model, optimizer, optimizer_format: str) -> None:
+    """One model's and its optimizer's shards as a megatron-core distributed checkpoint."""
     from megatron.core import dist_checkpointing
 
     from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
@@ -176,10 +198,9 @@ def _write_state(tmp: Path, model, optimizer, scheduler, state: Dict[str, Any],
     msd = unwrap(model).sharded_state_dict()
     with in_process_checkpoint_writes():
         dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(
-            msd, metadata=sharding_metadata(optimizer_format))}, str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
-    if _rank() == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
+            msd, metadata=sharding_metadata(optimizer_format))}, str(directory))
+    if _rank() == 0 and directory.name == CRITIC_DIR:
+        (directory / CRITIC_MARKER).write_text(json.dumps({"model": "critic", "head": "output_layer"}))
 
 
 class _WriteAgreement:
@@ -246,12 +267,12 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
 
 
 def load_checkpoint(path: os.PathLike, model, optimizer, scheduler, verify: bool = True,
-                    layout: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+                    layout: Optional[Dict[str, int]] = None,
+                    critic: Optional[tuple] = None) -> Dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint`` into freshly built objects (collective);
     returns the trainer state saved with it. ``layout``: the parallel sizes loading it, checked
-    against the saved ones when the optimizer format cannot reshard."""
-    from megatron.core import dist_checkpointing
-
+    against the saved ones when the optimizer format cannot reshard. ``critic``: PPO's
+    ``(model, optimizer, scheduler)``, loaded from the checkpoint's ``critic/``."""
     path = Path(path)
     if verify:
         verify_checkpoint(path)
@@ -261,6 +282,23 @@ def load_checkpoint(path: os.PathLike, model, optimizer, scheduler, verify: bool
     state = json.loads((path / "trainer_state.json").read_text())
     fmt = state.get("optimizer_format", "dp_reshardable")   # what checkpoints before it used
     _check_resharding(path, fmt, state.get("layout"), layout)
+    if critic is not None and not (path / CRITIC_DIR).is_dir():
+        raise M.CheckpointError(
+            f"checkpoint {path}: holds no critic (written by a run without "
+            "algo.advantage.name=gae); resume it with its own algorithm, or start PPO from its "
+            "weights in a new train.output_dir (model.init_from, critic.init_from)")
+    _load_shards(path, model, optimizer, fmt, "the model and optimizer")
+    scheduler.load_state_dict(state["scheduler"])
+    if critic is not None:
+        _load_shards(path / CRITIC_DIR, critic[0], critic[1], fmt, "the critic and its optimizer")
+        critic[2].load_state_dict(state["critic_scheduler"])
+    load_rng_state(path)
+    return state["trainer"]
+
+
+def _load_shards(path: Path, model, optimizer, fmt: str, what: str) -> None:
+    from megatron.core import dist_checkpointing
+
     prime_adam_state(optimizer)
     model = unwrap(model)
     msd = model.sharded_state_dict()
@@ -272,14 +310,11 @@ def load_checkpoint(path: os.PathLike, model, optimizer, scheduler, verify: bool
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 -- torch's CheckpointException is a BaseException
-            raise _load_error(path, e, "the model and optimizer") from None
+            raise _load_error(path, e, what) from None
         model.load_state_dict(loaded["model"])
         with destination_keeps_adam_step():
             optimizer.load_state_dict(loaded["optimizer"])
         restore_adam_step(optimizer, loaded["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    load_rng_state(path)
-    return state["trainer"]
 
 
 def _check_resharding(path: Path, fmt: str, saved: Optional[Dict[str, int]],
@@ -378,23 +413,32 @@ def model_info(path: os.PathLike) -> Optional[Dict[str, Any]]:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def load_model(path: os.PathLike, model) -> None:
+def load_model(path: os.PathLike, model, skip: tuple = ()) -> None:
     """The weights of a ``save_model`` or ``save_checkpoint`` directory into ``model`` (any
-    layout: megatron-core reshards), collective. A checkpoint of another shape is a ``ValueError``."""
+    layout: megatron-core reshards), collective. A checkpoint of another shape is a ``ValueError``.
+    ``skip``: name prefixes neither loaded nor required (a critic's head from a policy's trunk)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     _check_dist_checkpoint(path)
-    verify_checkpoint(path)
+    verify_model_dir(path)
     model = unwrap(model)  # a DDP wrapper's state dict keys say "module."
+    wanted = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith(skip)} \
+        if skip else model.sharded_state_dict()
     try:
         with safe_checkpoint_loads():
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-        model.load_state_dict(loaded["model"])
+            loaded = dist_checkpointing.load({"model": wanted}, str(path))
+        model.load_state_dict(loaded["model"], strict=not skip)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 -- torch's CheckpointException is a BaseException
         raise _load_error(path, e, "the model") from None
+
+
+def verify_model_dir(path: Path) -> None:
+    """``verify_checkpoint`` of a weights directory; a training checkpoint's ``critic/`` is
+    covered by its step directory's manifest."""
+    verify_checkpoint(path.parent if (path / CRITIC_MARKER).is_file() else path)
 
 
 def _load_error(path: Path, e: BaseException, what: str) -> M.CheckpointError:

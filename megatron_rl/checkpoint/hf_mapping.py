@@ -222,3 +222,48 @@ def whole_shape(local: Sequence[int], split: Optional[str], size: int) -> Tuple[
     elif split == "row":
         shape[1] *= size
     return tuple(shape)
+
+
+TOKEN_CLASSIFIER = "ForTokenClassification"
+
+
+def value_model_mapping(m: Mapping) -> Mapping:
+    """The critic's mapping (``model.value_head``): the policy's trunk rules, and the scalar head
+    as transformers' token-classification ``score`` layer with one label (replicated over TP)."""
+    from dataclasses import replace
+
+    trunk = tuple(r for r in m.rules if not r.mcore.startswith("output_layer."))
+    head = (Rule("output_layer.weight", ("score.weight",)), Rule("output_layer.bias", ("score.bias",)))
+    return replace(m, architecture=value_model_architecture(m.architecture), rules=trunk + head)
+
+
+def value_model_architecture(causal_lm: str) -> str:
+    """``Qwen3MoeForCausalLM`` -> ``Qwen3MoeForTokenClassification`` (every architecture of
+    ``RULE_SETS`` has one in transformers)."""
+    if causal_lm.endswith(TOKEN_CLASSIFIER):
+        return causal_lm
+    if not causal_lm.endswith("ForCausalLM"):
+        raise ValueError(f"{causal_lm}: not a causal LM architecture")
+    return causal_lm[:-len("ForCausalLM")] + TOKEN_CLASSIFIER
+
+
+def trunk_config(hf_cfg: dict) -> dict:
+    """A critic's ``config.json`` (``value_model_config``) as its causal LM's, which builds the
+    same trunk; any other config as it is."""
+    archs = hf_cfg.get("architectures") or []
+    if len(archs) == 1 and archs[0].endswith(TOKEN_CLASSIFIER):
+        head_keys = ("num_labels", "id2label", "label2id", "classifier_dropout")
+        return {**{k: v for k, v in hf_cfg.items() if k not in head_keys},
+                "architectures": [archs[0][:-len(TOKEN_CLASSIFIER)] + "ForCausalLM"]}
+    return hf_cfg
+
+
+def value_model_config(hf_cfg: dict) -> dict:
+    """The critic's ``config.json``: the policy's, as a one-label token classifier with untied
+    embeddings (the critic has no LM head to tie)."""
+    archs = hf_cfg.get("architectures") or []
+    if len(archs) != 1:
+        raise ValueError(f"config.json architectures {archs}: expected exactly one")
+    return {**hf_cfg, "architectures": [value_model_architecture(archs[0])], "num_labels": 1,
+            "id2label": {"0": "value"}, "label2id": {"value": 0}, "tie_word_embeddings": False,
+            "classifier_dropout": 0.0}

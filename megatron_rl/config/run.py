@@ -13,7 +13,7 @@ from megatron_rl.parallel.config import ParallelConfig
 from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.toy import ToyConfig
-from megatron_rl.train.config import TrainConfig
+from megatron_rl.train.config import CriticConfig, TrainConfig
 
 
 @dataclass
@@ -26,6 +26,7 @@ class RunConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 
@@ -41,6 +42,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.path: required (a .jsonl or .parquet file with prompt and label "
                           "columns, or synthetic:<task>)")
     _check_model(cfg)
+    if cfg.algo.advantage.name == "gae":
+        _check_critic(cfg)
     if cfg.algo.advantage.name in GROUP_ESTIMATORS and cfg.rollout.n_samples_per_prompt < 2:
         raise ConfigError(
             f"rollout.n_samples_per_prompt: algo.advantage.name={cfg.algo.advantage.name} compares "
@@ -83,6 +86,16 @@ def _check_env(cfg: RunConfig) -> None:
     if cfg.env.render == "chat" and not cfg.data.chat_template:
         raise ConfigError("env.render: chat renders observations as chat messages, which needs "
                           "data.chat_template=true (or env.render=plain)")
+
+
+def _check_critic(cfg: RunConfig) -> None:
+    """PPO's value model is a Megatron model beside the policy."""
+    if cfg.model.kind != "mcore":
+        raise ConfigError("algo.advantage.name: gae needs the critic, which the Megatron trainer "
+                          f"builds (model.kind: mcore), not model.kind={cfg.model.kind}")
+    if cfg.critic.warmup_steps >= cfg.train.steps:
+        raise ConfigError(f"critic.warmup_steps: {cfg.critic.warmup_steps} critic-only steps leave "
+                          f"none of train.steps={cfg.train.steps} to train the policy; lower it")
 
 
 def _check_model(cfg: RunConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_rl.algo.losses import AGGREGATIONS
 from megatron_rl.checkpoint.optim_state import OPTIMIZER_FORMATS
 from megatron_rl.config.fields import field_
 
@@ -45,3 +46,25 @@ class TrainConfig:
                                     "under the launcher's warning time, e.g. --signal=B:USR1@300)")
     max_bad_steps: int = field_(3, ge=0, help="stop (with a checkpoint) after this many steps in a "
                                               "row with a non-finite loss or gradient; 0: never")
+
+
+@dataclass
+class CriticConfig:
+    """The value model of PPO (``algo.advantage.name: gae``); unused by every other estimator."""
+
+    init_from: str = field_("", help="'' (the policy's starting weights, a fresh head), a "
+                                     "checkpoint's critic directory (step_*/critic: head too), or "
+                                     "any policy checkpoint (its trunk, a fresh head)")
+    head_init_std: float = field_(0.0, ge=0.0, help="std of the value head's initial weights "
+                                                    "(0: values start at 0)")
+    lr: float = field_(1e-5, gt=0.0)
+    min_lr: float = field_(0.0, ge=0.0)
+    lr_warmup_steps: int = field_(0, ge=0, help="in critic updates")
+    lr_decay_style: str = field_("constant", choices=("constant", "linear", "cosine"))
+    weight_decay: float = field_(0.0, ge=0.0)
+    max_grad_norm: float = field_(1.0, gt=0.0)
+    value_clip: float = field_(0.5, ge=0.0, help="PPO value clip around the rollout's values "
+                                                 "(verl's cliprange_value); 0: no clip")
+    loss_agg: str = field_("token-mean", choices=AGGREGATIONS, help="as the policy loss's agg")
+    warmup_steps: int = field_(0, ge=0, help="first steps that train the critic only (the policy "
+                                             "waits for useful values)")

@@ -70,7 +70,10 @@ def _vocab_start(logits: Tensor, groups: ParallelGroups) -> int:
     return groups.tp_rank * logits.shape[-1]
 
 
-def model_forward(mb: PolicyMicroBatch, model, record_routes: bool = False) -> Tensor:
+def model_forward(mb: PolicyMicroBatch, model, record_routes: bool = False,
+                  replay_routes: bool = True) -> Tensor:
+    """``model`` on ``mb``; the policy's recorded expert routes are replayed unless
+    ``replay_routes`` is False (the critic: its routers are its own)."""
     def run():
         return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
                      packed_seq_params=mb.packed_seq_params)
@@ -80,7 +83,7 @@ def model_forward(mb: PolicyMicroBatch, model, record_routes: bool = False) -> T
             out = run()
             mb.routes = routing_replay.take_recorded()
         return out
-    if mb.routes is not None:
+    if mb.routes is not None and replay_routes:
         with routing_replay.replaying(mb.routes):
             return run()
     return run()
@@ -137,11 +140,12 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
 
 def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups: ParallelGroups,
                      *, chunk_tokens: Optional[int] = None, record_routes: bool = False,
-                     temperature: float = 1.0) -> List[Tensor]:
+                     replay_routes: bool = True, temperature: float = 1.0) -> List[Tensor]:
     """The old-policy or reference log-probs ``[B, 2C]`` of each micro-batch: forward only, no
     autograd graph, the same model code (last pipeline stage only; other stages get []).
     ``record_routes`` stores each micro-batch's expert routes in ``mb.routes`` for replay in the
-    training forward (needs ``ModelOptions.routing_replay``)."""
+    training forward (needs ``ModelOptions.routing_replay``); ``replay_routes=False`` lets the
+    routers choose (the reference policy: the recorded routes are the current policy's)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def logprob_func(mb, logits):
@@ -152,7 +156,7 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
 
     def step(data, chunk_model):
         mb = next(data)
-        return model_forward(mb, chunk_model, record_routes), partial(logprob_func, mb)
+        return model_forward(mb, chunk_model, record_routes, replay_routes), partial(logprob_func, mb)
 
     with torch.no_grad():
         out = get_forward_backward_func()(

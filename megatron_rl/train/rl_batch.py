@@ -57,6 +57,8 @@ class StepBatch:
     rewards: List[Tensor]                   # [B] per micro-batch, shaped
     ref: List[Optional[Tensor]]             # [B, 2C] reference log-probs per micro-batch
     has_logprobs: bool = False              # this rank computed the old log-probs (last PP stage)
+    values: Optional[List[Tensor]] = None   # [B, 2C] the rollout-time critic's values (gae)
+    returns: Optional[List[Tensor]] = None  # [B, 2C] the critic's targets: advantage + value
 
 
 def group_sequences(prompt_ids: List[int], samples: Sequence) -> List[Dict[str, Tensor]]:
@@ -106,6 +108,7 @@ def set_advantages(batch: StepBatch, idx: Sequence[int], plan: StepPlan, pg: Par
     over all of ``idx`` on every DP x CP rank (the step; with ``kl_source=current``, the update)."""
     params, whiten = step_whitening(plan.advantage, plan.advantage_params)
     advs = []
+    values = batch.values
     for j, i in enumerate(idx):
         mb = batch.micro_batches[i]
         kl = None
@@ -115,7 +118,10 @@ def set_advantages(batch: StepBatch, idx: Sequence[int], plan: StepPlan, pg: Par
                              clamp_log_ratio=plan.kl_clamp_log_ratio,
                              clamp_value=plan.kl_clamp_value)
         advs.append(sharded_advantages(plan.advantage, mb.shard, rewards=batch.rewards[i], kl=kl,
+                                       values=None if values is None else values[i],
                                        **params).detach())
+        if values is not None:  # the critic's target is the return before whitening: A + V_old
+            batch.returns[i] = (advs[-1] + values[i]) * mb.shard.mask
     if whiten:
         advs = step_whiten(advs, [batch.micro_batches[i].shard for i in idx], pg.dp_cp)
     for i, adv in zip(idx, advs):
@@ -123,10 +129,10 @@ def set_advantages(batch: StepBatch, idx: Sequence[int], plan: StepPlan, pg: Par
 
 
 def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: StepPlan,
-                   reference=None, router_load=None) -> None:
+                   reference=None, router_load=None, critic=None) -> None:
     """Old-policy log-probs (recording expert routes for replay when asked), the reference
-    log-probs when the algorithm uses a KL, then the advantages. Last pipeline stage only; the
-    other stages keep placeholders (they never compute a loss)."""
+    log-probs when the algorithm uses a KL, the critic's values (PPO), then the advantages. Last
+    pipeline stage only; the other stages keep placeholders (they never compute a loss)."""
     import contextlib
 
     with router_load.counting() if router_load is not None else contextlib.nullcontext():
@@ -135,14 +141,22 @@ def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: Step
     for mb, lp in zip(batch.micro_batches, old):
         mb.old_logprobs = lp
     batch.has_logprobs = bool(old)
-    if not old:
-        return
+    # every pipeline stage runs each pass (the schedule is collective); the last keeps the results
     if plan.needs_reference:
         with reference.swapped_in():
-            batch.ref = forward_logprobs(model, batch.micro_batches, pg, temperature=plan.temperature)
-        for mb, r in zip(batch.micro_batches, batch.ref):
-            mb.ref_logprobs = r
-    set_advantages(batch, range(len(batch.micro_batches)), plan, pg)
+            # the reference routes its own tokens: the recorded routes are the current policy's
+            ref = forward_logprobs(model, batch.micro_batches, pg, replay_routes=False,
+                                   temperature=plan.temperature)
+        if old:
+            batch.ref = ref
+            for mb, r in zip(batch.micro_batches, ref):
+                mb.ref_logprobs = r
+    if critic is not None:
+        values = critic.values(batch.micro_batches)
+        if old:
+            batch.values, batch.returns = values, [torch.zeros_like(v) for v in values]
+    if old:
+        set_advantages(batch, range(len(batch.micro_batches)), plan, pg)
 
 
 def update_slices(n_micro_batches: int, updates: int) -> List[range]:
@@ -170,12 +184,15 @@ def epoch_orders(n_micro_batches: int, epochs: int, seed: int, step: int) -> Lis
 
 
 def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: ParallelGroups,
-                plan: StepPlan, step: int = 0) -> Dict[str, Tensor]:
+                plan: StepPlan, step: int = 0, critic=None,
+                train_policy: bool = True) -> Dict[str, Tensor]:
     """``plan.epochs`` passes over the step's micro-batches, each cut into ``plan.updates``
     optimizer updates; the old log-probs and advantages stay those of the rollout (``kl_source=
-    current`` recomputes the KL before every update but the first). Returns this rank's partial
-    metric sums (tensors; reduce with ``reduce_metrics``): the mean over all updates, and with
-    several epochs each epoch's mean as ``train/epoch<k>/...``."""
+    current`` recomputes the KL before every update but the first). With a ``critic`` (PPO), a
+    critic update on the same micro-batches follows each policy update (``train_policy=False``:
+    the critic's alone, its warm-up). Returns this rank's partial metric sums (tensors; reduce
+    with ``reduce_metrics``): the mean over all updates, and with several epochs each epoch's
+    mean as ``train/epoch<k>/...``."""
     sums: Dict[str, Tensor] = {}
     n_updates, skipped = 0, 0.0
     orders = epoch_orders(len(batch.micro_batches), plan.epochs, plan.seed, step)
@@ -185,19 +202,24 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
         if epoch > 0:
             reached("train.epoch", step)
         for idx in ([order[i] for i in sl] for sl in slices):
-            if n_updates > 0 and plan.kl_source == "current" and batch.ref[idx[0]] is not None:
+            if n_updates > 0 and plan.kl_source == "current" and plan.needs_reference:
                 current = forward_logprobs(model, [batch.micro_batches[i] for i in idx], pg,
                                            temperature=plan.temperature)
                 if current:
                     set_advantages(batch, idx, plan, pg, current)
-            row = _one_update(model, optimizer, scheduler, batch, idx, pg, plan)
-            skipped += row.pop("skipped_updates")
-            for k, v in row.items():
-                sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v / total
-                if plan.epochs > 1:
-                    key = f"train/epoch{epoch + 1}/{k}"
-                    sums[key] = sums.get(key, 0.0) + v / len(slices)
-            n_updates += 1
+            if train_policy:
+                row = _one_update(model, optimizer, scheduler, batch, idx, pg, plan)
+                skipped += row.pop("skipped_updates")
+                for k, v in row.items():
+                    sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v / total
+                    if plan.epochs > 1:
+                        key = f"train/epoch{epoch + 1}/{k}"
+                        sums[key] = sums.get(key, 0.0) + v / len(slices)
+                n_updates += 1
+            if critic is not None:
+                for k, v in critic.update(batch, idx).items():
+                    add = v if k.endswith("skipped_updates") else v / total
+                    sums[k] = sums.get(k, 0.0) + add
     sums["train/skipped_updates"] = skipped
     sums["train/updates"] = torch.tensor(float(n_updates))
     return sums

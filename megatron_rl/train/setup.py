@@ -74,6 +74,36 @@ def build_model_state(cfg: RunConfig, hf, layout, pg) -> ModelState:
                       weight_groups(), opt.params_dtype)
 
 
+def build_critic(cfg: RunConfig, hf, layout, pg, policy: ModelState):
+    """PPO's critic (``train.critic.Critic``) in the policy's layout, initialised from
+    ``critic.init_from`` or else the policy's starting weights (call after
+    ``load_starting_weights``); returns ``(critic, where its weights came from)``."""
+    from megatron_rl.train.critic import Critic, copy_trunk, critic_options, load_critic_init
+    from megatron_rl.train.model_setup import build_model
+    from megatron_rl.train.optimizer import OptimSettings, build_optimizer
+
+    c, t = cfg.critic, cfg.train
+    opt = critic_options(cfg.model.options())
+    model, _ = build_model(hf, layout, opt, distributed_optimizer=True, value_head=True,
+                           value_head_init_std=c.head_init_std)
+    settings = OptimSettings(lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
+                             max_grad_norm=c.max_grad_norm, warmup_steps=c.lr_warmup_steps,
+                             total_steps=t.steps * t.updates_per_step * t.epochs_per_step,
+                             decay_style=c.lr_decay_style, adam_beta2=t.adam_beta2)
+    optimizer, scheduler = build_optimizer(model, settings, opt.params_dtype)
+    if c.init_from:
+        try:
+            source = load_critic_init(c.init_from, model)
+        except ValueError as e:
+            raise ConfigError(f"critic.init_from: {e}") from None
+    else:
+        copy_trunk(policy.model, model)
+        source = "the policy's starting weights, a fresh head"
+    optimizer.reload_model_params()
+    return Critic(model, optimizer, scheduler, pg, clip=c.value_clip or None,
+                  agg=c.loss_agg), source
+
+
 def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
     """The pre-resume weights (see the module doc); returns where they came from."""
     from megatron_rl.checkpoint.dist_ckpt import load_model
@@ -102,7 +132,7 @@ def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
 
 
 def resume_checkpoint(root: Path, ms: ModelState, fallback: bool,
-                      layout: Optional[dict] = None) -> tuple:
+                      layout: Optional[dict] = None, critic=None) -> tuple:
     """Load the newest complete checkpoint under ``root`` (collective): ``(trainer_state or None,
     warnings)``, the state's ``"path"`` being the directory loaded.
 
@@ -137,7 +167,9 @@ def resume_checkpoint(root: Path, ms: ModelState, fallback: bool,
             warned.append(f"{said}, but the newest complete checkpoint is step_{step:08d}: "
                           "resuming from it")
         state = load_checkpoint(step_dir(root, step), ms.model[0], ms.optimizer, ms.scheduler,
-                                verify=False, layout=layout)
+                                verify=False, layout=layout,
+                                critic=None if critic is None else
+                                (critic.model[0], critic.optimizer, critic.scheduler))
         return {**state, "path": str(step_dir(root, step))}, warned
     raise CheckpointError(f"{root}: no complete checkpoint to resume from ({'; '.join(warned)}); "
                           "restore one, or choose a new train.output_dir to start over")

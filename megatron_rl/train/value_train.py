@@ -52,7 +52,7 @@ def forward_values(model: List, micro_batches: List[PolicyMicroBatch],
 
     def step(data, chunk_model):
         mb = next(data)
-        return model_forward(mb, chunk_model), partial(value_func, mb)
+        return model_forward(mb, chunk_model, replay_routes=False), partial(value_func, mb)
 
     with torch.no_grad():
         out = get_forward_backward_func()(
@@ -88,7 +88,8 @@ def value_forward_backward(model: List, micro_batches: List[PolicyMicroBatch],
 
     def step(data, chunk_model):
         mb, target = next(data)
-        return model_forward(mb, chunk_model), partial(_value_loss_func, mb, target, spec, scale)
+        return (model_forward(mb, chunk_model, replay_routes=False),
+                partial(_value_loss_func, mb, target, spec, scale))
 
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=pairs, model=model,

@@ -87,3 +87,39 @@ def critic_equivalence(rank: int, world: int, tmp: str, cases) -> dict:
                          "trunk_grad": max(float(g.abs().max()) for n, g in ref_grads.items()
                                            if "output_layer" not in n)}
     return results
+
+
+def critic_export(rank: int, world: int, tmp: str) -> dict:
+    """The critic at TP 2 exported as the architecture's token classifier: transformers loads it
+    and gives the values Megatron computes, token by token."""
+    from megatron_rl.checkpoint.convert import write_hf_model
+    from megatron_rl.checkpoint.hf_mapping import mapping_for, value_model_config, value_model_mapping
+    from megatron_rl.train.parallel_init import weight_groups
+
+    raw = tiny_hf_config("qwen3_moe")
+    hf = load_hf_config(raw)
+    init_megatron_parallel(Layout(tp=2), 5)
+    [model], _ = build_model(hf, Layout(tp=2), ModelOptions(), ddp=False, value_head=True,
+                             value_head_init_std=INIT_STD)
+    with torch.no_grad():
+        model.output_layer.bias.fill_(0.25)     # a bias that must arrive as score.bias
+    tokens = _sequences(hf.vocab_size)["tokens"]
+    with torch.no_grad():
+        ours = model(input_ids=tokens, position_ids=torch.arange(tokens.shape[1]).expand_as(tokens),
+                     attention_mask=None).squeeze(-1)
+    out = os.path.join(tmp, "hf_critic")
+    write_hf_model(model, hf, value_model_mapping(mapping_for(hf)), weight_groups(),
+                   value_model_config(raw), out, torch.float32)
+    destroy_megatron_parallel()
+    result = {}
+    if rank == 0:
+        from transformers import AutoModelForTokenClassification
+
+        hf_model = AutoModelForTokenClassification.from_pretrained(out).eval()
+        with torch.no_grad():
+            theirs = hf_model(input_ids=tokens).logits.squeeze(-1)
+        result = {"architecture": type(hf_model).__name__, "num_labels": hf_model.config.num_labels,
+                  "max_diff": float((theirs - ours).abs().max()),
+                  "scale": float(ours.abs().max())}
+    dist.barrier()
+    return result

@@ -13,7 +13,8 @@ def metrics(out):
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
-def weights(out):
+def weights(out, export: str = "hf"):
+    """The tensors of ``<out>/<export>`` (``hf``: the policy; ``hf_critic``: PPO's critic)."""
     from safetensors.torch import load_file
 
-    return {k: v for f in sorted((out / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+    return {k: v for f in sorted((out / export).glob("*.safetensors")) for k, v in load_file(f).items()}

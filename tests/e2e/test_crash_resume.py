@@ -7,7 +7,8 @@ checkpoint and is killed again at a point drawn after it (``MEGATRON_RL_KILL_AT`
 ``megatron_rl/train/crash_points.py``; a random delay of up to 250 ms moves each kill to a random
 moment inside its phase). After every kill the test also checks that the dead trainer left no
 process behind. CI runs 8 kills, one at each point (``train.epoch``: inside the second pass over a step's
-batch); ``-m soak`` runs 24 (the count reported in docs/reliability.md).
+batch), on PPO (the policy and the critic, each with its optimizer and schedule, must come back);
+``-m soak`` runs 24 on GSPO (the count reported in docs/reliability.md).
 ``MEGATRON_RL_CRASH_SEED`` replays a failing sequence.
 """
 
@@ -25,13 +26,13 @@ import pytest
 from tests.e2e.run_outputs import metrics, weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RECIPE = str(ROOT / "configs" / "recipes" / "tiny_moe_gspo.yaml")
+RECIPES = ROOT / "configs" / "recipes"
 POINTS = ("rollout", "train", "train.epoch", "sync", "checkpoint", "checkpoint.written",
           "checkpoint.renamed", "checkpoint.latest")
 
 
-def _args(out, steps):
-    return [sys.executable, "-m", "megatron_rl", "train", "--config", RECIPE, "--quiet",
+def _args(out, steps, recipe):
+    return [sys.executable, "-m", "megatron_rl", "train", "--config", str(RECIPES / recipe), "--quiet",
             f"train.output_dir={out}", f"train.steps={steps}", "train.prompts_per_step=4",
             "rollout.n_samples_per_prompt=4", "train.micro_batch_size=8",
             # two passes of two updates: a kill in the second pass restarts the step, which must
@@ -40,12 +41,12 @@ def _args(out, steps):
             "train.checkpoint_every=1", "rollout.probe_every=3", "train.tensorboard=false"]
 
 
-def _run(out, steps, tag, kill_at=None):
+def _run(out, steps, tag, kill_at=None, recipe="tiny_moe_gspo.yaml"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGATRON_RL_TEST_TAG": tag}
     env.pop("MEGATRON_RL_KILL_AT", None)
     if kill_at:
         env["MEGATRON_RL_KILL_AT"] = kill_at
-    return subprocess.run(_args(out, steps), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return subprocess.run(_args(out, steps, recipe), cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=env)
 
 
@@ -61,11 +62,11 @@ def _leftovers(tag):
     return found
 
 
-def _crash_loop(tmp_path, kills):
+def _crash_loop(tmp_path, kills, recipe):
     seed = int(os.environ.get("MEGATRON_RL_CRASH_SEED", "20261122"))
     rng = random.Random(seed)
     steps = kills + 6
-    ref = _run(tmp_path / "ref", steps, uuid.uuid4().hex)
+    ref = _run(tmp_path / "ref", steps, uuid.uuid4().hex, recipe=recipe)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out, log = tmp_path / "crashed", []
@@ -79,11 +80,11 @@ def _crash_loop(tmp_path, kills):
         delay = 0 if point.startswith("checkpoint.") else rng.randrange(0, 250)
         at = f"{point}:{done + 1 + rng.randrange(0, 2)}:{delay}"
         tag = uuid.uuid4().hex
-        r = _run(out, steps, tag, kill_at=at)
+        r = _run(out, steps, tag, kill_at=at, recipe=recipe)
         log.append(at)
         assert r.returncode == -9, f"seed {seed}, kill {i} at {at}: exit {r.returncode}\n{r.stderr[-3000:]}"
         assert not _leftovers(tag), f"seed {seed}: the trainer killed at {at} left processes behind"
-    r = _run(out, steps, uuid.uuid4().hex)
+    r = _run(out, steps, uuid.uuid4().hex, recipe=recipe)
     assert r.returncode == 0, f"seed {seed}, after kills {log}:\n{r.stderr[-3000:]}"
     print(f"\n{kills} kills (seed {seed}): {' '.join(log)}")
 
@@ -91,20 +92,31 @@ def _crash_loop(tmp_path, kills):
     assert [row["step"] for row in got] == list(range(1, steps + 1))
     for a, b in zip(got, want):
         assert a == b, f"seed {seed}, kills {log}: step {a['step']} differs from the uninterrupted run"
-    wa, wb = weights(out), weights(tmp_path / "ref")
-    assert wa.keys() == wb.keys()
-    assert all((wa[k] == wb[k]).all() for k in wa), "final weights differ"
+    exports = ("hf", "hf_critic") if recipe == "tiny_moe_ppo.yaml" else ("hf",)
+    for export in exports:
+        wa, wb = weights(out, export), weights(tmp_path / "ref", export)
+        assert wa and wa.keys() == wb.keys()
+        assert all((wa[k] == wb[k]).all() for k in wa), f"final weights ({export}) differ"
+    if recipe == "tiny_moe_ppo.yaml":   # the checkpoint's critic exports as the run exported it
+        ckpt = out / "checkpoints" / f"step_{steps:08d}" / "critic"
+        r = subprocess.run([sys.executable, "-m", "megatron_rl", "convert", "export", str(ckpt),
+                            str(tmp_path / "critic_hf"), "--hf-config",
+                            str(out / "hf_critic" / "config.json")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        wc, wr = weights(tmp_path, "critic_hf"), weights(out, "hf_critic")
+        assert wc.keys() == wr.keys() and all((wc[k] == wr[k]).all() for k in wc)
     assert not list((out / "checkpoints").glob(".tmp-*")), "a temporary checkpoint was left"
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_a_kill_at_each_point_then_resume_is_bit_identical(tmp_path):
-    _crash_loop(tmp_path, kills=len(POINTS))
+def test_a_kill_at_each_point_then_ppo_resumes_bit_identical(tmp_path):
+    _crash_loop(tmp_path, kills=len(POINTS), recipe="tiny_moe_ppo.yaml")
 
 
 @pytest.mark.slow
 @pytest.mark.soak
 @pytest.mark.vllm
 def test_twenty_four_random_kills_resume_bit_identical(tmp_path):
-    _crash_loop(tmp_path, kills=24)
+    _crash_loop(tmp_path, kills=24, recipe="tiny_moe_gspo.yaml")

@@ -112,8 +112,19 @@ def test_suffix_sum_and_scan_estimators_are_accepted_under_context_parallelism()
     # discounted scans exchange per-chunk carries (CPSeqOps.linear_suffix_scan)
     load_config(RECIPES / "toy_gspo.yaml", cp4 + ["algo.advantage.name=reinforce_pp",
                                                   "algo.advantage.params.gamma=0.99"])
-    load_config(RECIPES / "toy_gspo.yaml", cp4 + ["algo.advantage.name=gae",
-                                                  "algo.advantage.params={gamma: 0.99, lam: 0.9}"])
+    load_config(RECIPES / "tiny_moe_ppo.yaml", cp4 + ["algo.advantage.params={gamma: 0.99, lam: 0.9}"])
+
+
+@pytest.mark.parametrize("recipe,overrides,needle", [
+    ("toy_gspo.yaml", ["algo.advantage.name=gae"], "gae needs the critic"),
+    ("tiny_moe_ppo.yaml", ["train.steps=10", "critic.warmup_steps=10"],
+     "critic.warmup_steps: 10 critic-only steps leave none"),
+    ("tiny_moe_ppo.yaml", ["critic.loss_agg=sum"], "critic.loss_agg"),
+    ("tiny_moe_ppo.yaml", ["critic.value_clip=-1"], "critic.value_clip"),
+])
+def test_ppo_configs_that_cannot_train_fail_at_load_naming_the_key(recipe, overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(RECIPES / recipe, overrides)
 
 
 @pytest.mark.parametrize("overrides,needle", [

@@ -1,0 +1,41 @@
+"""A step's metrics before and after the world's reduction (``parallel.metrics_comm``): what each
+rank adds to the sum, and the metrics derived from the reduced sums."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from megatron_rl.algo.value import explained_variance_from_moments
+
+# the same on every rank (the optimizers' global norms and counts)
+EVERY_RANK = ("train/grad_norm", "train/updates", "train/skipped_updates",
+              "critic/skipped_updates")
+EV_KEYS = ("critic/ev/n", "critic/ev/g", "critic/ev/g2", "critic/ev/r", "critic/ev/r2")
+
+
+def rank_shares(sums: Dict[str, float], tp: int, world: int) -> Dict[str, float]:
+    """What this rank adds to the world's sum: loss metrics are partial sums over DP x CP,
+    repeated on the TP ranks of a position; optimizer metrics are repeated on every rank."""
+    out = {}
+    for k, v in sums.items():
+        if k.endswith("/max"):
+            out[k] = v
+        else:
+            every = k in EVERY_RANK or k.endswith("/grad_norm")   # epoch<k>/grad_norm
+            out[k] = v / (world if every else tp)
+    return out
+
+
+def derive(m: Dict[str, float], seconds: float) -> Dict[str, float]:
+    """Ratios of reduced sums, in place: mismatch mean, tokens per second and the critic's
+    explained variance (of the rollout's values against the returns)."""
+    import torch
+
+    if m.get("mismatch/tokens"):
+        m["mismatch/mean"] = m.pop("mismatch/abs_sum") / m.pop("mismatch/tokens")
+    if EV_KEYS[0] in m:
+        moments = torch.tensor([m.pop(k) for k in EV_KEYS], dtype=torch.float64)
+        m["critic/explained_variance"] = float(explained_variance_from_moments(moments))
+    m["time/step_s"] = seconds
+    m["perf/tokens_per_s"] = m.pop("perf/tokens") / max(seconds, 1e-9)
+    return m
