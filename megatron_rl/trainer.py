@@ -117,7 +117,7 @@ class Trainer:
     def _data(self) -> None:
         from megatron.core import parallel_state as ps
 
-        rows = S.load_rows(self.cfg)
+        rows = S.load_rows(self.cfg, self.warnings)
         self.dp_rank = ps.get_data_parallel_rank()
         d = self.cfg.data
         self.prompts = S.PromptStream(rows, self.tok, chat=d.chat_template,

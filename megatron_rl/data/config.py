@@ -10,10 +10,16 @@ from megatron_rl.config.fields import field_
 @dataclass
 class DataConfig:
     path: str = field_("synthetic:reverse",
-                       help="a .jsonl / .parquet file, or synthetic:<task> (data.synthetic)")
-    prompt_key: str = "prompt"
-    label_key: str = "label"
+                       help="a .jsonl / .json (array) / .parquet file, a directory of them, a glob "
+                            "(data/train-*.parquet), or synthetic:<task>")
+    prompt_key: str = field_("prompt", help="the prompt's key (a string or chat messages); a "
+                                            "dotted path reaches nested fields")
+    label_key: str = field_("label", help="the answer's key, handed to the reward; a dotted path "
+                                          "reaches nested fields (verl: reward_model.ground_truth)")
     on_bad_row: str = field_("error", choices=("error", "skip"))
+    on_missing_label: str = field_("error", choices=("error", "skip", "allow"),
+                                   help="a row without label_key: error at load, skip it, or "
+                                        "allow it (a reward that needs no label)")
     chat_template: bool = field_(False, help="wrap string prompts in the tokenizer's chat template")
     tokenizer: str = field_("", help="tokenizer dir; empty: the model's; 'word': the synthetic "
                                      "tasks' word-level tokenizer")

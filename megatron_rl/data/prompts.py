@@ -1,8 +1,9 @@
-"""Prompt datasets: rows from JSONL or Parquet, a resumable sampler, per-DP-rank shards.
+"""Prompt datasets: rows from JSONL, JSON or Parquet files, a resumable sampler, per-DP-rank shards.
 
 A row is ``{"prompt": str | [chat messages], "label": any, "metadata": {...}}`` (the key names are
-configurable). A malformed row is an error naming the file and line (``on_bad_row="error"``), or
-is skipped and counted (``"skip"``). The sampler walks seeded per-epoch permutations; its state is
+configurable, dotted paths reach nested fields; verl's ``data_source`` / ``extra_info`` join the
+metadata). A malformed row is an error naming the file and line (``on_bad_row="error"``), or
+is skipped and counted (``"skip"``); so is a row without a label (``on_missing_label``). The sampler walks seeded per-epoch permutations; its state is
 two integers (epoch, position), so a resumed run continues with the same next prompt. A step's
 prompts are split across data-parallel ranks by whole prompts, so each prompt's G samples (its
 group) are generated, scored and normalised on one rank.
@@ -10,13 +11,13 @@ group) are generated, scored and normalised on one rank.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from megatron_rl.data.files import MISSING, data_files, iter_objects, key_paths, lookup
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class PromptRow:
 @dataclass
 class LoadReport:
     rows: List[PromptRow]
-    skipped: List[Tuple[int, str]]  # (line number, reason)
+    skipped: List[Tuple[str, str]]  # (file:line, reason)
 
 
 def _check_prompt(p: Any) -> Optional[str]:
@@ -45,74 +46,68 @@ def _check_prompt(p: Any) -> Optional[str]:
     return f"prompt must be a non-empty string or list of chat messages, got {type(p).__name__}"
 
 
+# verl's row fields handed to the reward as metadata (verl's compute_score gets them too)
+VERL_METADATA = ("data_source", "extra_info", "ability")
+LABEL_POLICIES = ("error", "skip", "allow")
+
+
 def _row(obj: Any, index: int, prompt_key: str, label_key: str) -> Tuple[Optional[PromptRow], str]:
     if not isinstance(obj, dict):
         return None, f"a row must be a JSON object, got {type(obj).__name__}"
-    if prompt_key not in obj:
+    prompt = lookup(obj, prompt_key)
+    if prompt is MISSING:
         return None, f"missing field {prompt_key!r} (data.prompt_key)"
-    bad = _check_prompt(obj[prompt_key])
+    bad = _check_prompt(prompt)
     if bad:
         return None, f"field {prompt_key!r}: {bad}"
     meta = obj.get("metadata") or {}
     if not isinstance(meta, dict):
         return None, "field 'metadata' must be an object"
-    return PromptRow(index, obj[prompt_key], obj.get(label_key), meta), ""
-
-
-def _jsonl_objects(path: Path):
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield line_no, None, f"invalid UTF-8 at byte {e.start}"
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield line_no, json.loads(text), ""
-            except json.JSONDecodeError as e:
-                yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
-
-
-def _parquet_objects(path: Path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for a bad file
-        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
-    for i, obj in enumerate(table.to_pylist(), 1):
-        yield i, obj, ""
+    meta = {**{k: obj[k] for k in VERL_METADATA if obj.get(k) is not None}, **meta}
+    label = lookup(obj, label_key)
+    return PromptRow(index, prompt, None if label is MISSING else label, meta), ""
 
 
 def load_prompts(path: str, *, prompt_key: str = "prompt", label_key: str = "label",
-                 on_bad_row: str = "error") -> LoadReport:
-    """All rows of a ``.jsonl`` / ``.parquet`` file (``on_bad_row``: ``error`` | ``skip``)."""
-    p = Path(path)
+                 on_bad_row: str = "error", on_missing_label: str = "error") -> LoadReport:
+    """Every row of the files ``path`` names (``files.data_files``). ``on_bad_row``: ``error`` |
+    ``skip`` a malformed row. ``on_missing_label``: a row without ``label_key`` (absent or null)
+    is an ``error`` naming the key, the count and the keys the rows do have (a reward scoring
+    ``None`` would silently give 0 every step), is ``skip``ped, or is ``allow``ed (a reward that
+    needs no label)."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row: {on_bad_row!r}; choose 'error' or 'skip'")
-    if not p.is_file():
-        raise ValueError(f"data.path: {p} does not exist")
-    suffix = p.suffix.lower()
-    if suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"data.path: {p} is neither .jsonl nor .parquet")
-    objects = _jsonl_objects(p) if suffix == ".jsonl" else _parquet_objects(p)
-    rows, skipped = [], []
-    for line_no, obj, err in objects:
-        row = None
-        if not err:
-            row, err = _row(obj, len(rows) + len(skipped), prompt_key, label_key)
-        if err:
-            if on_bad_row == "error":
-                raise ValueError(f"{p}:{line_no}: {err} (set data.on_bad_row=skip to skip such rows)")
-            skipped.append((line_no, err))
-            continue
-        rows.append(row)
+    if on_missing_label not in LABEL_POLICIES:
+        raise ValueError(f"data.on_missing_label: {on_missing_label!r}; choose one of "
+                         f"{', '.join(LABEL_POLICIES)}")
+    rows, skipped, unlabeled = [], [], []
+    for f in data_files(path):
+        for place, obj, err in iter_objects(f):
+            row = None
+            if not err:
+                row, err = _row(obj, len(rows) + len(skipped), prompt_key, label_key)
+            if err:
+                if on_bad_row == "error":
+                    raise ValueError(f"{place}: {err} (set data.on_bad_row=skip to skip such rows)")
+                skipped.append((place, err))
+                continue
+            if row.label is None and on_missing_label != "allow":
+                unlabeled.append((place, obj))
+                if on_missing_label == "skip":
+                    skipped.append((place, f"no label {label_key!r} (data.on_missing_label=skip)"))
+                    continue
+            rows.append(row)
+    if unlabeled and on_missing_label == "error":
+        place, obj = unlabeled[0]
+        raise ValueError(
+            f"data.label_key: {label_key!r} is missing or null in {len(unlabeled)} of "
+            f"{len(rows)} rows (first at {place}, whose keys are {', '.join(key_paths(obj))}); set "
+            "data.label_key to the answer's key (a dotted path reaches nested fields, e.g. "
+            "reward_model.ground_truth), data.on_missing_label=skip to drop those rows, or "
+            "=allow for a reward that needs no label")
     if not rows:
-        raise ValueError(f"{p}: no usable rows ({len(skipped)} skipped)")
+        first = f", first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise ValueError(f"{path}: no usable rows ({len(skipped)} skipped{first})")
     return LoadReport(rows, skipped)
 
 

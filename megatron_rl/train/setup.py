@@ -11,7 +11,6 @@ so a resumed run regularises toward the same policy.
 from __future__ import annotations
 
 import glob
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
@@ -215,7 +214,9 @@ def load_tokenizer(cfg: RunConfig, hf, model_dir: Optional[str] = None):
     return tok
 
 
-def load_rows(cfg: RunConfig) -> List[PromptRow]:
+def load_rows(cfg: RunConfig, notes: Optional[List[str]] = None) -> List[PromptRow]:
+    """The dataset's rows; what was skipped (``data.on_bad_row`` / ``on_missing_label=skip``) is
+    appended to ``notes`` as one line with the count and the first reason."""
     from megatron_rl.data.prompts import load_prompts
     from megatron_rl.data.synthetic import TASKS, make_rows
 
@@ -232,16 +233,16 @@ def load_rows(cfg: RunConfig) -> List[PromptRow]:
         except ValueError as e:
             raise ConfigError(f"data.synthetic_answer_len: {e}") from None
         return [PromptRow(i, r["prompt"], r["label"], r["metadata"]) for i, r in enumerate(raw)]
-    if not os.path.isfile(d.path):
-        raise ConfigError(f"data.path: {d.path} does not exist (a .jsonl or .parquet file, or "
-                          "synthetic:<task>)")
     try:
         report = load_prompts(d.path, prompt_key=d.prompt_key, label_key=d.label_key,
-                              on_bad_row=d.on_bad_row)
+                              on_bad_row=d.on_bad_row, on_missing_label=d.on_missing_label)
     except ValueError as e:
-        raise ConfigError(f"data.path: {e}") from None
-    if not report.rows:
-        raise ConfigError(f"data.path: {d.path} has no usable rows")
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("data.") else f"data.path: {msg}") from None
+    if report.skipped and notes is not None:
+        place, why = report.skipped[0]
+        notes.append(f"data: {len(report.skipped)} row(s) of {d.path} skipped, "
+                     f"{len(report.rows)} kept; the first at {place}: {why}")
     return report.rows
 
 

@@ -1,6 +1,7 @@
 """Prompt data: rows load or fail naming file and line; the sampler resumes; shards keep groups."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -35,7 +36,8 @@ def test_malformed_rows_can_be_skipped_and_counted(tmp_path):
     p.write_bytes(b"".join(line for line, _ in BAD_LINES) + b"\n")  # + a blank line
     rep = load_prompts(str(p), on_bad_row="skip")
     assert [r.prompt for r in rep.rows] == ["ok"]
-    assert [n for n, _ in rep.skipped] == list(range(2, len(BAD_LINES) + 1))
+    assert [n.rsplit(":", 1)[1] for n, _ in rep.skipped] == [
+        str(i) for i in range(2, len(BAD_LINES) + 1)]
 
 
 def test_parquet_rows_load_like_jsonl(tmp_path):
@@ -95,3 +97,76 @@ def test_the_long_task_answers_with_its_pattern_for_answer_len_words():
         assert words == [pattern[i % len(pattern)] for i in range(2000)]
     with pytest.raises(ValueError, match="applies to synthetic:repeat only, not synthetic:copy"):
         make_rows("copy", 5, answer_len=100)
+
+
+def _verl_rows(n=4):
+    """verl's parquet schema: chat-message prompts, the answer under reward_model.ground_truth."""
+    return [{"data_source": "openai/gsm8k",
+             "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+             "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(2 * i)},
+             "extra_info": {"split": "train", "index": i}} for i in range(n)]
+
+
+def test_a_verl_parquet_loads_as_is_with_a_dotted_label_and_its_metadata(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(_verl_rows()), tmp_path / "train.parquet")
+    rep = load_prompts(str(tmp_path / "train.parquet"), label_key="reward_model.ground_truth")
+    assert [r.label for r in rep.rows] == ["0", "2", "4", "6"]
+    assert rep.rows[1].prompt == [{"role": "user", "content": "What is 1 + 1?"}]
+    assert rep.rows[1].metadata["data_source"] == "openai/gsm8k"
+    assert rep.rows[1].metadata["extra_info"] == {"split": "train", "index": 1}
+    # the default label key finds nothing there: an error naming the key, the count and the
+    # keys the rows do have, never a run that scores None as 0 every step
+    with pytest.raises(ValueError, match=r"data.label_key: 'label' is missing or null in 4 of 4 "
+                                         r"rows .*reward_model.ground_truth"):
+        load_prompts(str(tmp_path / "train.parquet"))
+
+
+def test_a_missing_label_is_an_error_unless_skipped_or_allowed(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "label": "2"}\n'
+                 '{"prompt": "c", "label": null}\n')
+    with pytest.raises(ValueError, match=r"missing or null in 2 of 3 rows \(first at .*d.jsonl:1, "
+                                         r"whose keys are prompt, answer\)"):
+        load_prompts(str(p))
+    skipped = load_prompts(str(p), on_missing_label="skip")
+    assert [r.prompt for r in skipped.rows] == ["b"] and len(skipped.skipped) == 2
+    allowed = load_prompts(str(p), on_missing_label="allow")
+    assert [r.label for r in allowed.rows] == [None, "2", None]
+    assert [r.label for r in load_prompts(str(p), label_key="answer",
+                                          on_missing_label="allow").rows] == ["1", None, None]
+
+
+def test_json_arrays_directories_and_globs_load_every_file_in_order(tmp_path):
+    (tmp_path / "shards").mkdir()
+    for k in range(3):
+        rows = [{"prompt": f"p{k}{i}", "label": str(i)} for i in range(2)]
+        (tmp_path / "shards" / f"part-{k}.json").write_text(json.dumps(rows))
+    (tmp_path / "shards" / "README.txt").write_text("not data")
+    by_dir = load_prompts(str(tmp_path / "shards"))
+    assert [r.prompt for r in by_dir.rows] == ["p00", "p01", "p10", "p11", "p20", "p21"]
+    assert [r.index for r in by_dir.rows] == list(range(6))
+    by_glob = load_prompts(str(tmp_path / "shards" / "part-[12].json"))
+    assert [r.prompt for r in by_glob.rows] == ["p10", "p11", "p20", "p21"]
+    with pytest.raises(ValueError, match="matches no file"):
+        load_prompts(str(tmp_path / "shards" / "*.parquet"))
+    (tmp_path / "obj.json").write_text('{"prompt": "x"}')
+    with pytest.raises(ValueError, match="must hold an array of row objects"):
+        load_prompts(str(tmp_path / "obj.json"))
+
+
+def test_skipped_rows_are_reported_with_their_count_and_first_reason(tmp_path):
+    from megatron_rl.config import load_config
+    from megatron_rl.train.setup import load_rows
+
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "label": "1"}\n{"prompt": 7}\n{"prompt": "c"}\n')
+    recipe = pathlib.Path(__file__).resolve().parents[2] / "configs/recipes/tiny_moe_gspo.yaml"
+    cfg = load_config(recipe, [f"data.path={p}", "data.on_bad_row=skip",
+                               "data.on_missing_label=skip"])
+    notes = []
+    rows = load_rows(cfg, notes)
+    assert [r.prompt for r in rows] == ["a"]
+    assert len(notes) == 1 and "2 row(s) of" in notes[0] and "d.jsonl:2" in notes[0]

@@ -159,7 +159,7 @@ def test_dataset_row_fuzz_each_bad_row_is_named_by_file_and_line(tmp_path, seed)
         # with on_bad_row=skip the same file loads its good rows and reports the bad one
         if n_good:
             report = load_prompts(str(path), on_bad_row="skip")
-            if len(report.rows) != n_good or report.skipped[0][0] != at + 1:
+            if len(report.rows) != n_good or report.skipped[0][0] != f"{path}:{at + 1}":
                 failures.append(f"{name}: skip mode kept {len(report.rows)} of {n_good}")
     assert not failures, "\n".join(failures)
 
@@ -169,8 +169,8 @@ BAD_FILES = {
     "empty": (b"", "no usable rows"),
     "only blank lines": (b"\n\n  \n", "no usable rows"),
     "binary garbage": (bytes(range(256)) * 4, "invalid"),
-    "wrong extension": ("txt", "neither .jsonl nor .parquet"),
-    "a directory": ("dir", "does not exist"),
+    "wrong extension": ("txt", "is not a .jsonl/.json/.parquet file"),
+    "a directory": ("dir", "is a directory with no .jsonl, .json, .parquet file"),
     "garbage parquet": ("parquet", "not a readable Parquet file"),
 }
 
