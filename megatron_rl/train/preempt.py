@@ -1,4 +1,5 @@
-"""Stopping at a safe point: SIGTERM / SIGUSR1 (SLURM's warning before a kill) or a stop file.
+"""Stopping at a safe point: SIGTERM / SIGUSR1 (SLURM's warning before a kill), Ctrl-C (SIGINT;
+a second one aborts at once) or a stop file.
 
 The handler only records the request; the trainer checks it between steps (every rank agrees
 through one MAX all-reduce), writes a checkpoint, and exits with ``EXIT_REQUEUE`` so that
@@ -34,14 +35,35 @@ from typing import Optional
 
 EXIT_REQUEUE = 75   # EX_TEMPFAIL: "stopped on request, try again"
 EXIT_NONFINITE = 3  # train.max_bad_steps steps in a row had NaN/Inf: requeueing would not help
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_ABORTED = 130  # a second Ctrl-C: the shell's status for death by SIGINT
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 REQUEUE_FILE = "REQUEUE"
 _EARLY = {"signal": "", "at": None}
+_CTRL_C = {"count": 0}
+
+
+def _ctrl_c(signum) -> None:
+    """Ctrl-C is a stop like SIGTERM (a checkpoint at the next step, exit 75), said in one line;
+    a second one aborts at once: no checkpoint, the newest complete one stays, nothing else is
+    waited for (exit 130, as after a kill: the output directory's lock is stale-proof)."""
+    if signum != signal.SIGINT:
+        return
+    _CTRL_C["count"] += 1
+    if _CTRL_C["count"] == 1:
+        sys.stderr.write("\nmegatron-rl: Ctrl-C: stopping after the current step, with a checkpoint "
+                         "(rerun the same command to resume); Ctrl-C again aborts at once\n")
+    else:
+        sys.stderr.write("\nmegatron-rl: second Ctrl-C: aborting now, without a checkpoint (the "
+                         "newest complete one is kept)\n")
+        sys.stderr.flush()
+        os._exit(EXIT_ABORTED)
+    sys.stderr.flush()
 
 
 def _early_handler(signum, frame) -> None:
+    _ctrl_c(signum)
     if _EARLY["at"] is None:
         _EARLY.update(signal=signal.Signals(signum).name, at=time.monotonic())
 
@@ -139,7 +161,9 @@ class StopRequest:
         self._watcher.start()
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        _ctrl_c(signum)
+        if self.requested_at is None:
+            self.signal_name = signal.Signals(signum).name
         self._arm()
 
     def _file_request(self) -> bool:

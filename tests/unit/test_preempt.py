@@ -122,3 +122,34 @@ def test_a_signal_before_the_stop_request_exists_is_adopted_with_its_time(tmp_pa
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "SIGTERM", "True"]
+
+
+def test_ctrl_c_is_a_stop_in_one_line_and_a_second_one_aborts_at_once(tmp_path):
+    r = _child("""
+        stop = StopRequest(stop_file, grace_s=60)
+        os.kill(os.getpid(), signal.SIGINT)      # no KeyboardInterrupt: a stop request
+        time.sleep(0.2)
+        print(stop.local(), stop.reason(), flush=True)
+        os.kill(os.getpid(), signal.SIGINT)      # the second: out at once
+        time.sleep(5)
+        print("still running", flush=True)
+    """, tmp_path)
+    assert r.returncode == 130, r.stderr
+    assert r.stdout.split() == ["True", "SIGINT"]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "Ctrl-C: stopping after the current step, with a checkpoint" in lines[0]
+    assert "second Ctrl-C: aborting now" in lines[1]
+
+
+def test_ctrl_c_after_another_stop_request_keeps_that_reason(tmp_path):
+    r = _child("""
+        stop = StopRequest(stop_file, grace_s=60)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        print(stop.reason(), flush=True)
+        stop.close()
+    """, tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["SIGTERM"], r.stderr
