@@ -129,7 +129,7 @@ class Trainer:
                                  "(data.on_bad_row=skip)")
 
     def _resume(self) -> None:
-        if not self.cfg.train.resume:
+        if self.cfg.train.resume == "false":
             S.refuse_to_overwrite(self.out / "checkpoints")
             return
         state, warned = S.resume_checkpoint(self.out / "checkpoints", self.ms,
@@ -138,6 +138,7 @@ class Trainer:
         self.warnings += warned
         if state is None:
             return
+        S.refuse_drift(state.get("config"), self.cfg, Path(state["path"]))
         self.step = int(state["step"])
         self.resumed_from = Path(state["path"])
         self.prompts.sampler.load_state_dict(state["sampler"])
@@ -429,7 +430,7 @@ class Trainer:
 
         save_checkpoint(self.out / "checkpoints", self.step, self.ms.model[0], self.ms.optimizer,
                         self.ms.scheduler, {"sampler": self.prompts.sampler.state_dict(),
-                                            "step": self.step},
+                                            "step": self.step, "config": S.config_tree(self.cfg)},
                         keep_last=self.cfg.train.keep_checkpoints, run_id=self.run_id,
                         optimizer_format=self.cfg.train.optimizer_checkpoint,
                         layout=self.layout_sizes,

@@ -4,6 +4,8 @@ and the key path.
 
 A recipe names its parents in ``defaults: [parent.yaml, ...]`` (paths relative to the recipe,
 ``.yaml`` optional); parents merge first, in order, and the recipe's own keys win.
+``train.output_dir`` is never inherited: unless the recipe itself (or an override) sets it, it
+is ``runs/<the recipe's file name>``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ PathLike = Union[str, pathlib.Path]
 def load_config(recipe: PathLike, overrides: Sequence[str] = ()) -> RunConfig:
     """The validated ``RunConfig`` of ``recipe`` with ``overrides`` (``a.b=value``) applied."""
     cfg = OmegaConf.structured(RunConfig)
-    for path, data in _chain(pathlib.Path(recipe)):
+    chain = _chain(pathlib.Path(recipe))
+    for path, data in chain:
         cfg = _merge(cfg, data, f"{path}")
+    own_dir = _sets_output_dir(chain[-1][1]) or any(
+        item.partition("=")[0].strip() == "train.output_dir" for item in overrides)
+    if not own_dir:   # a parent's output_dir would resume (or refuse) the parent's run
+        cfg.train.output_dir = f"runs/{chain[-1][0].stem}"
     for item in overrides:
         cfg = _merge(cfg, _parse_override(item), f"override {item!r}")
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -64,6 +71,11 @@ def _chain(path: pathlib.Path, seen: tuple = ()) -> List[tuple]:
     for parent in parents:
         out += _chain(path.parent / parent, seen + (path,))
     return out + [(path, data)]
+
+
+def _sets_output_dir(data) -> bool:
+    train = data.get("train") if isinstance(data, dict) else None
+    return isinstance(train, dict) and "output_dir" in train
 
 
 def _resolve(path: pathlib.Path) -> pathlib.Path:

@@ -37,7 +37,11 @@ class TrainConfig:
                                        help="dp_reshardable: fast, resumes under other DP/CP sizes; "
                                             "fully_reshardable: other TP/PP sizes too")
     export_hf: bool = field_(True, help="write <output_dir>/hf (safetensors) at the end")
-    resume: bool = field_(True, help="continue from the newest checkpoint in output_dir")
+    resume: str = field_("true", choices=("true", "false", "force"),
+                         help="true: continue from the newest checkpoint in output_dir, whose "
+                              "training settings must match (train.steps and other safe knobs may "
+                              "change); force: continue with changed settings; false: refuse a "
+                              "directory with checkpoints")
     resume_fallback: bool = field_(False, help="if the newest checkpoint fails its manifest check, "
                                                "resume from the newest earlier one that passes")
     tensorboard: bool = True
@@ -46,6 +50,9 @@ class TrainConfig:
                                     "under the launcher's warning time, e.g. --signal=B:USR1@300)")
     max_bad_steps: int = field_(3, ge=0, help="stop (with a checkpoint) after this many steps in a "
                                               "row with a non-finite loss or gradient; 0: never")
+
+    def __post_init__(self):
+        self.resume = str(self.resume).lower()   # YAML's true / false arrive as booleans
 
 
 @dataclass

@@ -174,6 +174,31 @@ def resume_checkpoint(root: Path, ms: ModelState, fallback: bool,
                           "restore one, or choose a new train.output_dir to start over")
 
 
+def config_tree(cfg: RunConfig) -> dict:
+    """The resolved config as plain nested dicts (saved with each checkpoint)."""
+    import yaml
+
+    from megatron_rl.config import to_yaml
+
+    return yaml.safe_load(to_yaml(cfg))
+
+
+def refuse_drift(saved: Optional[dict], cfg: RunConfig, checkpoint: Path) -> None:
+    """A resume whose training settings differ from the checkpoint's (``config.drift``) is refused,
+    naming them, unless ``train.resume=force``. Checkpoints older than the saved config pass."""
+    from megatron_rl.config.drift import training_changes
+
+    if saved is None or cfg.train.resume == "force":
+        return
+    changes = training_changes(saved, config_tree(cfg))
+    if changes:
+        more = f" (and {len(changes) - 4} more)" if len(changes) > 4 else ""
+        raise ConfigError(
+            f"train.resume: {checkpoint} was trained with other settings: {'; '.join(changes[:4])}"
+            f"{more}. Resuming would mix two runs: restore those settings, choose a new "
+            "train.output_dir, or set train.resume=force to continue with the new ones")
+
+
 def refuse_to_overwrite(root: Path) -> None:
     """``train.resume=false`` in a directory with checkpoints would overwrite and prune them."""
     from megatron_rl.checkpoint.dist_ckpt import checkpoint_steps

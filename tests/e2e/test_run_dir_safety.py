@@ -76,6 +76,17 @@ def test_a_second_trainer_in_the_same_directory_is_refused_and_the_first_is_unto
                            text=True, timeout=600, env=ENV)
     assert again.returncode == 2 and "train.resume: false, but" in again.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
+    # a rerun of the finished run with another learning rate: refused, naming the change (it
+    # used to "resume", train one step with the new lr and rewrite config.yaml as if all were)
+    config = (out / "config.yaml").read_text()
+    drift = subprocess.run(_args(out, 4, "train.lr=5e-3"), cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env=ENV)
+    errors = [ln for ln in drift.stderr.splitlines() if ln.startswith("megatron-rl:")]
+    assert drift.returncode == 2 and len(errors) == 1, drift.stderr[-2000:]
+    assert "was trained with other settings: train.lr: 0.001 -> 0.005" in errors[0]
+    assert "train.resume=force" in errors[0]
+    assert (out / "config.yaml").read_text() == config
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
 
 
 def _stopped_during_startup(proc: subprocess.Popen, out: Path) -> str:

@@ -167,3 +167,37 @@ def test_long_response_settings_that_cannot_work_fail_at_load(overrides, needle)
     with pytest.raises(ConfigError) as e:
         load_config(RECIPES / "tiny_moe_gspo.yaml", overrides)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_child_recipe_gets_its_own_output_dir_not_its_parents(tmp_path):
+    child = tmp_path / "my_run.yaml"
+    child.write_text(f"defaults: [{RECIPES / 'tiny_moe_gspo.yaml'}]\ntrain: {{lr: 2.0e-3}}\n")
+    assert load_config(child).train.output_dir == "runs/my_run"
+    assert load_config(child, ["train.output_dir=/tmp/x"]).train.output_dir == "/tmp/x"
+    assert load_config(RECIPES / "tiny_moe_gspo.yaml").train.output_dir == "runs/tiny_moe_gspo"
+    own = tmp_path / "own.yaml"
+    own.write_text(f"defaults: [{RECIPES / 'tiny_moe_gspo.yaml'}]\ntrain: {{output_dir: out/o}}\n")
+    assert load_config(own).train.output_dir == "out/o"
+
+
+def test_a_resume_refuses_changed_training_settings_and_allows_safe_knobs():
+    from megatron_rl.config.drift import training_changes
+    from megatron_rl.train.setup import config_tree, refuse_drift
+
+    base = load_config(RECIPES / "tiny_moe_gspo.yaml")
+    saved = config_tree(base)
+    for safe in (["train.steps=900"], ["train.checkpoint_every=7", "rollout.probe_every=0"],
+                 ["parallel.tensor_model_parallel_size=2"]):
+        assert training_changes(saved, config_tree(load_config(RECIPES / "tiny_moe_gspo.yaml",
+                                                                safe))) == []
+    changed = load_config(RECIPES / "tiny_moe_gspo.yaml",
+                          ["train.lr=3e-3", "algo.loss.params.eps_high=0.01"])
+    got = training_changes(saved, config_tree(changed))
+    assert got == ["algo.loss.params.eps_high: 0.004 -> 0.01", "train.lr: 0.001 -> 0.003"]
+    with pytest.raises(ConfigError, match=r"train.resume: .*step_00000500 was trained with other "
+                                          r"settings: algo.loss.params.eps_high.*train.resume=force"):
+        refuse_drift(saved, changed, pathlib.Path("runs/x/checkpoints/step_00000500"))
+    forced = load_config(RECIPES / "tiny_moe_gspo.yaml", ["train.lr=3e-3", "train.resume=force"])
+    refuse_drift(saved, forced, pathlib.Path("x"))      # the user said so
+    refuse_drift(None, changed, pathlib.Path("x"))      # a checkpoint from before saved configs
+    assert load_config(RECIPES / "tiny_moe_gspo.yaml", ["train.resume=false"]).train.resume == "false"
