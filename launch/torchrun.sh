@@ -2,7 +2,8 @@
 # One node: every GPU (or NPROC CPU processes) runs one rank of the job (trainer + vLLM engine).
 #
 #   bash launch/torchrun.sh configs/recipes/qwen3_30b_a3b_8xh100.yaml [key=value ...]
-#   NPROC=2 bash launch/torchrun.sh configs/recipes/tiny_moe_gspo.yaml   # CPU, 2 processes
+#   NPROC=2 bash launch/torchrun.sh configs/recipes/tiny_moe_gspo.yaml \
+#       rollout.tensor_parallel_size=2      # CPU, 2 processes (one engine spans them: MoE on CPU)
 #   DRY_RUN=1 bash launch/torchrun.sh RECIPE ...                         # print, do not run
 #
 # Exit status 75 means "stopped on request, checkpoint written": run the same command again.

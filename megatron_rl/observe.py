@@ -52,7 +52,9 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+            # a resumed run redoes the steps after its checkpoint (a fresh one, all): TensorBoard
+            # drops the events an interrupted run wrote from there on, so each step has one point
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
@@ -85,8 +87,9 @@ class RunLog:
         return " | ".join(parts)
 
     def note(self, text: str) -> None:
-        if not self.quiet:
-            print(text, file=sys.stderr, flush=True)
+        """Warnings, stops and the end of the run: printed even with ``--quiet``, which silences
+        the per-step lines only."""
+        print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Best effort: a run ending on a failed write has already said so."""

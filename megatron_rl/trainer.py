@@ -22,7 +22,8 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
+from megatron_rl.config import RunConfig, to_yaml, validate_world
+from megatron_rl.config.run import check_cpu_engines
 from megatron_rl.observe import PhasePeaks, memory_metrics
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
 from megatron_rl.train import rl_batch
@@ -39,6 +40,8 @@ class Trainer:
         self.world = init_distributed()
         self.rank = dist.get_rank()
         self.dp = validate_world(cfg, self.world)
+        if not torch.cuda.is_available():
+            check_cpu_engines(cfg, self.world, bool(cfg.model.hf_model().num_experts))
         self.engine_tp = cfg.rollout.tensor_parallel_size
         self.engine_index, self.n_engines = self.rank // self.engine_tp, self.world // self.engine_tp
         self.out = Path(cfg.train.output_dir)

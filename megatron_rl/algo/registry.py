@@ -55,8 +55,9 @@ def keyword_params(fn: Callable, skip: tuple = ()) -> Dict[str, Any]:
 
 
 def check_params(what: str, name: str, params: Mapping[str, Any], accepted: Mapping[str, Any]) -> None:
-    """Raise a ``TypeError`` naming any key of ``params`` that ``accepted`` does not list."""
-    for key in params:
+    """Raise a ``TypeError`` naming any key of ``params`` that ``accepted`` (name -> default) does
+    not list, or whose value is not of its default's kind (a number, a bool, a string)."""
+    for key, value in params.items():
         if key not in accepted:
             near = difflib.get_close_matches(key, list(accepted), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -64,3 +65,19 @@ def check_params(what: str, name: str, params: Mapping[str, Any], accepted: Mapp
                 f"{what} {name!r} has no parameter {key!r}{hint}; "
                 f"its parameters: {', '.join(sorted(accepted)) or 'none'}"
             )
+        kind = _kind(accepted[key])
+        if kind is not None and _kind(value) != kind:
+            raise TypeError(f"{what} {name!r}: parameter {key!r} is {value!r} "
+                            f"({type(value).__name__}); it takes a {kind} (default "
+                            f"{accepted[key]!r})")
+
+
+def _kind(value: Any):
+    """``"bool"``, ``"number"`` or ``"string"`` for a default that fixes a parameter's kind."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return None

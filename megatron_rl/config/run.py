@@ -53,6 +53,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.updates_per_step: {cfg.train.updates_per_step} mini-batches must split "
             f"train.prompts_per_step={cfg.train.prompts_per_step} whole groups evenly")
+    if cfg.model.kind == "mcore" and cfg.train.micro_batch_size % cfg.rollout.n_samples_per_prompt:
+        raise ConfigError(
+            f"train.micro_batch_size: {cfg.train.micro_batch_size} is not a multiple of "
+            f"rollout.n_samples_per_prompt={cfg.rollout.n_samples_per_prompt}; a micro-batch holds "
+            "whole groups (their statistics need no gather), so use a multiple of the group size")
     if cfg.train.micro_batch_size > responses:
         raise ConfigError(
             f"train.micro_batch_size: {cfg.train.micro_batch_size} exceeds the {responses} responses "
@@ -116,6 +121,19 @@ def _check_model(cfg: RunConfig) -> None:
             f"rollout.max_response_len: max_prompt_len + max_response_len = {total} exceeds the "
             f"model's max_position_embeddings={hf.max_position_embeddings}; shorten them, or "
             "raise it with model.hf_overrides.max_position_embeddings if the model supports it")
+
+
+def check_cpu_engines(cfg: RunConfig, world_size: int, moe: bool) -> None:
+    """On vLLM's CPU build, engines side by side fail for MoE models deep in their first step
+    (the data-parallel MoE dispatch needs ``all_gatherv``, which the CPU communicator lacks): said
+    here instead, with the fix. Call it only where the run is on CPU."""
+    engines = world_size // cfg.rollout.tensor_parallel_size
+    if moe and engines > 1:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size: {cfg.rollout.tensor_parallel_size} with {world_size} "
+            f"processes makes {engines} vLLM engines side by side, which vLLM's CPU build cannot "
+            "run for an MoE model (its MoE dispatch needs all_gatherv); on CPU set "
+            f"rollout.tensor_parallel_size={world_size}")
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> int:

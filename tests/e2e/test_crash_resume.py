@@ -38,7 +38,7 @@ def _args(out, steps, recipe):
             # two passes of two updates: a kill in the second pass restarts the step, which must
             # replay the same shuffle
             "train.updates_per_step=2", "train.epochs_per_step=2",
-            "train.checkpoint_every=1", "rollout.probe_every=3", "train.tensorboard=false"]
+            "train.checkpoint_every=1", "rollout.probe_every=3"]
 
 
 def _run(out, steps, tag, kill_at=None, recipe="tiny_moe_gspo.yaml"):
@@ -107,6 +107,17 @@ def _crash_loop(tmp_path, kills, recipe):
         wc, wr = weights(tmp_path, "critic_hf"), weights(out, "hf_critic")
         assert wc.keys() == wr.keys() and all((wc[k] == wr[k]).all() for k in wc)
     assert not list((out / "checkpoints").glob(".tmp-*")), "a temporary checkpoint was left"
+    # TensorBoard shows each step once: the steps a killed run logged past its checkpoint are
+    # purged when the resumed run redoes them
+    assert _tensorboard_steps(out / "tensorboard") == list(range(1, steps + 1))
+
+
+def _tensorboard_steps(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars("reward/mean")]
 
 
 @pytest.mark.slow

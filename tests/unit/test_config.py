@@ -1,4 +1,5 @@
 import pathlib
+import re
 
 import pytest
 
@@ -201,3 +202,29 @@ def test_a_resume_refuses_changed_training_settings_and_allows_safe_knobs():
     refuse_drift(saved, forced, pathlib.Path("x"))      # the user said so
     refuse_drift(None, changed, pathlib.Path("x"))      # a checkpoint from before saved configs
     assert load_config(RECIPES / "tiny_moe_gspo.yaml", ["train.resume=false"]).train.resume == "false"
+
+
+def test_known_late_failures_are_refused_at_start_up():
+    from megatron_rl.config.run import check_cpu_engines
+
+    recipe = RECIPES / "tiny_moe_gspo.yaml"
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: 12 is not a multiple of "
+                                          r"rollout.n_samples_per_prompt=8"):
+        load_config(recipe, ["train.micro_batch_size=12"])
+    cfg = load_config(recipe)
+    # launch/torchrun.sh's own example once ended in a 490-line vLLM all_gatherv error
+    with pytest.raises(ConfigError, match=r"rollout.tensor_parallel_size: 1 with 2 processes makes "
+                                          r"2 vLLM engines .* set rollout.tensor_parallel_size=2"):
+        check_cpu_engines(cfg, 2, moe=True)
+    check_cpu_engines(cfg, 2, moe=False)                   # dense models run side by side
+    check_cpu_engines(load_config(recipe, ["rollout.tensor_parallel_size=2"]), 2, moe=True)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("algo.loss.params.eps_low=abc", "parameter 'eps_low' is 'abc' (str); it takes a number"),
+    ("algo.advantage.params.whiten=3", "parameter 'whiten' is 3 (int); it takes a bool"),
+    ("algo.loss.params.agg=1", "parameter 'agg' is 1 (int); it takes a string"),
+])
+def test_a_wrong_type_inside_algo_params_names_the_parameter(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(RECIPES / "tiny_moe_gspo.yaml", [override])
