@@ -52,7 +52,7 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
     finally:
         engine.shutdown()
     if not cfg.env.name:
-        per_group, failures, _ = score_groups(Scorer.of(cfg.reward, tok), rows, groups)
+        per_group, failures, _, _ = score_groups(Scorer.of(cfg.reward, tok), rows, groups)
     scores = [s for g in per_group for s in g]
     lengths = [len(s.token_ids) for g in groups for s in g]
     return {"prompts": len(rows), "samples": len(scores),

@@ -368,6 +368,7 @@ class Trainer:
         mine = drawn[self.engine_index::self.n_engines]
         seed = ((self.cfg.rollout.seed * 1_000_003 + self.step) * 1009 + round_) * 131 + self.engine_index
         leader = self.rank % self.engine_tp == 0    # one rank per engine scores and reports
+        parts = {}   # reward components' sums (multi-turn episodes log their own metrics)
         if self.episodes is not None:
             groups, scores, failures, error = self.episodes.collect(self.engine, mine, plan.n, seed)
         else:
@@ -376,8 +377,9 @@ class Trainer:
                 temperature=plan.temperature, top_p=plan.top_p, seed=seed,
                 stop_token_ids=plan.stop_token_ids, ignore_eos=plan.ignore_eos) if mine else []
             if leader:
-                scores, failures, error = score_groups(self.scorer, [r for r, _ in mine], groups)
-        payload = (self.engine_index, groups, scores, failures, error) if leader else None
+                scores, failures, error, parts = score_groups(self.scorer, [r for r, _ in mine],
+                                                              groups)
+        payload = (self.engine_index, groups, scores, failures, error, parts) if leader else None
         return merge_engine_parts(all_gather_objects(payload), len(drawn), self.n_engines)
 
     @staticmethod

@@ -22,7 +22,7 @@ import torch
 
 from megatron_rl.algo.dapo import dynamic_sampling_keep, overlong_penalty
 from megatron_rl.data.prompts import PromptRow
-from megatron_rl.rewards import score
+from megatron_rl.rewards import score, score_components
 
 Tensor = torch.Tensor
 
@@ -54,13 +54,22 @@ class Scorer:
     decode: Callable[[List[int]], str]
     failure_score: float = 0.0
     workers: int = 1
+    components: tuple = ()          # rewards.Component s: a weighted sum instead of ``name``
 
     @classmethod
     def of(cls, reward, tokenizer) -> "Scorer":
         """From the ``reward`` config section; responses decoded without special tokens."""
         return cls(reward.name, dict(reward.params),
                    lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                   reward.failure_score, reward.workers)
+                   reward.failure_score, reward.workers, tuple(reward.component_list()))
+
+    def __call__(self, response: str, row: PromptRow):
+        prompt = row.prompt if isinstance(row.prompt, str) else str(row.prompt)
+        if self.components:
+            return score_components(self.components, response, row.label, prompt=prompt,
+                                    metadata=row.metadata, failure_score=self.failure_score)
+        return score(self.name, response, row.label, prompt=prompt, metadata=row.metadata,
+                     failure_score=self.failure_score, **self.params)
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Rollouts:
     groups_drawn: int = 0
     rounds: int = 0
     episodes: Dict[str, float] = field(default_factory=dict)   # multi-turn sums (episode_metrics)
+    components: Dict[str, float] = field(default_factory=dict) # reward components' sums
 
     def metrics(self) -> Dict[str, float]:
         r = torch.tensor(self.all_rewards or [0.0], dtype=torch.float64)
@@ -92,6 +102,8 @@ class Rollouts:
                "rollout/groups_drawn": float(self.groups_drawn), "rollout/rounds": float(self.rounds)}
         if self.rewards:
             out["reward/kept_mean"] = float(torch.cat(self.rewards).mean())
+        for name, total in self.components.items():   # every sampled response, like reward/mean
+            out[f"reward/{name}/mean"] = total / n
         e = self.episodes
         if e.get("episodes"):
             n_ep = e["episodes"]
@@ -105,15 +117,14 @@ class Rollouts:
 
 
 def score_groups(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Sequence[Any]]
-                 ) -> Tuple[List[List[float]], int, str]:
-    """Scores ``[P][G]`` of ``groups``, the number of rewards that raised, and the first error."""
+                 ) -> Tuple[List[List[float]], int, str, Dict[str, float]]:
+    """Scores ``[P][G]`` of ``groups``, the number of rewards that raised, the first error, and
+    each reward component's sum over the responses (``{}`` without components)."""
     jobs = [(row, s) for row, g in zip(rows, groups) for s in g]
 
     def one(job):
         row, s = job
-        prompt = row.prompt if isinstance(row.prompt, str) else str(row.prompt)
-        return score(scorer.name, scorer.decode(s.token_ids), row.label, prompt=prompt,
-                     metadata=row.metadata, failure_score=scorer.failure_score, **scorer.params)
+        return scorer(scorer.decode(s.token_ids), row)
 
     if scorer.workers > 1:
         with ThreadPoolExecutor(scorer.workers) as pool:
@@ -124,22 +135,30 @@ def score_groups(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Seq
     flat = [r.score for r in results]
     sizes = [len(g) for g in groups]
     starts = [sum(sizes[:i]) for i in range(len(groups))]
-    return [flat[a:a + n] for a, n in zip(starts, sizes)], len(errors), (errors[0] if errors else "")
+    parts: Dict[str, float] = {}
+    for r in results:
+        for k, v in (r.parts or {}).items():
+            parts[k] = parts.get(k, 0.0) + v
+    return ([flat[a:a + n] for a, n in zip(starts, sizes)], len(errors),
+            (errors[0] if errors else ""), parts)
 
 
 def merge_engine_parts(parts: Sequence[Any], n_drawn: int, n_engines: int):
-    """Every engine's ``(index, groups, scores, failures, error)`` (``None`` from ranks that do not
-    report) -> ``(groups, scores, failures, first error)`` in draw order (engine ``e`` sampled
-    draws ``e, e + n_engines, ...``)."""
+    """Every engine's ``(index, groups, scores, failures, error, component sums)`` (``None`` from
+    ranks that do not report) -> ``(groups, scores, failures, first error, component sums)`` in
+    draw order (engine ``e`` sampled draws ``e, e + n_engines, ...``)."""
     groups, scores, failures, error = [None] * n_drawn, [None] * n_drawn, 0, ""
-    for e, gs, sc, f, err in sorted(p for p in parts if p is not None):
+    sums: Dict[str, float] = {}
+    for e, gs, sc, f, err, comp in sorted((p for p in parts if p is not None), key=lambda p: p[0]):
         groups[e::n_engines], scores[e::n_engines] = gs, sc
         failures += f
         error = error or err
-    return groups, scores, failures, error
+        for k, v in comp.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return groups, scores, failures, error, sums
 
 
-# sample(drawn) -> (groups [P][G], scores [P][G], reward failures, first error)
+# sample(drawn) -> (groups [P][G], scores [P][G], reward failures, first error[, component sums])
 SampleFn = Callable[[List[Tuple[PromptRow, List[int]]]], Tuple[List[List[Any]], List[List[float]], int, str]]
 
 
@@ -155,7 +174,9 @@ def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]], s
             break
         k = math.ceil(missing * plan.oversample) if plan.dynamic else missing
         drawn = draw(k)
-        groups, raw, failures, error = sample(drawn)
+        groups, raw, failures, error, *comp = sample(drawn)
+        for name, v in (comp[0] if comp else {}).items():
+            out.components[name] = out.components.get(name, 0.0) + v
         out.failures += failures
         out.first_error = out.first_error or error
         out.rounds += 1

@@ -251,14 +251,14 @@ class EpisodeRunner:
 
     def _make_env(self, row):
         from megatron_rl.envs import make_environment
-        from megatron_rl.rewards import score
+        from megatron_rl.rollout.collect import Scorer
 
         r = self.reward
-        prompt = row.prompt if isinstance(row.prompt, str) else str(row.prompt)
+        scorer = Scorer(r.name, dict(r.params), str, r.failure_score,
+                        components=tuple(r.component_list()))
 
         def score_answer(text: str) -> float:
-            got = score(r.name, text, row.label, prompt=prompt, metadata=row.metadata,
-                        failure_score=r.failure_score, **r.params)
+            got = scorer(text, row)
             if got.error is not None:
                 raise RuntimeError(f"reward {r.name}: {got.error}")
             return got.score

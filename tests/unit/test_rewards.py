@@ -1,5 +1,9 @@
 """Reward functions: definitions on known cases, and a failing reward never crashes the step."""
 
+import pathlib
+import re
+import textwrap
+
 import pytest
 
 from megatron_rl.algo.registry import UnknownNameError
@@ -63,3 +67,38 @@ def test_word_match_gives_partial_credit_over_the_longer_side():
     assert score("word_match", "4 1 3 3", "4 1 3").score == 3 / 4      # so does an extra one
     assert score("word_match", "1 4 3", "4 1 3").score == 1 / 3        # position by position
     assert score("word_match", "", "4").score == 0.0
+
+
+def test_a_reward_from_the_users_own_file_runs_like_a_built_in(tmp_path):
+    from megatron_rl.config import ConfigError, load_config
+    from megatron_rl.rewards import score
+
+    recipe = pathlib.Path(__file__).resolve().parents[2] / "configs/recipes/tiny_moe_gspo.yaml"
+    mine = tmp_path / "my_rewards.py"
+    mine.write_text(textwrap.dedent("""
+        def length_bonus(response, label, *, prompt="", metadata=None, scale=1.0):
+            return scale * (response.strip() == str(label)) + 0.01 * len(response)
+
+        def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+            return {"score": float(solution_str == ground_truth) + (extra_info or {}).get("bonus", 0),
+                    "acc": solution_str == ground_truth}
+
+        def two_args(x):
+            return 0.0
+    """))
+    cfg = load_config(recipe, [f"reward.name={mine}:length_bonus", "reward.params={scale: 2.0}"])
+    assert score(cfg.reward.name, "3", "3", **cfg.reward.params).score == 2.0 + 0.01
+    verl = load_config(recipe, [f"reward.name={mine}:compute_score"]).reward.name
+    got = score(verl, "7", "7", metadata={"data_source": "gsm8k", "extra_info": {"bonus": 0.5}})
+    assert got.score == 1.5 and got.error is None
+    for name, needle in [(f"{mine}:nope", "has no function 'nope'; its functions: "
+                                          "compute_score, length_bonus, two_args"),
+                         (f"{mine}:two_args", "takes (x); a reward takes (response, label"),
+                         (f"{tmp_path}/missing.py:f", "missing.py: no such file"),
+                         ("no_such_pkg.mod:f", "no_such_pkg.mod: cannot import it")]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(recipe, [f"reward.name={name}"])
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(response, label):\n    return 1\nraise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match=r"broken.py: importing it failed \(RuntimeError: boom\)"):
+        load_config(recipe, [f"reward.name={broken}:f"])

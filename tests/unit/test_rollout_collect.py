@@ -3,6 +3,7 @@ sequences handed to Megatron (label coordinates), against hand-computed expectat
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_rl.data.prompts import PromptRow
@@ -84,8 +85,8 @@ def test_a_reward_that_raises_is_recorded_not_fatal(monkeypatch):
     rows = [PromptRow(0, "p", "x")]
     groups = [[Sample(0, [1], [7], [0.0], "stop"), Sample(0, [1], [8], [0.0], "stop")]]
     scorer = Scorer("_test_raises_on_b", {}, lambda ids: "a" if ids == [7] else "b", failure_score=-1.0)
-    scores, failures, error = score_groups(scorer, rows, groups)
-    assert scores == [[1.0, -1.0]] and failures == 1 and "bad response" in error
+    scores, failures, error, parts = score_groups(scorer, rows, groups)
+    assert scores == [[1.0, -1.0]] and failures == 1 and "bad response" in error and parts == {}
 
 
 def test_group_sequences_put_engine_logprobs_in_label_coordinates():
@@ -110,5 +111,38 @@ def test_engine_parts_merge_back_into_draw_order():
 
     # 5 draws over 2 engines: engine 0 sampled draws 0, 2, 4 and engine 1 draws 1, 3; the
     # non-reporting ranks send None, and parts arrive in rank order, not engine order
-    parts = [None, (1, ["g1", "g3"], [1, 3], 2, "e1"), (0, ["g0", "g2", "g4"], [0, 2, 4], 1, ""), None]
-    assert merge_engine_parts(parts, 5, 2) == (["g0", "g1", "g2", "g3", "g4"], [0, 1, 2, 3, 4], 3, "e1")
+    parts = [None, (1, ["g1", "g3"], [1, 3], 2, "e1", {"fmt": 1.0}),
+             (0, ["g0", "g2", "g4"], [0, 2, 4], 1, "", {"fmt": 2.0, "acc": 3.0}), None]
+    assert merge_engine_parts(parts, 5, 2) == (["g0", "g1", "g2", "g3", "g4"], [0, 1, 2, 3, 4], 3,
+                                               "e1", {"fmt": 3.0, "acc": 3.0})
+
+
+def test_weighted_reward_components_sum_and_log_each_part(tmp_path):
+    import pathlib
+
+    from megatron_rl.config import ConfigError, load_config
+
+    recipe = pathlib.Path(__file__).resolve().parents[2] / "configs/recipes/tiny_moe_gspo.yaml"
+    mine = tmp_path / "r.py"
+    mine.write_text("def short(response, label, *, prompt='', metadata=None):\n"
+                    "    return float(len(response) <= 3)\n")
+    cfg = load_config(recipe, [f"reward.components=[{{name: word_match, weight: 1.0}}, "
+                               f"{{name: '{mine}:short', weight: 0.5}}, "
+                               f"{{name: exact_match, weight: 2.0, params: {{ignore_case: true}}}}]"])
+    scorer = Scorer.of(cfg.reward, None)
+    scorer = Scorer(scorer.name, scorer.params, lambda ids: {7: "a b", 8: "A B C D"}[ids[0]],
+                    components=scorer.components)
+    rows = [PromptRow(0, "p", "a b")]
+    groups = [[Sample(0, [1], [7], [0.0], "stop"), Sample(0, [1], [8], [0.0], "stop")]]
+    scores, failures, _, parts = score_groups(scorer, rows, groups)
+    # "a b": word_match 1, short 1, exact 1 -> 1 + 0.5 + 2; "A B C D": 0, 0, 0
+    assert scores == [[3.5, 0.0]] and failures == 0
+    assert parts == {"word_match": 1.0, "short": 1.0, "exact_match": 1.0}
+    draw, _ = _stream()
+    out = collect_rollouts(draw, lambda drawn: ([groups[0]], scores, 0, "", parts),
+                           SamplingPlan(groups_needed=1, n=2, max_tokens=8))
+    m = out.metrics()
+    assert m["reward/short/mean"] == 0.5 and m["reward/mean"] == 1.75
+    with pytest.raises(ConfigError, match=r"reward.components\[1\].params: .*no parameter 'bogus'"):
+        load_config(recipe, ["reward.components=[{name: word_match}, {name: exact_match, "
+                             "params: {bogus: 1}}]"])
