@@ -102,3 +102,24 @@ def test_a_reward_from_the_users_own_file_runs_like_a_built_in(tmp_path):
     broken.write_text("def f(response, label):\n    return 1\nraise RuntimeError('boom')\n")
     with pytest.raises(ConfigError, match=r"broken.py: importing it failed \(RuntimeError: boom\)"):
         load_config(recipe, [f"reward.name={broken}:f"])
+
+
+@pytest.mark.parametrize("response,label", [
+    (r"so the answer is $\boxed{\dfrac{1}{2}}$", r"\frac{1}{2}"),
+    (r"$\boxed{x=3}$", "3"),
+    (r"The answer is $\boxed{10\%}$", "10"),
+    (r"\boxed{\text{(B)}}", "B"),
+    ("after simplifying, 0.5", r"\frac12"),
+])
+def test_math_verify_scores_equal_answers_as_equal_symbolically(response, label):
+    assert score("math_verify", response, label).score == 1.0
+    assert score("math_verify", response.replace("3", "4").replace("2", "5").replace("B", "C")
+                 .replace("10", "11").replace("0.5", "0.6"), label).score == 0.0
+
+
+def test_math_verify_scores_in_worker_threads_too():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda r: score("math_verify", r, "2").score, [r"\boxed{2}", "3"]))
+    assert got == [1.0, 0.0]
