@@ -63,7 +63,7 @@ class Trainer:
         self.hf = cfg.model.hf_model()
         self.pg = init_megatron_parallel(layout, cfg.train.seed)
         self.ms = S.build_model_state(cfg, self.hf, layout, self.pg)
-        self.source = S.load_starting_weights(cfg, self.ms)
+        self.source = self.weights_from = S.load_starting_weights(cfg, self.ms)
         self.reference = None
         if S.needs_reference(cfg):
             from megatron_rl.train.reference import HostWeights
@@ -152,8 +152,9 @@ class Trainer:
         from megatron_rl.rollout.engine import RolloutEngine
 
         r = self.cfg.rollout
-        model_dir = Path(r.model_dir) if r.model_dir else self.out / "hf_init"
-        if not r.model_dir and not (model_dir / "config.json").is_file():
+        hf_dir = S.engine_loadable_hf_dir(self.cfg)
+        model_dir = Path(r.model_dir or hf_dir or self.out / "hf_init")
+        if not r.model_dir and not hf_dir and not (model_dir / "config.json").is_file():
             write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
                            self.ms.hf_cfg, model_dir, self.ms.dtype)
             if self.rank == 0:
@@ -162,7 +163,8 @@ class Trainer:
         engine = RolloutEngine(r.engine_settings(
             str(model_dir), dtype=str(self.ms.dtype).replace("torch.", ""),
             data_parallel_size=self.n_engines))
-        if self.step > 0 or r.model_dir:  # the engine's files are not the trainer's weights
+        # the engine's files are not the trainer's weights: sync them in before the first step
+        if self.step > 0 or r.model_dir or (hf_dir and self.weights_from != str(hf_dir)):
             self._sync(engine)
         return engine
 

@@ -50,6 +50,26 @@ def _hf_dir(cfg: RunConfig) -> Optional[Path]:
     return p if p.is_dir() else p.parent
 
 
+def engine_loadable_hf_dir(cfg: RunConfig) -> Optional[Path]:
+    """``model.hf_config``'s directory when vLLM can start from it as it is: it holds the weights,
+    its config.json is the trainer's (``model.hf_overrides`` change nothing in it) and its
+    tokenizer is the run's.
+    Then no ``<output_dir>/hf_init`` copy of the starting weights is written (61 GB for
+    Qwen3-30B-A3B); weights that are not the directory's (a resume, ``model.init_from``) are
+    synced into the engine before the first step instead."""
+    import json
+
+    d = _hf_dir(cfg)
+    if d is None or cfg.data.tokenizer not in ("", str(d)) or not glob.glob(str(d / "*.safetensors")):
+        return None
+    try:
+        on_disk = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(on_disk.get(k) == v for k, v in cfg.model.hf_overrides.items())
+    return d if same else None
+
+
 def build_model_state(cfg: RunConfig, hf, layout, pg) -> ModelState:
     from megatron_rl.checkpoint.hf_mapping import mapping_for
     from megatron_rl.train.model_setup import build_model

@@ -186,3 +186,20 @@ def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path, case
     assert {"bad_row": f"{data}:4: invalid UTF-8", "init_from_hf_dir": "model.init_from: ",
             "unknown_key": "unknown key train.stepz"}[case] in errors[0]
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+@pytest.mark.vllm
+def test_a_run_from_hf_weights_starts_the_engine_from_them_without_a_copy(tmp_path):
+    """The engine loads ``model.hf_config``'s directory itself: no ``hf_init`` copy of the
+    starting weights (61 GB for Qwen3-30B-A3B), and its log-probs are the trainer's."""
+    from megatron_rl.data.synthetic import word_tokenizer
+    from megatron_rl.model.tiny import write_tiny_hf_model
+
+    hf = tmp_path / "hf_start"
+    write_tiny_hf_model("qwen3_moe", hf, vocab_size=32)
+    word_tokenizer().save_pretrained(str(hf))
+    out = tmp_path / "run"
+    _train(out, 2, f"model.hf_config={hf}", f"data.tokenizer={hf}", "train.export_hf=false")
+    assert not (out / "hf_init").exists()
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and max(r["mismatch/mean"] for r in rows) < 1e-4
