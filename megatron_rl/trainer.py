@@ -433,6 +433,7 @@ class Trainer:
 
     # ---- outputs --------------------------------------------------------------------------
     def save(self) -> None:
+        from megatron_rl.checkpoint.convert import write_side_files
         from megatron_rl.checkpoint.dist_ckpt import save_checkpoint
 
         save_checkpoint(self.out / "checkpoints", self.step, self.ms.model[0], self.ms.optimizer,
@@ -442,7 +443,9 @@ class Trainer:
                         optimizer_format=self.cfg.train.optimizer_checkpoint,
                         layout=self.layout_sizes,
                         critic=None if self.critic is None else
-                        (self.critic.model[0], self.critic.optimizer, self.critic.scheduler))
+                        (self.critic.model[0], self.critic.optimizer, self.critic.scheduler),
+                        side_files=lambda d: write_side_files(d, self.ms.hf_cfg, self.ms.dtype,
+                                                              self.tok, self.critic is not None))
 
     def export(self, out: Path) -> None:
         from megatron_rl.checkpoint.convert import write_hf_model

@@ -308,6 +308,19 @@ def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
     return all_gather_objects((writer.count, writer.total_bytes) if writer else None)[0]
 
 
+def write_side_files(directory: Path, hf_cfg: Dict, dtype: torch.dtype, tokenizer=None,
+                     critic: bool = False) -> None:
+    """``directory/hf/`` (config.json and the tokenizer), and with ``critic`` the same for
+    ``directory/critic/hf`` with the token classifier's config: a training checkpoint then
+    exports (``convert export``) with no ``--hf-config``."""
+    for sub, cfg in [("hf", hf_cfg)] + ([("critic/hf", value_model_config(hf_cfg))] if critic else []):
+        d = Path(directory) / sub
+        d.mkdir(parents=True, exist_ok=True)
+        _write_config(d, cfg, dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(d))
+
+
 def _write_config(directory: Path, hf_cfg: Dict, dtype: torch.dtype) -> None:
     cfg = dict(hf_cfg)
     name = str(dtype).replace("torch.", "")

@@ -19,7 +19,7 @@ import random
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -123,14 +123,17 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
                     trainer_state: Dict[str, Any], keep_last: int = 2,
                     optimizer_format: str = "dp_reshardable",
                     layout: Optional[Dict[str, int]] = None, run_id: str = "",
-                    critic: Optional[tuple] = None) -> Path:
+                    critic: Optional[tuple] = None,
+                    side_files: Optional[Callable[[Path], None]] = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. ``optimizer_format``:
     see ``optim_state``; ``layout`` (the parallel sizes) is recorded so that a resume under
     another layout can be checked against what the format allows. ``run_id`` (the trainer's;
     a fresh one if empty) names the temporary directory, so no two runs ever write into one,
     and is recorded in ``trainer_state.json`` and the manifest, so a mixed directory fails.
     ``critic``: PPO's ``(model, optimizer, scheduler)``, written to ``critic/`` inside the same
-    directory, under the same manifest and rename (one checkpoint, never half of one)."""
+    directory, under the same manifest and rename (one checkpoint, never half of one).
+    ``side_files(directory)`` (rank 0, before the seal) adds what export needs beside the
+    shards: the HF config and tokenizer."""
     from megatron_rl.parallel.weight_comm import all_gather_objects
     from megatron_rl.train.run_lock import new_run_id
 
@@ -159,6 +162,10 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
         with failed.catch():
             _write_shards(tmp / CRITIC_DIR, critic[0], critic[1], optimizer_format)
         failed.agree()
+    if side_files is not None and _rank() == 0:
+        with failed.catch():
+            side_files(tmp)
+    failed.agree()
     with failed.catch():
         _seal(tmp, run_id)
     failed.agree()

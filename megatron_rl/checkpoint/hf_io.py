@@ -164,6 +164,7 @@ class HFWriter:
         for i, names in enumerate(self._files, 1):
             final = SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
             os.replace(self.dir / f".part-{i:05d}.safetensors", self.dir / final)
+            _normal_mode(self.dir / final)
             weight_map.update({k: final for k in names})
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes},
@@ -172,6 +173,14 @@ class HFWriter:
             tmp.write_text(json.dumps(index, indent=2))
             os.replace(tmp, self.dir / INDEX)
         return weight_map
+
+
+def _normal_mode(path: Path) -> None:
+    """safetensors creates its files readable by the owner alone; an exported model is meant to
+    be shared (served, uploaded, read by a teammate): the mode a plain new file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def copy_side_files(src: Optional[os.PathLike], dst: os.PathLike,

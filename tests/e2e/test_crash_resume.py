@@ -97,15 +97,18 @@ def _crash_loop(tmp_path, kills, recipe):
         wa, wb = weights(out, export), weights(tmp_path / "ref", export)
         assert wa and wa.keys() == wb.keys()
         assert all((wa[k] == wb[k]).all() for k in wa), f"final weights ({export}) differ"
-    if recipe == "tiny_moe_ppo.yaml":   # the checkpoint's critic exports as the run exported it
-        ckpt = out / "checkpoints" / f"step_{steps:08d}" / "critic"
-        r = subprocess.run([sys.executable, "-m", "megatron_rl", "convert", "export", str(ckpt),
-                            str(tmp_path / "critic_hf"), "--hf-config",
-                            str(out / "hf_critic" / "config.json")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        wc, wr = weights(tmp_path, "critic_hf"), weights(out, "hf_critic")
-        assert wc.keys() == wr.keys() and all((wc[k] == wr[k]).all() for k in wc)
+    if recipe == "tiny_moe_ppo.yaml":
+        # the final checkpoint's policy and critic export as the run exported them, with no
+        # flags: the checkpoint carries their HF configs and the tokenizer
+        for sub, export in (("", "hf"), ("critic", "hf_critic")):
+            ckpt = out / "checkpoints" / f"step_{steps:08d}" / sub
+            r = subprocess.run([sys.executable, "-m", "megatron_rl", "convert", "export",
+                                str(ckpt), str(tmp_path / f"re_{export}")],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            wc, wr = weights(tmp_path, f"re_{export}"), weights(out, export)
+            assert wc.keys() == wr.keys() and all((wc[k] == wr[k]).all() for k in wc)
+            assert (tmp_path / f"re_{export}" / "tokenizer.json").is_file()
     assert not list((out / "checkpoints").glob(".tmp-*")), "a temporary checkpoint was left"
     # TensorBoard shows each step once: the steps a killed run logged past its checkpoint are
     # purged when the resumed run redoes them

@@ -27,3 +27,23 @@ def test_the_scoped_writer_patch_undoes_itself():
             else "get_write_results_queue"
         assert type(getattr(fsa, name)()).__module__ == "queue"
     assert dict(vars(fsa)) == before[0] and dict(fsa.FileSystemWriterAsync.__dict__) == before[1]
+
+
+def test_exported_safetensors_get_the_mode_of_a_plain_new_file(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    from megatron_rl.checkpoint.hf_io import HFWriter
+
+    for shard_bytes in (1 << 30, 8):          # one file, and shards with an index
+        out = tmp_path / f"hf_{shard_bytes}"
+        w = HFWriter(out, shard_bytes=shard_bytes)
+        w.add("a.weight", torch.ones(4))
+        w.add("b.weight", torch.zeros(4))
+        w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in out.glob("*.safetensors"):
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
