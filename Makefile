@@ -65,5 +65,6 @@ gpu-check:  ## on one GPU: the GPU tests and GPU benchmarks, summary in runs/gpu
 test-gpu-check: venv312  ## what CI runs of gpu-check: the same steps on CPU at toy sizes
 	$(PY312) tools/gpu_check.py --dry-run --out runs/gpu_check_dry_run
 
-clean:
-	rm -rf $(VENV) $(VENV312) runs
+clean:  ## remove the environments and caches; runs/ (your checkpoints) stays
+	rm -rf $(VENV) $(VENV312) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

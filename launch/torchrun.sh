@@ -16,6 +16,12 @@ fi
 recipe=$1
 shift
 
+# not inside the project's environment: use its .venv (what `make venv` creates)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if ! "${PYTHON:-python}" -c "import megatron_rl" 2>/dev/null && [[ -x "$root/.venv/bin/python" ]]; then
+  export PATH="$root/.venv/bin:$PATH"
+fi
+
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
   [[ "$NPROC" -gt 0 ]] || NPROC=1

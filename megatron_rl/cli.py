@@ -26,8 +26,24 @@ from typing import List, Optional
 # recording preemption signals: the imports take seconds, a SIGTERM during them must not kill
 
 
+EXAMPLES = """examples:
+  megatron-rl train --config configs/recipes/tiny_moe_gspo.yaml          # the CPU demo
+  megatron-rl train --config tiny_moe_ppo train.steps=50 --quiet         # a recipe by name
+  megatron-rl train --config my.yaml data.path=data/train.parquet \\
+      data.label_key=reward_model.ground_truth reward.name=my_reward.py:compute_score
+  megatron-rl print-config tiny_moe_gspo train.lr=2e-3                   # the resolved config
+  megatron-rl eval --config tiny_moe_gspo --model runs/tiny_moe_gspo/hf
+  megatron-rl convert export runs/tiny_moe_gspo/checkpoints/step_00000500 out/hf
+  torchrun --nproc-per-node 8 -m megatron_rl train --config configs/recipes/qwen3_30b_a3b_8xh100.yaml
+
+recipes: a path, or the name of one in configs/recipes; key=value overrides may come anywhere
+after the command (flags too); every key with its help: docs/config.md"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-rl", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="megatron-rl", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True)
     pc = sub.add_parser("print-config", help="print the resolved config of a recipe")
     pc.add_argument("recipe")
@@ -99,7 +115,14 @@ _KNOWN_NOISE = ("Transformer Engine and Apex are not installed", "Apex is not in
 def main(argv: Optional[List[str]] = None) -> int:
     for message in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may sit among the flags (`train --config R a=1 --quiet b=2`)
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if r.startswith("-") or "=" not in r]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
     if args.command == "train":  # a preemption during start-up is a stop, not a kill
         from megatron_rl.train.preempt import record_signals_early
 

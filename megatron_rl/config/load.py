@@ -78,11 +78,19 @@ def _sets_output_dir(data) -> bool:
     return isinstance(train, dict) and "output_dir" in train
 
 
+# the project's recipes, found by name (`--config tiny_moe_gspo`) from any working directory
+RECIPES = pathlib.Path(__file__).resolve().parents[2] / "configs" / "recipes"
+
+
 def _resolve(path: pathlib.Path) -> pathlib.Path:
-    for candidate in (path, path.with_name(path.name + ".yaml")):
+    candidates = [path, path.with_name(path.name + ".yaml")]
+    if len(path.parts) == 1:
+        candidates += [RECIPES / path.name, RECIPES / (path.name + ".yaml")]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise ConfigError(f"{path}: recipe not found")
+    known = sorted(p.stem for p in RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
+    raise ConfigError(f"{path}: recipe not found (a path, or one of {', '.join(known)})")
 
 
 def _parse_override(item: str) -> DictConfig:

@@ -54,3 +54,16 @@ def test_convert_import_verifies_against_transformers_and_says_so(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "ignored config.json keys my_extension=3" in r.stdout, r.stdout
     assert "not verified (--no-verify)" in r.stdout, r.stdout
+
+
+def test_flags_may_sit_among_overrides_and_recipes_resolve_by_name(capsys):
+    import pytest
+
+    from megatron_rl.cli import main
+
+    assert main(["print-config", "tiny_moe_ppo", "train.steps=7", "train.lr=2e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "output_dir: runs/tiny_moe_ppo" in out
+    with pytest.raises(SystemExit):
+        main(["print-config", "tiny_moe_ppo", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -23,3 +23,14 @@ def test_api_doc_has_one_example_per_registry():
 def test_doc_example_runs(name, code, capsys):
     exec(compile(code, str(DOCS / name), "exec"), {})
     assert capsys.readouterr().out
+
+
+def test_the_config_key_reference_is_generated_from_the_dataclasses():
+    import pathlib
+
+    from megatron_rl.config.doc import render
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert path.read_text() == render(), (
+        "docs/config.md is stale: python -m megatron_rl.config.doc > docs/config.md")
+    assert "`critic.value_clip`" in render() and "`data.on_missing_label`" in render()
