@@ -34,6 +34,16 @@ def git_sha() -> str:
     return sha + ("-dirty" if dirty and sha != "unknown" else "")
 
 
+def eta_seconds(step: int, first_step: int, total: int, first_done: float, now: float,
+                step_s: float) -> float:
+    """Time left, from the steps after the first one logged: the first carries the warm-up
+    (engine start, compilation; 10x a step on the CPU demo) and would inflate the estimate.
+    With only the first step done, that step's own duration is the guess."""
+    if step <= first_step:
+        return step_s * (total - step)
+    return (now - first_done) / (step - first_step) * (total - step)
+
+
 class RunLog:
     def __init__(self, run_dir: pathlib.Path, total_steps: int, *, config_yaml: str,
                  tensorboard: bool = True, quiet: bool = False, start_step: int = 0):
@@ -72,14 +82,13 @@ class RunLog:
                     self.writer.add_scalar(k, v, step)
                 self.writer.flush()
         if self.first_step is None:
-            self.first_step = step
+            self.first_step, self.first_done = step, time.perf_counter()
         if not self.quiet:
             print(self._line(step, metrics), file=sys.stderr, flush=True)
 
     def _line(self, step: int, m: Dict[str, float]) -> str:
-        done = step - self.first_step + 1
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (self.total - step)
+        eta = eta_seconds(step, self.first_step, self.total, self.first_done,
+                          time.perf_counter(), m.get("time/step_s", 0.0))
         parts = [f"step {step:>4}/{self.total}"]
         parts += [fmt.format(m[k]) for k, fmt in CONSOLE if k in m]
         parts.append(f"{m.get('time/step_s', 0.0):.1f} s/step")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Dict
 
 from megatron_rl.config.fields import field_
 
@@ -21,6 +22,9 @@ class DataConfig:
                                    help="a row without label_key: error at load, skip it, or "
                                         "allow it (a reward that needs no label)")
     chat_template: bool = field_(False, help="wrap string prompts in the tokenizer's chat template")
+    chat_template_kwargs: Dict[str, Any] = field_(
+        default_factory=dict, help="variables for the chat template, e.g. {enable_thinking: false} "
+                                   "(Qwen3)")
     tokenizer: str = field_("", help="tokenizer dir; empty: the model's; 'word': the synthetic "
                                      "tasks' word-level tokenizer")
     shuffle: bool = True

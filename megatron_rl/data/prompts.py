@@ -154,6 +154,16 @@ def shard_for_rank(items: Sequence[Any], dp_rank: int, dp_size: int) -> List[Any
     return list(items[dp_rank * k:(dp_rank + 1) * k])
 
 
+def with_template_kwargs(tokenizer, kwargs: Dict[str, Any]):
+    """``tokenizer`` whose chat template always sees ``kwargs`` (``data.chat_template_kwargs``,
+    e.g. Qwen3's ``enable_thinking: false``) unless a call passes its own: every rendering, of
+    prompts and of multi-turn observations alike, goes through ``apply_chat_template``."""
+    if kwargs:
+        base = tokenizer.apply_chat_template
+        tokenizer.apply_chat_template = lambda *a, **k: base(*a, **{**kwargs, **k})
+    return tokenizer
+
+
 def chat_token_ids(tokenizer, messages, add_generation_prompt: bool) -> List[int]:
     """The chat template's token ids for ``messages``. transformers 5 returns a ``BatchEncoding``
     (a Mapping, not a dict) where 4.x returned the list: taking ``list()`` of the former would

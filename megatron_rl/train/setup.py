@@ -256,7 +256,9 @@ def load_tokenizer(cfg: RunConfig, hf, model_dir: Optional[str] = None):
                           f"of {hf.vocab_size} (model.hf_config)")
     if tok.eos_token_id is None:
         raise ConfigError("data.tokenizer: has no end-of-sequence token; responses could not stop")
-    return tok
+    from megatron_rl.data.prompts import with_template_kwargs
+
+    return with_template_kwargs(tok, dict(cfg.data.chat_template_kwargs))
 
 
 def load_rows(cfg: RunConfig, notes: Optional[List[str]] = None) -> List[PromptRow]:

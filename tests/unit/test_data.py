@@ -170,3 +170,19 @@ def test_skipped_rows_are_reported_with_their_count_and_first_reason(tmp_path):
     rows = load_rows(cfg, notes)
     assert [r.prompt for r in rows] == ["a"]
     assert len(notes) == 1 and "2 row(s) of" in notes[0] and "d.jsonl:2" in notes[0]
+
+
+def test_chat_template_kwargs_reach_every_rendering():
+    from megatron_rl.data.prompts import with_template_kwargs
+
+    tok = word_tokenizer()
+    tok.chat_template = ("{% if enable_thinking is defined and not enable_thinking %}b {% endif %}"
+                         "{{ messages[0]['content'] }}")
+    row = PromptRow(0, [{"role": "user", "content": "a"}])
+    plain = render_prompt(row, tok, chat=True, max_tokens=16)
+    tok = with_template_kwargs(tok, {"enable_thinking": False})
+    assert render_prompt(row, tok, chat=True, max_tokens=16) == tok.encode("b a", add_special_tokens=False)
+    assert plain == tok.encode("a", add_special_tokens=False)
+    # a call's own value wins
+    assert tok.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False,
+                                   enable_thinking=True) == "a"
