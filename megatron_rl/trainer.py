@@ -289,6 +289,7 @@ class Trainer:
 
                 sums.update(explained_variance_sums(batch))
             sums.update(rl_batch.mismatch_sums(batch))
+            sums.update(rl_batch.advantage_sums(batch))
             local.update(rank_shares(sums, self.cfg.parallel.tensor_model_parallel_size,
                                      self.world))
         else:

@@ -89,12 +89,17 @@ class Rollouts:
     rounds: int = 0
     episodes: Dict[str, float] = field(default_factory=dict)   # multi-turn sums (episode_metrics)
     components: Dict[str, float] = field(default_factory=dict) # reward components' sums
+    flat_groups: int = 0              # groups drawn whose rewards were all equal (no signal)
+    prompt_tokens: int = 0            # summed over the groups drawn
 
     def metrics(self) -> Dict[str, float]:
         r = torch.tensor(self.all_rewards or [0.0], dtype=torch.float64)
         n = max(len(self.all_lengths), 1)
         out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
                "reward/max": float(r.max()), "reward/failures": float(self.failures),
+               "reward/min": float(r.min()),
+               "rollout/zero_std_frac": self.flat_groups / max(self.groups_drawn, 1),
+               "response/prompt_length_mean": self.prompt_tokens / max(self.groups_drawn, 1),
                "response/length_mean": sum(self.all_lengths) / n,
                "response/length_max": float(max(self.all_lengths or [0])),
                "response/truncated_frac": self.truncated / n,
@@ -189,6 +194,8 @@ def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]], s
 def _add_group(out: Rollouts, plan: SamplingPlan, row: PromptRow, group, scores) -> None:
     lengths = torch.tensor([len(s.token_ids) for s in group])
     out.all_rewards += scores
+    out.flat_groups += len(set(scores)) <= 1
+    out.prompt_tokens += len(group[0].prompt_ids) if group else 0
     out.all_lengths += lengths.tolist()
     out.truncated += sum(s.finish_reason in ("length", "turns") for s in group)
     if group and getattr(group[0], "info", None) is not None:

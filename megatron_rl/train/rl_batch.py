@@ -246,6 +246,20 @@ def _one_update(model: List, optimizer, scheduler, batch: StepBatch, idx: Sequen
     return out
 
 
+def advantage_sums(batch: StepBatch) -> Dict[str, Tensor]:
+    """The step's advantages over action tokens as partial sums (``step_metrics.derive`` turns
+    them into ``advantage/mean``, ``std``, ``min``, ``max``); nothing off the last PP stage."""
+    if not batch.has_logprobs:
+        return {}
+    a = [(mb.advantages.double() * mb.shard.mask, mb.shard.mask.double()) for mb in batch.micro_batches]
+    big = torch.tensor(float("inf"), dtype=torch.float64)
+    return {"advantage/sum": sum(x.sum() for x, _ in a), "advantage/sumsq": sum((x * x).sum() for x, _ in a),
+            "advantage/tokens": sum(m.sum() for _, m in a),
+            "advantage/max": torch.stack([torch.where(m > 0, x, -big).max() for x, m in a]).max(),
+            "advantage/neg_min/max": torch.stack([torch.where(m > 0, -x, -big).max()
+                                                  for x, m in a]).max()}
+
+
 def mismatch_sums(batch: StepBatch) -> Dict[str, Tensor]:
     """Train/inference mismatch on this step's tokens: |trainer old log-prob - engine log-prob|
     summed over action tokens (partial sums, on the device; divide by the token count after the

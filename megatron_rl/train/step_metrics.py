@@ -33,6 +33,12 @@ def derive(m: Dict[str, float], seconds: float) -> Dict[str, float]:
 
     if m.get("mismatch/tokens"):
         m["mismatch/mean"] = m.pop("mismatch/abs_sum") / m.pop("mismatch/tokens")
+    if m.get("advantage/tokens"):
+        n = m.pop("advantage/tokens")
+        mean = m.pop("advantage/sum") / n
+        m["advantage/mean"] = mean
+        m["advantage/std"] = max(m.pop("advantage/sumsq") / n - mean * mean, 0.0) ** 0.5
+        m["advantage/min"] = -m.pop("advantage/neg_min/max")
     if EV_KEYS[0] in m:
         moments = torch.tensor([m.pop(k) for k in EV_KEYS], dtype=torch.float64)
         m["critic/explained_variance"] = float(explained_variance_from_moments(moments))

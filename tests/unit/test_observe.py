@@ -17,3 +17,25 @@ def test_phase_peaks_report_nothing_without_a_gpu():
     peaks = PhasePeaks()
     peaks.end("rollout")
     assert (peaks.metrics() == {}) == (not torch.cuda.is_available())
+
+
+def test_advantage_stats_are_derived_from_the_reduced_sums():
+    import torch
+
+    from megatron_rl.parallel.loss import prepare_micro_batch
+    from megatron_rl.parallel.cp_layout import CPShard
+    from megatron_rl.train.megatron_loss import PolicyMicroBatch
+    from megatron_rl.train.rl_batch import StepBatch, advantage_sums
+    from megatron_rl.train.step_metrics import derive
+
+    adv = torch.tensor([[0.5, -2.0, 9.0, 7.0], [1.5, 0.0, 3.0, 8.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])   # 9, 7, 0, 8: no actions
+    shard = prepare_micro_batch(CPShard.bshd(2, 4, 1, 0), mask, torch.tensor([0, 0]), None)
+    mb = PolicyMicroBatch(tokens=torch.zeros(2, 4, dtype=torch.long), position_ids=None,
+                          labels=None, shard=shard, old_logprobs=None, advantages=adv)
+    sums = advantage_sums(StepBatch([mb], [], [None], has_logprobs=True))
+    m = derive({k: float(v) for k, v in sums.items()} | {"perf/tokens": 0.0}, 1.0)
+    want = torch.tensor([0.5, -2.0, 1.5, 3.0], dtype=torch.float64)
+    assert abs(m["advantage/mean"] - float(want.mean())) < 1e-12
+    assert abs(m["advantage/std"] - float(want.std(unbiased=False))) < 1e-12
+    assert m["advantage/min"] == -2.0 and m["advantage/max"] == 3.0

@@ -47,7 +47,10 @@ def test_dynamic_sampling_refills_until_enough_informative_groups():
     assert calls == [8, 2]                 # 8 drawn (3 kept: 0, 3, 6), then ceil(1 * 2) = 2 (9 kept)
     assert out.groups_drawn == 10 and out.rounds == 2
     assert len(out.all_rewards) == 40      # the reward metric counts every sampled response
-    assert out.metrics()["reward/mean"] == sum(out.all_rewards) / 40
+    m = out.metrics()
+    assert m["reward/mean"] == sum(out.all_rewards) / 40 and m["reward/min"] == 0.0
+    # 10 groups drawn, 4 informative (0, 3, 6, 9): 6 with zero reward std
+    assert m["rollout/zero_std_frac"] == 0.6 and m["response/prompt_length_mean"] == 2.0
 
 
 def test_dynamic_sampling_stops_after_max_rounds_with_what_it_kept():
