@@ -13,7 +13,7 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 CONSOLE = (("reward/mean", "reward {:.3f}"), ("train/kl", "kl {:.4f}"),
            ("train/entropy", "ent {:.3f}"), ("response/length_mean", "len {:.1f}"),
@@ -50,6 +50,7 @@ class RunLog:
         self.dir = pathlib.Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         _rewind(self.dir / "metrics.jsonl", start_step)
+        _rewind(self.dir / "samples.jsonl", start_step)
         (self.dir / "config.yaml").write_text(config_yaml)
         (self.dir / "run_info.json").write_text(json.dumps(
             {"git_sha": git_sha(), "argv": sys.argv, "python": sys.version.split()[0],
@@ -94,6 +95,21 @@ class RunLog:
         parts.append(f"{m.get('time/step_s', 0.0):.1f} s/step")
         parts.append(f"ETA {_clock(eta)}")
         return " | ".join(parts)
+
+    def samples(self, step: int, rows: List[Dict[str, Any]]) -> None:
+        """What the policy writes: ``rows`` (prompt, response, reward, ...) appended to
+        ``samples.jsonl`` and shown in TensorBoard's text tab."""
+        from megatron_rl.io_errors import reported_writes
+
+        after = "the checkpoints are as they were; free space and rerun the same command to resume"
+        with reported_writes("samples", self.dir / "samples.jsonl", after):
+            with open(self.dir / "samples.jsonl", "a") as f:
+                for r in rows:
+                    f.write(json.dumps({"step": step, **r}) + "\n")
+        if self.writer is not None:
+            text = "\n\n".join(f"**reward {r['reward']:.3f}**  \nprompt: `{r['prompt']}`  \n"
+                                 f"response: `{r['response']}`" for r in rows)
+            self.writer.add_text("samples", text, step)
 
     def note(self, text: str) -> None:
         """Warnings, stops and the end of the run: printed even with ``--quiet``, which silences

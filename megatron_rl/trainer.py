@@ -195,6 +195,7 @@ class Trainer:
                 if self.log is not None and (self.step % self.cfg.train.log_every == 0
                                              or self.step == self.cfg.train.steps):
                     self.log.log(self.step, self.last)
+                self._write_samples()
                 every = self.cfg.train.checkpoint_every
                 due = (every and self.step % every == 0) or self.step == self.cfg.train.steps
                 if due:
@@ -220,6 +221,15 @@ class Trainer:
             return 0
         finally:
             stop.close()
+
+    def _write_samples(self) -> None:
+        every = self.cfg.train.samples_every
+        if self.log is not None and every and self.step % every == 0:
+            from megatron_rl.rollout.collect import sample_rows
+
+            decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+            self.log.samples(self.step, sample_rows(self.rollouts, decode,
+                                                    self.cfg.train.samples_per_step))
 
     def _stop_at_startup(self) -> int:
         from megatron_rl.train.preempt import EXIT_REQUEUE, mark_requeue
@@ -268,6 +278,7 @@ class Trainer:
         t0, peaks = time.perf_counter(), PhasePeaks()
         reached("rollout", self.step)
         batch, rollouts = self._rollouts()
+        self.rollouts = rollouts
         t1 = time.perf_counter()
         peaks.end("rollout")
         self.engine.sleep()

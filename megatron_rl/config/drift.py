@@ -14,7 +14,8 @@ from typing import Any, Dict, List
 SAFE = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.export_hf", "train.resume", "train.resume_fallback", "train.tensorboard",
-    "train.preempt_grace_s", "train.max_bad_steps", "train.output_dir",
+    "train.preempt_grace_s", "train.max_bad_steps", "train.output_dir", "train.samples_every",
+    "train.samples_per_step",
     "train.optimizer_checkpoint",
     "parallel.",
     "rollout.model_dir", "rollout.tensor_parallel_size", "rollout.enforce_eager",

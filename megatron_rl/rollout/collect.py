@@ -216,3 +216,16 @@ def _add_group(out: Rollouts, plan: SamplingPlan, row: PromptRow, group, scores)
     out.rows.append(row)
     out.samples.append(group)
     out.rewards.append(shaped)
+
+
+def sample_rows(rollouts: Rollouts, decode: Callable[[List[int]], str], groups: int) -> List[dict]:
+    """The first ``groups`` kept groups as plain rows (prompt, label, response, reward after
+    shaping, finish reason) for ``samples.jsonl``: what the policy writes, for people to read."""
+    out = []
+    for row, group, rewards in list(zip(rollouts.rows, rollouts.samples, rollouts.rewards))[:groups]:
+        prompt = row.prompt if isinstance(row.prompt, str) else row.prompt[-1]["content"]
+        for s, r in zip(group, rewards.tolist()):
+            out.append({"prompt": prompt, "label": None if row.label is None else str(row.label),
+                        "response": decode(s.token_ids), "reward": float(r),
+                        "finish_reason": s.finish_reason})
+    return out

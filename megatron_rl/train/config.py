@@ -31,6 +31,9 @@ class TrainConfig:
     seed: int = 1234
     output_dir: str = "runs/default"
     log_every: int = field_(1, ge=1)
+    samples_every: int = field_(10, ge=0, help="steps between writing some of the step's "
+                                               "generations to samples.jsonl and TensorBoard; 0: never")
+    samples_per_step: int = field_(4, ge=1, help="groups written each time (all their responses)")
     checkpoint_every: int = field_(0, ge=0, help="steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = field_(2, ge=1, help="newest step_* directories kept")
     optimizer_checkpoint: str = field_("dp_reshardable", choices=OPTIMIZER_FORMATS,

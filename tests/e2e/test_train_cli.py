@@ -49,8 +49,11 @@ def _trainer_state(out):
 @pytest.mark.vllm
 def test_train_produces_metrics_checkpoint_tensorboard_export_and_resumes(tmp_path):
     out = tmp_path / "run"
-    r = _train(out, 3)
+    r = _train(out, 3, "train.samples_every=2")
     assert "step    3/3" in r.stderr and "reward" in r.stdout + r.stderr
+    samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {2} and len(samples) == 4 * 4   # 4 groups of 4
+    assert {"prompt", "label", "response", "reward", "finish_reason"} <= samples[0].keys()
     assert _steps(out) == [1, 2, 3]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])   # step 2: a probe step
     for key in ("reward/mean", "train/loss", "train/entropy", "train/clip_frac_low", "mismatch/mean",
@@ -80,8 +83,10 @@ def test_train_produces_metrics_checkpoint_tensorboard_export_and_resumes(tmp_pa
     assert 0.0 <= report["reward_mean"] <= 1.0 and 1 <= report["length_mean"] <= 5
 
     # a rerun with more steps resumes: the counter and the data position continue
-    r = _train(out, 5)
+    r = _train(out, 5, "train.samples_every=2")
     assert "resumed from step 3" in r.stderr
+    samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] * 16 + [4] * 16
     assert _steps(out) == [1, 2, 3, 4, 5]
     latest, state = _trainer_state(out)
     assert latest == 5 and state["trainer"]["sampler"] == {"epoch": 0, "position": 5 * P}
