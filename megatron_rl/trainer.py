@@ -87,6 +87,11 @@ class Trainer:
                 channel=EngineChannel(self.rank, self.world, self.engine_tp))
         self.warnings: List[str] = []
         self._data()
+        self.val = None
+        if cfg.train.val_every:
+            from megatron_rl.train.validation import Validation
+
+            self.val = Validation.of(cfg, self.tok, S.load_rows(cfg, self.warnings, validation=True))
         self.step = 0
         self.bad_steps, self.last_good = 0, 0
         self.resumed_from = None
@@ -192,6 +197,8 @@ class Trainer:
             while self.step < self.cfg.train.steps:
                 self.step += 1
                 self.last = self.train_step()
+                if self.val is not None and self.step % self.cfg.train.val_every == 0:
+                    self.last.update(self.val.run(self._sample, self.step))
                 if self.log is not None and (self.step % self.cfg.train.log_every == 0
                                              or self.step == self.cfg.train.steps):
                     self.log.log(self.step, self.last)

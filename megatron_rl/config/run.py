@@ -65,6 +65,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.synthetic_min_len > cfg.data.synthetic_max_len:
         raise ConfigError(f"data.synthetic_min_len: {cfg.data.synthetic_min_len} exceeds "
                           f"data.synthetic_max_len={cfg.data.synthetic_max_len}")
+    if cfg.train.val_every and not cfg.data.val_path:
+        raise ConfigError(f"train.val_every: {cfg.train.val_every} needs data.val_path (a "
+                          "validation set); set it, or train.val_every=0")
     if cfg.rollout.ignore_eos and cfg.algo.overlong.buffer_len:
         raise ConfigError(
             "algo.overlong.buffer_len: rollout.ignore_eos makes every response "

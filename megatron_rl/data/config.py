@@ -17,6 +17,8 @@ class DataConfig:
                                             "dotted path reaches nested fields")
     label_key: str = field_("label", help="the answer's key, handed to the reward; a dotted path "
                                           "reaches nested fields (verl: reward_model.ground_truth)")
+    val_path: str = field_("", help="a validation set (same formats and keys as data.path), "
+                                    "scored every train.val_every steps")
     on_bad_row: str = field_("error", choices=("error", "skip"))
     on_missing_label: str = field_("error", choices=("error", "skip", "allow"),
                                    help="a row without label_key: error at load, skip it, or "

@@ -34,6 +34,11 @@ class TrainConfig:
     samples_every: int = field_(10, ge=0, help="steps between writing some of the step's "
                                                "generations to samples.jsonl and TensorBoard; 0: never")
     samples_per_step: int = field_(4, ge=1, help="groups written each time (all their responses)")
+    val_every: int = field_(0, ge=0, help="steps between validations on data.val_path (val/*: "
+                                          "mean reward, pass@k); 0: never")
+    val_n: int = field_(4, ge=1, help="responses per validation prompt (the k of pass@k)")
+    val_temperature: float = field_(1.0, ge=0.0, help="sampling temperature of validation")
+    val_prompts: int = field_(0, ge=0, help="validation prompts used (the first ones); 0: all")
     checkpoint_every: int = field_(0, ge=0, help="steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = field_(2, ge=1, help="newest step_* directories kept")
     optimizer_checkpoint: str = field_("dp_reshardable", choices=OPTIMIZER_FORMATS,

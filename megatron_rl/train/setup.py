@@ -261,34 +261,37 @@ def load_tokenizer(cfg: RunConfig, hf, model_dir: Optional[str] = None):
     return with_template_kwargs(tok, dict(cfg.data.chat_template_kwargs))
 
 
-def load_rows(cfg: RunConfig, notes: Optional[List[str]] = None) -> List[PromptRow]:
-    """The dataset's rows; what was skipped (``data.on_bad_row`` / ``on_missing_label=skip``) is
-    appended to ``notes`` as one line with the count and the first reason."""
+def load_rows(cfg: RunConfig, notes: Optional[List[str]] = None,
+              validation: bool = False) -> List[PromptRow]:
+    """The dataset's rows (``validation``: ``data.val_path``'s; a synthetic validation set is
+    drawn with another seed); what was skipped (``data.on_bad_row`` / ``on_missing_label=skip``)
+    is appended to ``notes`` as one line with the count and the first reason."""
     from megatron_rl.data.prompts import load_prompts
     from megatron_rl.data.synthetic import TASKS, make_rows
 
     d = cfg.data
-    if d.path.startswith("synthetic:"):
-        task = d.path[len("synthetic:"):]
+    path, key = (d.val_path, "data.val_path") if validation else (d.path, "data.path")
+    if path.startswith("synthetic:"):
+        task = path[len("synthetic:"):]
         if task not in TASKS:
-            raise ConfigError(f"data.path: unknown synthetic task {task!r}; known: "
+            raise ConfigError(f"{key}: unknown synthetic task {task!r}; known: "
                               f"{', '.join(sorted(TASKS))}")
         try:
             raw = make_rows(task, d.synthetic_rows, min_len=d.synthetic_min_len,
-                            max_len=d.synthetic_max_len, seed=d.seed,
+                            max_len=d.synthetic_max_len, seed=d.seed + int(validation) * 7919,
                             answer_len=d.synthetic_answer_len)
         except ValueError as e:
             raise ConfigError(f"data.synthetic_answer_len: {e}") from None
         return [PromptRow(i, r["prompt"], r["label"], r["metadata"]) for i, r in enumerate(raw)]
     try:
-        report = load_prompts(d.path, prompt_key=d.prompt_key, label_key=d.label_key,
+        report = load_prompts(path, prompt_key=d.prompt_key, label_key=d.label_key,
                               on_bad_row=d.on_bad_row, on_missing_label=d.on_missing_label)
     except ValueError as e:
         msg = str(e)
-        raise ConfigError(msg if msg.startswith("data.") else f"data.path: {msg}") from None
+        raise ConfigError(msg if msg.startswith("data.") else f"{key}: {msg}") from None
     if report.skipped and notes is not None:
         place, why = report.skipped[0]
-        notes.append(f"data: {len(report.skipped)} row(s) of {d.path} skipped, "
+        notes.append(f"data: {len(report.skipped)} row(s) of {path} skipped, "
                      f"{len(report.rows)} kept; the first at {place}: {why}")
     return report.rows
 

@@ -204,7 +204,13 @@ def test_a_run_from_hf_weights_starts_the_engine_from_them_without_a_copy(tmp_pa
     write_tiny_hf_model("qwen3_moe", hf, vocab_size=32)
     word_tokenizer().save_pretrained(str(hf))
     out = tmp_path / "run"
-    _train(out, 2, f"model.hf_config={hf}", f"data.tokenizer={hf}", "train.export_hf=false")
+    # with validation every step on another draw of the task
+    _train(out, 2, f"model.hf_config={hf}", f"data.tokenizer={hf}", "train.export_hf=false",
+           "data.val_path=synthetic:copy", "train.val_every=1", "train.val_prompts=4",
+           "train.val_n=2")
     assert not (out / "hf_init").exists()
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and max(r["mismatch/mean"] for r in rows) < 1e-4
+    for r in rows:
+        assert 0.0 <= r["val/reward_mean"] <= 1.0 and 0.0 <= r["val/pass@2"] <= 1.0
+        assert 1 <= r["val/response_length_mean"] <= 5

@@ -39,3 +39,12 @@ def test_advantage_stats_are_derived_from_the_reduced_sums():
     assert abs(m["advantage/mean"] - float(want.mean())) < 1e-12
     assert abs(m["advantage/std"] - float(want.std(unbiased=False))) < 1e-12
     assert m["advantage/min"] == -2.0 and m["advantage/max"] == 3.0
+
+
+def test_validation_pass_at_k_counts_prompts_with_a_solved_response():
+    from megatron_rl.train.validation import val_metrics
+
+    m = val_metrics([[0.0, 1.0, 0.5], [0.2, 0.3, 0.9], [1.0, 1.0, 1.0]],
+                    [[3, 4, 5], [1, 1, 1], [2, 2, 2]], failures=0)
+    assert m["val/pass@3"] == 2 / 3 and abs(m["val/reward_mean"] - 5.9 / 9) < 1e-12
+    assert m["val/response_length_mean"] == 21 / 9
