@@ -46,7 +46,8 @@ def eta_seconds(step: int, first_step: int, total: int, first_done: float, now: 
 
 class RunLog:
     def __init__(self, run_dir: pathlib.Path, total_steps: int, *, config_yaml: str,
-                 tensorboard: bool = True, quiet: bool = False, start_step: int = 0):
+                 tensorboard: bool = True, quiet: bool = False, start_step: int = 0,
+                 trackers: Optional[List[Any]] = None):
         self.dir = pathlib.Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         _rewind(self.dir / "metrics.jsonl", start_step)
@@ -67,6 +68,7 @@ class RunLog:
             # drops the events an interrupted run wrote from there on, so each step has one point
             self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
+        self.trackers = list(trackers or [])   # trackers.py: wandb, MLflow
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         from megatron_rl.io_errors import reported_writes
@@ -82,6 +84,8 @@ class RunLog:
                 for k, v in metrics.items():
                     self.writer.add_scalar(k, v, step)
                 self.writer.flush()
+        for t in self.trackers:
+            t.log(step, metrics)
         if self.first_step is None:
             self.first_step, self.first_done = step, time.perf_counter()
         if not self.quiet:
@@ -110,6 +114,8 @@ class RunLog:
             text = "\n\n".join(f"**reward {r['reward']:.3f}**  \nprompt: `{r['prompt']}`  \n"
                                  f"response: `{r['response']}`" for r in rows)
             self.writer.add_text("samples", text, step)
+        for t in self.trackers:
+            t.text(step, rows)
 
     def note(self, text: str) -> None:
         """Warnings, stops and the end of the run: printed even with ``--quiet``, which silences
@@ -118,7 +124,7 @@ class RunLog:
 
     def close(self) -> None:
         """Best effort: a run ending on a failed write has already said so."""
-        for f in (self.jsonl, self.writer):
+        for f in (self.jsonl, self.writer, *self.trackers):
             try:
                 if f is not None:
                     f.close()
@@ -228,3 +234,15 @@ class PhasePeaks:
         if out:
             out["mem/gpu_peak_gb/max"] = max(out.values())
         return out
+
+
+def summarise_run(run_dir: pathlib.Path) -> str:
+    """The end-of-run line: the reward's first and last tenth, and where everything is (the
+    reward curve drawn to ``reward_curve.png``)."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    png = plot_curve(rows, run_dir / "reward_curve.png")
+    k = max(1, len(rows) // 10)
+    first = sum(r["reward/mean"] for r in rows[:k]) / k
+    last = sum(r["reward/mean"] for r in rows[-k:]) / k
+    return (f"reward {first:.3f} -> {last:.3f} (mean of the first / last {k} logged steps); run "
+            f"directory {run_dir}" + (f"; curve {png}" if png else ""))

@@ -22,7 +22,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from megatron_rl.config import RunConfig, to_yaml, validate_world
+from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
 from megatron_rl.config.run import check_cpu_engines
 from megatron_rl.observe import PhasePeaks, memory_metrics
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
@@ -37,6 +37,13 @@ class Trainer:
         from megatron_rl.train.run_dir import claim_output_dir
 
         self.cfg, self.quiet = cfg, quiet
+        if cfg.train.trackers:   # before anything starts: a missing package is one line
+            from megatron_rl.trackers import check_installed
+
+            try:
+                check_installed(cfg.train.trackers)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.world = init_distributed()
         self.rank = dist.get_rank()
         self.dp = validate_world(cfg, self.world)
@@ -114,7 +121,8 @@ class Trainer:
             from megatron_rl.observe import RunLog
 
             self.log = RunLog(self.out, cfg.train.steps, config_yaml=to_yaml(cfg),
-                              tensorboard=cfg.train.tensorboard, quiet=quiet, start_step=self.step)
+                              tensorboard=cfg.train.tensorboard, quiet=quiet, start_step=self.step,
+                              trackers=self._trackers())
             for w in self.warnings:
                 self.log.note(f"warning: {w}")
             self.log.note(f"model: {self.hf.architecture} from {self.source}; world {self.world} "
@@ -122,6 +130,13 @@ class Trainer:
                           f"starting at step {self.step + 1}")
 
     # ---- setup pieces ---------------------------------------------------------------------
+    def _trackers(self) -> list:
+        from megatron_rl.trackers import make_trackers
+
+        t = self.cfg.train
+        return make_trackers(t.trackers, self.out, t.tracker_project, self.out.name,
+                             S.config_tree(self.cfg)) if t.trackers else []
+
     def _data(self) -> None:
         from megatron.core import parallel_state as ps
 
@@ -425,29 +440,19 @@ class Trainer:
 
     def _probe(self) -> float:
         """Max |engine - trainer| log-prob on a fixed prompt's sampled tokens, just after sync."""
-        from megatron_rl.train.megatron_loss import forward_logprobs
-
         from megatron_rl.data.prompts import render_prompt
 
         r = self.cfg.rollout
         ids = render_prompt(self.prompts.rows[0], self.tok, chat=self.cfg.data.chat_template,
                             max_tokens=r.max_prompt_len)
-        [[sample]] = self.engine.generate([ids], n=1, max_tokens=min(16, r.max_response_len),
-                                          temperature=r.temperature, seed=12345)
-        seqs = [rl_batch.group_sequences(ids, [sample])]
-        batch = rl_batch.build_step_batch(seqs, [torch.zeros(1)], 1, self.pg,
-                                          cp_size=self.cfg.parallel.context_parallel_size,
-                                          cp_rank=self._cp_rank(), packed=False, device=self._device())
-        lp = forward_logprobs(self.ms.model, batch.micro_batches, self.pg,
-                              temperature=self.cfg.rollout.temperature)
-        if not lp:
-            return float("-inf")
-        mb = batch.micro_batches[0]
-        worst = float(((lp[0] - mb.rollout_logprobs).abs() * mb.shard.mask).max())
-        if worst > self.cfg.rollout.probe_tolerance and self.log is not None:
+        worst = rl_batch.probe_mismatch(self.engine, self.ms.model, self.pg, ids,
+                                        max_tokens=min(16, r.max_response_len),
+                                        temperature=r.temperature,
+                                        cp_size=self.cfg.parallel.context_parallel_size,
+                                        cp_rank=self._cp_rank(), device=self._device())
+        if worst > r.probe_tolerance and self.log is not None:
             self.log.note(f"step {self.step}: engine and trainer log-probs differ by {worst:.2e} "
-                          f"after the weight sync (rollout.probe_tolerance "
-                          f"{self.cfg.rollout.probe_tolerance:g})")
+                          f"after the weight sync (rollout.probe_tolerance {r.probe_tolerance:g})")
         return worst
 
     # ---- outputs --------------------------------------------------------------------------
@@ -467,39 +472,15 @@ class Trainer:
                                                               self.tok, self.critic is not None))
 
     def export(self, out: Path) -> None:
-        from megatron_rl.checkpoint.convert import write_hf_model
-        from megatron_rl.io_errors import reported_writes
+        from megatron_rl.train.setup import export_models
 
-        after = (f"the final checkpoint (step {self.step}) is complete; free space and export it "
-                 "with `megatron-rl convert export`")
-        with reported_writes("the Hugging Face export", out, after):
-            write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
-                           self.ms.hf_cfg, out, self.ms.dtype)
-            if self.rank == 0:
-                self.tok.save_pretrained(str(out))
-        if self.critic is not None:   # <out>_critic: the token classifier of the architecture
-            from megatron_rl.checkpoint.hf_mapping import value_model_config, value_model_mapping
-
-            critic_out = out.with_name(out.name + "_critic")
-            with reported_writes("the critic's Hugging Face export", critic_out, after):
-                write_hf_model(self.critic.model[0], self.hf, value_model_mapping(self.ms.mapping),
-                               self.ms.weight_groups, value_model_config(self.ms.hf_cfg),
-                               critic_out, self.ms.dtype)
-                if self.rank == 0:
-                    self.tok.save_pretrained(str(critic_out))
+        export_models(out, self.ms, self.tok, self.critic, self.step)
 
     def _finish(self) -> None:
-        if self.log is None:
-            return
-        from megatron_rl.observe import plot_curve, read_metrics
+        if self.log is not None:
+            from megatron_rl.observe import summarise_run
 
-        rows = read_metrics(self.out / "metrics.jsonl")
-        png = plot_curve(rows, self.out / "reward_curve.png")
-        k = max(1, len(rows) // 10)
-        first = sum(r["reward/mean"] for r in rows[:k]) / k
-        lastk = sum(r["reward/mean"] for r in rows[-k:]) / k
-        self.log.note(f"reward {first:.3f} -> {lastk:.3f} (mean of the first / last {k} logged "
-                      f"steps); run directory {self.out}" + (f"; curve {png}" if png else ""))
+            self.log.note(summarise_run(self.out))
 
     def close(self) -> None:
         from megatron_rl.train.parallel_init import destroy_megatron_parallel

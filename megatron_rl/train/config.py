@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
 from megatron_rl.algo.losses import AGGREGATIONS
 from megatron_rl.checkpoint.optim_state import OPTIMIZER_FORMATS
@@ -53,6 +54,10 @@ class TrainConfig:
     resume_fallback: bool = field_(False, help="if the newest checkpoint fails its manifest check, "
                                                "resume from the newest earlier one that passes")
     tensorboard: bool = True
+    trackers: List[str] = field_(default_factory=list, help="also log to: wandb, mlflow "
+                                 "(megatron-rl[trackers]; offline: WANDB_MODE=offline, MLflow's "
+                                 "file store in <output_dir>/mlruns unless MLFLOW_TRACKING_URI)")
+    tracker_project: str = field_("megatron-rl", help="the wandb project / MLflow experiment")
     preempt_grace_s: float = field_(240.0, gt=0.0, help="after SIGTERM/SIGUSR1 or a STOP file: "
                                     "seconds to reach a checkpoint before exiting anyway (keep it "
                                     "under the launcher's warning time, e.g. --signal=B:USR1@300)")

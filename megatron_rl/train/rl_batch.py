@@ -271,3 +271,19 @@ def mismatch_sums(batch: StepBatch) -> Dict[str, Tensor]:
     return {"mismatch/abs_sum": sum(d.sum() for d, _ in diffs),
             "mismatch/tokens": sum(m.sum() for _, m in diffs),
             "mismatch/max": torch.stack([d.max() for d, _ in diffs]).max()}
+
+
+def probe_mismatch(engine, model: List, pg: ParallelGroups, prompt_ids: List[int], *,
+                   max_tokens: int, temperature: float, cp_size: int, cp_rank: int,
+                   device) -> float:
+    """Max |engine - trainer| log-prob over one sampled response to ``prompt_ids`` (a fixed
+    seed): the weight sync's check. ``-inf`` off the last pipeline stage."""
+    [[sample]] = engine.generate([prompt_ids], n=1, max_tokens=max_tokens,
+                                 temperature=temperature, seed=12345)
+    batch = build_step_batch([group_sequences(prompt_ids, [sample])], [torch.zeros(1)], 1, pg,
+                             cp_size=cp_size, cp_rank=cp_rank, packed=False, device=device)
+    lp = forward_logprobs(model, batch.micro_batches, pg, temperature=temperature)
+    if not lp:
+        return float("-inf")
+    mb = batch.micro_batches[0]
+    return float(((lp[0] - mb.rollout_logprobs).abs() * mb.shard.mask).max())

@@ -341,3 +341,26 @@ class PromptStream:
                 raise ConfigError(f"data: {e}") from None
             out.append((row, ids))
         return out
+
+
+def export_models(out: Path, ms: ModelState, tokenizer, critic, step: int) -> None:
+    """The policy as an HF directory at ``out`` and, for PPO, the critic at ``<out>_critic`` as
+    the architecture's token classifier (collective; rank 0 writes)."""
+    import torch.distributed as dist
+
+    from megatron_rl.checkpoint.convert import write_hf_model
+    from megatron_rl.checkpoint.hf_mapping import value_model_config, value_model_mapping
+    from megatron_rl.io_errors import reported_writes
+
+    after = (f"the final checkpoint (step {step}) is complete; free space and export it "
+             "with `megatron-rl convert export`")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    models = [(out, "the Hugging Face export", ms.model[0], ms.mapping, ms.hf_cfg)]
+    if critic is not None:
+        models.append((out.with_name(out.name + "_critic"), "the critic's Hugging Face export",
+                       critic.model[0], value_model_mapping(ms.mapping), value_model_config(ms.hf_cfg)))
+    for where, what, model, mapping, hf_cfg in models:
+        with reported_writes(what, where, after):
+            write_hf_model(model, ms.hf, mapping, ms.weight_groups, hf_cfg, where, ms.dtype)
+            if rank0:
+                tokenizer.save_pretrained(str(where))
