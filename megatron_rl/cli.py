@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", type=int, default=64, help="the first N prompts of data.path")
     ev.add_argument("--n", type=int, default=1, help="samples per prompt")
     ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ev.add_argument("--val", action="store_true", help="the prompts of data.val_path")
+    ev.add_argument("--samples", default=None, metavar="FILE",
+                    help="also write every prompt, response and reward to this JSONL file")
     ev.add_argument("overrides", nargs="*", metavar="key=value")
     _convert_parser(sub)
     return p
@@ -197,8 +200,11 @@ def _eval(args) -> int:
         raise ConfigError(f"eval: --n {args.n} samples of a greedy decode are all the same; "
                           "give --temperature > 0 or --n 1")
     cfg = load_config(args.config, args.overrides)
+    if args.val and not cfg.data.val_path:
+        raise ConfigError("eval --val: the recipe has no data.val_path; set it (data.val_path=...)")
     print(json.dumps(evaluate(cfg, args.model, num_prompts=args.prompts, n=args.n,
-                              temperature=args.temperature)))
+                              temperature=args.temperature, validation=args.val,
+                              samples_file=args.samples)))
     return 0
 
 

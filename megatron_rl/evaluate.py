@@ -5,13 +5,17 @@ as multi-turn episodes with the recipe's environment). No Megatron needed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from megatron_rl.config import ConfigError, RunConfig
 
 
 def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
-             temperature: float) -> Dict[str, float]:
+             temperature: float, validation: bool = False,
+             samples_file: Optional[str] = None) -> Dict[str, float]:
+    """Mean reward, solved share and pass@n of ``n`` responses to each of the first
+    ``num_prompts`` prompts (``validation``: of ``data.val_path``); ``samples_file`` gets every
+    prompt, response and reward as JSONL."""
     from megatron_rl.data.prompts import render_prompt
     from megatron_rl.model.hf_config import load_hf_config
     from megatron_rl.rollout.collect import Scorer, score_groups
@@ -29,7 +33,7 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tok = load_tokenizer(cfg, hf, model_dir=str(d))
-    rows = load_rows(cfg)[:num_prompts]
+    rows = load_rows(cfg, validation=validation)[:num_prompts]
     r = cfg.rollout
     ids = [render_prompt(row, tok, chat=cfg.data.chat_template, max_tokens=r.max_prompt_len)
            for row in rows]
@@ -55,8 +59,24 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
         per_group, failures, _, _ = score_groups(Scorer.of(cfg.reward, tok), rows, groups)
     scores = [s for g in per_group for s in g]
     lengths = [len(s.token_ids) for g in groups for s in g]
+    if samples_file:
+        _write_samples(samples_file, rows, groups, per_group, tok)
     return {"prompts": len(rows), "samples": len(scores),
             "reward_mean": sum(scores) / max(len(scores), 1),
             "solved_frac": sum(s >= 1.0 for s in scores) / max(len(scores), 1),
+            f"pass@{n}": sum(max(g) >= 1.0 for g in per_group if g) / max(len(per_group), 1),
             "failures": failures, "length_mean": sum(lengths) / max(len(lengths), 1)}
+
+
+def _write_samples(path: str, rows, groups, per_group, tok) -> None:
+    import json
+
+    with open(path, "w") as f:
+        for row, group, scores in zip(rows, groups, per_group):
+            prompt = row.prompt if isinstance(row.prompt, str) else row.prompt[-1]["content"]
+            for s, r in zip(group, scores):
+                f.write(json.dumps({"prompt": prompt, "label": None if row.label is None
+                                    else str(row.label),
+                                    "response": tok.decode(s.token_ids, skip_special_tokens=True),
+                                    "reward": float(r)}) + "\n")
 

@@ -75,11 +75,16 @@ def test_train_produces_metrics_checkpoint_tensorboard_export_and_resumes(tmp_pa
 
     # the export serves: `megatron-rl eval` scores it through vLLM with the recipe's reward
     ev = subprocess.run([sys.executable, "-m", "megatron_rl", "eval", "--config", RECIPE, "--model",
-                         str(hf), "--prompts", "4", "--n", "2", "--temperature", "1"], cwd=ROOT, capture_output=True,
-                        text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         str(hf), "--prompts", "4", "--n", "2", "--temperature", "1", "--val",
+                         "data.val_path=synthetic:copy", "--samples", str(tmp_path / "ev.jsonl")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads(ev.stdout.strip().splitlines()[-1])
     assert report["prompts"] == 4 and report["samples"] == 8 and report["failures"] == 0
+    assert 0.0 <= report["pass@2"] <= 1.0
+    dumped = [json.loads(ln) for ln in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert len(dumped) == 8 and {"prompt", "response", "reward", "label"} <= dumped[0].keys()
     assert 0.0 <= report["reward_mean"] <= 1.0 and 1 <= report["length_mean"] <= 5
 
     # a rerun with more steps resumes: the counter and the data position continue
