@@ -20,7 +20,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from megatron_rl.config.fields import field_
+from megatron_rl.fields import field_
 
 Tensor = torch.Tensor
 EOS = 0

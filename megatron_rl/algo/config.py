@@ -18,7 +18,7 @@ from megatron_rl.algo.losses import POLICY_LOSSES, loss_params, policy_loss
 from megatron_rl.algo.masked import LOCAL, SeqOps, ShardedProbe
 from megatron_rl.algo.registry import check_params, keyword_params
 from megatron_rl.algo.weights import WEIGHT_FUNCTIONS
-from megatron_rl.config.fields import ConfigError, field_
+from megatron_rl.fields import ConfigError, field_
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "future_kl_grpo")
 

@@ -1,10 +1,11 @@
 """Configuration: the root ``RunConfig``, recipe loading with overrides, and ``ConfigError``.
 
-The section dataclasses import ``config.fields`` from here while ``config.run`` imports them, so
-the root names are resolved lazily: importing a section never drags in the whole config tree.
+The section dataclasses import ``megatron_rl.fields`` (the bottom of the import graph) while
+``config.run`` imports them, so the root names are resolved lazily: importing a section never
+drags in the whole config tree.
 """
 
-from megatron_rl.config.fields import ConfigError
+from megatron_rl.fields import ConfigError
 
 _LAZY = {"load_config": "load", "to_yaml": "load", "RunConfig": "run", "validate": "run",
          "validate_world": "run"}

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megatron_rl.config.fields import ConfigError
+from megatron_rl.fields import ConfigError
 from megatron_rl.config.run import RunConfig, validate
 
 PathLike = Union[str, pathlib.Path]

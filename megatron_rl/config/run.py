@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_rl.algo.config import GROUP_ESTIMATORS, AlgoConfig
-from megatron_rl.config.fields import ConfigError, check_fields
+from megatron_rl.fields import ConfigError, check_fields
 from megatron_rl.data.config import DataConfig
 from megatron_rl.envs.config import EnvConfig
 from megatron_rl.model.config import ModelConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
-from megatron_rl.config.fields import ConfigError, field_
+from megatron_rl.fields import ConfigError, field_
 
 
 @dataclass

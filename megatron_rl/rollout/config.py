@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_rl.config.fields import field_
+from megatron_rl.fields import field_
 
 
 @dataclass

@@ -237,7 +237,7 @@ class EpisodeRunner:
         """From the ``env`` and ``reward`` config sections (``chat_template``: the data
         section's, which ``env.render: auto`` follows); a tokenizer that cannot render the
         observations is a ``ConfigError`` naming ``env.render``."""
-        from megatron_rl.config.fields import ConfigError
+        from megatron_rl.fields import ConfigError
 
         limits = EpisodeLimits(env.max_turns, max_response_len, env.max_turn_tokens,
                                env.max_obs_tokens, vocab_size=vocab_size)

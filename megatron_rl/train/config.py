@@ -7,7 +7,7 @@ from typing import List
 
 from megatron_rl.algo.losses import AGGREGATIONS
 from megatron_rl.checkpoint.optim_state import OPTIMIZER_FORMATS
-from megatron_rl.config.fields import field_
+from megatron_rl.fields import field_
 
 
 @dataclass

@@ -1,4 +1,6 @@
 """Declarative field constraints for config dataclasses, checked with the key path in the message.
+At the bottom of the import graph (it imports nothing of the package): every section's config
+module (algo, parallel, model, data, ...) builds on it.
 
 A section declares ``x: int = field_(1, ge=1)`` or ``kind: str = field_("toy", choices=(...))``;
 ``check_fields(obj, "section")`` walks nested dataclasses and raises ``ConfigError`` naming the
