@@ -28,6 +28,7 @@ from megatron_rl.observe import PhasePeaks, memory_metrics
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
 from megatron_rl.train import rl_batch
 from megatron_rl.train.crash_points import reached
+from megatron_rl.train.step_metrics import BadSteps
 from megatron_rl.train import setup as S
 
 
@@ -100,7 +101,7 @@ class Trainer:
 
             self.val = Validation.of(cfg, self.tok, S.load_rows(cfg, self.warnings, validation=True))
         self.step = 0
-        self.bad_steps, self.last_good = 0, 0
+        self.bad = BadSteps(cfg.train.max_bad_steps)
         self.resumed_from = None
         self.last: Dict[str, float] = {}
         self._resume()
@@ -266,24 +267,11 @@ class Trainer:
         return EXIT_REQUEUE
 
     def _too_many_bad_steps(self) -> bool:
-        """Counts steps in a row whose updates were skipped for NaN/Inf (the skip itself happens
-        in ``optimizer_step``, on every rank alike); True when ``train.max_bad_steps`` is reached.
-        The metrics are already reduced, so every rank decides the same without a collective."""
-        if self.last.get("train/skipped_updates", 0.0) > 0:
-            self.bad_steps += 1
-        else:
-            self.bad_steps, self.last_good = 0, self.step
-        limit = self.cfg.train.max_bad_steps
-        if not limit or self.bad_steps < limit:
-            return False
-        if self.log is not None:
-            self.log.note(
-                f"stopping: {self.bad_steps} steps in a row (to step {self.step}) had a NaN/Inf "
-                f"loss or gradient, so their updates were skipped; the checkpoint of step "
-                f"{self.step} holds the weights and optimizer state as of step {self.last_good}. "
-                "Look at reward/* and train/grad_norm before the first skip; lower train.lr or "
-                "train.max_grad_norm, or raise train.max_bad_steps to wait longer")
-        return True
+        """``train.max_bad_steps`` reached (``step_metrics.BadSteps``); said in one line."""
+        line = self.bad.update(self.step, self.last)
+        if line and self.log is not None:
+            self.log.note(line)
+        return line is not None
 
     @staticmethod
     def _agreed(flag: bool) -> bool:

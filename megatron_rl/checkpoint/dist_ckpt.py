@@ -161,6 +161,9 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
         failed.agree()
         with failed.catch():
             _write_shards(tmp / CRITIC_DIR, critic[0], critic[1], optimizer_format)
+            if _rank() == 0:
+                (tmp / CRITIC_DIR / CRITIC_MARKER).write_text(
+                    json.dumps({"model": "critic", "head": "output_layer"}))
         failed.agree()
     if side_files is not None and _rank() == 0:
         with failed.catch():
@@ -206,8 +209,6 @@ def _write_shards(directory: Path, model, optimizer, optimizer_format: str) -> N
     with in_process_checkpoint_writes():
         dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(
             msd, metadata=sharding_metadata(optimizer_format))}, str(directory))
-    if _rank() == 0 and directory.name == CRITIC_DIR:
-        (directory / CRITIC_MARKER).write_text(json.dumps({"model": "critic", "head": "output_layer"}))
 
 
 class _WriteAgreement:

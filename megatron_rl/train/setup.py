@@ -70,21 +70,28 @@ def engine_loadable_hf_dir(cfg: RunConfig) -> Optional[Path]:
     return d if same else None
 
 
+def optim_settings(section, train):
+    """``OptimSettings`` from the optimizer keys a section shares (``train`` or ``critic``: lr,
+    min_lr, lr_warmup_steps, lr_decay_style, weight_decay, max_grad_norm); the schedule's length
+    counts every update of the run (``train``'s steps x updates x epochs)."""
+    from megatron_rl.train.optimizer import OptimSettings
+
+    return OptimSettings(lr=section.lr, min_lr=section.min_lr, weight_decay=section.weight_decay,
+                         max_grad_norm=section.max_grad_norm, warmup_steps=section.lr_warmup_steps,
+                         total_steps=train.steps * train.updates_per_step * train.epochs_per_step,
+                         decay_style=section.lr_decay_style, adam_beta2=train.adam_beta2)
+
+
 def build_model_state(cfg: RunConfig, hf, layout, pg) -> ModelState:
     from megatron_rl.checkpoint.hf_mapping import mapping_for
     from megatron_rl.train.model_setup import build_model
-    from megatron_rl.train.optimizer import OptimSettings, build_optimizer
+    from megatron_rl.train.optimizer import build_optimizer
     from megatron_rl.train.parallel_init import weight_groups
 
     opt = cfg.model.options()
     model, _ = build_model(hf, layout, opt, distributed_optimizer=True)
     t = cfg.train
-    settings = OptimSettings(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                             max_grad_norm=t.max_grad_norm, warmup_steps=t.lr_warmup_steps,
-                             total_steps=t.steps * t.updates_per_step * t.epochs_per_step,
-                             decay_style=t.lr_decay_style,
-                             adam_beta2=t.adam_beta2)
-    optimizer, scheduler = build_optimizer(model, settings, opt.params_dtype)
+    optimizer, scheduler = build_optimizer(model, optim_settings(t, t), opt.params_dtype)
     try:
         mapping = mapping_for(hf)
     except ValueError as e:
@@ -99,17 +106,13 @@ def build_critic(cfg: RunConfig, hf, layout, pg, policy: ModelState):
     ``load_starting_weights``); returns ``(critic, where its weights came from)``."""
     from megatron_rl.train.critic import Critic, copy_trunk, critic_options, load_critic_init
     from megatron_rl.train.model_setup import build_model
-    from megatron_rl.train.optimizer import OptimSettings, build_optimizer
+    from megatron_rl.train.optimizer import build_optimizer
 
     c, t = cfg.critic, cfg.train
     opt = critic_options(cfg.model.options())
     model, _ = build_model(hf, layout, opt, distributed_optimizer=True, value_head=True,
                            value_head_init_std=c.head_init_std)
-    settings = OptimSettings(lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
-                             max_grad_norm=c.max_grad_norm, warmup_steps=c.lr_warmup_steps,
-                             total_steps=t.steps * t.updates_per_step * t.epochs_per_step,
-                             decay_style=c.lr_decay_style, adam_beta2=t.adam_beta2)
-    optimizer, scheduler = build_optimizer(model, settings, opt.params_dtype)
+    optimizer, scheduler = build_optimizer(model, optim_settings(c, t), opt.params_dtype)
     if c.init_from:
         try:
             source = load_critic_init(c.init_from, model)

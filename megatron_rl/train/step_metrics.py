@@ -45,3 +45,26 @@ def derive(m: Dict[str, float], seconds: float) -> Dict[str, float]:
     m["time/step_s"] = seconds
     m["perf/tokens_per_s"] = m.pop("perf/tokens") / max(seconds, 1e-9)
     return m
+
+
+class BadSteps:
+    """Counts steps in a row whose updates were skipped for NaN/Inf (the skip itself happens in
+    ``optimizer_step``, on every rank alike). The metrics are already reduced, so every rank
+    decides the same without a collective."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.last_good = limit, 0, 0
+
+    def update(self, step: int, metrics: Dict[str, float]):
+        """The stop line when ``limit`` (0: never) is reached at ``step``, else None."""
+        if metrics.get("train/skipped_updates", 0.0) > 0:
+            self.count += 1
+        else:
+            self.count, self.last_good = 0, step
+        if not self.limit or self.count < self.limit:
+            return None
+        return (f"stopping: {self.count} steps in a row (to step {step}) had a NaN/Inf loss or "
+                f"gradient, so their updates were skipped; the checkpoint of step {step} holds the "
+                f"weights and optimizer state as of step {self.last_good}. Look at reward/* and "
+                "train/grad_norm before the first skip; lower train.lr or train.max_grad_norm, or "
+                "raise train.max_bad_steps to wait longer")
