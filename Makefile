@@ -10,7 +10,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.1
 VENV312   := .venv312
 PY312     := $(VENV312)/bin/python
 
-.PHONY: run run-toy test test-soak test-py312 test-gpu-check gpu-wheels gpu-check venv venv312 clean
+.PHONY: run test test-soak test-py312 test-gpu-check gpu-wheels gpu-check venv venv312 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,6 @@ venv: $(VENV)/.installed
 
 run: venv  ## train a tiny MoE with GSPO on CPU: vLLM rollouts, Megatron-Core training
 	$(VENV)/bin/megatron-rl train --config configs/recipes/tiny_moe_gspo.yaml
-
-run-toy: venv  ## the pure-PyTorch toy policy (seconds; no Megatron, no vLLM)
-	$(VENV)/bin/megatron-rl train --config configs/recipes/toy_gspo.yaml
 
 test: venv  ## the test suite CI runs
 	$(PY) -m pytest -q -m "not gpu and not soak" --durations=15

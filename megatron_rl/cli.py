@@ -209,11 +209,6 @@ def _eval(args) -> int:
 
 
 def _train(cfg, quiet: bool) -> int:
-    if cfg.model.kind == "toy":
-        from megatron_rl.toy_trainer import train_toy
-
-        train_toy(cfg, quiet=quiet)
-        return 0
     from megatron_rl.trainer import train
 
     return train(cfg, quiet=quiet)

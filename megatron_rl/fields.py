@@ -2,7 +2,7 @@
 At the bottom of the import graph (it imports nothing of the package): every section's config
 module (algo, parallel, model, data, ...) builds on it.
 
-A section declares ``x: int = field_(1, ge=1)`` or ``kind: str = field_("toy", choices=(...))``;
+A section declares ``x: int = field_(1, ge=1)`` or ``name: str = field_("adam", choices=(...))``;
 ``check_fields(obj, "section")`` walks nested dataclasses and raises ``ConfigError`` naming the
 first violation, e.g. ``rollout.n_samples_per_prompt: must be >= 1, got 0``.
 """

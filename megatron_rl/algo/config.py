@@ -25,22 +25,26 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "future_kl_grpo")
 
 @dataclass
 class AdvantageConfig:
-    name: str = "grpo"
-    params: Dict[str, Any] = field(default_factory=dict)
+    name: str = field_("grpo", help="grpo, dr_grpo, rloo, reinforce_pp, future_kl_grpo, gae "
+                                    "(PPO with the critic): algo.advantages.ADVANTAGE_ESTIMATORS")
+    params: Dict[str, Any] = field_(default_factory=dict, help="the estimator's keyword "
+                                    "arguments (docs/api.md), e.g. {beta: 0.05}")
 
 
 @dataclass
 class LossConfig:
-    name: str = "gspo"
-    params: Dict[str, Any] = field(default_factory=dict)
+    name: str = field_("gspo", help="the policy loss: algo.losses.POLICY_LOSSES (docs/api.md)")
+    params: Dict[str, Any] = field_(default_factory=dict, help="the loss's keyword arguments, "
+                                    "e.g. {eps_low: 3e-3, eps_high: 4e-3, agg: token_mean}")
 
 
 @dataclass
 class OverlongConfig:
     """DAPO soft overlong punishment added to the reward (``buffer_len`` 0 = off)."""
 
-    buffer_len: int = field_(0, ge=0)
-    penalty_factor: float = field_(1.0, ge=0.0)
+    buffer_len: int = field_(0, ge=0, help="the last tokens before max_response_len over which "
+                                      "the penalty grows; 0: off")
+    penalty_factor: float = field_(1.0, ge=0.0, help="the penalty at max_response_len")
 
 
 @dataclass

@@ -3,7 +3,7 @@ validated ``RunConfig``. Every failure is a one-line ``ConfigError`` naming the 
 and the key path.
 
 A recipe names its parents in ``defaults: [parent.yaml, ...]`` (paths relative to the recipe,
-``.yaml`` optional); parents merge first, in order, and the recipe's own keys win.
+``.yaml`` optional, or the name of a shipped recipe); parents merge first, in order, and the recipe's own keys win.
 ``train.output_dir`` is never inherited: unless the recipe itself (or an override) sets it, it
 is ``runs/<the recipe's file name>``.
 """
@@ -27,7 +27,7 @@ PathLike = Union[str, pathlib.Path]
 def load_config(recipe: PathLike, overrides: Sequence[str] = ()) -> RunConfig:
     """The validated ``RunConfig`` of ``recipe`` with ``overrides`` (``a.b=value``) applied."""
     cfg = OmegaConf.structured(RunConfig)
-    chain = _chain(pathlib.Path(recipe))
+    chain = _chain(pathlib.Path(recipe), name=str(recipe))
     for path, data in chain:
         cfg = _merge(cfg, data, f"{path}")
     own_dir = _sets_output_dir(chain[-1][1]) or any(
@@ -49,9 +49,9 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _chain(path: pathlib.Path, seen: tuple = ()) -> List[tuple]:
+def _chain(path: pathlib.Path, seen: tuple = (), name: str = "") -> List[tuple]:
     """``[(file, mapping), ...]`` parents first; the ``defaults`` key removed."""
-    path = _resolve(path)
+    path = _resolve(path, name)
     if path in seen:
         raise ConfigError(f"{path}: defaults chain loops back to itself ({' -> '.join(map(str, seen + (path,)))})")
     try:
@@ -69,7 +69,7 @@ def _chain(path: pathlib.Path, seen: tuple = ()) -> List[tuple]:
         raise ConfigError(f"{path}: defaults must be a list of recipe paths")
     out = []
     for parent in parents:
-        out += _chain(path.parent / parent, seen + (path,))
+        out += _chain(path.parent / parent, seen + (path,), parent)
     return out + [(path, data)]
 
 
@@ -78,14 +78,17 @@ def _sets_output_dir(data) -> bool:
     return isinstance(train, dict) and "output_dir" in train
 
 
-# the project's recipes, found by name (`--config tiny_moe_gspo`) from any working directory
-RECIPES = pathlib.Path(__file__).resolve().parents[2] / "configs" / "recipes"
+# the shipped recipes (package data, so a wheel install has them; the repository's
+# configs/recipes links here), found by name (`--config tiny_moe_gspo`) from any directory
+RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"
 
 
-def _resolve(path: pathlib.Path) -> pathlib.Path:
+def _resolve(path: pathlib.Path, name: str = "") -> pathlib.Path:
+    """``path`` (``.yaml`` optional); else, for a bare ``name`` (the command line's recipe, or a
+    ``defaults:`` entry), the shipped recipe of that name."""
     candidates = [path, path.with_name(path.name + ".yaml")]
-    if len(path.parts) == 1:
-        candidates += [RECIPES / path.name, RECIPES / (path.name + ".yaml")]
+    if name and len(pathlib.Path(name).parts) == 1:
+        candidates += [RECIPES / name, RECIPES / (name + ".yaml")]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()

@@ -12,7 +12,6 @@ from megatron_rl.model.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
 from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.rollout.config import RolloutConfig
-from megatron_rl.toy import ToyConfig
 from megatron_rl.train.config import CriticConfig, TrainConfig
 
 
@@ -27,7 +26,6 @@ class RunConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
-    toy: ToyConfig = field(default_factory=ToyConfig)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -53,7 +51,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.updates_per_step: {cfg.train.updates_per_step} mini-batches must split "
             f"train.prompts_per_step={cfg.train.prompts_per_step} whole groups evenly")
-    if cfg.model.kind == "mcore" and cfg.train.micro_batch_size % cfg.rollout.n_samples_per_prompt:
+    if cfg.train.micro_batch_size % cfg.rollout.n_samples_per_prompt:
         raise ConfigError(
             f"train.micro_batch_size: {cfg.train.micro_batch_size} is not a multiple of "
             f"rollout.n_samples_per_prompt={cfg.rollout.n_samples_per_prompt}; a micro-batch holds "
@@ -87,9 +85,6 @@ def validate(cfg: RunConfig) -> None:
 
 def _check_env(cfg: RunConfig) -> None:
     """What multi-turn episodes do not combine with (refused rather than trained wrongly)."""
-    if cfg.model.kind != "mcore":
-        raise ConfigError(f"env.name: multi-turn environments run in the Megatron trainer "
-                          f"(model.kind: mcore), not model.kind={cfg.model.kind}")
     if cfg.model.routing_replay:
         raise ConfigError("model.routing_replay: expert routes are recorded per engine call, and a "
                           "multi-turn episode spans several; set model.routing_replay=false with "
@@ -104,20 +99,15 @@ def _check_env(cfg: RunConfig) -> None:
 
 def _check_critic(cfg: RunConfig) -> None:
     """PPO's value model is a Megatron model beside the policy."""
-    if cfg.model.kind != "mcore":
-        raise ConfigError("algo.advantage.name: gae needs the critic, which the Megatron trainer "
-                          f"builds (model.kind: mcore), not model.kind={cfg.model.kind}")
     if cfg.critic.warmup_steps >= cfg.train.steps:
         raise ConfigError(f"critic.warmup_steps: {cfg.critic.warmup_steps} critic-only steps leave "
                           f"none of train.steps={cfg.train.steps} to train the policy; lower it")
 
 
 def _check_model(cfg: RunConfig) -> None:
-    """For ``model.kind: mcore``: the HF config parses and the layout fits the model."""
+    """The HF config parses and the layout fits the model."""
     from megatron_rl.model.build import check_model_layout
 
-    if cfg.model.kind != "mcore":
-        return
     hf = cfg.model.hf_model()
     try:
         check_model_layout(hf, cfg.parallel.layout(), cfg.model.options())
@@ -149,8 +139,6 @@ def validate_world(cfg: RunConfig, world_size: int) -> int:
     """Checks the parallel layout and the batch split against the launched world size (or a
     simulated one: recipes for 32 GPUs validate on a laptop); returns the DP size."""
     dp = cfg.parallel.data_parallel_size(world_size)
-    if cfg.model.kind != "mcore":
-        return dp
     per_update = dp * cfg.train.updates_per_step
     if cfg.train.prompts_per_step % per_update:
         raise ConfigError(

@@ -19,7 +19,9 @@ class DataConfig:
                                           "reaches nested fields (verl: reward_model.ground_truth)")
     val_path: str = field_("", help="a validation set (same formats and keys as data.path), "
                                     "scored every train.val_every steps")
-    on_bad_row: str = field_("error", choices=("error", "skip"))
+    on_bad_row: str = field_("error", choices=("error", "skip"),
+                             help="a malformed or too-long row: error naming it, or skip it (the "
+                                  "count and first reason are printed)")
     on_missing_label: str = field_("error", choices=("error", "skip", "allow"),
                                    help="a row without label_key: error at load, skip it, or "
                                         "allow it (a reward that needs no label)")
@@ -29,10 +31,10 @@ class DataConfig:
                                    "(Qwen3)")
     tokenizer: str = field_("", help="tokenizer dir; empty: the model's; 'word': the synthetic "
                                      "tasks' word-level tokenizer")
-    shuffle: bool = True
-    seed: int = 0
-    synthetic_rows: int = field_(10000, ge=1)
-    synthetic_min_len: int = field_(2, ge=1)
-    synthetic_max_len: int = field_(4, ge=1)
+    shuffle: bool = field_(True, help="a new prompt order each pass over the data")
+    seed: int = field_(0, help="the shuffle's seed (and the synthetic tasks' rows)")
+    synthetic_rows: int = field_(10000, ge=1, help="rows of a synthetic:<task> dataset")
+    synthetic_min_len: int = field_(2, ge=1, help="synthetic tasks: fewest words in a prompt")
+    synthetic_max_len: int = field_(4, ge=1, help="synthetic tasks: most words in a prompt")
     synthetic_answer_len: int = field_(0, ge=0, help="words in each answer of synthetic:repeat "
                                                      "(the long-response task); 0: its default")

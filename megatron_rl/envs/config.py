@@ -12,7 +12,8 @@ from megatron_rl.fields import ConfigError, field_
 class EnvConfig:
     name: str = field_("", help="a registered environment (envs.ENVIRONMENTS: calculator, python, "
                                 "lookup, ...); empty: single-turn responses scored by `reward`")
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: Dict[str, Any] = field_(default_factory=dict, help="keyword arguments of the "
+                                    "environment, checked at load")
     module: str = field_("", help="a .py file or module imported first: it registers your own "
                                   "environments with @ENVIRONMENTS.register(name)")
     max_turns: int = field_(4, ge=1, help="LLM turns per episode; then it ends truncated")

@@ -1,9 +1,6 @@
-"""The ``model`` config section: which policy network to train.
-
-``kind: toy`` is the pure-PyTorch policy of ``megatron_rl.toy`` (no Megatron needed);
-``kind: mcore`` is a megatron-core GPTModel built from a Hugging Face config (``hf_config``: a
-model directory, its ``config.json``, or ``tiny:<name>`` for the built-in tiny random models of
-``model.tiny``).
+"""The ``model`` config section: the policy, a megatron-core GPTModel built from a Hugging Face
+config (``hf_config``: a model directory, its ``config.json``, or ``tiny:<name>`` for the built-in
+tiny random models of ``model.tiny``).
 """
 
 from __future__ import annotations
@@ -13,23 +10,23 @@ from typing import Any, Dict
 
 from megatron_rl.fields import ConfigError, field_
 
-MODEL_KINDS = ("toy", "mcore")
-
 
 @dataclass
 class ModelConfig:
-    kind: str = field_("toy", choices=MODEL_KINDS)
-    hf_config: str = field_("", help="HF model dir, config.json, or tiny:<name> (kind: mcore)")
+    hf_config: str = field_("", help="the Hugging Face model directory (its weights are the "
+                                     "starting point), its config.json, or tiny:<name> (random)")
     attention_backend: str = field_("auto", choices=("auto", "sdpa", "te"),
                                     help="auto: TransformerEngine when installed, else SDPA")
-    token_dispatcher: str = field_("alltoall", choices=("alltoall", "allgather"))
+    token_dispatcher: str = field_("alltoall", choices=("alltoall", "allgather"),
+                                   help="how tokens reach their experts across EP ranks")
     grouped_gemm: bool = field_(False, help="grouped-GEMM experts (GPU with TransformerEngine)")
     router_aux_loss_coef: float = field_(0.0, ge=0.0, help="load-balancing loss; off for RL")
-    router_z_loss_coef: float = field_(0.0, ge=0.0)
+    router_z_loss_coef: float = field_(0.0, ge=0.0, help="router z-loss; off for RL")
     params_dtype: str = field_("auto", choices=("auto", "bf16", "fp32"),
                                help="auto: bf16 on GPU, fp32 on CPU")
     routing_replay: bool = field_(False, help="replay the old-policy pass's expert routes in training")
-    hf_overrides: Dict[str, Any] = field(default_factory=dict)  # config.json keys replaced
+    hf_overrides: Dict[str, Any] = field_(default_factory=dict, help="config.json keys replaced, "
+                                          "e.g. {max_position_embeddings: 8192}")
     allow_unknown_config_keys: bool = field_(False, help="ignore (and print) config.json keys "
                                              "megatron_rl does not know instead of refusing")
     init_from: str = field_("", help="a `convert import` checkpoint to start from; empty: the "
@@ -45,8 +42,8 @@ class ModelConfig:
         from megatron_rl.model.tiny import tiny_hf_config
 
         if not self.hf_config:
-            raise ConfigError("model.hf_config: required for model.kind=mcore (a Hugging Face "
-                              "model directory, its config.json, or tiny:qwen3_moe)")
+            raise ConfigError("model.hf_config: required (a Hugging Face model directory, its "
+                              "config.json, or tiny:qwen3_moe)")
         if self.hf_config.startswith("tiny:"):
             try:
                 hf = tiny_hf_config(self.hf_config[len("tiny:"):])

@@ -55,12 +55,15 @@ def check_layout(layout: Layout, world_size: int) -> int:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = field_(1, ge=1)
-    pipeline_model_parallel_size: int = field_(1, ge=1)
-    context_parallel_size: int = field_(1, ge=1)
-    expert_model_parallel_size: int = field_(1, ge=1)
+    tensor_model_parallel_size: int = field_(1, ge=1, help="TP: each layer's weights split "
+                                             "over this many ranks (vocab too)")
+    pipeline_model_parallel_size: int = field_(1, ge=1, help="PP: the layers split into stages")
+    context_parallel_size: int = field_(1, ge=1, help="CP: each sequence split over this many "
+                                        "ranks (zigzag chunks), the loss included")
+    expert_model_parallel_size: int = field_(1, ge=1, help="EP: the experts split over ranks")
     expert_tensor_parallel_size: Optional[int] = field_(None, ge=1, help="default: the TP size")
-    sequence_parallel: bool = False
+    sequence_parallel: bool = field_(False, help="Megatron sequence parallelism over the TP group "
+                                     "(activations outside attention / MLP split by token)")
 
     def layout(self) -> Layout:
         return Layout(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,

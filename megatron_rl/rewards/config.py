@@ -11,8 +11,8 @@ from megatron_rl.fields import ConfigError, field_
 @dataclass
 class RewardComponentConfig:
     name: str = field_("exact_match", help="a built-in reward or path/to/file.py:fn")
-    weight: float = 1.0
-    params: Dict[str, Any] = field(default_factory=dict)
+    weight: float = field_(1.0, help="its factor in the sum")
+    params: Dict[str, Any] = field_(default_factory=dict, help="keyword arguments of the reward")
 
 
 @dataclass
@@ -20,7 +20,8 @@ class RewardConfig:
     name: str = field_("exact_match", help="a built-in reward, or your own: path/to/file.py:fn "
                                            "or package.module:fn (rewards/user.py: our signature "
                                            "or verl's compute_score)")
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: Dict[str, Any] = field_(default_factory=dict, help="keyword arguments of the reward, "
+                                    "checked against its signature at load")
     failure_score: float = field_(0.0, help="score of a response whose reward raised")
     workers: int = field_(1, ge=1, help="threads scoring responses (sandboxed code rewards)")
     components: List[RewardComponentConfig] = field_(

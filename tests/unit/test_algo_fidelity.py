@@ -123,11 +123,11 @@ GUARDS = [
                                                            "k3-reward", "k2-reward"])
 def test_kl_placements_that_cannot_work_fail_at_load_and_the_override_runs_them(overrides, needles):
     with pytest.raises(ConfigError) as e:
-        load_config(RECIPES / "toy_gspo.yaml", overrides)
+        load_config(RECIPES / "tiny_moe_gspo.yaml", overrides)
     msg = str(e.value)
     assert "\n" not in msg and all(n in msg for n in needles), msg
     assert "algo.allow_unsound_kl=true" in msg
-    load_config(RECIPES / "toy_gspo.yaml", overrides + ["algo.allow_unsound_kl=true"])
+    load_config(RECIPES / "tiny_moe_gspo.yaml", overrides + ["algo.allow_unsound_kl=true"])
 
 
 def test_sound_kl_placements_load():
@@ -138,7 +138,7 @@ def test_sound_kl_placements_load():
                        "algo.loss.name=grpo", "algo.loss.params={kl_coef: 0.1}"],
                       ["algo.advantage.name=reinforce_pp", "algo.loss.name=grpo",
                        "algo.kl_estimator=k3"]):            # kl_coef 0: no KL in the reward
-        load_config(RECIPES / "toy_gspo.yaml", overrides)
+        load_config(RECIPES / "tiny_moe_gspo.yaml", overrides)
 
 
 # ---------------------------------------------------------------- metrics and Clip-Cov
@@ -251,4 +251,4 @@ def test_epoch_orders_keep_the_first_pass_and_reshuffle_each_later_one_from_the_
 
 def test_epochs_per_step_below_one_fails_at_load_naming_the_key():
     with pytest.raises(ConfigError, match="train.epochs_per_step"):
-        load_config(RECIPES / "toy_gspo.yaml", ["train.epochs_per_step=0"])
+        load_config(RECIPES / "tiny_moe_gspo.yaml", ["train.epochs_per_step=0"])

@@ -10,11 +10,13 @@ RECIPES = pathlib.Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
 
 def test_defaults_chain_merges_parents_first_and_overrides_last():
-    cfg = load_config(RECIPES / "toy_gspo.yaml", ["train.steps=7", "algo.loss.params.eps_high=0.5"])
-    assert cfg.model.kind == "toy"                         # from base.yaml
-    assert cfg.rollout.max_response_len == 4               # from toy_base.yaml
-    assert cfg.train.updates_per_step == 2                 # from toy_gspo.yaml
-    assert cfg.train.steps == 7 and cfg.algo.loss.params["eps_high"] == 0.5  # overrides
+    cfg = load_config(RECIPES / "tiny_moe_future_kl_grpo.yaml",
+                      ["train.steps=7", "algo.loss.params.weight_params.eps_high=0.5"])
+    assert cfg.algo.loss.name == "future_kl_grpo"          # base.yaml's gspo, replaced by the leaf
+    assert cfg.train.lr == 1.0e-3                          # base.yaml's 1e-6, replaced by tiny_moe_base
+    assert cfg.rollout.max_response_len == 5               # from tiny_moe_base.yaml
+    assert cfg.train.updates_per_step == 2                 # from tiny_moe_future_kl_grpo.yaml
+    assert cfg.train.steps == 7 and cfg.algo.loss.params["weight_params"]["eps_high"] == 0.5
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -38,14 +40,14 @@ def test_defaults_chain_merges_parents_first_and_overrides_last():
 ])
 def test_bad_values_fail_at_load_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(RECIPES / "toy_gspo.yaml", [override])
+        load_config(RECIPES / "tiny_moe_gspo.yaml", [override])
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_weight_params_are_checked_against_the_weight_function(tmp_path):
     with pytest.raises(ConfigError, match="weight_params: weight function 'ppo_clip' has no parameter 'q'"):
-        load_config(RECIPES / "toy_future_kl_grpo.yaml", ["algo.loss.params.weight_params.q=1"])
+        load_config(RECIPES / "tiny_moe_future_kl_grpo.yaml", ["algo.loss.params.weight_params.q=1"])
 
 
 def test_recipe_file_problems_name_the_file(tmp_path):
@@ -64,33 +66,33 @@ def test_recipe_file_problems_name_the_file(tmp_path):
 
 
 def test_world_size_must_tile_the_parallel_layout():
-    cfg = load_config(RECIPES / "toy_gspo.yaml", ["parallel.tensor_model_parallel_size=2",
+    cfg = load_config(RECIPES / "tiny_moe_gspo.yaml", ["parallel.tensor_model_parallel_size=2",
                                                   "parallel.context_parallel_size=2"])
     assert validate_world(cfg, 8) == 2
     with pytest.raises(ConfigError, match="world size 6 is not divisible"):
         validate_world(cfg, 6)
-    cfg = load_config(RECIPES / "toy_gspo.yaml", ["parallel.expert_model_parallel_size=4"])
+    cfg = load_config(RECIPES / "tiny_moe_gspo.yaml", ["parallel.expert_model_parallel_size=4"])
     with pytest.raises(ConfigError, match="expert_model_parallel_size"):
         validate_world(cfg, 2)
 
 
 def test_print_config_prints_the_resolved_recipe(capsys):
-    assert main(["print-config", str(RECIPES / "toy_gspo.yaml"), "train.lr=0.5"]) == 0
+    assert main(["print-config", str(RECIPES / "tiny_moe_gspo.yaml"), "train.lr=0.5"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.5" in out and "name: gspo" in out and "defaults" not in out
 
 
 def test_cli_reports_a_typo_in_one_line_with_exit_code_2(capsys):
-    assert main(["print-config", str(RECIPES / "toy_gspo.yaml"), "train.lrr=1"]) == 2
+    assert main(["print-config", str(RECIPES / "tiny_moe_gspo.yaml"), "train.lrr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.lrr" in err and "Traceback" not in err
 
 
 def test_bad_parameter_values_fail_at_load_not_at_the_first_step():
     with pytest.raises(ConfigError, match="algo.loss.params: dual_clip must exceed"):
-        load_config(RECIPES / "toy_gspo.yaml", ["algo.loss.name=grpo", "algo.loss.params={dual_clip: 1.1, eps_high: 0.2}"])
+        load_config(RECIPES / "tiny_moe_gspo.yaml", ["algo.loss.name=grpo", "algo.loss.params={dual_clip: 1.1, eps_high: 0.2}"])
     with pytest.raises(ConfigError, match="algo.advantage.params: reinforce_pp baseline must be"):
-        load_config(RECIPES / "toy_gspo.yaml", ["algo.advantage.name=reinforce_pp",
+        load_config(RECIPES / "tiny_moe_gspo.yaml", ["algo.advantage.name=reinforce_pp",
                                                 "algo.advantage.params.baseline=grp"])
 
 
@@ -100,24 +102,23 @@ def test_bad_parameter_values_fail_at_load_not_at_the_first_step():
 def test_methods_that_need_whole_sequences_fail_at_load_under_context_parallelism(overrides, needle):
     cp2 = ["parallel.context_parallel_size=2"]
     for ok in (overrides, cp2):  # each half alone is fine
-        load_config(RECIPES / "toy_gspo.yaml", ok)
+        load_config(RECIPES / "tiny_moe_gspo.yaml", ok)
     with pytest.raises(ConfigError) as e:
-        load_config(RECIPES / "toy_gspo.yaml", cp2 + overrides)
+        load_config(RECIPES / "tiny_moe_gspo.yaml", cp2 + overrides)
     assert needle in str(e.value) and "context_parallel_size" in str(e.value)
 
 
 def test_suffix_sum_and_scan_estimators_are_accepted_under_context_parallelism():
     cp4 = ["parallel.context_parallel_size=4"]
-    load_config(RECIPES / "toy_gspo.yaml", cp4 + ["algo.advantage.name=reinforce_pp"])
-    load_config(RECIPES / "toy_future_kl_grpo.yaml", cp4 + ["algo.loss.params.ratio=future"])
+    load_config(RECIPES / "tiny_moe_gspo.yaml", cp4 + ["algo.advantage.name=reinforce_pp"])
+    load_config(RECIPES / "tiny_moe_future_kl_grpo.yaml", cp4 + ["algo.loss.params.ratio=future"])
     # discounted scans exchange per-chunk carries (CPSeqOps.linear_suffix_scan)
-    load_config(RECIPES / "toy_gspo.yaml", cp4 + ["algo.advantage.name=reinforce_pp",
+    load_config(RECIPES / "tiny_moe_gspo.yaml", cp4 + ["algo.advantage.name=reinforce_pp",
                                                   "algo.advantage.params.gamma=0.99"])
     load_config(RECIPES / "tiny_moe_ppo.yaml", cp4 + ["algo.advantage.params={gamma: 0.99, lam: 0.9}"])
 
 
 @pytest.mark.parametrize("recipe,overrides,needle", [
-    ("toy_gspo.yaml", ["algo.advantage.name=gae"], "gae needs the critic"),
     ("tiny_moe_ppo.yaml", ["train.steps=10", "critic.warmup_steps=10"],
      "critic.warmup_steps: 10 critic-only steps leave none"),
     ("tiny_moe_ppo.yaml", ["critic.loss_agg=sum"], "critic.loss_agg"),
@@ -129,25 +130,25 @@ def test_ppo_configs_that_cannot_train_fail_at_load_naming_the_key(recipe, overr
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["model.kind=mcore"], "model.hf_config: required for model.kind=mcore"),
-    (["model.kind=mcore", "model.hf_config=tiny:nope"], "model.hf_config: unknown tiny model 'nope'"),
-    (["model.kind=mcore", "model.hf_config=/no/such/dir"], "model.hf_config: /no/such/dir does not exist"),
-    (["model.kind=mcore", "model.hf_config=tiny:qwen3_moe", "parallel.expert_model_parallel_size=3"],
+    (['model.hf_config=""'], "model.hf_config: required (a Hugging Face model directory"),
+    (["model.hf_config=tiny:nope"], "model.hf_config: unknown tiny model 'nope'"),
+    (["model.hf_config=/no/such/dir"], "model.hf_config: /no/such/dir does not exist"),
+    (["model.hf_config=tiny:qwen3_moe", "parallel.expert_model_parallel_size=3"],
      "parallel.expert_model_parallel_size=3 does not divide num_experts=4"),
-    (["model.kind=mcore", "model.hf_config=tiny:qwen3_moe", "parallel.tensor_model_parallel_size=3"],
+    (["model.hf_config=tiny:qwen3_moe", "parallel.tensor_model_parallel_size=3"],
      "parallel.tensor_model_parallel_size=3 does not divide num_attention_heads=4"),
     (["model.attention_backend=flash"], "model.attention_backend: must be one of auto, sdpa, te"),
-    (["model.kind=mcore", "model.hf_config=tiny:deepseek_v3", "model.attention_backend=sdpa",
+    (["model.hf_config=tiny:deepseek_v3", "model.attention_backend=sdpa",
       "parallel.tensor_model_parallel_size=2"], "with multi-latent attention (DeepSeek-V3) needs"),
 ])
 def test_model_section_errors_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(RECIPES / "toy_gspo.yaml", overrides)
+        load_config(RECIPES / "tiny_moe_gspo.yaml", overrides)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_expert_tensor_parallel_defaults_to_tp_and_world_rules_name_the_fix():
-    cfg = load_config(RECIPES / "toy_gspo.yaml", ["model.kind=mcore", "model.hf_config=tiny:qwen3_moe",
+    cfg = load_config(RECIPES / "tiny_moe_gspo.yaml", ["model.hf_config=tiny:qwen3_moe",
                                                   "parallel.tensor_model_parallel_size=2"])
     assert cfg.parallel.layout().expert_tp == 2
     assert validate_world(cfg, 4) == 2
@@ -228,3 +229,34 @@ def test_known_late_failures_are_refused_at_start_up():
 def test_a_wrong_type_inside_algo_params_names_the_parameter(override, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(RECIPES / "tiny_moe_gspo.yaml", [override])
+
+
+def test_a_user_recipe_anywhere_inherits_a_shipped_recipe_by_name(tmp_path):
+    (tmp_path / "mine.yaml").write_text("defaults: [tiny_moe_gspo]\ntrain:\n  lr: 2.0e-3\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert (cfg.train.lr, cfg.algo.loss.name, cfg.train.output_dir) == (2e-3, "gspo", "runs/mine")
+    # a file of that name beside the recipe wins over the shipped one
+    (tmp_path / "tiny_moe_gspo.yaml").write_text("defaults: [tiny_moe_ppo]\n")
+    assert load_config(tmp_path / "mine.yaml").algo.advantage.name == "gae"
+
+
+def test_the_wheel_ships_every_recipe(tmp_path):
+    """A pip-installed megatron-rl resolves recipes by name: they are package data."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = RECIPES.parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "megatron_rl", src / "megatron_rl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(root / f, src / f)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("megatron_rl-*.whl")
+    shipped = {n.split("/")[-1] for n in zipfile.ZipFile(wheel).namelist()
+               if n.startswith("megatron_rl/recipes/")}
+    assert shipped == {p.name for p in RECIPES.glob("*.yaml")} and "tiny_moe_gspo.yaml" in shipped

@@ -34,3 +34,13 @@ def test_the_config_key_reference_is_generated_from_the_dataclasses():
     assert path.read_text() == render(), (
         "docs/config.md is stale: python -m megatron_rl.config.doc > docs/config.md")
     assert "`critic.value_clip`" in render() and "`data.on_missing_label`" in render()
+
+
+def test_every_config_key_has_help_text():
+    import re
+
+    from megatron_rl.config.doc import render
+
+    rows = [r for r in render().splitlines() if r.startswith("| `")]
+    bare = [re.match(r"\| `([^`]+)`", r).group(1) for r in rows if r.rstrip().endswith("|  |")]
+    assert len(rows) > 100 and not bare, f"keys without help=: {bare}"

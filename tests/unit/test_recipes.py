@@ -23,6 +23,8 @@ def _world(recipe: pathlib.Path) -> int:
 
 
 def _overrides(recipe: pathlib.Path):
+    if recipe.name == "base.yaml":   # every recipe's root: sets no model
+        return ["model.hf_config=tiny:qwen3_moe"]
     if not recipe.name.startswith(("qwen3", "deepseek", "gpu_base")):
         return []
     model = next((v for k, v in STAND_INS.items() if recipe.name.startswith(k)), STAND_INS["qwen3"])
