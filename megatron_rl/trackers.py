@@ -1,4 +1,5 @@
-"""Experiment trackers beside TensorBoard: ``train.trackers: [wandb, mlflow]`` (rank 0 only).
+"""Experiment trackers beside TensorBoard: ``train.loggers: [tensorboard, wandb, mlflow]``
+(rank 0 only).
 
 Each gets the resolved config once, every logged step's metrics, and the sample generations as
 text. A resumed run continues the same tracker run: its id is kept in the output directory
@@ -26,7 +27,7 @@ def check_installed(names) -> None:
 
     missing = [n for n in names if importlib.util.find_spec(n) is None]
     if missing:
-        raise ValueError(f"train.trackers: {', '.join(missing)} not installed; pip install "
+        raise ValueError(f"train.loggers: {', '.join(missing)} not installed; pip install "
                          f"{' '.join(_PACKAGES[n] for n in missing)} (or megatron-rl[trackers])")
 
 

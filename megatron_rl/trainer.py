@@ -38,11 +38,11 @@ class Trainer:
         from megatron_rl.train.run_dir import claim_output_dir
 
         self.cfg, self.quiet = cfg, quiet
-        if cfg.train.trackers:   # before anything starts: a missing package is one line
+        if self._tracker_names():   # before anything starts: a missing package is one line
             from megatron_rl.trackers import check_installed
 
             try:
-                check_installed(cfg.train.trackers)
+                check_installed(self._tracker_names())
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.world = init_distributed()
@@ -122,7 +122,7 @@ class Trainer:
             from megatron_rl.observe import RunLog
 
             self.log = RunLog(self.out, cfg.train.steps, config_yaml=to_yaml(cfg),
-                              tensorboard=cfg.train.tensorboard, quiet=quiet, start_step=self.step,
+                              tensorboard="tensorboard" in cfg.train.loggers, quiet=quiet, start_step=self.step,
                               trackers=self._trackers())
             for w in self.warnings:
                 self.log.note(f"warning: {w}")
@@ -134,9 +134,12 @@ class Trainer:
     def _trackers(self) -> list:
         from megatron_rl.trackers import make_trackers
 
-        t = self.cfg.train
-        return make_trackers(t.trackers, self.out, t.tracker_project, self.out.name,
-                             S.config_tree(self.cfg)) if t.trackers else []
+        names = self._tracker_names()
+        return make_trackers(names, self.out, self.cfg.train.tracker_project, self.out.name,
+                             S.config_tree(self.cfg)) if names else []
+
+    def _tracker_names(self) -> list:
+        return [n for n in self.cfg.train.loggers if n != "tensorboard"]
 
     def _data(self) -> None:
         from megatron.core import parallel_state as ps

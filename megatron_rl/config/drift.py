@@ -13,10 +13,10 @@ from typing import Any, Dict, List
 
 SAFE = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.export_hf", "train.resume", "train.resume_fallback", "train.tensorboard",
+    "train.export_hf", "train.resume", "train.resume_fallback", "train.loggers",
     "train.preempt_grace_s", "train.max_bad_steps", "train.output_dir", "train.samples_every",
     "train.samples_per_step", "train.val_every", "train.val_n", "train.val_temperature",
-    "train.val_prompts", "data.val_path", "train.trackers", "train.tracker_project",
+    "train.val_prompts", "data.val_path", "train.tracker_project",
     "train.optimizer_checkpoint",
     "parallel.",
     "rollout.model_dir", "rollout.tensor_parallel_size", "rollout.enforce_eager",

@@ -96,6 +96,15 @@ def _resolve(path: pathlib.Path, name: str = "") -> pathlib.Path:
     raise ConfigError(f"{path}: recipe not found (a path, or one of {', '.join(known)})")
 
 
+# keys of earlier versions: what replaced them
+RETIRED = {
+    "train.tensorboard": "use train.loggers (default [tensorboard]; [] logs to none)",
+    "train.trackers": "use train.loggers, e.g. train.loggers=[tensorboard,wandb]",
+    "model.kind": "every run is the Megatron trainer now (the toy trainer is retired); delete it",
+    "toy": "the toy trainer is retired; start from the tiny_moe_gspo recipe",
+}
+
+
 def _parse_override(item: str) -> DictConfig:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
@@ -110,7 +119,10 @@ def _merge(cfg: DictConfig, data, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, data)
     except ConfigKeyError as e:
-        raise ConfigError(f"{source}: unknown key {_key_path(e)}{_suggest(cfg, e)}") from None
+        key = _key_path(e)
+        if key in RETIRED:
+            raise ConfigError(f"{source}: {key} is gone: {RETIRED[key]}") from None
+        raise ConfigError(f"{source}: unknown key {key}{_suggest(cfg, e)}") from None
     except ValidationError as e:
         raise ConfigError(f"{source}: {_key_path(e)}: {_first_line(e)}") from None
     except OmegaConfBaseException as e:

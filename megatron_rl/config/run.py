@@ -63,12 +63,12 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.synthetic_min_len > cfg.data.synthetic_max_len:
         raise ConfigError(f"data.synthetic_min_len: {cfg.data.synthetic_min_len} exceeds "
                           f"data.synthetic_max_len={cfg.data.synthetic_max_len}")
-    from megatron_rl.trackers import TRACKERS
+    from megatron_rl.train.config import LOGGERS
 
-    unknown = [t for t in cfg.train.trackers if t not in TRACKERS]
+    unknown = [t for t in cfg.train.loggers if t not in LOGGERS]
     if unknown:
-        raise ConfigError(f"train.trackers: unknown {', '.join(map(repr, unknown))}; known: "
-                          f"{', '.join(TRACKERS)} (TensorBoard is train.tensorboard)")
+        raise ConfigError(f"train.loggers: unknown {', '.join(map(repr, unknown))}; known: "
+                          f"{', '.join(LOGGERS)}")
     if cfg.train.val_every and not cfg.data.val_path:
         raise ConfigError(f"train.val_every: {cfg.train.val_every} needs data.val_path (a "
                           "validation set); set it, or train.val_every=0")

@@ -9,6 +9,8 @@ from megatron_rl.algo.losses import AGGREGATIONS
 from megatron_rl.checkpoint.optim_state import OPTIMIZER_FORMATS
 from megatron_rl.fields import field_
 
+LOGGERS = ("tensorboard", "wandb", "mlflow")
+
 
 @dataclass
 class TrainConfig:
@@ -57,10 +59,11 @@ class TrainConfig:
                               "directory with checkpoints")
     resume_fallback: bool = field_(False, help="if the newest checkpoint fails its manifest check, "
                                                "resume from the newest earlier one that passes")
-    tensorboard: bool = field_(True, help="write <output_dir>/tensorboard")
-    trackers: List[str] = field_(default_factory=list, help="also log to: wandb, mlflow "
-                                 "(megatron-rl[trackers]; offline: WANDB_MODE=offline, MLflow's "
-                                 "file store in <output_dir>/mlruns unless MLFLOW_TRACKING_URI)")
+    loggers: List[str] = field_(default_factory=lambda: ["tensorboard"], help="where metrics "
+                                "go besides the console and metrics.jsonl: tensorboard "
+                                "(<output_dir>/tensorboard), wandb, mlflow (megatron-rl[trackers]; "
+                                "offline: WANDB_MODE=offline, MLflow's file store in "
+                                "<output_dir>/mlruns unless MLFLOW_TRACKING_URI); [] for none")
     tracker_project: str = field_("megatron-rl", help="the wandb project / MLflow experiment")
     preempt_grace_s: float = field_(240.0, gt=0.0, help="after SIGTERM/SIGUSR1 or a STOP file: "
                                     "seconds to reach a checkpoint before exiting anyway (keep it "

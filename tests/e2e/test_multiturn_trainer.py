@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "configs" / "recipes"
 SMALL = ["train.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "train.micro_batch_size=8",
-         "train.tensorboard=false", "train.export_hf=false"]
+         "train.loggers=[]", "train.export_hf=false"]
 # future-KL GRPO on the copy task, with two tool turns whose observations are as long as the action
 ECHO = ["env.module=tests/e2e/multiturn_env.py", "env.name=e2e_echo", "env.max_turn_tokens=3",
         "rollout.max_response_len=16", "rollout.probe_every=1", *SMALL]

@@ -260,3 +260,24 @@ def test_the_wheel_ships_every_recipe(tmp_path):
     shipped = {n.split("/")[-1] for n in zipfile.ZipFile(wheel).namelist()
                if n.startswith("megatron_rl/recipes/")}
     assert shipped == {p.name for p in RECIPES.glob("*.yaml")} and "tiny_moe_gspo.yaml" in shipped
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.tensorboard=false", "train.tensorboard is gone: use train.loggers"),
+    ("train.trackers=[wandb]", "train.trackers is gone: use train.loggers"),
+    ("model.kind=mcore", "model.kind is gone"),
+    ("train.loggers=[tensorboard,wandbb]", "train.loggers: unknown 'wandbb'; known: tensorboard, wandb, mlflow"),
+])
+def test_retired_keys_and_unknown_loggers_name_the_replacement(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(RECIPES / "tiny_moe_gspo.yaml", [override])
+
+
+def test_every_key_resume_may_change_exists():
+    """A renamed key left in drift.SAFE would make its successor a refused change."""
+    from megatron_rl.config.doc import render
+    from megatron_rl.config.drift import SAFE
+
+    keys = re.findall(r"^\| `([^`]+)`", render(), re.M)
+    stale = [s for s in SAFE if not any(k == s or (s.endswith(".") and k.startswith(s)) for k in keys)]
+    assert not stale, stale
