@@ -3,15 +3,16 @@
 A reward is ``fn(response: str, label, *, prompt: str = "", metadata: dict | None = None,
 **params) -> float`` (keyword-only ``params`` are its recipe knobs). ``score`` runs one and
 returns a ``RewardResult``: a reward that raises scores ``failure_score`` and keeps the error.
-``score_components`` runs a weighted sum of several and keeps each part.
+``score_components`` runs a weighted sum of several and keeps each part. A rollout ``bind`` s
+each reward once (lookup and parameter check) and then ``run`` s / ``combine`` s per response.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from megatron_rl.algo.registry import Registry, check_params, keyword_params
 
@@ -35,33 +36,55 @@ class Component:
     label: str
 
 
-def score_components(components, response: str, label: Any, *, prompt: str = "",
-                     metadata: Optional[Dict[str, Any]] = None,
-                     failure_score: float = 0.0) -> RewardResult:
-    """``sum(weight * score)`` over ``components`` (TRL's ``reward_funcs`` + ``reward_weights``),
-    each scored by ``score`` (a failing one scores ``failure_score``), with every part kept."""
-    total, parts, error = 0.0, {}, None
-    for c in components:
-        r = score(c.name, response, label, prompt=prompt, metadata=metadata,
-                  failure_score=failure_score, **c.params)
-        parts[c.label] = r.score
-        total += c.weight * r.score
-        error = error or (r.error and f"{c.label}: {r.error}")
-    return RewardResult(total, error, parts)
-
-
-def score(name: str, response: str, label: Any, *, prompt: str = "",
-          metadata: Optional[Dict[str, Any]] = None, failure_score: float = 0.0,
-          **params) -> RewardResult:
+def bind(name: str, **params) -> Callable[..., Any]:
+    """The reward ``name`` with ``params`` checked against its signature once (a rollout calls it
+    for every response): ``fn(response, label, prompt=..., metadata=...)``."""
     fn = REWARDS.get_fn(name)
     check_params("reward", name, params, keyword_params(fn, skip=("prompt", "metadata")))
+    return functools.partial(fn, **params) if params else fn
+
+
+def run(fn: Callable[..., Any], response: str, label: Any, *, prompt: str = "",
+        metadata: Optional[Dict[str, Any]] = None, failure_score: float = 0.0) -> RewardResult:
+    """One bound reward on one response; a raise or a non-finite value scores ``failure_score``
+    with the reason kept."""
     try:
-        value = float(fn(response, label, prompt=prompt, metadata=metadata or {}, **params))
+        value = float(fn(response, label, prompt=prompt, metadata=metadata or {}))
     except Exception as e:  # noqa: BLE001 -- any failure of user reward code is data, not a crash
         return RewardResult(failure_score, f"{type(e).__name__}: {e}"[:500])
     if not math.isfinite(value):  # one NaN / Inf would turn the whole group's advantages to NaN
         return RewardResult(failure_score, f"reward returned {value}")
     return RewardResult(value)
+
+
+def combine(terms, response: str, label: Any, *, prompt: str = "",
+            metadata: Optional[Dict[str, Any]] = None, failure_score: float = 0.0) -> RewardResult:
+    """``sum(weight * score)`` over ``terms`` = ``(label, weight, bound fn)`` (TRL's
+    ``reward_funcs`` + ``reward_weights``); a failing term scores ``failure_score``; every part kept."""
+    total, parts, error = 0.0, {}, None
+    for name, weight, fn in terms:
+        r = run(fn, response, label, prompt=prompt, metadata=metadata, failure_score=failure_score)
+        parts[name] = r.score
+        total += weight * r.score
+        error = error or (r.error and f"{name}: {r.error}")
+    return RewardResult(total, error, parts)
+
+
+def score_components(components, response: str, label: Any, *, prompt: str = "",
+                     metadata: Optional[Dict[str, Any]] = None,
+                     failure_score: float = 0.0) -> RewardResult:
+    """``combine`` over ``rewards.Component`` s, each bound here (one-off use; a rollout binds once)."""
+    terms = [(c.label, c.weight, bind(c.name, **c.params)) for c in components]
+    return combine(terms, response, label, prompt=prompt, metadata=metadata,
+                   failure_score=failure_score)
+
+
+def score(name: str, response: str, label: Any, *, prompt: str = "",
+          metadata: Optional[Dict[str, Any]] = None, failure_score: float = 0.0,
+          **params) -> RewardResult:
+    """One response scored by the reward ``name`` (one-off use; a rollout binds once)."""
+    return run(bind(name, **params), response, label, prompt=prompt, metadata=metadata,
+               failure_score=failure_score)
 
 
 from megatron_rl.rewards import builtin  # noqa: E402,F401  (registers the built-ins)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from megatron_rl.algo.dapo import dynamic_sampling_keep, overlong_penalty
 from megatron_rl.data.prompts import PromptRow
-from megatron_rl.rewards import score, score_components
+from megatron_rl.rewards import bind, combine, run
 
 Tensor = torch.Tensor
 
@@ -63,13 +64,19 @@ class Scorer:
                    lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                    reward.failure_score, reward.workers, tuple(reward.component_list()))
 
+    @cached_property
+    def _bound(self):
+        """The reward(s) looked up and their parameters checked once, not per response."""
+        if self.components:
+            return tuple((c.label, c.weight, bind(c.name, **c.params)) for c in self.components)
+        return bind(self.name, **self.params)
+
     def __call__(self, response: str, row: PromptRow):
         prompt = row.prompt if isinstance(row.prompt, str) else str(row.prompt)
+        kw = dict(prompt=prompt, metadata=row.metadata, failure_score=self.failure_score)
         if self.components:
-            return score_components(self.components, response, row.label, prompt=prompt,
-                                    metadata=row.metadata, failure_score=self.failure_score)
-        return score(self.name, response, row.label, prompt=prompt, metadata=row.metadata,
-                     failure_score=self.failure_score, **self.params)
+            return combine(self._bound, response, row.label, **kw)
+        return run(self._bound, response, row.label, **kw)
 
 
 @dataclass

@@ -149,3 +149,22 @@ def test_weighted_reward_components_sum_and_log_each_part(tmp_path):
     with pytest.raises(ConfigError, match=r"reward.components\[1\].params: .*no parameter 'bogus'"):
         load_config(recipe, ["reward.components=[{name: word_match}, {name: exact_match, "
                              "params: {bogus: 1}}]"])
+
+
+def test_a_rollout_resolves_each_reward_once_not_per_response(monkeypatch):
+    import megatron_rl.rewards as rewards
+
+    calls = []
+    real = rewards.keyword_params
+    monkeypatch.setattr(rewards, "keyword_params", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = [PromptRow(0, "p", "a")]
+    groups = [[Sample(0, [1], [7], [0.0], "stop") for _ in range(16)]]
+    for scorer in (Scorer("exact_match", {"ignore_case": True}, lambda ids: "A"),
+                   Scorer("exact_match", {}, lambda ids: "a", components=(
+                       rewards.Component("exact_match", 1.0, {}, "em"),
+                       rewards.Component("word_match", 0.5, {}, "wm")))):
+        calls.clear()
+        scores, failures, _, _ = score_groups(scorer, rows, groups)
+        score_groups(scorer, rows, groups)
+        assert failures == 0 and scores[0][0] in (1.0, 1.5)
+        assert len(calls) == len(scorer.components or [1]), calls
