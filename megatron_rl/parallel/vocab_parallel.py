@@ -69,9 +69,12 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             z = _shifted(logits, e, m, bufs[0])
             ex = torch.exp(z, out=bufs[1, : z.shape[0]])
             sums[e, 0] = ex.sum(-1)
-            sums[e, 1] = torch.bmm(ex.unsqueeze(1), z.unsqueeze(2)).view(-1)
             sums[e, 2] = torch.where(here[e], z.gather(1, local_t[e, None]).squeeze(1),
                                      torch.zeros_like(m[e]))
+            # sum(e^z * z) by torch's pairwise reduction: a dot product (bmm) accumulates 1e5+
+            # terms in one running fp32 sum, which made the entropy ~20x less precise than a
+            # plain fp32 log_softmax entropy at V = 151,936
+            sums[e, 1] = z.mul_(ex).sum(-1)
         del bufs
         sums = all_reduce_nograd(sums, group)
         log_s = sums[:, 0].log()
