@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
 from megatron_rl.config.run import check_cpu_engines
+from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.observe import PhasePeaks, memory_metrics
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
 from megatron_rl.train import rl_batch
@@ -346,6 +347,7 @@ class Trainer:
         return m
 
     # ---- pieces of a step -----------------------------------------------------------------
+    @cpu_modes_suspended()   # generation, rewards, batch building: no Megatron in them
     def _rollouts(self):
         cfg = self.cfg
         plan = SamplingPlan(
@@ -386,6 +388,7 @@ class Trainer:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
 
+    @cpu_modes_suspended()
     def _sample(self, drawn, plan: SamplingPlan, round_: int):
         """This engine's share of ``drawn`` generated and scored (multi-turn: played and scored by
         the environment), then everyone's, in draw order."""
@@ -420,6 +423,7 @@ class Trainer:
         return iter_hf_weights(unwrap(self.ms.model[0]), self.ms.mapping, self.ms.weight_groups,
                                self.hf.num_experts, dst=None)
 
+    @cpu_modes_suspended()
     def _sync(self, engine):
         from megatron_rl.rollout.weight_sync import sync_weights
 

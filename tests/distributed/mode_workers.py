@@ -1,0 +1,43 @@
+"""Worker for test_cpu_modes: a real trainer run (world 1, vLLM's CPU build) that records how many
+torch-function modes are active when each phase of a step starts."""
+
+from __future__ import annotations
+
+import functools
+
+from torch.overrides import _len_torch_function_stack
+
+
+def modes_by_phase(rank, world, out_dir):
+    import megatron_rl.rollout.collect as collect
+    import megatron_rl.rollout.weight_sync as weight_sync
+    import megatron_rl.train.rl_batch as rl_batch
+    from megatron_rl.config import load_config
+    from megatron_rl.trainer import Trainer
+
+    seen = {}
+
+    def watch(name, fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, set()).add(_len_torch_function_stack())
+            return fn(*args, **kwargs)
+        return wrapped
+
+    rl_batch.group_sequences = watch("batch", rl_batch.group_sequences)
+    rl_batch.build_step_batch = watch("batch", rl_batch.build_step_batch)
+    rl_batch.logprob_passes = watch("megatron", rl_batch.logprob_passes)
+    rl_batch.run_updates = watch("megatron", rl_batch.run_updates)
+    weight_sync.sync_weights = watch("sync", weight_sync.sync_weights)
+    collect.score_groups = watch("rewards", collect.score_groups)
+    cfg = load_config("tiny_moe_gspo", [f"train.output_dir={out_dir}", "train.steps=2",
+                                        "train.prompts_per_step=2", "train.micro_batch_size=8",
+                                        "train.loggers=[]", "train.export_hf=false",
+                                        "rollout.probe_every=0"])
+    trainer = Trainer(cfg, quiet=True)
+    trainer.engine.generate = watch("generate", trainer.engine.generate)
+    try:
+        code = trainer.run()
+    finally:
+        trainer.close()
+    return {"code": code, **{k: sorted(v) for k, v in seen.items()}}
