@@ -3,7 +3,8 @@ validated ``RunConfig``. Every failure is a one-line ``ConfigError`` naming the 
 and the key path.
 
 A recipe names its parents in ``defaults: [parent.yaml, ...]`` (paths relative to the recipe,
-``.yaml`` optional, or the name of a shipped recipe); parents merge first, in order, and the recipe's own keys win.
+``.yaml`` optional, or the name of a shipped recipe); parents merge first, in order, and the
+recipe's own keys win.
 ``train.output_dir`` is never inherited: unless the recipe itself (or an override) sets it, it
 is ``runs/<the recipe's file name>``.
 """
