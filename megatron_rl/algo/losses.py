@@ -177,7 +177,9 @@ def reinforce_form(
     check_params("weight function", weight, weight_params, keyword_params(wfn))
     W = wfn(rho, adv, **weight_params)
     w, value = W.w, (W.w if W.surrogate is None else W.surrogate)
-    metrics = {"clip_frac_low": W.clipped_low, "clip_frac_high": W.clipped_high, "ratio_mean": rho}
+    metrics = {"clip_frac_low": W.clipped_low, "clip_frac_high": W.clipped_high, "ratio_mean": rho,
+               # how far the update has moved from the rollout's old policy: KL(old || new), k3
+               "approx_kl": kl_estimate(x.old_logprobs, lp.detach(), "k3")}
     if x.rollout_logprobs is not None:
         metrics["rollout_mismatch_k3"] = kl_estimate(x.rollout_logprobs, x.old_logprobs, "k3").detach()
         if e.tis_cap is not None:

@@ -239,3 +239,17 @@ def test_dr_gspo_is_gspo_with_token_sum_aggregation(b):
     (g_ref,) = torch.autograd.grad(-obj, lp)
     _, g, _ = grad_of("gspo", b, eps_low=eps_low, eps_high=eps_high, agg="seq-mean-token-sum")
     torch.testing.assert_close(g, g_ref * m)
+
+
+def test_approx_kl_is_the_k3_estimate_of_kl_old_to_new_over_the_steps_tokens(b):
+    """A loop over tokens: (r - 1) - log r with r = p_new / p_old, mean over action tokens."""
+    _, _, metrics = grad_of("grpo", b)
+    want, n = 0.0, 0
+    for i in range(b["lp"].shape[0]):
+        for j in range(b["lp"].shape[1]):
+            if b["mask"][i, j] > 0:
+                d = float(b["lp"][i, j] - b["old"][i, j])
+                want, n = want + (math.exp(d) - 1 - d), n + 1
+    assert metrics["approx_kl"].item() == pytest.approx(want / n, rel=1e-9) and want > 0
+    _, _, same = grad_of("grpo", dict(b, old=b["lp"].detach()))
+    assert same["approx_kl"].item() == 0.0
