@@ -49,16 +49,41 @@ def spawn(fn, world: int, *args, timeout_s: float = 600.0) -> dict:
     on any rank raises here with that rank's traceback; a run that outlives ``timeout_s`` (a
     deadlock) is killed and fails instead of hanging the suite."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    shm_before = _shm_segments()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         mp.set_forkserver_preload(PRELOAD)   # takes effect when the server first starts
         ctx = mp.start_processes(_entry, args=(world, free_port(), out, fn, args), nprocs=world,
                                  join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"{fn.__name__} on {world} processes ran over {timeout_s:.0f} s")
+        try:
+            while not ctx.join(timeout=5):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"{fn.__name__} on {world} processes ran over "
+                                       f"{timeout_s:.0f} s")
+        finally:
+            _remove_engine_shm(shm_before)
         with open(out) as f:
             return json.load(f)
+
+
+def _shm_segments() -> set:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def _remove_engine_shm(before: set) -> None:
+    """vLLM's CPU engine (TP > 1) names its shared-memory segments after the group, not the
+    process (``/dev/shm/-tp:0-[0-1]-cpushm_0``), and unlinks them only when its process exits
+    normally. A forkserver child ends in ``os._exit``, so they stay, and the next engine of that
+    size (a later test, or a CLI run) fails with "create shm in SHMManager failed. errno: 17"."""
+    for name in _shm_segments() - before:
+        if "cpushm" in name:
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass

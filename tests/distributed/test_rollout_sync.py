@@ -52,3 +52,11 @@ def test_seeded_per_episode_requests_past_one_scheduler_step_reproduce(sync_resu
     r = sync_results[tp]
     assert r["seeded_repeat_equal"]
     assert r["seeded_twins_differ"] >= 140     # near-uniform random policy: twins rarely agree
+
+
+def test_the_engines_leave_no_shared_memory_behind(sync_results):
+    """A TP-2 engine's /dev/shm segments have fixed names: one left behind breaks the next
+    engine of that size (the harness removes what its forkserver children cannot)."""
+    import os
+
+    assert not [n for n in os.listdir("/dev/shm") if "cpushm" in n]
