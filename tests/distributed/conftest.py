@@ -134,7 +134,9 @@ def patch_results():
 
     out = {}
     for world in sorted(patch_workers.NEEDS):
-        out.update(spawn(patch_workers.still_needed, world))
+        # spawned, as a real run starts: in a forked child torch's CUDA build answers a CUDA call
+        # with "Cannot re-initialize CUDA in forked subprocess", not upstream's no-CUDA error
+        out.update(spawn(patch_workers.still_needed, world, start_method="spawn"))
     return out
 
 

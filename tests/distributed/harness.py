@@ -44,17 +44,22 @@ PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.
            "tests.distributed.harness"]
 
 
-def spawn(fn, world: int, *args, timeout_s: float = 600.0) -> dict:
+def spawn(fn, world: int, *args, timeout_s: float = 600.0,
+          start_method: str = "") -> dict:
     """``fn(rank, world, *args)`` on ``world`` processes; returns what rank 0 returned. A failure
     on any rank raises here with that rank's traceback; a run that outlives ``timeout_s`` (a
-    deadlock) is killed and fails instead of hanging the suite."""
+    deadlock) is killed and fails instead of hanging the suite. ``start_method`` defaults to the
+    preloaded forkserver, or to "spawn" (fresh interpreters, slower) where a GPU is present (a
+    forked child cannot re-initialise CUDA); pass "spawn" for checks that depend on how a process
+    started."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     shm_before = _shm_segments()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         mp.set_forkserver_preload(PRELOAD)   # takes effect when the server first starts
         ctx = mp.start_processes(_entry, args=(world, free_port(), out, fn, args), nprocs=world,
-                                 join=False, start_method="forkserver")
+                                 join=False, start_method=start_method
+                                 or ("spawn" if torch.cuda.is_available() else "forkserver"))
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=5):
