@@ -22,10 +22,11 @@ _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny"}
 
 
 def check_installed(names) -> None:
-    """``ValueError`` naming the package of each requested tracker that cannot be imported."""
+    """``ValueError`` naming the package of each requested tracker that cannot be imported
+    (``names``: ``train.loggers``; TensorBoard is not a tracker here)."""
     import importlib.util
 
-    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    missing = [n for n in names if n in TRACKERS and importlib.util.find_spec(n) is None]
     if missing:
         raise ValueError(f"train.loggers: {', '.join(missing)} not installed; pip install "
                          f"{' '.join(_PACKAGES[n] for n in missing)} (or megatron-rl[trackers])")
@@ -104,4 +105,4 @@ def make_trackers(names, run_dir: Path, project: str, name: str,
                   config: Dict[str, Any]) -> List[Any]:
     ids = _Ids(run_dir)
     kinds = {"wandb": WandbTracker, "mlflow": MlflowTracker}
-    return [kinds[n](Path(run_dir), project, name, config, ids) for n in names]
+    return [kinds[n](Path(run_dir), project, name, config, ids) for n in names if n in kinds]

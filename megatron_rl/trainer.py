@@ -39,11 +39,11 @@ class Trainer:
         from megatron_rl.train.run_dir import claim_output_dir
 
         self.cfg, self.quiet = cfg, quiet
-        if self._tracker_names():   # before anything starts: a missing package is one line
+        if cfg.train.loggers:   # before anything starts: a missing package is one line
             from megatron_rl.trackers import check_installed
 
             try:
-                check_installed(self._tracker_names())
+                check_installed(cfg.train.loggers)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.world = init_distributed()
@@ -135,12 +135,8 @@ class Trainer:
     def _trackers(self) -> list:
         from megatron_rl.trackers import make_trackers
 
-        names = self._tracker_names()
-        return make_trackers(names, self.out, self.cfg.train.tracker_project, self.out.name,
-                             S.config_tree(self.cfg)) if names else []
-
-    def _tracker_names(self) -> list:
-        return [n for n in self.cfg.train.loggers if n != "tensorboard"]
+        return make_trackers(self.cfg.train.loggers, self.out, self.cfg.train.tracker_project,
+                             self.out.name, S.config_tree(self.cfg))
 
     def _data(self) -> None:
         from megatron.core import parallel_state as ps
