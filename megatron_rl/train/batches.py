@@ -50,6 +50,21 @@ def _pad(x: Tensor, n: int) -> Tensor:
     return torch.cat([x, x.new_zeros(n - x.shape[0])])
 
 
+def _stack_padded(xs: Sequence[Tensor], n: int) -> Tensor:
+    """``[len(xs), n]``: each 1-D tensor zero-padded on the right, in one scatter (not a pad and
+    a copy per row: a step has hundreds of sequences)."""
+    lens = torch.tensor([int(x.shape[0]) for x in xs])
+    out = xs[0].new_zeros(len(xs), n)
+    out[torch.repeat_interleave(torch.arange(len(xs)), lens), _ranges(lens)] = torch.cat(list(xs))
+    return out
+
+
+def _ranges(lens: Tensor) -> Tensor:
+    """``cat([arange(n) for n in lens])`` without a Python loop."""
+    starts = torch.cumsum(lens, 0) - lens
+    return torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens)
+
+
 def packed_lengths(lens: Sequence[int], group_of_seq: Sequence[int], cp_size: int,
                    align_groups: bool, tp_size: int = 1) -> List[int]:
     """Each sequence's padded length in a packed (THD) micro-batch: a multiple of ``2*cp``; with
@@ -92,7 +107,7 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
         model_in = {k: local[k][None] for k in ("tokens", "positions", "labels")}  # [1, N]
     else:
         S = padded_length(max(lens), cp_size, tp_size)
-        full = {k: torch.stack([_pad(s[k], S) for s in seqs]) for k in ("tokens", "loss_mask", *present)}
+        full = {k: _stack_padded([s[k] for s in seqs], S) for k in ("tokens", "loss_mask", *present)}
         full["labels"], full["mask"] = (shift_left(full[k], 1) for k in ("tokens", "loss_mask"))
         full["positions"] = torch.arange(S).expand(len(seqs), S)
         local = {k: bshd_shard(v, cp_size, cp_rank).to(device) for k, v in full.items()}
@@ -111,13 +126,17 @@ def actions_share_columns(loss_masks: Sequence[Tensor], group_of_seq: Sequence[i
     it at the same token position (single-turn responses to one prompt): then the ``j``-th action
     of every member sits in the same column and per-action statistics can pool by column.
     Multi-turn sequences (environment tokens between actions) make this False. Host masks."""
+    on = _stack_padded([m.detach().cpu() > 0 for m in loss_masks],
+                       max(int(m.shape[0]) for m in loss_masks))          # [B, S_max] bool
+    count = on.sum(1)
+    first = on.to(torch.uint8).argmax(1)
+    last = on.shape[1] - 1 - on.flip(1).to(torch.uint8).argmax(1)
+    has = count > 0
+    if bool((last - first + 1 != count)[has].any()):
+        return False
     start: Dict[int, int] = {}
-    for m, g in zip(loss_masks, group_of_seq):
-        where = torch.nonzero(m.detach().cpu() > 0).flatten()
-        if where.numel() == 0:
-            continue
-        first, last = int(where[0]), int(where[-1])
-        if last - first + 1 != where.numel() or start.setdefault(g, first) != first:
+    for g, f in zip(torch.tensor(list(group_of_seq))[has].tolist(), first[has].tolist()):
+        if start.setdefault(g, f) != f:
             return False
     return True
 

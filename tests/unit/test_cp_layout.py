@@ -153,6 +153,43 @@ def test_actions_share_columns_only_for_single_turn_groups():
     assert actions_share_columns([m(0, 0, 1, 1, 0), m(0, 0, 0, 0, 0)], [0, 0])      # empty response
 
 
+def test_actions_share_columns_and_padded_stacking_equal_a_per_sequence_loop():
+    """The vectorised checks against the loop they replace, on random ragged masks."""
+    from megatron_rl.train.batches import _pad, _stack_padded, actions_share_columns
+
+    def by_loop(masks, groups):
+        start = {}
+        for m, g in zip(masks, groups):
+            where = torch.nonzero(m > 0).flatten()
+            if where.numel() == 0:
+                continue
+            first, last = int(where[0]), int(where[-1])
+            if last - first + 1 != where.numel() or start.setdefault(g, first) != first:
+                return False
+        return True
+
+    g = torch.Generator().manual_seed(0)
+    outcomes = set()
+    for trial in range(300):
+        n = int(torch.randint(1, 7, (1,), generator=g))
+        groups = torch.randint(0, 3, (n,), generator=g).tolist()
+        masks = []
+        for _ in range(n):
+            length = int(torch.randint(1, 9, (1,), generator=g))
+            start, run = (int(torch.randint(0, length, (1,), generator=g)) for _ in range(2))
+            m = torch.zeros(length)
+            m[start:start + run] = 1.0
+            if trial % 3 == 0 and length > 2:   # a hole: multi-turn
+                m[int(torch.randint(0, length, (1,), generator=g))] = 0.0
+            masks.append(m)
+        want = by_loop(masks, groups)
+        outcomes.add(want)
+        assert actions_share_columns(masks, groups) == want, (masks, groups)
+        width = max(m.shape[0] for m in masks) + trial % 2
+        assert torch.equal(_stack_padded(masks, width), torch.stack([_pad(m, width) for m in masks]))
+    assert outcomes == {True, False}
+
+
 @pytest.mark.parametrize("tp,cp,dp", [(2, 2, 2), (1, 4, 2), (2, 1, 4), (2, 4, 1)])
 def test_group_rank_lists_match_megatron_core_rank_generator(tp, cp, dp):
     from megatron.core.parallel_state import RankGenerator
