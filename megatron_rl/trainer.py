@@ -297,14 +297,14 @@ class Trainer:
         if batch is not None:
             rl_batch.logprob_passes(self.ms.model, batch, self.pg, self.plan, self.reference,
                                     self.router_load, self.critic)
-            if self.router_load is not None:
-                local.update(self.router_load.metrics())
             t2 = time.perf_counter()
             peaks.end("logprob")
             sums = rl_batch.run_updates(self.ms.model, self.ms.optimizer, self.ms.scheduler,
                                         batch, self.pg, self.plan, self.step, self.critic,
                                         train_policy=self.step > self.cfg.critic.warmup_steps
-                                        or self.critic is None)
+                                        or self.critic is None, router_load=self.router_load)
+            if self.router_load is not None:   # counted in the old-policy pass, or the update's
+                local.update(self.router_load.metrics())
             if self.critic is not None:
                 from megatron_rl.train.critic import explained_variance_sums
 

@@ -14,12 +14,14 @@ micro-batches and DP 1 vs 2, against a single-process autograd reference.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
+from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import ShardedMicroBatch, logprobs_entropy, sharded_policy_loss
 from megatron_rl.train import routing_replay
@@ -41,7 +43,7 @@ class PolicyMicroBatch:
     position_ids: Tensor
     labels: Tensor
     shard: ShardedMicroBatch
-    old_logprobs: Tensor
+    old_logprobs: Optional[Tensor]          # None: filled by the update's forward (StepPlan)
     advantages: Tensor
     ref_logprobs: Optional[Tensor] = None
     rollout_logprobs: Optional[Tensor] = None
@@ -70,13 +72,23 @@ def _vocab_start(logits: Tensor, groups: ParallelGroups) -> int:
     return groups.tp_rank * logits.shape[-1]
 
 
+def _forward_without_cpu_modes() -> bool:
+    """The model's forward (most of a step's torch calls) skips the CPU function modes' per-call
+    cost: megatron-core's forward hard-codes CUDA only in context parallelism's rotary split
+    (``rope_utils.get_pos_emb_on_this_cp_rank``: ``pin_memory=True``, a CUDA device)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_world_size() == 1
+
+
 def model_forward(mb: PolicyMicroBatch, model, record_routes: bool = False,
                   replay_routes: bool = True) -> Tensor:
     """``model`` on ``mb``; the policy's recorded expert routes are replayed unless
     ``replay_routes`` is False (the critic: its routers are its own)."""
     def run():
-        return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
-                     packed_seq_params=mb.packed_seq_params)
+        with cpu_modes_suspended() if _forward_without_cpu_modes() else contextlib.nullcontext():
+            return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
+                         packed_seq_params=mb.packed_seq_params)
 
     if record_routes:
         with routing_replay.recording():
@@ -89,11 +101,14 @@ def model_forward(mb: PolicyMicroBatch, model, record_routes: bool = False,
     return run()
 
 
+@cpu_modes_suspended()
 def _loss_func(mb: PolicyMicroBatch, loss: PolicyLoss, groups: ParallelGroups, scale: float,
                chunk_tokens: Optional[int], logits: Tensor):
     lp, ent = logprobs_entropy(mb.shard, _tempered(logits, loss.temperature), mb.labels,
                                tp_group=groups.tp, vocab_start=_vocab_start(logits, groups),
                                chunk_tokens=chunk_tokens)
+    if mb.old_logprobs is None:   # StepPlan.old_from_update: this forward is the rollout policy's
+        mb.old_logprobs = lp.detach()
     value, metrics = sharded_policy_loss(
         loss.name, mb.shard, logprobs=lp, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
         num_tokens=loss.num_tokens, num_seqs=loss.num_seqs, ref_logprobs=mb.ref_logprobs,
@@ -148,6 +163,7 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
     routers choose (the reference policy: the recorded routes are the current policy's)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    @cpu_modes_suspended()
     def logprob_func(mb, logits):
         lp, _ = logprobs_entropy(mb.shard, _tempered(logits, temperature), mb.labels,
                                  tp_group=groups.tp, vocab_start=_vocab_start(logits, groups),

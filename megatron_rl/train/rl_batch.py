@@ -49,6 +49,15 @@ class StepPlan:
     needs_reference: bool = False
     record_routes: bool = False
     packed: bool = False
+    separate_old_pass: bool = False         # run the old-policy pass even where not needed
+
+    @property
+    def old_from_update(self) -> bool:
+        """One update over the whole batch, and no reference, critic (``gae``) or routing replay
+        reading the old log-probs before it: the update's own forward runs the rollout's policy,
+        so its log-probs, detached, are the old ones (exactly) and a separate pass is not run."""
+        return not (self.separate_old_pass or self.updates != 1 or self.epochs != 1
+                    or self.needs_reference or self.record_routes or self.advantage == "gae")
 
 
 @dataclass
@@ -135,6 +144,9 @@ def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: Step
     pipeline stage only; the other stages keep placeholders (they never compute a loss)."""
     import contextlib
 
+    if plan.old_from_update:
+        _old_from_update(batch, plan, pg, critic)
+        return
     with router_load.counting() if router_load is not None else contextlib.nullcontext():
         old = forward_logprobs(model, batch.micro_batches, pg, record_routes=plan.record_routes,
                                temperature=plan.temperature)
@@ -156,6 +168,20 @@ def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: Step
         if old:
             batch.values, batch.returns = values, [torch.zeros_like(v) for v in values]
     if old:
+        set_advantages(batch, range(len(batch.micro_batches)), plan, pg)
+
+
+def _old_from_update(batch: StepBatch, plan: StepPlan, pg: ParallelGroups, critic) -> None:
+    """``plan.old_from_update``: the loss fills each micro-batch's old log-probs from the update's
+    forward (``megatron_loss._loss_func``); the advantages need none of them."""
+    from megatron.core import parallel_state as ps
+
+    if critic is not None:
+        raise ValueError("a critic reads the old log-probs before the update (advantage 'gae')")
+    for mb in batch.micro_batches:
+        mb.old_logprobs = None
+    batch.has_logprobs = ps.is_pipeline_last_stage(ignore_virtual=True)
+    if batch.has_logprobs:
         set_advantages(batch, range(len(batch.micro_batches)), plan, pg)
 
 
@@ -184,15 +210,19 @@ def epoch_orders(n_micro_batches: int, epochs: int, seed: int, step: int) -> Lis
 
 
 def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: ParallelGroups,
-                plan: StepPlan, step: int = 0, critic=None,
-                train_policy: bool = True) -> Dict[str, Tensor]:
+                plan: StepPlan, step: int = 0, critic=None, train_policy: bool = True,
+                router_load=None) -> Dict[str, Tensor]:
     """``plan.epochs`` passes over the step's micro-batches, each cut into ``plan.updates``
     optimizer updates; the old log-probs and advantages stay those of the rollout (``kl_source=
     current`` recomputes the KL before every update but the first). With a ``critic`` (PPO), a
     critic update on the same micro-batches follows each policy update (``train_policy=False``:
     the critic's alone, its warm-up). Returns this rank's partial metric sums (tensors; reduce
     with ``reduce_metrics``): the mean over all updates, and with several epochs each epoch's
-    mean as ``train/epoch<k>/...``."""
+    mean as ``train/epoch<k>/...``. ``router_load`` counts expert loads in the update's forward
+    when it is the step's only one (``plan.old_from_update``)."""
+    import contextlib
+
+    count = router_load is not None and plan.old_from_update
     sums: Dict[str, Tensor] = {}
     n_updates, skipped = 0, 0.0
     orders = epoch_orders(len(batch.micro_batches), plan.epochs, plan.seed, step)
@@ -208,7 +238,8 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
                 if current:
                     set_advantages(batch, idx, plan, pg, current)
             if train_policy:
-                row = _one_update(model, optimizer, scheduler, batch, idx, pg, plan)
+                with router_load.counting() if count else contextlib.nullcontext():
+                    row = _one_update(model, optimizer, scheduler, batch, idx, pg, plan)
                 skipped += row.pop("skipped_updates")
                 for k, v in row.items():
                     sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v / total

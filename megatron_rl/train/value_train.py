@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_rl.algo.value import ev_moments, value_loss
+from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.train.megatron_loss import (PolicyMicroBatch, megatron_loss_scale, model_forward,
                                              schedule_shapes)
@@ -46,6 +47,7 @@ def forward_values(model: List, micro_batches: List[PolicyMicroBatch],
     other stages get [])."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    @cpu_modes_suspended()
     def value_func(mb, output):
         v = values_view(mb, output)
         return v.sum() * 0, {"values": v.detach()}
@@ -62,6 +64,7 @@ def forward_values(model: List, micro_batches: List[PolicyMicroBatch],
     return [o["values"] for o in out]
 
 
+@cpu_modes_suspended()
 def _value_loss_func(mb: PolicyMicroBatch, target: Tuple[Tensor, Tensor], spec: ValueLossSpec,
                      scale: float, output: Tensor):
     old_values, returns = target

@@ -11,6 +11,7 @@ from torch.overrides import _len_torch_function_stack
 def modes_by_phase(rank, world, out_dir):
     import megatron_rl.rollout.collect as collect
     import megatron_rl.rollout.weight_sync as weight_sync
+    import megatron_rl.train.megatron_loss as megatron_loss
     import megatron_rl.train.rl_batch as rl_batch
     from megatron_rl.config import load_config
     from megatron_rl.trainer import Trainer
@@ -30,12 +31,17 @@ def modes_by_phase(rank, world, out_dir):
     rl_batch.run_updates = watch("megatron", rl_batch.run_updates)
     weight_sync.sync_weights = watch("sync", weight_sync.sync_weights)
     collect.score_groups = watch("rewards", collect.score_groups)
+    # inside Megatron's schedule: the loss functions' log-prob kernel and the model's forward
+    megatron_loss.logprobs_entropy = watch("loss", megatron_loss.logprobs_entropy)
     cfg = load_config("tiny_moe_gspo", [f"train.output_dir={out_dir}", "train.steps=2",
                                         "train.prompts_per_step=2", "train.micro_batch_size=8",
                                         "train.loggers=[]", "train.export_hf=false",
                                         "rollout.probe_every=0"])
     trainer = Trainer(cfg, quiet=True)
     trainer.engine.generate = watch("generate", trainer.engine.generate)
+    for chunk in trainer.ms.model:
+        chunk.register_forward_pre_hook(
+            lambda *_: seen.setdefault("forward", set()).add(_len_torch_function_stack()))
     try:
         code = trainer.run()
     finally:
