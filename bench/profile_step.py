@@ -6,9 +6,10 @@
 Each configuration runs the real trainer in a fresh process (vLLM's CPU build, megatron-core,
 one thread) with the step's phases wrapped by timers: generation, rewards, batch building, the
 log-prob passes (old policy, reference, critic), the updates, the weight sync, and the rest
-(metrics, logging, Python glue). The baseline is the same run with megatron-core's CPU function
-modes (model/cpu_patches.py) active in every phase, as before `cpu_modes_suspended`: the ratio
-column is ours over it, measured in the same invocation.
+(metrics, logging, Python glue). The baseline is the step as it was before issue 23, in the same
+invocation: megatron-core's CPU function modes (model/cpu_patches.py) active everywhere (no
+``cpu_modes_suspended``) and a separate old-policy log-prob pass (``StepPlan.separate_old_pass``).
+The ratio column is ours over it.
 """
 
 from __future__ import annotations
@@ -28,45 +29,58 @@ LABELS = {"generate": "vLLM generate", "rewards": "rewards", "batch": "batch bui
           "sync": "weight sync", "other": "other (metrics, logging, glue)"}
 
 
+def keep_cpu_modes_everywhere() -> None:
+    """The baseline's function modes: on in every phase. Call before importing the trainer's
+    modules (they bind ``cpu_modes_suspended`` at import)."""
+    import contextlib
+
+    from megatron_rl.model import cpu_patches
+
+    cpu_patches.cpu_modes_suspended = contextlib.contextmanager(lambda: (yield))
+
+
+def run_separate_old_pass(trainer) -> None:
+    """The baseline's old log-probs: a forward pass of their own before the update."""
+    import dataclasses
+
+    trainer.plan = dataclasses.replace(trainer.plan, separate_old_pass=True)
+
+
 def _child(a) -> None:
+    if a.baseline:
+        keep_cpu_modes_everywhere()
     import megatron_rl.rollout.collect as collect
     import megatron_rl.rollout.weight_sync as weight_sync
     import megatron_rl.train.rl_batch as rl_batch
     from megatron_rl.config import load_config
-    from megatron_rl.model import cpu_patches
     from megatron_rl.trainer import Trainer
 
     spent = {p: 0.0 for p in PHASES}
     steps = []
 
-    def timed(phase, fn, modes=False):
+    def timed(phase, fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            if modes:   # the baseline: the function modes on, as before they were suspended
-                for m in cpu_patches._MODES:
-                    m.__enter__()
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 spent[phase] += time.perf_counter() - t
-                if modes:
-                    for m in reversed(cpu_patches._MODES):
-                        m.__exit__(None, None, None)
         return run
 
-    everywhere = a.baseline
-    rl_batch.group_sequences = timed("batch", rl_batch.group_sequences, everywhere)
-    rl_batch.build_step_batch = timed("batch", rl_batch.build_step_batch, everywhere)
+    rl_batch.group_sequences = timed("batch", rl_batch.group_sequences)
+    rl_batch.build_step_batch = timed("batch", rl_batch.build_step_batch)
     rl_batch.logprob_passes = timed("logprob", rl_batch.logprob_passes)
     rl_batch.run_updates = timed("update", rl_batch.run_updates)
-    weight_sync.sync_weights = timed("sync", weight_sync.sync_weights, everywhere)
-    collect.score_groups = timed("rewards", collect.score_groups, everywhere)
+    weight_sync.sync_weights = timed("sync", weight_sync.sync_weights)
+    collect.score_groups = timed("rewards", collect.score_groups)
     cfg = load_config("tiny_moe_gspo", [f"train.output_dir={a.out}", f"train.steps={a.steps}",
                                         "train.loggers=[]", "train.export_hf=false",
                                         "train.checkpoint_every=0", "train.samples_every=0"])
     trainer = Trainer(cfg, quiet=True)
-    trainer.engine.generate = timed("generate", trainer.engine.generate, everywhere)
+    if a.baseline:
+        run_separate_old_pass(trainer)
+    trainer.engine.generate = timed("generate", trainer.engine.generate)
     step = trainer.train_step
 
     def train_step():
