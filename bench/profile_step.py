@@ -46,6 +46,16 @@ def run_separate_old_pass(trainer) -> None:
     trainer.plan = dataclasses.replace(trainer.plan, separate_old_pass=True)
 
 
+def run_each_step(trainer, around) -> None:
+    """Trains to the last step with ``around(step)`` in place of each ``step()``, then closes."""
+    step = trainer.train_step
+    trainer.train_step = lambda: around(step)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+
+
 def _child(a) -> None:
     if a.baseline:
         keep_cpu_modes_everywhere()
@@ -81,9 +91,8 @@ def _child(a) -> None:
     if a.baseline:
         run_separate_old_pass(trainer)
     trainer.engine.generate = timed("generate", trainer.engine.generate)
-    step = trainer.train_step
 
-    def train_step():
+    def timed_step(step):
         before = dict(spent)
         w, c = time.perf_counter(), time.process_time()
         out = step()
@@ -91,11 +100,7 @@ def _child(a) -> None:
                       **{p: spent[p] - before[p] for p in PHASES}})
         return out
 
-    trainer.train_step = train_step
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
+    run_each_step(trainer, timed_step)
     with open(a.result, "w") as f:
         json.dump(steps, f)
 

@@ -54,7 +54,7 @@ def _workload(d: Path) -> None:
 
 
 def _ours(d: Path, steps: int, result: Path, before: bool = False) -> None:
-    from profile_step import keep_cpu_modes_everywhere, run_separate_old_pass
+    from profile_step import keep_cpu_modes_everywhere, run_each_step, run_separate_old_pass
 
     if before:
         keep_cpu_modes_everywhere()
@@ -68,19 +68,15 @@ def _ours(d: Path, steps: int, result: Path, before: bool = False) -> None:
     trainer = Trainer(cfg, quiet=True)
     if before:
         run_separate_old_pass(trainer)
-    starts, rewards, step = [], [], trainer.train_step
+    starts, rewards = [], []
 
-    def train_step():
+    def marked(step):
         starts.append(time.process_time())
         out = step()
         rewards.append(out["reward/mean"])
         return out
 
-    trainer.train_step = train_step
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
+    run_each_step(trainer, marked)
     result.write_text(json.dumps({"starts": starts, "rewards": rewards}))
 
 

@@ -70,9 +70,10 @@ def _advantages(data, adv_name, adv_params):
 
 
 def _built_micro_batches(data, adv, rows_list, groups: ParallelGroups, packed: bool,
-                         align: bool = False) -> List[PolicyMicroBatch]:
+                         align: bool = False, rollout: bool = False) -> List[PolicyMicroBatch]:
     """Through the production batch builder, each sequence cut to its real length and sharded
-    over CP (``align``: group-aligned packed lengths, as the trainer packs for future-KL)."""
+    over CP (``align``: group-aligned packed lengths, as the trainer packs for future-KL;
+    ``rollout``: the engine's log-probs too, equal to ``data["old"]``)."""
     out = []
     for rows in rows_list:
         seqs = []
@@ -80,6 +81,8 @@ def _built_micro_batches(data, adv, rows_list, groups: ParallelGroups, packed: b
             n = int(data["loss_mask"][b].nonzero().max()) + 1
             seqs.append({"tokens": data["tokens"][b, :n], "loss_mask": data["loss_mask"][b, :n],
                          "old_logprobs": data["old"][b, :n], "advantages": adv[b, :n]})
+            if rollout:
+                seqs[-1]["rollout_logprobs"] = data["old"][b, :n]
         out.append(build_micro_batch(seqs, data["groups"][rows], packed=packed,
                                      cp_size=groups.cp_size, cp_rank=groups.cp_rank,
                                      cp_group=groups.cp, align_groups=align,

@@ -13,30 +13,14 @@ from megatron_rl.model.build import ModelOptions
 from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.config import Layout
-from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.model_setup import build_model
 from megatron_rl.train.moe_stats import RouterLoad
 from megatron_rl.train.optimizer import OptimSettings, build_optimizer
 from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 from megatron_rl.train.rl_batch import StepBatch, StepPlan, logprob_passes, mismatch_sums, run_updates
-from tests.distributed.model_workers import NSEQ, _sequences
+from tests.distributed.model_workers import NSEQ, _built_micro_batches, _sequences
 
 SEED = 31
-
-
-def _micro_batches(data, rows_list, groups, packed):
-    out = []
-    for rows in rows_list:
-        seqs = []
-        for b in rows:
-            n = int(data["loss_mask"][b].nonzero().max()) + 1
-            seqs.append({"tokens": data["tokens"][b, :n], "loss_mask": data["loss_mask"][b, :n],
-                         "old_logprobs": torch.zeros(n), "advantages": torch.zeros(n),
-                         "rollout_logprobs": data["old"][b, :n]})
-        out.append(build_micro_batch(seqs, data["groups"][rows], packed=packed,
-                                     cp_size=groups.cp_size, cp_rank=groups.cp_rank,
-                                     cp_group=groups.cp, tp_size=groups.tp_size))
-    return out
 
 
 def _step(hf, data, layout, n_mb, packed, separate):
@@ -46,7 +30,8 @@ def _step(hf, data, layout, n_mb, packed, separate):
     # as the trainer deals them: whole groups to each DP rank, whole groups to each micro-batch
     mine = sorted({int(g) for g in data["groups"]})[groups.dp_rank::groups.dp_size]
     rows = [[b for b in range(NSEQ) if int(data["groups"][b]) in mine[i::n_mb]] for i in range(n_mb)]
-    batch = StepBatch(_micro_batches(data, rows, groups, packed),
+    batch = StepBatch(_built_micro_batches(data, torch.zeros_like(data["mask"]), rows, groups,
+                                           packed, rollout=True),
                       [data["rewards"][r] for r in rows], [None] * n_mb)
     plan = StepPlan("grpo", {}, "gspo", {"eps_low": 0.2, "eps_high": 0.2},
                     separate_old_pass=separate)
