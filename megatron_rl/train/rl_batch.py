@@ -12,6 +12,7 @@ into micro-batches or ranks.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -142,8 +143,6 @@ def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: Step
     """Old-policy log-probs (recording expert routes for replay when asked), the reference
     log-probs when the algorithm uses a KL, the critic's values (PPO), then the advantages. Last
     pipeline stage only; the other stages keep placeholders (they never compute a loss)."""
-    import contextlib
-
     if plan.old_from_update:
         _old_from_update(batch, plan, pg, critic)
         return
@@ -220,8 +219,6 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
     with ``reduce_metrics``): the mean over all updates, and with several epochs each epoch's
     mean as ``train/epoch<k>/...``. ``router_load`` counts expert loads in the update's forward
     when it is the step's only one (``plan.old_from_update``)."""
-    import contextlib
-
     count = router_load is not None and plan.old_from_update
     sums: Dict[str, Tensor] = {}
     n_updates, skipped = 0, 0.0
