@@ -24,10 +24,12 @@ import torch.distributed as dist
 
 from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
 from megatron_rl.config.run import check_cpu_engines
+from megatron_rl.config.soundness import load_warnings
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.observe import PhasePeaks, memory_metrics
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
 from megatron_rl.train import rl_batch
+from megatron_rl.train.rollout_batch import BatchShape, RouteStash, step_batch
 from megatron_rl.train.crash_points import reached
 from megatron_rl.train.step_metrics import BadSteps
 from megatron_rl.train import setup as S
@@ -94,7 +96,7 @@ class Trainer:
                 vocab_size=self.hf.vocab_size, chat_template=cfg.data.chat_template,
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                 channel=EngineChannel(self.rank, self.world, self.engine_tp))
-        self.warnings: List[str] = []
+        self.warnings: List[str] = load_warnings(cfg)
         self._data()
         self.val = None
         if cfg.train.val_every:
@@ -115,10 +117,15 @@ class Trainer:
             from megatron_rl.checkpoint.dist_ckpt import load_rng_state
 
             load_rng_state(self.resumed_from)
-        self.plan = self._step_plan()
+        self.plan = S.step_plan(cfg, self.reference is not None)
         from megatron_rl.train.moe_stats import RouterLoad
+        from megatron_rl.train.routing_replay import route_control
 
         self.router_load = RouterLoad(self.ms.model) if self.hf.num_experts else None
+        self.routes = route_control(self.ms.model[0])   # None on a dense model or stage
+        self.route_stash = None
+        if S.route_spec(cfg, self.hf) is not None:
+            self.route_stash = RouteStash(range(0, self.world, self.engine_tp))
         if self.rank == 0:
             from megatron_rl.observe import RunLog
 
@@ -183,22 +190,11 @@ class Trainer:
             dist.barrier()
         engine = RolloutEngine(r.engine_settings(
             str(model_dir), dtype=str(self.ms.dtype).replace("torch.", ""),
-            data_parallel_size=self.n_engines))
+            data_parallel_size=self.n_engines, routes=S.route_spec(self.cfg, self.hf)))
         # the engine's files are not the trainer's weights: sync them in before the first step
         if self.step > 0 or r.model_dir or (hf_dir and self.weights_from != str(hf_dir)):
             self._sync(engine)
         return engine
-
-    def _step_plan(self) -> rl_batch.StepPlan:
-        a = self.cfg.algo
-        return rl_batch.StepPlan(
-            a.advantage.name, dict(a.advantage.params), a.loss.name, dict(a.loss.params),
-            kl_estimator=a.kl_estimator, kl_source=a.kl_source,
-            kl_clamp_log_ratio=a.kl_clamp_log_ratio, kl_clamp_value=a.kl_clamp_value,
-            updates=self.cfg.train.updates_per_step, epochs=self.cfg.train.epochs_per_step,
-            seed=self.cfg.train.seed, temperature=self.cfg.rollout.temperature,
-            needs_reference=self.reference is not None, record_routes=self.cfg.model.routing_replay,
-            packed=self.cfg.train.pack_sequences)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -305,6 +301,8 @@ class Trainer:
                                         or self.critic is None, router_load=self.router_load)
             if self.router_load is not None:   # counted in the old-policy pass, or the update's
                 local.update(self.router_load.metrics())
+            if self.routes is not None:   # raw counts: each rank routes other tokens
+                local.update(self.routes.agreement_metrics())
             if self.critic is not None:
                 from megatron_rl.train.critic import explained_variance_sums
 
@@ -361,20 +359,14 @@ class Trainer:
             what = "episode" if self.episodes is not None else "reward"
             self.log.note(f"step {self.step}: {rollouts.failures} {what} failure(s), e.g. "
                           f"{rollouts.first_error}")
-        # every DP rank trains on the same number of whole groups
-        per_rank = len(rollouts.rows) // self.dp
-        if per_rank == 0:
-            return None, rollouts
-        idx = range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
-        groups = [rl_batch.group_sequences(rollouts.samples[i][0].prompt_ids, rollouts.samples[i])
-                  for i in idx]
-        rewards = [rollouts.rewards[i] for i in idx]
-        per_mb = max(1, cfg.train.micro_batch_size // cfg.rollout.n_samples_per_prompt)
-        batch = rl_batch.build_step_batch(
-            groups, rewards, per_mb, self.pg, cp_size=cfg.parallel.context_parallel_size,
-            cp_rank=self._cp_rank(), packed=cfg.train.pack_sequences, device=self._device(),
-            advantage=cfg.algo.advantage.name)
-        return batch, rollouts
+        spec = S.route_spec(cfg, self.hf)
+        shape = BatchShape(
+            self.dp, self.dp_rank, max(1, cfg.train.micro_batch_size // cfg.rollout.n_samples_per_prompt),
+            cfg.parallel.context_parallel_size, self._cp_rank(), cfg.train.pack_sequences,
+            cfg.algo.advantage.name, route_shape=spec and (len(spec.layers), spec.top_k),
+            route_layers=self.routes and self.routes.layers,
+            replay_rollout_routes=cfg.train.routing_replay == "rollout")
+        return step_batch(rollouts, shape, self.pg, self._device(), self.route_stash), rollouts
 
     def _cp_rank(self) -> int:
         return 0 if self.pg.cp is None else dist.get_rank(self.pg.cp)
@@ -405,6 +397,8 @@ class Trainer:
             if leader:
                 scores, failures, error, parts = score_groups(self.scorer, [r for r, _ in mine],
                                                               groups)
+        if self.route_stash is not None and leader:   # routes go only where they are trained on
+            self.route_stash.stash(groups, round_, range(self.engine_index, len(drawn), self.n_engines))
         payload = (self.engine_index, groups, scores, failures, error, parts) if leader else None
         return merge_engine_parts(all_gather_objects(payload), len(drawn), self.n_engines)
 

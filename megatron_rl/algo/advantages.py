@@ -187,6 +187,11 @@ def future_kl_returns(
     return r * as_float_mask(mask, r)
 
 
+# future_kl_grpo's floor on the per-position std, in reward units: below the std of any group whose
+# rewards differ (0/1 rewards: 0.35 at G=8, 0.1 at G=100 with one success), far above the
+# spread of beta-weighted KL sums (~1e-3), so a group whose rewards agree keeps small advantages
+FUTURE_KL_STD_MIN = 0.1
+
 # estimators with per-position group statistics: under CP their packed batches are group-aligned
 PER_POSITION_ESTIMATORS = frozenset({"future_kl_grpo"})
 
@@ -195,14 +200,15 @@ PER_POSITION_ESTIMATORS = frozenset({"future_kl_grpo"})
 def future_kl_grpo(
     *, rewards, mask, group_ids, kl=None, values=None, ops=LOCAL,
     beta: float = 0.05, norm_by_std: bool = True, eps: float = 1e-6, unbiased_std: bool = True,
-    std_min: Optional[float] = None, std_max: Optional[float] = None, whiten: bool = False,
+    std_min: float = FUTURE_KL_STD_MIN, std_max: Optional[float] = None, whiten: bool = False,
 ) -> Tensor:
     """Token-level KL-regularised GRPO: future-KL returns ``r_j`` normalised per position ``j``
     across the responses of the group that have an action token at ``j``.
 
     A position with a single valid response gets advantage 0. ``std_min/std_max`` clip the
-    per-position std, as in ``grpo`` (a position where the rewards agree has a std of only the KL
-    differences, and dividing by it blows the KL noise up to advantages near +-1). The KL lives
+    per-position std, as in ``grpo``. ``std_min`` defaults to ``FUTURE_KL_STD_MIN`` (in reward
+    units; 0 turns the floor off): where a group's rewards agree, the spread of ``r_j`` is only the KL sums' (~1e-3 at
+    ``beta`` 0.05), and dividing by it would turn KL noise into advantages near +-1. The KL lives
     in the advantage only: adding a KL term to the loss as well would count it twice.
     """
     r = future_kl_returns(rewards, _require(kl, "kl", "future_kl_grpo"), mask, beta, ops=ops)

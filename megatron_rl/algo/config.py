@@ -7,7 +7,7 @@ Parameters are checked against the registered function's keyword signature at lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -48,6 +48,41 @@ class OverlongConfig:
 
 
 @dataclass
+class MismatchConfig:
+    """The train/inference mismatch (``algo.mismatch``): whose log-probs are the behaviour policy,
+    and the corrections of the gap between the engine's (``pi_roll``) and the trainer's old-policy
+    log-probs (``pi_old``), ``rho = pi_old / pi_roll`` per token (``algo.mismatch`` module)."""
+
+    behaviour: str = field_("old", choices=("old", "rollout"),
+                            help="old: the trainer's old-policy pass; rollout: the engine's "
+                                 "log-probs (no old pass; the loss ratio is pi/pi_roll)")
+    tis_cap: Optional[float] = field_(None, gt=0.0, help="truncated IS: weight min(rho, cap)")
+    tis_level: str = field_("token", choices=("token", "sequence"),
+                            help="TIS on each token's rho or the sequence's geometric mean")
+    icepop: Optional[List[float]] = field_(None, help="[low, high]: keep a token only if "
+                                           "low <= rho <= high (IcePop), e.g. [0.5, 2.0]")
+    mis: Optional[List[float]] = field_(None, help="[low, high]: keep a sequence only if its "
+                                        "geometric-mean rho is within (MIS), e.g. [0.5, 2.0]")
+    tr_max_kl: Optional[float] = field_(None, gt=0.0, help="trust-region masking: drop a sequence "
+                                        "whose largest per-token KL(engine || trainer) exceeds it")
+
+    def loss_params(self) -> Dict[str, Any]:
+        """The corrections as the policy loss's keyword arguments (``losses.Extras``)."""
+        out: Dict[str, Any] = {}
+        if self.tis_cap is not None:
+            out.update(tis_cap=self.tis_cap, tis_level=self.tis_level)
+        for key in ("icepop", "mis", "tr_max_kl"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+        return out
+
+
+# the loss parameters of the corrections: set through algo.mismatch, the one place for them
+CORRECTION_KEYS = ("tis_cap", "tis_mode", "tis_level", "icepop", "mis", "tr_max_kl")
+
+
+@dataclass
 class AlgoConfig:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -64,6 +99,11 @@ class AlgoConfig:
                                                 "(the KL counted twice, k1 as a loss, k2/k3 as a reward)")
     dynamic_sampling: bool = field_(False, help="DAPO: drop groups whose rewards are all equal")
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
+
+    def loss_params(self) -> Dict[str, Any]:
+        """The policy loss's keyword arguments: ``loss.params`` and the mismatch corrections."""
+        return {**self.loss.params, **self.mismatch.loss_params()}
 
     def check(self, prefix: str = "algo", context_parallel: int = 1) -> None:
         """Names exist in their registries, every parameter is one the function accepts, and the
@@ -85,6 +125,7 @@ class AlgoConfig:
                     keyword_params(wfn), f"{prefix}.loss.params.weight_params")
         if not self.allow_unsound_kl:
             _check_kl_placement(self, prefix)
+        _check_mismatch(self, prefix)
         _dry_run(self, prefix, LOCAL if context_parallel == 1 else ShardedProbe(context_parallel))
 
 
@@ -114,6 +155,27 @@ def _check_kl_placement(cfg: "AlgoConfig", prefix: str) -> None:
             f"takes k1 (set {prefix}.kl_estimator=k1) {override}")
 
 
+def _check_mismatch(cfg: "AlgoConfig", prefix: str) -> None:
+    """The corrections live in ``algo.mismatch`` only, and need the trainer's old pass."""
+    moved = [k for k in CORRECTION_KEYS if k in cfg.loss.params]
+    if moved:
+        raise ConfigError(f"{prefix}.loss.params.{moved[0]}: the train/inference corrections are "
+                          f"set under {prefix}.mismatch (tis_cap, tis_level, icepop, mis, "
+                          "tr_max_kl); move it there")
+    m = cfg.mismatch
+    for key in ("icepop", "mis"):
+        value = getattr(m, key)
+        if value is not None and (len(value) != 2 or not 0.0 <= value[0] <= 1.0 <= value[1]):
+            raise ConfigError(f"{prefix}.mismatch.{key}: must be [low, high] with 0 <= low <= 1 "
+                              f"<= high; got {list(value)}")
+    if m.behaviour == "rollout" and m.loss_params():
+        raise ConfigError(f"{prefix}.mismatch.behaviour=rollout trains against the engine's "
+                          "log-probs (the loss ratio pi/pi_roll corrects the gap itself); the "
+                          f"corrections compare the trainer's old pass with the engine: set "
+                          f"{prefix}.mismatch.behaviour=old to use "
+                          f"{', '.join(sorted(m.loss_params()))}")
+
+
 def _dry_run(cfg: "AlgoConfig", prefix: str, ops: SeqOps) -> None:
     """Run the configured estimator and loss once on a 2x2 batch, so that a bad parameter VALUE
     (``agg: sum``, ``entropy_control: clipcov``, ``dual_clip`` below the clip range) or a method
@@ -129,7 +191,7 @@ def _dry_run(cfg: "AlgoConfig", prefix: str, ops: SeqOps) -> None:
     try:
         policy_loss(cfg.loss.name, logprobs=t, old_logprobs=t, advantages=t, mask=torch.ones(2, 2),
                     ref_logprobs=t, rollout_logprobs=t, num_tokens=4.0, num_seqs=2.0, ops=ops,
-                    **cfg.loss.params)
+                    **cfg.loss_params())
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{prefix}.loss.params: {e}") from None
 

@@ -2,15 +2,21 @@
 
 With ``log r = ref_logprobs - logprobs``:
   k1 = -log r                 unbiased, high variance; its natural home is the reward
-  k2 = (log r)^2 / 2          biased; its gradient equals that of k1-in-reward, so it belongs in a loss
-  k3 = r - 1 - log r          unbiased and >= 0 in value; in a loss its gradient is biased off-policy
+  k2 = (log r)^2 / 2          biased in value; as a loss its gradient is ``log(pi/ref) grad lp``,
+                              whose expectation under pi is exactly grad KL(pi || ref) (the same as
+                              k1 in the reward): the loss-side default
+  k3 = r - 1 - log r          unbiased and >= 0 in value; as a loss its gradient is
+                              ``(1 - ref/pi) grad lp``, whose expectation under pi is
+                              ``-E_ref[grad log pi]`` = grad KL(ref || pi), the *forward* KL's
 (Schulman's "Approximating KL divergence"; "Rethinking KL regularisation in RLHF").
 
 Where each belongs (``algo.config`` refuses the rest unless ``algo.allow_unsound_kl``): the
 reward side (the future-KL advantage, REINFORCE++'s per-token reward) takes k1, whose expectation
-is the KL; a loss takes k2 or k3, whose gradients are the KL's (k1 as a loss has gradient
-``grad lp``, which pushes every sampled token down). Off-policy (``rho != 1``) a loss-side KL
-belongs inside the importance-weighted surrogate (``kl_placement: surrogate`` in ``losses``).
+is the KL; a loss takes k2 (the reverse KL's gradient) or k3 (a different regulariser with the
+same minimum); k1 as a loss has gradient ``grad lp``, which pushes every sampled token down.
+Off-policy (``rho != 1``) a loss-side KL belongs inside the importance-weighted surrogate
+(``kl_placement: surrogate`` in ``losses``): outside it, samples of the old policy estimate the
+gradient under the wrong distribution.
 """
 
 from __future__ import annotations

@@ -26,9 +26,10 @@ import torch
 from megatron_rl.algo import entropy_control
 from megatron_rl.algo.kl import kl_estimate
 from megatron_rl.algo.masked import LOCAL, SeqOps, as_float_mask
+from megatron_rl.algo.mismatch import check_correction, mismatch_correction
 from megatron_rl.algo.ratios import log_ratio
 from megatron_rl.algo.registry import Registry, check_params, keyword_params
-from megatron_rl.algo.weights import WEIGHT_FUNCTIONS, truncated_is
+from megatron_rl.algo.weights import WEIGHT_FUNCTIONS
 
 Tensor = torch.Tensor
 
@@ -60,15 +61,19 @@ class LossInputs:
 
 @dataclass
 class Extras:
-    """Parameters every loss accepts: aggregation constant, entropy bonus, truncated IS against
-    the rollout engine's log-probs, entropy control (none | clip_cov | kl_cov), and the clamps
-    of the loss-side KL (``kl.kl_estimate``; verl's k3: 20 and 10; default none)."""
+    """Parameters every loss accepts: aggregation constant, entropy bonus, the corrections of the
+    mismatch against the rollout engine's log-probs (``algo.mismatch``: TIS, IcePop, MIS,
+    trust-region masking), entropy control (none | clip_cov | kl_cov), and the clamps of the
+    loss-side KL (``kl.kl_estimate``; verl's k3: 20 and 10; default none)."""
 
     norm_constant: float = 1.0
     entropy_coef: float = 0.0
     tis_cap: Optional[float] = None
     tis_mode: str = "truncate"
     tis_level: str = "token"
+    icepop: Optional[Tuple[float, float]] = None
+    mis: Optional[Tuple[float, float]] = None
+    tr_max_kl: Optional[float] = None
     entropy_control: str = "none"
     clip_cov_ratio: float = 2e-4
     clip_cov_lb: float = 1.0
@@ -83,6 +88,12 @@ class Extras:
                               ("entropy_control", ("none", "clip_cov", "kl_cov"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        check_correction(icepop=self.icepop, mis=self.mis, tr_max_kl=self.tr_max_kl)
+
+    def correction(self) -> dict:
+        """The keyword arguments of ``mismatch.mismatch_correction``."""
+        return dict(tis_cap=self.tis_cap, tis_mode=self.tis_mode, tis_level=self.tis_level,
+                    icepop=self.icepop, mis=self.mis, tr_max_kl=self.tr_max_kl)
 
 
 EXTRA_PARAMS = {f.name: f.default for f in fields(Extras)}
@@ -136,24 +147,27 @@ def kl_surrogate_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str,
     """The per-token penalty ``c`` that ``kl_placement: surrogate`` subtracts from the advantage
     (``A - kl_coef * c``, inside the importance weight; detached). ``c`` is the derivative in
     ``lp`` of the loss-side estimator, so at ``rho = 1`` the gradient equals the loss placement's:
-      k1   c = lp - lp_ref = log(pi/pi_ref)      (the k2 loss's gradient; "k1 in the reward")
+      k2   c = lp - lp_ref = log(pi/pi_ref)      (the k2 loss's gradient; "k1 in the reward": k1
+           names the same penalty)
       k3   c = 1 - pi_ref/pi                    (the k3 loss's gradient)
-    Off-policy, the weight ``rho`` then multiplies the KL gradient as it does the reward's, which
-    makes it the gradient of ``KL(pi || pi_ref)`` from samples of the old policy; the loss
-    placement leaves it unweighted. ``clamp_log_ratio`` bounds ``log r``, ``clamp_value`` ``c``."""
-    if kind not in ("k1", "k3"):
-        raise ValueError(f"kl_kind={kind!r} with kl_placement=surrogate: use k1 (the k2 loss's "
-                         "gradient, log pi/pi_ref) or k3 (1 - pi_ref/pi)")
+    Off-policy, the weight ``rho`` then multiplies the KL gradient as it does the reward's; with
+    k2 that is the gradient of ``KL(pi || pi_ref)`` from samples of the old policy, while the loss
+    placement leaves it unweighted. (k3's ``c`` has expectation ``-E_ref[grad log pi]`` under
+    ``pi``: the gradient of the forward ``KL(pi_ref || pi)``, not of ``KL(pi || pi_ref)``.)
+    ``clamp_log_ratio`` bounds ``log r``, ``clamp_value`` ``c``."""
+    if kind not in ("k1", "k2", "k3"):
+        raise ValueError(f"kl_kind={kind!r} with kl_placement=surrogate: use k2 (the k2 loss's "
+                         "gradient, log pi/pi_ref; k1 names the same) or k3 (1 - pi_ref/pi)")
     log_r = (ref_logprobs - logprobs).detach()
     if clamp_log_ratio is not None:
         log_r = log_r.clamp(-clamp_log_ratio, clamp_log_ratio)
-    c = -log_r if kind == "k1" else -torch.expm1(log_r)
+    c = -torch.expm1(log_r) if kind == "k3" else -log_r
     return c if clamp_value is None else c.clamp(-clamp_value, clamp_value)
 
 
 def reinforce_form(
     x: LossInputs, e: Extras, *, ratio: str, weight: str, weight_params: dict, agg: str,
-    kl_coef: float = 0.0, kl_kind: str = "k3", kl_placement: str = "loss",
+    kl_coef: float = 0.0, kl_kind: str = "k2", kl_placement: str = "loss",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The core every preset calls; returns ``(loss, metrics)``."""
     if agg not in AGGREGATIONS:
@@ -182,11 +196,11 @@ def reinforce_form(
                "approx_kl": kl_estimate(x.old_logprobs, lp.detach(), "k3")}
     if x.rollout_logprobs is not None:
         metrics["rollout_mismatch_k3"] = kl_estimate(x.rollout_logprobs, x.old_logprobs, "k3").detach()
-        if e.tis_cap is not None:
-            tis = truncated_is(x.old_logprobs, x.rollout_logprobs, x.mask, cap=e.tis_cap,
-                               mode=e.tis_mode, level=e.tis_level, lengths=x.seq_lengths, ops=x.ops)
-            w, value = w * tis.w, value * tis.w
-            metrics["tis_capped_frac"] = tis.capped
+        fix = mismatch_correction(x.old_logprobs, x.rollout_logprobs, x.mask, lengths=x.seq_lengths,
+                                  ops=x.ops, **e.correction())
+        if fix is not None:
+            w, value = w * fix.w, value * fix.w
+            metrics.update({f"{k}_frac": v for k, v in fix.flags.items()})
     penalty, keep = _entropy_control(x, e, adv, W, metrics)
     if keep is not None:
         w, value = w * keep, value * keep
@@ -242,12 +256,13 @@ def _finish_metrics(metrics: dict, m: Tensor, num_tokens) -> Dict[str, Tensor]:
 
 @POLICY_LOSSES.register("grpo")
 def grpo(x, e, *, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: Optional[float] = None,
-         kl_coef: float = 0.0, kl_kind: str = "k3", kl_placement: str = "loss",
+         kl_coef: float = 0.0, kl_kind: str = "k2", kl_placement: str = "loss",
          agg: str = "token-mean"):
     """Token ratios, PPO clip (``eps_high > eps_low`` = clip-higher, optional dual clip), optional
-    KL: ``kl_placement=loss`` adds ``kl_coef * kl`` outside the weight (``kl_kind`` k2 or k3),
-    ``surrogate`` puts it in the advantage inside the weight (k1 or k3; see
-    ``kl_surrogate_penalty``), which stays correct off-policy."""
+    KL: ``kl_placement=loss`` adds ``kl_coef * kl`` outside the weight (``kl_kind`` k2, the
+    default, whose gradient is KL(pi||pi_ref)'s on-policy, or k3), ``surrogate`` puts it in the
+    advantage inside the weight (k2 or k3; see ``kl_surrogate_penalty``), which stays correct
+    off-policy."""
     return reinforce_form(x, e, ratio="token", weight="ppo_clip", agg=agg, kl_coef=kl_coef,
                           kl_kind=kl_kind, kl_placement=kl_placement,
                           weight_params=dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip))
@@ -255,7 +270,7 @@ def grpo(x, e, *, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: Option
 
 @POLICY_LOSSES.register("gspo")
 def gspo(x, e, *, eps_low: float = 3e-4, eps_high: float = 4e-4, kl_coef: float = 0.0,
-         kl_kind: str = "k3", kl_placement: str = "loss", agg: str = "seq-mean-token-mean"):
+         kl_kind: str = "k2", kl_placement: str = "loss", agg: str = "seq-mean-token-mean"):
     """GSPO-token: the sequence ratio ``s_i`` (geometric mean) on every token, clipped at the
     sequence level. ``agg="seq-mean-token-sum"`` with ``norm_constant`` is Dr.GSPO (objective
     times H)."""
@@ -265,10 +280,12 @@ def gspo(x, e, *, eps_low: float = 3e-4, eps_high: float = 4e-4, kl_coef: float 
 
 
 @POLICY_LOSSES.register("future_kl_grpo")
-def future_kl_grpo(x, e, *, ratio: str = "token", weight: str = "ppo_clip",
+def future_kl_grpo(x, e, *, ratio: str = "future", weight: str = "ppo_clip",
                    weight_params: Optional[dict] = None, agg: str = "token-mean"):
     """Token-level KL-regularised GRPO: the KL is already in the advantages (``future_kl_grpo``
-    estimator), so there is no KL term here; ratio kind token, sequence or future."""
+    estimator), so there is no KL term here. ``ratio``: future (default: the future-only
+    geometric mean ``exp(mean_{k>=j} d_k)``, the method's own ratio, which weighs token ``j`` by
+    how the rest of the response moved, as its advantage sums the rest's KL), token or sequence."""
     return reinforce_form(x, e, ratio=ratio, weight=weight, weight_params=dict(weight_params or {}),
                           agg=agg)
 
@@ -276,7 +293,7 @@ def future_kl_grpo(x, e, *, ratio: str = "token", weight: str = "ppo_clip",
 @POLICY_LOSSES.register("reinforce")
 def reinforce(x, e, *, ratio: str = "token", weight: str = "none",
               weight_params: Optional[dict] = None, agg: str = "token-mean",
-              kl_coef: float = 0.0, kl_kind: str = "k3", kl_placement: str = "loss"):
+              kl_coef: float = 0.0, kl_kind: str = "k2", kl_placement: str = "loss"):
     """Generic REINFORCE form: any ratio kind, any weight function, optional KL (placed as in
     ``grpo``)."""
     return reinforce_form(x, e, ratio=ratio, weight=weight, weight_params=dict(weight_params or {}),

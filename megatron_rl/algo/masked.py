@@ -30,6 +30,13 @@ def seq_sum(x: Tensor, mask: Tensor) -> Tensor:
     return (x * as_float_mask(mask, x)).sum(-1)
 
 
+def seq_max(x: Tensor, mask: Tensor) -> Tensor:
+    """``[B,T] -> [B]``: the largest ``x`` over each sequence's masked positions (``-inf`` for a
+    sequence with none)."""
+    masked = torch.where(as_float_mask(mask, x) > 0, x, torch.full_like(x, float("-inf")))
+    return torch.cat([masked, masked.new_full((x.shape[0], 1), float("-inf"))], -1).amax(-1)
+
+
 def seq_len(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``[B,T] -> [B]``: number of action tokens of each sequence (float, for division)."""
     return mask.to(dtype).sum(-1)
@@ -182,6 +189,10 @@ class SeqOps:
     def seq_sum(self, x: Tensor, mask: Tensor) -> Tensor:
         """``[B,T] -> [B]`` masked sum of each sequence."""
         return seq_sum(x, mask)
+
+    def seq_max(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``[B,T] -> [B]`` masked maximum of each sequence (a statistic: no gradient)."""
+        return seq_max(x.detach(), mask)
 
     def seq_len(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """``[B,T] -> [B]`` action-token count of each sequence."""

@@ -9,7 +9,7 @@ from (ignored by a resume). Everything else must match unless ``train.resume=for
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 SAFE = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -44,14 +44,23 @@ def _safe(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE)
 
 
-def training_changes(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    """``"key: old -> new"`` for every setting that shapes training and differs."""
+def training_changes(saved: Dict[str, Any], now: Dict[str, Any],
+                     defaults: Optional[Dict[str, Any]] = None) -> List[str]:
+    """``"key: old -> new"`` for every setting that shapes training and differs. With
+    ``defaults`` (the config tree of a default ``RunConfig``), a checkpoint from an earlier
+    version resumes across keys added since at their default (which keeps the old behaviour) and
+    across retired keys it left off (false / empty); anything else is a change."""
     a, b = flatten(saved), flatten(now)
+    d = flatten(defaults) if defaults is not None else {}
     out = []
     for key in sorted(set(a) | set(b)):
         if _safe(key):
             continue
         old, new = a.get(key, "<unset>"), b.get(key, "<unset>")
+        if key not in a and key in d and new == d[key]:
+            continue
+        if key not in b and defaults is not None and key not in d and not old:
+            continue
         if old != new:
             out.append(f"{key}: {old!r} -> {new!r}")
     return out

@@ -103,6 +103,8 @@ RETIRED = {
     "train.trackers": "use train.loggers, e.g. train.loggers=[tensorboard,wandb]",
     "model.kind": "every run is the Megatron trainer now (the toy trainer is retired); delete it",
     "toy": "the toy trainer is retired; start from the tiny_moe_gspo recipe",
+    "model.routing_replay": "use train.routing_replay: off | old (true was this: replay the old-"
+                            "policy pass's routes) | rollout (replay the engine's routes)",
 }
 
 

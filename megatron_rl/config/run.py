@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_rl.algo.config import GROUP_ESTIMATORS, AlgoConfig
+from megatron_rl.config.soundness import check_sampling
 from megatron_rl.fields import ConfigError, check_fields
 from megatron_rl.data.config import DataConfig
 from megatron_rl.envs.config import EnvConfig
@@ -40,6 +41,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.path: required (a .jsonl or .parquet file with prompt and label "
                           "columns, or synthetic:<task>)")
     _check_model(cfg)
+    check_sampling(cfg)
     if cfg.algo.advantage.name == "gae":
         _check_critic(cfg)
     if cfg.algo.advantage.name in GROUP_ESTIMATORS and cfg.rollout.n_samples_per_prompt < 2:
@@ -85,10 +87,6 @@ def validate(cfg: RunConfig) -> None:
 
 def _check_env(cfg: RunConfig) -> None:
     """What multi-turn episodes do not combine with (refused rather than trained wrongly)."""
-    if cfg.model.routing_replay:
-        raise ConfigError("model.routing_replay: expert routes are recorded per engine call, and a "
-                          "multi-turn episode spans several; set model.routing_replay=false with "
-                          "env.name")
     if cfg.rollout.ignore_eos:
         raise ConfigError("rollout.ignore_eos: a multi-turn turn ends at its end-of-turn token; "
                           "set rollout.ignore_eos=false with env.name")

@@ -36,7 +36,6 @@ class ModelOptions:
     router_aux_loss_coef: float = 0.0        # off for RL by default: peers found it hurts
     router_z_loss_coef: float = 0.0
     params_dtype: torch.dtype = torch.float32
-    routing_replay: bool = False             # record / replay expert routes (train.routing_replay)
     init_weights: bool = True                # False when a checkpoint overwrites every weight
 
     def use_te(self) -> bool:
@@ -61,8 +60,7 @@ def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
             moe_aux_loss_coeff=opt.router_aux_loss_coef,
             moe_z_loss_coeff=opt.router_z_loss_coef or None,
             moe_router_dtype="fp32",  # routing decisions must not flip with bf16 rounding
-            moe_enable_routing_replay=opt.routing_replay,
-            moe_router_fusion=False,  # the fused router cannot replay routes
+            moe_router_fusion=False,  # the fused router has no route-replay hook
         )
     gpu = torch.cuda.is_available()
     config_class = MLATransformerConfig if hf.config.get("multi_latent_attention") else TransformerConfig
@@ -170,10 +168,6 @@ def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool
     the LM head, so it unties them)."""
     from megatron.core.models.gpt import GPTModel
 
-    if opt.routing_replay:  # upstream keeps every router ever built in one global list
-        from megatron.core.transformer.moe.router_replay import RouterReplay
-
-        RouterReplay.clear_global_router_replay_instances()
     if config.moe_router_num_groups:
         from megatron_rl.model.router import use_transformers_group_score
 

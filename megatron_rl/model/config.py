@@ -24,7 +24,6 @@ class ModelConfig:
     router_z_loss_coef: float = field_(0.0, ge=0.0, help="router z-loss; off for RL")
     params_dtype: str = field_("auto", choices=("auto", "bf16", "fp32"),
                                help="auto: bf16 on GPU, fp32 on CPU")
-    routing_replay: bool = field_(False, help="replay the old-policy pass's expert routes in training")
     hf_overrides: Dict[str, Any] = field_(default_factory=dict, help="config.json keys replaced, "
                                           "e.g. {max_position_embeddings: 8192}")
     allow_unknown_config_keys: bool = field_(False, help="ignore (and print) config.json keys "
@@ -87,5 +86,4 @@ class ModelConfig:
         if dtype is None:
             dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return ModelOptions(self.attention_backend, self.token_dispatcher, self.grouped_gemm,
-                            self.router_aux_loss_coef, self.router_z_loss_coef, dtype,
-                            self.routing_replay)
+                            self.router_aux_loss_coef, self.router_z_loss_coef, dtype)

@@ -41,6 +41,23 @@ class HFModel:
     def num_experts(self) -> int:
         return self.config.get("num_moe_experts") or 0
 
+    @property
+    def moe_top_k(self) -> int:
+        """Experts per token (0 for a dense model)."""
+        return int(self.config.get("moe_router_topk") or 0) if self.num_experts else 0
+
+    @property
+    def moe_layers(self) -> Tuple[int, ...]:
+        """The 0-based indices of the MoE layers, in order (megatron-core's ``moe_layer_freq``: an
+        int ``k`` makes every ``k``-th layer, from the first, an MoE layer; a list says per layer).
+        Expert routes index their layer axis in this order."""
+        if not self.num_experts:
+            return ()
+        n, freq = int(self.config["num_layers"]), self.config.get("moe_layer_freq", 1)
+        if isinstance(freq, int):
+            return tuple(i for i in range(n) if i % freq == 0)
+        return tuple(i for i, f in enumerate(freq) if f)
+
 
 def read_config_json(path_or_dict: Union[str, Path, Dict[str, Any]]) -> Dict[str, Any]:
     if isinstance(path_or_dict, dict):

@@ -1,4 +1,5 @@
-"""The engine's ranks in lock step during multi-turn collection.
+"""The engine's ranks in lock step during multi-turn collection, and the expert routes of a step
+sent from the engines that sampled them to the ranks that train on them (``scatter_by_key``).
 
 A vLLM engine of tensor-parallel size ``tp`` spans ``tp`` trainer ranks (external launcher), and
 every one of them must make the same ``generate`` calls with the same inputs. Environments run on
@@ -11,7 +12,7 @@ channel's process group holds one engine's ranks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -45,3 +46,24 @@ class EngineChannel:
             if args is None:
                 return
             call(*args)
+
+
+def scatter_by_key(local: Dict[Hashable, Any], wanted: Sequence[Hashable],
+                   sources: Sequence[int]) -> Dict[Hashable, Any]:
+    """The values of the ``wanted`` keys, wherever they are: ``local`` holds the entries this rank
+    owns (only ``sources`` own any). Every rank's wanted keys are gathered (small), then each
+    source in turn scatters to every rank exactly the entries it asked for, so a rank receives
+    its own share and nothing else (no rank ever holds every entry). Collective over the world:
+    every rank calls it, wanting nothing or not. Host objects: no backward convention."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {k: local[k] for k in wanted if k in local}
+    from megatron_rl.parallel.weight_comm import all_gather_objects
+
+    asked = all_gather_objects(list(wanted))
+    me, got = dist.get_rank(), {}
+    for src in sources:
+        inputs = [{k: local[k] for k in keys if k in local} for keys in asked] if me == src else None
+        box: List[Any] = [None]
+        dist.scatter_object_list(box, inputs, src=src)
+        got.update(box[0])
+    return got

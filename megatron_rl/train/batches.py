@@ -4,8 +4,10 @@ sequence padded to a multiple of ``2*cp`` and sharded with Megatron's CP layout.
 A sequence is a dict of 1-D tensors of its length ``n``: ``tokens`` (prompt + response),
 ``loss_mask`` (1 on the response's action tokens, over token positions), and per-token loss
 inputs in *label* coordinates (row ``p`` is about token ``p+1``: ``old_logprobs``,
-``advantages``, optionally ``ref_logprobs``, ``rollout_logprobs``). ``pack_by_token_budget``
-groups sequences into micro-batches under a token budget.
+``advantages``, optionally ``ref_logprobs``, ``rollout_logprobs``), and optionally the engine's
+expert ``routes`` (int16 ``[n, L, K]`` in *token* coordinates, -1 rows where unknown), which are
+cut exactly like the tokens and then laid out in the routers' order (``router_order``).
+``pack_by_token_budget`` groups sequences into micro-batches under a token budget.
 """
 
 from __future__ import annotations
@@ -65,6 +67,36 @@ def _ranges(lens: Tensor) -> Tensor:
     return torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens)
 
 
+def _routes_padded(xs: Sequence[Tensor], n: int) -> Tensor:
+    """``[len(xs), n, L, K]``: each sequence's routes, padding rows -1 (routed live)."""
+    out = xs[0].new_full((len(xs), n, *xs[0].shape[1:]), -1)
+    for i, x in enumerate(xs):
+        out[i, :x.shape[0]] = x
+    return out
+
+
+def router_order(local: Tensor, tp_size: int, tp_rank: int, packed: bool) -> Tensor:
+    """This rank's CP shard of the routes (BSHD ``[B, s, L, K]``, THD ``[N, L, K]``) in the order
+    its MoE routers see tokens: the embedding makes BSHD position-major (``[s, B]``), sequence
+    parallelism gives TP rank ``t`` the ``t``-th contiguous ``1/tp`` of positions, and the router
+    flattens ``[s, B]`` row-major. Returns ``[N / tp, L, K]``."""
+    x = local if packed else local.transpose(0, 1)
+    x = x.reshape(tp_size, x.shape[0] // tp_size, *x.shape[1:])[tp_rank]
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def _routes_of(seqs, padded_lens, packed: bool, cu, S, cp_size: int, cp_rank: int, tp_size: int,
+               tp_rank: int, layers: Sequence[int], device) -> Tensor:
+    """The micro-batch's routes for this rank's routers: ``[N, len(layers), K]`` int16."""
+    if packed:
+        full = torch.cat([_routes_padded([s["routes"]], p)[0] for s, p in zip(seqs, padded_lens)])
+        local = thd_shard(full, cu, cp_size, cp_rank)
+    else:
+        local = bshd_shard(_routes_padded([s["routes"] for s in seqs], S), cp_size, cp_rank)
+    ordered = router_order(local, tp_size, tp_rank, packed)
+    return ordered.index_select(1, torch.tensor(list(layers), dtype=torch.long)).to(device)
+
+
 def packed_lengths(lens: Sequence[int], group_of_seq: Sequence[int], cp_size: int,
                    align_groups: bool, tp_size: int = 1) -> List[int]:
     """Each sequence's padded length in a packed (THD) micro-batch: a multiple of ``2*cp``; with
@@ -82,12 +114,15 @@ def packed_lengths(lens: Sequence[int], group_of_seq: Sequence[int], cp_size: in
 def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, packed: bool,
                       cp_size: int = 1, cp_rank: int = 0, cp_group: Group = None,
                       num_groups: Optional[int] = None, align_groups: bool = False,
-                      tp_size: int = 1, device=None) -> PolicyMicroBatch:
+                      tp_size: int = 1, tp_rank: int = 0, route_layers: Optional[Sequence[int]] = None,
+                      device=None) -> PolicyMicroBatch:
     """This CP rank's ``PolicyMicroBatch`` of ``seqs`` (THD when ``packed``, else BSHD), on
     ``device`` (default: where the sequences are). The layout is computed from host lengths and
     the host group ids; the only device work is one copy per field and the sequence-length
     all-reduce over CP. ``align_groups``: see ``packed_lengths`` (BSHD is always aligned).
-    Every sequence is padded to a multiple of ``2 * cp_size * tp_size`` (``padded_length``)."""
+    Every sequence is padded to a multiple of ``2 * cp_size * tp_size`` (``padded_length``).
+    ``route_layers``: this stage's MoE layers (``RouteControl.layers``); with it, sequences'
+    ``routes`` become ``engine_routes`` in the order of this (CP, TP) rank's routers."""
     lens = [int(s["tokens"].shape[0]) for s in seqs]
     group_of_seq = [int(g) for g in group_ids]
     device = seqs[0]["tokens"].device if device is None else torch.device(device)
@@ -105,6 +140,7 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
                             actions_aligned=aligned)
         psp = _packed_seq_params(cu, max(padded), device)
         model_in = {k: local[k][None] for k in ("tokens", "positions", "labels")}  # [1, N]
+        S = None
     else:
         S = padded_length(max(lens), cp_size, tp_size)
         full = {k: _stack_padded([s[k] for s in seqs], S) for k in ("tokens", "loss_mask", *present)}
@@ -114,11 +150,16 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
         shard, psp = CPShard.bshd(len(seqs), S, cp_size, cp_rank, device=device,
                                  actions_aligned=aligned), None
         model_in = {k: local[k] for k in ("tokens", "positions", "labels")}
+        padded, cu = None, None
+    routes = None
+    if route_layers is not None and seqs[0].get("routes") is not None:
+        routes = _routes_of(seqs, padded, packed, cu, S, cp_size, cp_rank, tp_size, tp_rank,
+                            route_layers, device)
     smb = prepare_micro_batch(shard, local["mask"], group_ids.to(device), cp_group,
                               num_groups=num_groups)
     return PolicyMicroBatch(tokens=model_in["tokens"], position_ids=model_in["positions"],
                             labels=model_in["labels"], shard=smb, packed_seq_params=psp,
-                            **{k: smb.view(local[k]) for k in present})
+                            engine_routes=routes, **{k: smb.view(local[k]) for k in present})
 
 
 def actions_share_columns(loss_masks: Sequence[Tensor], group_of_seq: Sequence[int]) -> bool:

@@ -25,6 +25,9 @@ class TrainConfig:
     micro_batch_size: int = field_(8, ge=1, help="responses per forward/backward (whole groups "
                                                  "for the Megatron trainer)")
     pack_sequences: bool = field_(False, help="THD packing of a micro-batch (no padding)")
+    routing_replay: str = field_("off", choices=("off", "old", "rollout"),
+                                 help="MoE expert routes in training: off (live), old (replay the "
+                                      "old-policy pass's, R2), rollout (replay the engine's, R3)")
     lr: float = field_(1e-6, gt=0.0, help="Adam's peak learning rate")
     min_lr: float = field_(0.0, ge=0.0, help="where linear / cosine decay ends")
     lr_warmup_steps: int = field_(0, ge=0, help="in optimizer updates")

@@ -78,15 +78,6 @@ def explained_variance_sums(batch) -> Dict[str, Tensor]:
     return dict(zip(EV_KEYS, total.unbind()))
 
 
-def critic_options(policy_options):
-    """The critic's ``ModelOptions``: the policy's without routing replay. Replay is the policy's
-    (its recorded routes are its own routers'), and building replay-enabled routers would reset
-    megatron-core's global list of them, dropping the policy's."""
-    from dataclasses import replace
-
-    return replace(policy_options, routing_replay=False)
-
-
 def copy_trunk(policy: List, critic: List) -> int:
     """The policy's weights into the critic's parameters of the same name (every one but the value
     head); the layouts are the same, so each rank copies its own shards. Returns how many."""

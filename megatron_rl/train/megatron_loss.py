@@ -37,7 +37,9 @@ def megatron_loss_scale(num_microbatches: int, dp_size: int) -> float:
 @dataclass
 class PolicyMicroBatch:
     """One micro-batch on this rank: model inputs (this CP rank's shard; BSHD ``[b, s]``) and the
-    loss inputs as ``[B, 2C]`` views (see ``parallel.loss``)."""
+    loss inputs as ``[B, 2C]`` views (see ``parallel.loss``). Routes are int16 ``[N, L, K]`` in
+    the routers' token order (``train.routing_replay``); ``trainer_logprobs`` are the trainer's
+    log-probs at the rollout's weights where a pass measured them (the mismatch metrics)."""
 
     tokens: Tensor
     position_ids: Tensor
@@ -48,7 +50,9 @@ class PolicyMicroBatch:
     ref_logprobs: Optional[Tensor] = None
     rollout_logprobs: Optional[Tensor] = None
     packed_seq_params: Any = None
-    routes: Optional[List[Tensor]] = None   # expert routes to replay (train.routing_replay)
+    routes: Optional[Tensor] = None          # replayed in the policy's forwards
+    engine_routes: Optional[Tensor] = None   # the engine's, compared with the live routers once
+    trainer_logprobs: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -82,33 +86,37 @@ def _forward_without_cpu_modes() -> bool:
 
 
 def model_forward(mb: PolicyMicroBatch, model, record_routes: bool = False,
-                  replay_routes: bool = True) -> Tensor:
-    """``model`` on ``mb``; the policy's recorded expert routes are replayed unless
-    ``replay_routes`` is False (the critic: its routers are its own)."""
+                  replay_routes: bool = True, measure: bool = False) -> Tensor:
+    """``model`` on ``mb``. The policy replays ``mb.routes`` unless ``replay_routes`` is False (the
+    reference policy and the critic route their own tokens); ``record_routes`` stores the routes
+    used in ``mb.routes``; ``measure`` compares the live routers with ``mb.engine_routes``
+    (``routing_replay.RouteControl.agreement``)."""
     def run():
         with cpu_modes_suspended() if _forward_without_cpu_modes() else contextlib.nullcontext():
             return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
                          packed_seq_params=mb.packed_seq_params)
 
-    if record_routes:
-        with routing_replay.recording():
-            out = run()
-            mb.routes = routing_replay.take_recorded()
-        return out
-    if mb.routes is not None and replay_routes:
-        with routing_replay.replaying(mb.routes):
-            return run()
-    return run()
+    control = routing_replay.route_control(model)
+    if control is None:
+        return run()
+    with control.active(replay=mb.routes if replay_routes else None, record=record_routes,
+                        compare=mb.engine_routes if measure and replay_routes else None):
+        out = run()
+        if record_routes:
+            mb.routes = control.merge_recorded(mb.routes)
+    return out
 
 
 @cpu_modes_suspended()
 def _loss_func(mb: PolicyMicroBatch, loss: PolicyLoss, groups: ParallelGroups, scale: float,
-               chunk_tokens: Optional[int], logits: Tensor):
+               chunk_tokens: Optional[int], logits: Tensor, *, measure: bool = False):
     lp, ent = logprobs_entropy(mb.shard, _tempered(logits, loss.temperature), mb.labels,
                                tp_group=groups.tp, vocab_start=_vocab_start(logits, groups),
                                chunk_tokens=chunk_tokens)
     if mb.old_logprobs is None:   # StepPlan.old_from_update: this forward is the rollout policy's
         mb.old_logprobs = lp.detach()
+    if measure:                   # the first forward at the rollout's weights
+        mb.trainer_logprobs = lp.detach()
     value, metrics = sharded_policy_loss(
         loss.name, mb.shard, logprobs=lp, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
         num_tokens=loss.num_tokens, num_seqs=loss.num_seqs, ref_logprobs=mb.ref_logprobs,
@@ -132,11 +140,13 @@ def schedule_shapes(model: List, micro_batches: List[PolicyMicroBatch],
 
 
 def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], loss: PolicyLoss,
-                           groups: ParallelGroups, *,
-                           chunk_tokens: Optional[int] = None) -> List[Dict[str, Tensor]]:
+                           groups: ParallelGroups, *, chunk_tokens: Optional[int] = None,
+                           measure: bool = False) -> List[Dict[str, Tensor]]:
     """Forward and backward over this rank's micro-batches with Megatron's schedule (any PP);
     gradients land in the DDP buffers, finalised. Returns the per-micro-batch partial metrics
-    (last pipeline stage only; sum them, then all-reduce over DP x CP)."""
+    (last pipeline stage only; sum them, then all-reduce over DP x CP). ``measure``: this is the
+    first forward at the rollout's weights (no old-policy pass ran): the trainer's log-probs and
+    the routers' agreement with the engine are taken from it (``model_forward``)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     n = len(micro_batches)
@@ -144,8 +154,8 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
 
     def step(data: Iterator[PolicyMicroBatch], chunk_model):
         mb = next(data)
-        return model_forward(mb, chunk_model), partial(_loss_func, mb, loss, groups, scale,
-                                                       chunk_tokens)
+        return model_forward(mb, chunk_model, measure=measure), partial(
+            _loss_func, mb, loss, groups, scale, chunk_tokens, measure=measure)
 
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(micro_batches), model=model,
@@ -155,12 +165,13 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
 
 def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups: ParallelGroups,
                      *, chunk_tokens: Optional[int] = None, record_routes: bool = False,
-                     replay_routes: bool = True, temperature: float = 1.0) -> List[Tensor]:
+                     replay_routes: bool = True, measure: bool = False,
+                     temperature: float = 1.0) -> List[Tensor]:
     """The old-policy or reference log-probs ``[B, 2C]`` of each micro-batch: forward only, no
     autograd graph, the same model code (last pipeline stage only; other stages get []).
     ``record_routes`` stores each micro-batch's expert routes in ``mb.routes`` for replay in the
-    training forward (needs ``ModelOptions.routing_replay``); ``replay_routes=False`` lets the
-    routers choose (the reference policy: the recorded routes are the current policy's)."""
+    training forward; ``replay_routes=False`` lets the routers choose (the reference policy);
+    ``measure``: the old-policy pass at the rollout's weights (``model_forward``)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     @cpu_modes_suspended()
@@ -168,11 +179,14 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
         lp, _ = logprobs_entropy(mb.shard, _tempered(logits, temperature), mb.labels,
                                  tp_group=groups.tp, vocab_start=_vocab_start(logits, groups),
                                  chunk_tokens=chunk_tokens)
+        if measure:
+            mb.trainer_logprobs = lp.detach()
         return lp.sum() * 0, {"logprobs": lp.detach()}
 
     def step(data, chunk_model):
         mb = next(data)
-        return model_forward(mb, chunk_model, record_routes, replay_routes), partial(logprob_func, mb)
+        return (model_forward(mb, chunk_model, record_routes, replay_routes, measure),
+                partial(logprob_func, mb))
 
     with torch.no_grad():
         out = get_forward_backward_func()(

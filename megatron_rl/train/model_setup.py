@@ -7,6 +7,7 @@ from typing import List, Tuple
 from megatron_rl.model.build import ModelOptions, build_gpt_model, transformer_config
 from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import HFModel
+from megatron_rl.train.routing_replay import install_route_replay
 
 
 def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = True,
@@ -26,6 +27,8 @@ def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = T
         from megatron_rl.model.value_head import attach_value_head
 
         model = attach_value_head(model, config, value_head_init_std)
+    if hf.num_experts:   # expert routes can be recorded, replayed and compared (train.routing_replay)
+        install_route_replay([model], hf.moe_layers)
     if not ddp:
         return [model], config
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,

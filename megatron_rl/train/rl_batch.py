@@ -20,6 +20,7 @@ import torch
 
 from megatron_rl.algo.advantages import PER_POSITION_ESTIMATORS, step_whitening
 from megatron_rl.algo.kl import kl_estimate
+from megatron_rl.algo.mismatch import mismatch_gap
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import sharded_advantages, step_denominators, step_whiten
 from megatron_rl.train.crash_points import reached
@@ -48,17 +49,28 @@ class StepPlan:
     seed: int = 0                           # the shuffles of epochs after the first
     temperature: float = 1.0
     needs_reference: bool = False
-    record_routes: bool = False
+    routing_replay: str = "off"             # off | old (R2: the old pass's) | rollout (R3: the engine's)
+    behaviour: str = "old"                  # old: the trainer's old-policy pass | rollout: the engine's
     packed: bool = False
     separate_old_pass: bool = False         # run the old-policy pass even where not needed
 
     @property
     def old_from_update(self) -> bool:
-        """One update over the whole batch, and no reference, critic (``gae``) or routing replay
-        reading the old log-probs before it: the update's own forward runs the rollout's policy,
-        so its log-probs, detached, are the old ones (exactly) and a separate pass is not run."""
-        return not (self.separate_old_pass or self.updates != 1 or self.epochs != 1
-                    or self.needs_reference or self.record_routes or self.advantage == "gae")
+        """No pass has to run before the first update: the old log-probs are the engine's
+        (``behaviour=rollout``), or one update covers the whole batch, whose own forward runs the
+        rollout's policy so that its log-probs, detached, are the old ones (exactly). Either way
+        nothing else may read them first: a reference (the KL), a critic (``gae``) or R2's
+        recording of routes."""
+        if self.separate_old_pass or self.needs_reference or self.routing_replay == "old" \
+                or self.advantage == "gae":
+            return False
+        return self.behaviour == "rollout" or (self.updates == 1 and self.epochs == 1)
+
+    @property
+    def old_pass(self) -> bool:
+        """The trainer runs its old-policy pass before the updates: for the old log-probs
+        (``behaviour=old`` where the update cannot give them) or to record R2's routes."""
+        return not self.old_from_update and (self.behaviour == "old" or self.routing_replay == "old")
 
 
 @dataclass
@@ -71,11 +83,13 @@ class StepBatch:
     returns: Optional[List[Tensor]] = None  # [B, 2C] the critic's targets: advantage + value
 
 
-def group_sequences(prompt_ids: List[int], samples: Sequence) -> List[Dict[str, Tensor]]:
+def group_sequences(prompt_ids: List[int], samples: Sequence,
+                    route_shape: Optional[Sequence[int]] = None) -> List[Dict[str, Tensor]]:
     """One group's sequences: prompt + response tokens exactly as the engine saw them, the loss
     mask over the response's action tokens (multi-turn: the sample's ``action_mask``, 0 on
     observation tokens), and the engine's log-probs in label coordinates (row ``p`` is about
-    token ``p + 1``)."""
+    token ``p + 1``). ``route_shape`` ``(L, K)``: the engine's expert routes too, in token
+    coordinates (-1 rows where it has none: the last token, a response it returned none for)."""
     out = []
     L = len(prompt_ids)
     for s in samples:
@@ -89,24 +103,44 @@ def group_sequences(prompt_ids: List[int], samples: Sequence) -> List[Dict[str, 
         zeros = torch.zeros(L + R)
         out.append({"tokens": tokens, "loss_mask": loss_mask, "rollout_logprobs": rollout,
                     "old_logprobs": zeros, "advantages": zeros})
+        if route_shape is not None:
+            out[-1]["routes"] = _token_routes(getattr(s, "routed_experts", None), L + R, route_shape)
+    return out
+
+
+def _token_routes(payload, n: int, shape: Sequence[int]) -> Tensor:
+    """``[n, L, K]`` int16: the engine's routes (``rollout.routes`` payload) where it has them,
+    -1 elsewhere."""
+    out = torch.full((n, *shape), -1, dtype=torch.int16)
+    if payload is not None:
+        rows = min(len(payload), n)
+        out[:rows] = torch.as_tensor(payload[:rows], dtype=torch.int16)
     return out
 
 
 def build_step_batch(groups: List[List[Dict[str, Tensor]]], rewards: List[Tensor],
                      groups_per_micro_batch: int, pg: ParallelGroups, *, cp_size: int, cp_rank: int,
-                     packed: bool, device, advantage: str = "") -> StepBatch:
+                     packed: bool, device, advantage: str = "",
+                     route_layers: Optional[Sequence[int]] = None,
+                     replay_rollout_routes: bool = False) -> StepBatch:
     """``groups[P][G]`` sequences and their ``rewards[P]`` ``[G]`` -> micro-batches of whole groups.
     An ``advantage`` with per-position group statistics gets group-aligned packed lengths
-    (``batches.packed_lengths``): under CP its statistics then need no communication."""
+    (``batches.packed_lengths``): under CP its statistics then need no communication.
+    ``route_layers``: this stage's MoE layers, when the sequences carry the engine's routes;
+    ``replay_rollout_routes`` (R3) replays them in every policy forward."""
     align = advantage in PER_POSITION_ESTIMATORS
     mbs, rs = [], []
     for start in range(0, len(groups), groups_per_micro_batch):
         chunk = range(start, min(start + groups_per_micro_batch, len(groups)))
         seqs = [s for g in chunk for s in groups[g]]
         gid = torch.tensor([i for i, g in enumerate(chunk) for _ in groups[g]])
-        mbs.append(build_micro_batch(seqs, gid, packed=packed, cp_size=cp_size, cp_rank=cp_rank,
-                                     cp_group=pg.cp, num_groups=len(chunk), align_groups=align,
-                                     tp_size=pg.tp_size, device=device))
+        mb = build_micro_batch(seqs, gid, packed=packed, cp_size=cp_size, cp_rank=cp_rank,
+                               cp_group=pg.cp, num_groups=len(chunk), align_groups=align,
+                               tp_size=pg.tp_size, tp_rank=pg.tp_rank, route_layers=route_layers,
+                               device=device)
+        if replay_rollout_routes:
+            mb.routes = mb.engine_routes
+        mbs.append(mb)
         rs.append(torch.cat([rewards[g] for g in chunk]).to(device))
     return StepBatch(mbs, rs, [None] * len(mbs))
 
@@ -140,33 +174,42 @@ def set_advantages(batch: StepBatch, idx: Sequence[int], plan: StepPlan, pg: Par
 
 def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: StepPlan,
                    reference=None, router_load=None, critic=None) -> None:
-    """Old-policy log-probs (recording expert routes for replay when asked), the reference
-    log-probs when the algorithm uses a KL, the critic's values (PPO), then the advantages. Last
-    pipeline stage only; the other stages keep placeholders (they never compute a loss)."""
-    if plan.old_from_update:
+    """The behaviour policy's log-probs (the old-policy pass, recording expert routes for R2; or
+    the engine's, ``behaviour=rollout``), the reference log-probs when the algorithm uses a KL,
+    the critic's values (PPO), then the advantages. Results on the last pipeline stage only; the
+    other stages keep placeholders (they never compute a loss)."""
+    from megatron.core import parallel_state as ps
+
+    if plan.behaviour == "rollout":
+        for mb in batch.micro_batches:
+            mb.old_logprobs = mb.rollout_logprobs
+    elif plan.old_from_update:
         _old_from_update(batch, plan, pg, critic)
         return
-    with router_load.counting() if router_load is not None else contextlib.nullcontext():
-        old = forward_logprobs(model, batch.micro_batches, pg, record_routes=plan.record_routes,
-                               temperature=plan.temperature)
-    for mb, lp in zip(batch.micro_batches, old):
-        mb.old_logprobs = lp
-    batch.has_logprobs = bool(old)
+    batch.has_logprobs = ps.is_pipeline_last_stage(ignore_virtual=True)
+    if plan.old_pass:
+        with router_load.counting() if router_load is not None else contextlib.nullcontext():
+            old = forward_logprobs(model, batch.micro_batches, pg, measure=True,
+                                   record_routes=plan.routing_replay == "old",
+                                   temperature=plan.temperature)
+        if plan.behaviour == "old":
+            for mb, lp in zip(batch.micro_batches, old):
+                mb.old_logprobs = lp
     # every pipeline stage runs each pass (the schedule is collective); the last keeps the results
     if plan.needs_reference:
         with reference.swapped_in():
-            # the reference routes its own tokens: the recorded routes are the current policy's
+            # the reference routes its own tokens: the replayed routes are the policy's
             ref = forward_logprobs(model, batch.micro_batches, pg, replay_routes=False,
                                    temperature=plan.temperature)
-        if old:
+        if batch.has_logprobs:
             batch.ref = ref
             for mb, r in zip(batch.micro_batches, ref):
                 mb.ref_logprobs = r
     if critic is not None:
         values = critic.values(batch.micro_batches)
-        if old:
+        if batch.has_logprobs:
             batch.values, batch.returns = values, [torch.zeros_like(v) for v in values]
-    if old:
+    if batch.has_logprobs:
         set_advantages(batch, range(len(batch.micro_batches)), plan, pg)
 
 
@@ -219,7 +262,7 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
     with ``reduce_metrics``): the mean over all updates, and with several epochs each epoch's
     mean as ``train/epoch<k>/...``. ``router_load`` counts expert loads in the update's forward
     when it is the step's only one (``plan.old_from_update``)."""
-    count = router_load is not None and plan.old_from_update
+    count = router_load is not None and not plan.old_pass
     sums: Dict[str, Tensor] = {}
     n_updates, skipped = 0, 0.0
     orders = epoch_orders(len(batch.micro_batches), plan.epochs, plan.seed, step)
@@ -235,8 +278,10 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
                 if current:
                     set_advantages(batch, idx, plan, pg, current)
             if train_policy:
+                # no old pass ran: the first update's forward is at the rollout's weights
+                measure = not plan.old_pass and n_updates == 0 and epoch == 0
                 with router_load.counting() if count else contextlib.nullcontext():
-                    row = _one_update(model, optimizer, scheduler, batch, idx, pg, plan)
+                    row = _one_update(model, optimizer, scheduler, batch, idx, pg, plan, measure)
                 skipped += row.pop("skipped_updates")
                 for k, v in row.items():
                     sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v / total
@@ -254,7 +299,7 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
 
 
 def _one_update(model: List, optimizer, scheduler, batch: StepBatch, idx: Sequence[int],
-                pg: ParallelGroups, plan: StepPlan) -> Dict[str, Tensor]:
+                pg: ParallelGroups, plan: StepPlan, measure: bool = False) -> Dict[str, Tensor]:
     """One optimizer update over micro-batches ``idx``: this rank's partial loss metrics (summed
     over them), the gradient norm and whether the update was skipped."""
     mbs = [batch.micro_batches[i] for i in idx]
@@ -262,7 +307,7 @@ def _one_update(model: List, optimizer, scheduler, batch: StepBatch, idx: Sequen
     for chunk in model:
         chunk.zero_grad_buffer()
     loss = PolicyLoss(plan.loss, plan.loss_params, num_tokens, num_seqs, plan.temperature)
-    logged = train_forward_backward(model, mbs, loss, pg)
+    logged = train_forward_backward(model, mbs, loss, pg, measure=measure)
     bad = nonfinite_flag(model, [row["loss"] for row in logged])
     applied, grad_norm, _ = optimizer_step(optimizer, scheduler, bad, torch.distributed.group.WORLD)
     out: Dict[str, Tensor] = {}
@@ -289,16 +334,24 @@ def advantage_sums(batch: StepBatch) -> Dict[str, Tensor]:
 
 
 def mismatch_sums(batch: StepBatch) -> Dict[str, Tensor]:
-    """Train/inference mismatch on this step's tokens: |trainer old log-prob - engine log-prob|
-    summed over action tokens (partial sums, on the device; divide by the token count after the
-    reduce). Only the last pipeline stage has the trainer's log-probs: the others add nothing."""
-    if not batch.has_logprobs:
+    """Train/inference mismatch on this step's action tokens, as partial sums on the device: the
+    trainer's log-probs at the rollout's weights (where a pass measured them) against the
+    engine's: ``|difference|`` (``mismatch/mean``), the k1 and k3 estimates of KL(engine ||
+    trainer) per token (``mismatch/k1``, ``mismatch/k3``) and the largest per-token values
+    (``mismatch/max``, ``mismatch/k3/max``). Only the last pipeline stage has the trainer's
+    log-probs: the others add nothing."""
+    rows = [(mismatch_gap(mb.trainer_logprobs.double(), mb.rollout_logprobs.double(),
+                          mb.shard.mask.double()), mb.shard.mask.double())
+            for mb in batch.micro_batches
+            if mb.trainer_logprobs is not None and mb.rollout_logprobs is not None]
+    if not batch.has_logprobs or not rows:
         return {}
-    diffs = [((mb.old_logprobs.double() - mb.rollout_logprobs.double()).abs() * mb.shard.mask.double(),
-              mb.shard.mask.double()) for mb in batch.micro_batches]
-    return {"mismatch/abs_sum": sum(d.sum() for d, _ in diffs),
-            "mismatch/tokens": sum(m.sum() for _, m in diffs),
-            "mismatch/max": torch.stack([d.max() for d, _ in diffs]).max()}
+    return {"mismatch/abs_sum": sum(g["abs"].sum() for g, _ in rows),
+            "mismatch/k1_sum": sum(g["k1"].sum() for g, _ in rows),
+            "mismatch/k3_sum": sum(g["k3"].sum() for g, _ in rows),
+            "mismatch/tokens": sum(m.sum() for _, m in rows),
+            "mismatch/max": torch.stack([g["abs"].max() for g, _ in rows]).max(),
+            "mismatch/k3/max": torch.stack([g["k3"].max() for g, _ in rows]).max()}
 
 
 def probe_mismatch(engine, model: List, pg: ParallelGroups, prompt_ids: List[int], *,

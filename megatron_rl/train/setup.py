@@ -70,6 +70,28 @@ def engine_loadable_hf_dir(cfg: RunConfig) -> Optional[Path]:
     return d if same else None
 
 
+def step_plan(cfg: RunConfig, needs_reference: bool):
+    """The ``rl_batch.StepPlan`` of the algo, train and rollout sections."""
+    from megatron_rl.train.rl_batch import StepPlan
+
+    a, t = cfg.algo, cfg.train
+    return StepPlan(
+        a.advantage.name, dict(a.advantage.params), a.loss.name, a.loss_params(),
+        kl_estimator=a.kl_estimator, kl_source=a.kl_source,
+        kl_clamp_log_ratio=a.kl_clamp_log_ratio, kl_clamp_value=a.kl_clamp_value,
+        updates=t.updates_per_step, epochs=t.epochs_per_step, seed=t.seed,
+        temperature=cfg.rollout.temperature, needs_reference=needs_reference,
+        routing_replay=t.routing_replay, behaviour=a.mismatch.behaviour, packed=t.pack_sequences)
+
+
+def route_spec(cfg: RunConfig, hf):
+    """The ``rollout.routes.RouteSpec`` the engine returns routes for, or None (not asked)."""
+    from megatron_rl.rollout.routes import RouteSpec
+
+    wanted = cfg.train.routing_replay == "rollout" or cfg.rollout.return_routes
+    return RouteSpec.of(hf) if wanted else None
+
+
 def optim_settings(section, train):
     """``OptimSettings`` from the optimizer keys a section shares (``train`` or ``critic``: lr,
     min_lr, lr_warmup_steps, lr_decay_style, weight_decay, max_grad_norm); the schedule's length
@@ -104,12 +126,12 @@ def build_critic(cfg: RunConfig, hf, layout, pg, policy: ModelState):
     """PPO's critic (``train.critic.Critic``) in the policy's layout, initialised from
     ``critic.init_from`` or else the policy's starting weights (call after
     ``load_starting_weights``); returns ``(critic, where its weights came from)``."""
-    from megatron_rl.train.critic import Critic, copy_trunk, critic_options, load_critic_init
+    from megatron_rl.train.critic import Critic, copy_trunk, load_critic_init
     from megatron_rl.train.model_setup import build_model
     from megatron_rl.train.optimizer import build_optimizer
 
     c, t = cfg.critic, cfg.train
-    opt = critic_options(cfg.model.options())
+    opt = cfg.model.options()   # the critic's routers are its own: it never replays the policy's routes
     model, _ = build_model(hf, layout, opt, distributed_optimizer=True, value_head=True,
                            value_head_init_std=c.head_init_std)
     optimizer, scheduler = build_optimizer(model, optim_settings(c, t), opt.params_dtype)
@@ -213,7 +235,7 @@ def refuse_drift(saved: Optional[dict], cfg: RunConfig, checkpoint: Path) -> Non
 
     if saved is None or cfg.train.resume == "force":
         return
-    changes = training_changes(saved, config_tree(cfg))
+    changes = training_changes(saved, config_tree(cfg), config_tree(RunConfig()))
     if changes:
         more = f" (and {len(changes) - 4} more)" if len(changes) > 4 else ""
         raise ConfigError(

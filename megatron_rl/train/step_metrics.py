@@ -27,12 +27,18 @@ def rank_shares(sums: Dict[str, float], tp: int, world: int) -> Dict[str, float]
 
 
 def derive(m: Dict[str, float], seconds: float) -> Dict[str, float]:
-    """Ratios of reduced sums, in place: mismatch mean, tokens per second and the critic's
-    explained variance (of the rollout's values against the returns)."""
+    """Ratios of reduced sums, in place: the mismatch means, the routers' agreement with the
+    engine, tokens per second and the critic's explained variance (of the rollout's values
+    against the returns)."""
     import torch
 
     if m.get("mismatch/tokens"):
-        m["mismatch/mean"] = m.pop("mismatch/abs_sum") / m.pop("mismatch/tokens")
+        n = m.pop("mismatch/tokens")
+        m["mismatch/mean"] = m.pop("mismatch/abs_sum") / n
+        m["mismatch/k1"] = m.pop("mismatch/k1_sum") / n
+        m["mismatch/k3"] = m.pop("mismatch/k3_sum") / n
+    if m.get("r3/slots"):
+        m["r3/route_agreement"] = m.pop("r3/agree_slots") / m.pop("r3/slots")
     if m.get("advantage/tokens"):
         n = m.pop("advantage/tokens")
         mean = m.pop("advantage/sum") / n

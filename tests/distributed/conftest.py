@@ -257,3 +257,32 @@ def cp_model_results(tmp_path_factory):
     runs += [(world, cases, model, OVERRIDES.get(overrides))
              for (model, overrides, world), cases in MODEL_CASES_CP_OTHER.items()]
     return _model_spawns(tmp_path_factory, runs)
+
+
+# Routing replay of the engine's routes (R3): name, layout, micro-batches per DP rank, loss,
+# packed (THD), mutation. The two mutants (no replay; routes one token late) must fail.
+ROUTE_CASES = [
+    ("r3_tp2_bshd", {"tp": 2}, 1, "gspo", False, None),
+    ("r3_ep2_bshd", {"ep": 2}, 1, "gspo", False, None),
+    ("r3_pp2_thd", {"pp": 2}, 2, "future_kl_grpo", True, None),
+    ("r3_cp2_bshd", {"cp": 2}, 1, "gspo", False, None),
+    ("r3_cp2_thd", {"cp": 2}, 2, "future_kl_grpo", True, None),
+    ("r3_dp2_bshd_mb2", {}, 2, "gspo", False, None),
+    ("mutant_r3_no_replay", {"tp": 2}, 1, "gspo", False, "drop"),
+    ("mutant_r3_shifted", {"cp": 2}, 1, "gspo", True, "shift"),
+]
+
+
+@pytest.fixture(scope="session")
+def route_results(tmp_path_factory):
+    from tests.distributed import route_workers
+
+    return spawn(route_workers.route_equivalence, 2, str(tmp_path_factory.mktemp("r3")), ROUTE_CASES)
+
+
+@pytest.fixture(scope="session")
+def route_check_results():
+    from tests.distributed import route_workers
+
+    return {model: spawn(route_workers.route_checks, 1, model)
+            for model in ("qwen3_moe", "deepseek_v3", "mixtral")}

@@ -364,7 +364,7 @@ def routing_replay(rank: int, world: int) -> dict:
 
     hf = load_hf_config(tiny_hf_config("qwen3_moe"))
     groups = init_megatron_parallel(Layout(), 11)
-    model, _ = build_model(hf, Layout(), ModelOptions(routing_replay=True), distributed_optimizer=True)
+    model, _ = build_model(hf, Layout(), ModelOptions(), distributed_optimizer=True)
     opt, sched = build_optimizer(model, OptimSettings(lr=0.05), torch.float32)
     maps: List[torch.Tensor] = []
     for layer in unwrap(model[0]).decoder.layers:
@@ -390,6 +390,6 @@ def routing_replay(rank: int, world: int) -> dict:
     free = routes_of(lambda: forward_logprobs(model, mbs, groups))
     destroy_megatron_parallel()
     eq = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
-    return {"layers": len(recorded), "train_used_recorded": eq(trained, old),
+    return {"layers": int(recorded.shape[1]), "train_used_recorded": eq(trained, old),
             "replay_used_recorded": eq(replayed, old), "free_routes_moved": not eq(free, old),
             "moved_tokens": int(sum((f != o).any(-1).sum() for f, o in zip(free, old)))}

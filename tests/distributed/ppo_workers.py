@@ -86,13 +86,12 @@ def _optimizer(model):
 
 
 def _run_layout(hf, layout, n_mb, data, seed, tmp, packed, out, replay):
-    from megatron_rl.train.critic import critic_options
     from megatron_rl.train.reference import HostWeights
 
     groups = init_megatron_parallel(layout, seed)
-    opt = ModelOptions(routing_replay=replay)     # built in the trainer's order: policy, critic
+    opt = ModelOptions()                          # built in the trainer's order: policy, critic
     policy, _ = build_model(hf, layout, opt)
-    critic, _ = build_model(hf, layout, critic_options(opt), value_head=True)
+    critic, _ = build_model(hf, layout, opt, value_head=True)
     _load(unwrap(critic[0]), os.path.join(tmp, "critic"))
     _load(unwrap(policy[0]), os.path.join(tmp, "ref"))
     reference = HostWeights(policy)                      # as the trainer keeps its reference
@@ -101,7 +100,8 @@ def _run_layout(hf, layout, n_mb, data, seed, tmp, packed, out, replay):
     rows = [mine[i::n_mb] for i in range(n_mb)]
     mbs = _built_micro_batches(data, torch.zeros_like(data["mask"]), rows, groups, packed=packed)
     batch = StepBatch(mbs, [data["rewards"][r] for r in rows], [None] * len(mbs))
-    plan = StepPlan("gae", dict(GAE), "grpo", dict(PPO), needs_reference=True, record_routes=replay)
+    plan = StepPlan("gae", dict(GAE), "grpo", dict(PPO), needs_reference=True,
+                    routing_replay="old" if replay else "off")
     c_opt, c_sched = _optimizer(critic)
     c = Critic(critic, c_opt, c_sched, groups, clip=CLIP)
     logprob_passes(policy, batch, groups, plan, reference=reference, critic=c)

@@ -72,6 +72,9 @@ def test_multi_turn_at_cp2_with_engine_tp2_equals_cp1(tmp_path):
     for a, b in zip(cp2, cp1):
         assert a["env/turns_mean"] > 2.5 and a["env/env_token_share"] > 0.2
         assert a["mismatch/mean"] < 1e-4
+        # the recipe replays the engine's routes (R3): every turn's, merged per episode, arrive
+        # for every token the engine ran, and Megatron's routers (before replay) agree with them
+        assert a["r3/missing_frac"] == 0.0 and a["r3/route_agreement"] >= 0.999
         for k in a:
             if k.startswith(("moe/imbalance", "mismatch/max", "sync/probe_mismatch/max", "mem/",
                              "time/", "perf/", "sync/seconds")):

@@ -105,7 +105,7 @@ def gae(rewards, values, kl, mask, gamma, lam, kl_coef):
     return out
 
 
-def future_kl_grpo(rewards, kl, mask, groups, beta, norm=True, eps=1e-6):
+def future_kl_grpo(rewards, kl, mask, groups, beta, norm=True, eps=1e-6, std_min=None):
     rewards, kl, mask, groups = lists(rewards), lists(kl), lists(mask), [int(g) for g in lists(groups)]
     B, T = len(mask), len(mask[0])
     r = [[0.0] * T for _ in range(B)]
@@ -123,7 +123,8 @@ def future_kl_grpo(rewards, kl, mask, groups, beta, norm=True, eps=1e-6):
             if len(peers) < 2:
                 continue
             a = r[i][j] - _mean(peers)
-            out[i][j] = a / (_std(peers) + eps) if norm else a
+            std = _std(peers) if std_min is None else max(_std(peers), std_min)
+            out[i][j] = a / (std + eps) if norm else a
     return r, out
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from megatron_rl.algo.advantages import (
-    ADVANTAGE_ESTIMATORS, compute_advantages, future_kl_returns,
+    ADVANTAGE_ESTIMATORS, FUTURE_KL_STD_MIN, compute_advantages, future_kl_returns,
 )
 from megatron_rl.algo.registry import UnknownNameError
 
@@ -65,12 +65,29 @@ def test_gae_matches_loop_reference(batch, gamma, lam, kl_coef):
           ref.whiten(want, ref.lists(batch["mask"])))
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_future_kl_grpo_matches_per_position_group_reference(batch, norm):
+@pytest.mark.parametrize("norm,std_min", [(True, 0.0), (False, 0.0), (True, 0.1), (True, 0.5)])
+def test_future_kl_grpo_matches_per_position_group_reference(batch, norm, std_min):
     r, want = ref.future_kl_grpo(batch["rewards"], batch["kl"], batch["mask"], batch["group_ids"],
-                                 beta=0.3, norm=norm)
+                                 beta=0.3, norm=norm, std_min=std_min)
     close(future_kl_returns(batch["rewards"], batch["kl"], batch["mask"], 0.3), r)
-    close(adv("future_kl_grpo", batch, beta=0.3, norm_by_std=norm), want)
+    close(adv("future_kl_grpo", batch, beta=0.3, norm_by_std=norm, std_min=std_min), want)
+
+
+def test_future_kl_grpo_std_floor_keeps_kl_noise_small_where_rewards_agree():
+    """The default floor (``FUTURE_KL_STD_MIN``): a group whose rewards agree differs only by its
+    KL sums; without a floor that noise is scaled up to advantages near +-1, with it they stay
+    at (spread / floor). A group whose rewards differ keeps its advantages."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(8, 5, dtype=torch.float64)
+    kl = 0.01 * torch.rand(8, 5, dtype=torch.float64, generator=g)
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    floor = compute_advantages("future_kl_grpo", rewards=rewards, mask=mask, group_ids=ids, kl=kl)
+    bare = compute_advantages("future_kl_grpo", rewards=rewards, mask=mask, group_ids=ids, kl=kl,
+                              std_min=0.0)
+    assert FUTURE_KL_STD_MIN == 0.1
+    assert bare[:4].abs().max() > 0.9 and floor[:4].abs().max() < 0.01
+    torch.testing.assert_close(floor[4:], bare[4:])
 
 
 def test_future_kl_returns_equal_gae_with_unit_discounts_and_zero_values(batch):

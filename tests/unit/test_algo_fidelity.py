@@ -96,9 +96,39 @@ def test_off_policy_the_loss_placement_ignores_rho_and_the_surrogate_weights_it(
     torch.testing.assert_close(g_sur_off, g_loss_on * rho, rtol=1e-10, atol=1e-12)
 
 
-def test_kl_in_the_surrogate_refuses_k2_naming_the_alternatives(b):
-    with pytest.raises(ValueError, match="use k1 .* or k3"):
-        _grad(b, "grpo", kl_coef=0.1, kl_kind="k2", kl_placement="surrogate")
+def test_kl_in_the_surrogate_k2_is_the_k1_penalty_and_unknown_kinds_are_refused(b):
+    """``c = log(pi/pi_ref)`` is k2's derivative (the loss-side default) and k1 names it too."""
+    g2, _ = _grad(b, "grpo", kl_coef=0.1, kl_kind="k2", kl_placement="surrogate")
+    g1, _ = _grad(b, "grpo", kl_coef=0.1, kl_kind="k1", kl_placement="surrogate")
+    torch.testing.assert_close(g2, g1, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="use k2 .* or k3"):
+        _grad(b, "grpo", kl_coef=0.1, kl_kind="k4", kl_placement="surrogate")
+
+
+def test_the_loss_side_kl_defaults_to_k2_whose_gradient_is_the_reverse_kls(b):
+    """On-policy, the k2 loss's gradient is ``E_pi[log(pi/ref) grad lp]`` = grad KL(pi||ref): the
+    exact reverse-KL gradient of a tiny categorical policy (logits ``z``) against autograd through
+    the closed form, with every token weighted by its probability (the expectation over samples).
+    k3's is grad KL(ref||pi), which differs: the reason k2 is the default."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    ref_lp = torch.log_softmax(torch.randn(5, dtype=torch.float64, generator=g), -1)
+    lp = torch.log_softmax(z, -1)
+    p = lp.exp().detach()
+    reverse = torch.autograd.grad((lp.exp() * (lp - ref_lp)).sum(), z)[0]
+    forward = torch.autograd.grad((ref_lp.exp() * (ref_lp - torch.log_softmax(z, -1))).sum(), z)[0]
+
+    def expected_grad(**kw):
+        tokens = torch.log_softmax(z, -1)[None, :]
+        loss, _ = policy_loss("grpo", logprobs=tokens, old_logprobs=tokens.detach(),
+                              advantages=torch.zeros(1, 5, dtype=torch.float64),
+                              mask=p[None, :] * 5, ref_logprobs=ref_lp[None, :].expand(1, 5),
+                              num_tokens=5.0, num_seqs=1.0, kl_coef=1.0, **kw)
+        return torch.autograd.grad(loss, z)[0]
+
+    torch.testing.assert_close(expected_grad(), reverse, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(expected_grad(kl_kind="k3"), forward, rtol=1e-10, atol=1e-12)
+    assert (reverse - forward).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- load-time guards

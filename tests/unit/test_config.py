@@ -35,7 +35,10 @@ def test_defaults_chain_merges_parents_first_and_overrides_last():
     ("no_equals_sign", "expected key=value"),
     ("algo.loss.params.agg=sum", "algo.loss.params: unknown loss aggregation 'sum'"),
     ("algo.loss.params.entropy_control=clipcov", "algo.loss.params: entropy_control must be one of none, clip_cov, kl_cov"),
-    ("algo.loss.params.tis_mode=trunc", "algo.loss.params: tis_mode must be one of truncate, mask"),
+    ("algo.loss.params.tis_mode=trunc", "algo.loss.params.tis_mode: the train/inference "
+                                        "corrections are set under algo.mismatch"),
+    ("algo.mismatch.icepop=[1.5,2.0]", "algo.mismatch.icepop: must be [low, high] with 0 <= low <= 1"),
+    ("algo.mismatch.tis_level=seq", "algo.mismatch.tis_level: must be one of token, sequence"),
     ("algo.advantage.params.baseline=grp", "algo.advantage.params: advantage estimator 'grpo' has no"),
 ])
 def test_bad_values_fail_at_load_naming_the_key(override, needle):
@@ -203,6 +206,30 @@ def test_a_resume_refuses_changed_training_settings_and_allows_safe_knobs():
     refuse_drift(saved, forced, pathlib.Path("x"))      # the user said so
     refuse_drift(None, changed, pathlib.Path("x"))      # a checkpoint from before saved configs
     assert load_config(RECIPES / "tiny_moe_gspo.yaml", ["train.resume=false"]).train.resume == "false"
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_across_added_and_retired_keys():
+    """Keys added since (train.routing_replay, algo.mismatch.*, rollout.return_routes) at their
+    defaults keep the old behaviour, and model.routing_replay: false was the default: no change.
+    A run that had replay on (model.routing_replay: true) is told what changed."""
+    from megatron_rl.train.setup import config_tree, refuse_drift
+
+    now = load_config(RECIPES / "tiny_moe_gspo.yaml")
+    old = config_tree(now)
+    for key in ("routing_replay", "return_routes"):
+        old["train"].pop(key, None)
+        old["rollout"].pop(key, None)
+    old["algo"].pop("mismatch")
+    old["model"]["routing_replay"] = False
+    refuse_drift(old, now, pathlib.Path("x"))
+    old["model"]["routing_replay"] = True
+    with pytest.raises(ConfigError, match="model.routing_replay: True -> '<unset>'"):
+        refuse_drift(old, now, pathlib.Path("x"))
+    with pytest.raises(ConfigError, match="train.routing_replay: '<unset>' -> 'rollout'"):
+        refuse_drift(config_tree(now) | {"train": {k: v for k, v in config_tree(now)["train"].items()
+                                                   if k != "routing_replay"}},
+                     load_config(RECIPES / "tiny_moe_gspo.yaml", ["train.routing_replay=rollout"]),
+                     pathlib.Path("x"))
 
 
 def test_known_late_failures_are_refused_at_start_up():

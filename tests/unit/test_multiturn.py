@@ -336,7 +336,7 @@ TOOL = pathlib.Path(__file__).resolve().parents[2] / "configs" / "recipes" / "ti
     ("env.params.max_tool_calls=0", "env.params: max_tool_calls must be >= 1"),
     ("env.module=no/such/envs.py", "env.module: cannot import 'no/such/envs.py'"),
     ("env.module=no_such_module_xyz", "env.module: cannot import 'no_such_module_xyz'"),
-    ("model.routing_replay=true", "model.routing_replay: expert routes are recorded per engine call"),
+    ("model.routing_replay=true", "model.routing_replay is gone: use train.routing_replay"),
     ("rollout.ignore_eos=true", "rollout.ignore_eos: a multi-turn turn ends"),
     ("env.max_turns=0", "env.max_turns"),
     ("env.render=html", "env.render"),

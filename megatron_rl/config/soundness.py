@@ -1,0 +1,53 @@
+"""Rules about whose samples train which policy: what is refused at load (it would train on
+nothing, or on routes that do not exist) and what is warned about (it runs, but off-policy
+without the correction that keeps its gradient right).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from megatron_rl.fields import ConfigError
+
+
+def check_sampling(cfg) -> None:
+    """``ConfigError`` for a combination that cannot train correctly (``cfg``: a ``RunConfig``)."""
+    a, n = cfg.algo, cfg.rollout.n_samples_per_prompt
+    if a.advantage.name == "reinforce_pp" and a.advantage.params.get("baseline") == "group" and n < 2:
+        raise ConfigError(
+            "algo.advantage.params.baseline: group subtracts the mean reward of each prompt's "
+            f"responses, and rollout.n_samples_per_prompt={n} leaves each response alone in its "
+            "group: every advantage would be 0; set rollout.n_samples_per_prompt >= 2 or "
+            "baseline: none")
+    moe = bool(cfg.model.hf_model().num_experts)
+    if cfg.train.routing_replay != "off" and not moe:
+        raise ConfigError(f"train.routing_replay: {cfg.train.routing_replay} replays expert routes, "
+                          "and the model has no experts; set train.routing_replay=off")
+    if cfg.rollout.return_routes and not moe:
+        raise ConfigError("rollout.return_routes: the model has no experts (no routes to return); "
+                          "set it to false")
+
+
+def load_warnings(cfg) -> List[str]:
+    """One line per setting that trains off-policy without its correction, naming the key that
+    fixes it (the run still starts)."""
+    a, t = cfg.algo, cfg.train
+    off_policy = t.updates_per_step > 1 or t.epochs_per_step > 1
+    out: List[str] = []
+    if not off_policy:
+        return out
+    why = (f"train.updates_per_step={t.updates_per_step} x train.epochs_per_step="
+           f"{t.epochs_per_step} makes every update after the first off-policy")
+    p = a.loss.params
+    if float(p.get("kl_coef", 0.0) or 0.0) and p.get("kl_placement", "loss") == "loss":
+        out.append(f"{why}, and algo.loss.params.kl_placement=loss leaves the KL term outside the "
+                   "importance weight (its gradient is then not KL(pi||pi_ref)'s); set "
+                   "algo.loss.params.kl_placement=surrogate")
+    if a.loss.name == "reinforce" and p.get("weight", "none") == "none":
+        out.append(f"{why}, and algo.loss.params.weight=none ignores the importance ratio; set "
+                   "algo.loss.params.weight=ppo_clip (or full / upper_clip)")
+    if cfg.train.routing_replay == "off" and cfg.model.hf_model().num_experts:
+        out.append(f"{why}, and an MoE router may send a token to other experts once the weights "
+                   "move, so the ratio would compare two computations; set "
+                   "train.routing_replay=rollout (the engine's routes) or old")
+    return out
