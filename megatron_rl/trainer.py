@@ -29,13 +29,15 @@ from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.observe import PhasePeaks, memory_metrics
 from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
 from megatron_rl.train import rl_batch
-from megatron_rl.train.rollout_batch import BatchShape, RouteStash, step_batch
+from megatron_rl.train.rollout_batch import RouteStash, step_batch
 from megatron_rl.train.crash_points import reached
 from megatron_rl.train.step_metrics import BadSteps
 from megatron_rl.train import setup as S
 
 
 class Trainer:
+    """One run on this rank: engine, policy (and critic), data, logs; ``run`` trains to
+    ``train.steps``."""
     def __init__(self, cfg: RunConfig, quiet: bool = False):
         from megatron_rl.parallel.launch import init_distributed
         from megatron_rl.train.run_dir import claim_output_dir
@@ -72,6 +74,7 @@ class Trainer:
         layout = cfg.parallel.layout()
         self.layout_sizes = layout.sizes(self.world)   # recorded with checkpoints
         self.hf = cfg.model.hf_model()
+        self.route_spec = S.route_spec(cfg, self.hf)   # the engine returns expert routes (R3)
         self.pg = init_megatron_parallel(layout, cfg.train.seed)
         self.ms = S.build_model_state(cfg, self.hf, layout, self.pg)
         self.source = self.weights_from = S.load_starting_weights(cfg, self.ms)
@@ -124,7 +127,7 @@ class Trainer:
         self.router_load = RouterLoad(self.ms.model) if self.hf.num_experts else None
         self.routes = route_control(self.ms.model[0])   # None on a dense model or stage
         self.route_stash = None
-        if S.route_spec(cfg, self.hf) is not None:
+        if self.route_spec is not None:
             self.route_stash = RouteStash(range(0, self.world, self.engine_tp))
         if self.rank == 0:
             from megatron_rl.observe import RunLog
@@ -190,7 +193,7 @@ class Trainer:
             dist.barrier()
         engine = RolloutEngine(r.engine_settings(
             str(model_dir), dtype=str(self.ms.dtype).replace("torch.", ""),
-            data_parallel_size=self.n_engines, routes=S.route_spec(self.cfg, self.hf)))
+            data_parallel_size=self.n_engines, routes=self.route_spec))
         # the engine's files are not the trainer's weights: sync them in before the first step
         if self.step > 0 or r.model_dir or (hf_dir and self.weights_from != str(hf_dir)):
             self._sync(engine)
@@ -278,6 +281,7 @@ class Trainer:
                                       dist.ReduceOp.MAX))
 
     def train_step(self) -> Dict[str, float]:
+        """One RL step; returns its reduced metrics."""
         from megatron_rl.parallel.metrics_comm import reduce_step_metrics
         from megatron_rl.train.step_metrics import derive, rank_shares
 
@@ -359,13 +363,8 @@ class Trainer:
             what = "episode" if self.episodes is not None else "reward"
             self.log.note(f"step {self.step}: {rollouts.failures} {what} failure(s), e.g. "
                           f"{rollouts.first_error}")
-        spec = S.route_spec(cfg, self.hf)
-        shape = BatchShape(
-            self.dp, self.dp_rank, max(1, cfg.train.micro_batch_size // cfg.rollout.n_samples_per_prompt),
-            cfg.parallel.context_parallel_size, self._cp_rank(), cfg.train.pack_sequences,
-            cfg.algo.advantage.name, route_shape=spec and (len(spec.layers), spec.top_k),
-            route_layers=self.routes and self.routes.layers,
-            replay_rollout_routes=cfg.train.routing_replay == "rollout")
+        shape = S.batch_shape(cfg, self.dp, self.dp_rank, self._cp_rank(), self.route_spec,
+                              self.routes)
         return step_batch(rollouts, shape, self.pg, self._device(), self.route_stash), rollouts
 
     def _cp_rank(self) -> int:
@@ -442,6 +441,7 @@ class Trainer:
 
     # ---- outputs --------------------------------------------------------------------------
     def save(self) -> None:
+        """A checkpoint of this step (model, optimizer, sampler, config, critic)."""
         from megatron_rl.checkpoint.convert import write_side_files
         from megatron_rl.checkpoint.dist_ckpt import save_checkpoint
 
@@ -457,6 +457,7 @@ class Trainer:
                                                               self.tok, self.critic is not None))
 
     def export(self, out: Path) -> None:
+        """The policy (and critic) as Hugging Face directories under ``out``."""
         from megatron_rl.train.setup import export_models
 
         export_models(out, self.ms, self.tok, self.critic, self.step)
@@ -468,6 +469,7 @@ class Trainer:
             self.log.note(summarise_run(self.out))
 
     def close(self) -> None:
+        """Release everything this rank holds: logs, process groups, the engine, the run lock."""
         from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
         self.stop.close()

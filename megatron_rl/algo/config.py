@@ -25,6 +25,7 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "future_kl_grpo")
 
 @dataclass
 class AdvantageConfig:
+    """The advantage estimator: registry name and keyword parameters."""
     name: str = field_("grpo", help="grpo, dr_grpo, rloo, reinforce_pp, future_kl_grpo, gae "
                                     "(PPO with the critic): algo.advantages.ADVANTAGE_ESTIMATORS")
     params: Dict[str, Any] = field_(default_factory=dict, help="the estimator's keyword "
@@ -33,6 +34,7 @@ class AdvantageConfig:
 
 @dataclass
 class LossConfig:
+    """The policy loss: registry name and keyword parameters."""
     name: str = field_("gspo", help="the policy loss: algo.losses.POLICY_LOSSES (docs/api.md)")
     params: Dict[str, Any] = field_(default_factory=dict, help="the loss's keyword arguments, "
                                     "e.g. {eps_low: 3e-3, eps_high: 4e-3, agg: token_mean}")
@@ -84,6 +86,7 @@ CORRECTION_KEYS = ("tis_cap", "tis_mode", "tis_level", "icepop", "mis", "tr_max_
 
 @dataclass
 class AlgoConfig:
+    """The ``algo`` section: estimator, loss, KL, DAPO and the train/inference corrections."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     kl_estimator: str = field_("k1", choices=tuple(KL_ESTIMATORS),

@@ -34,17 +34,20 @@ KL_ESTIMATORS = Registry("KL estimator")
 
 @KL_ESTIMATORS.register("k1")
 def k1(log_r: Tensor) -> Tensor:
+    """``-log r``."""
     return -log_r
 
 
 @KL_ESTIMATORS.register("k2")
 def k2(log_r: Tensor) -> Tensor:
+    """``(log r)^2 / 2``."""
     return 0.5 * log_r.square()
 
 
 @KL_ESTIMATORS.register("k3")
 def k3(log_r: Tensor) -> Tensor:
     # expm1 keeps r - 1 exact when log r is tiny (the common, near-on-policy case)
+    """``r - 1 - log r``."""
     return torch.expm1(log_r) - log_r
 
 

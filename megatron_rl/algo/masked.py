@@ -22,6 +22,7 @@ Tensor = torch.Tensor
 
 
 def as_float_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """``mask`` in ``like``'s floating dtype (float32 when ``like`` is not floating)."""
     return mask.to(dtype=like.dtype if like.is_floating_point() else torch.float32)
 
 
@@ -124,6 +125,7 @@ def keyed_pool(keys: Tensor, size: int, reduce: Callable[[Tensor], Tensor] = lam
     flat = keys.flatten()
 
     def pool(t: Tensor) -> Tensor:
+        """Each element replaced by the sum over its key's pool."""
         buf = t.new_zeros(size).index_add_(0, flat, t.flatten())
         return reduce(buf).index_select(0, flat).view_as(t)
 

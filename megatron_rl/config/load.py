@@ -47,6 +47,7 @@ def load_config(recipe: PathLike, overrides: Sequence[str] = ()) -> RunConfig:
 
 
 def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what ``config.yaml`` and checkpoints record)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 

@@ -18,6 +18,7 @@ from megatron_rl.train.config import CriticConfig, TrainConfig
 
 @dataclass
 class RunConfig:
+    """The whole run: one dataclass per section, each owned by its module."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -19,6 +19,7 @@ from megatron_rl.parallel.config import Layout
 
 
 def have_transformer_engine() -> bool:
+    """Whether TransformerEngine imports."""
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
@@ -39,6 +40,7 @@ class ModelOptions:
     init_weights: bool = True                # False when a checkpoint overwrites every weight
 
     def use_te(self) -> bool:
+        """Whether TransformerEngine modules are used (``ValueError`` when asked for and absent)."""
         if self.attention_backend == "te" and not have_transformer_engine():
             raise ValueError("model.attention_backend: te needs TransformerEngine, which is not "
                              "installed (use sdpa, or the GPU image)")
@@ -47,6 +49,7 @@ class ModelOptions:
 
 
 def transformer_config(hf: HFModel, layout: Layout, opt: ModelOptions):
+    """The megatron-core ``TransformerConfig`` of ``hf`` in ``layout`` with ``opt``."""
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
@@ -154,6 +157,7 @@ def _with_bias(linear_cls):
                           submodules=linear_cls.submodules)
 
     class Biased(linear_cls):
+        """``linear_cls`` with a bias."""
         def __init__(self, *args, bias: bool = False, **kwargs):
             super().__init__(*args, bias=True, **kwargs)
 

@@ -13,6 +13,7 @@ from megatron_rl.fields import ConfigError, field_
 
 @dataclass
 class ModelConfig:
+    """The ``model`` section: the HF config, the attention and MoE backends, dtype, initial weights."""
     hf_config: str = field_("", help="the Hugging Face model directory (its weights are the "
                                      "starting point), its config.json, or tiny:<name> (random)")
     attention_backend: str = field_("auto", choices=("auto", "sdpa", "te"),
@@ -78,6 +79,7 @@ class ModelConfig:
         return hf
 
     def options(self):
+        """The builder's ``ModelOptions`` of this section (``auto`` dtype resolved)."""
         import torch
 
         from megatron_rl.model.build import ModelOptions

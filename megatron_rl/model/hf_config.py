@@ -39,6 +39,7 @@ class HFModel:
 
     @property
     def num_experts(self) -> int:
+        """Routed experts per MoE layer (0 for a dense model)."""
         return self.config.get("num_moe_experts") or 0
 
     @property
@@ -60,6 +61,7 @@ class HFModel:
 
 
 def read_config_json(path_or_dict: Union[str, Path, Dict[str, Any]]) -> Dict[str, Any]:
+    """A ``config.json`` (or a directory holding one, or a dict) as a dict; ``ValueError`` naming the file."""
     if isinstance(path_or_dict, dict):
         return path_or_dict
     p = Path(path_or_dict)

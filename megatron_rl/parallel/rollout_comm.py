@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 
 class EngineChannel:
+    """One engine's ranks kept in step: the driver shares each turn's inputs, the others follow."""
     def __init__(self, rank: int, world: int, engine_tp: int):
         self.tp = engine_tp
         self.leader = rank - rank % engine_tp

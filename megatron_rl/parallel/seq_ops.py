@@ -54,21 +54,25 @@ class CPSeqOps(SeqOps):
         self._len: Optional[Tensor] = None
 
     def seq_sum(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Local row sums, all-reduced over CP (summed backward: partial losses)."""
         local = (x * as_float_mask(mask, x)).double().sum(-1)
         return all_reduce_partial(local, self.group).to(x.dtype)
 
     def seq_max(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Local row maxima, MAX-reduced over CP (a statistic: no gradient)."""
         return all_reduce_nograd(seq_max(x.detach(), mask), self.group, dist.ReduceOp.MAX)
 
     def seq_len(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         # the micro-batch's mask is asked for by the estimator, the ratio and the aggregation:
         # reduce it once
+        """The global action count of each sequence, reduced once per mask."""
         if mask is not self._len_of:
             self._len_of = mask
             self._len = all_reduce_nograd(mask.double().sum(-1), self.group)
         return self._len.to(dtype)
 
     def suffix_sum(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Suffix sums along whole sequences from their CP shards (chunk totals exchanged)."""
         B, W = x.shape
         C, cp = W // 2, self.shard.cp_size
         acc = (x * as_float_mask(mask, x)).double().view(B, 2, C)
@@ -96,6 +100,7 @@ class CPSeqOps(SeqOps):
                                       reduce=lambda buf: all_reduce_nograd(buf, self.group))
 
     def batch_sum(self, x: Tensor) -> Tensor:
+        """The sum over every rank's shard (summed backward)."""
         return all_reduce_partial(x.double().sum(), self.group).to(x.dtype)
 
     def linear_suffix_scan(self, a: Tensor, b: Tensor, exclusive: bool = False) -> Tensor:

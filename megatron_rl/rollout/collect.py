@@ -102,6 +102,7 @@ class Rollouts:
     routes_missing: int = 0           # ... and came back without (routed live in training)
 
     def metrics(self) -> Dict[str, float]:
+        """The step's rollout metrics (``reward/*``, ``response/*``, ``rollout/*``, ``env/*``, ``r3/missing_frac``)."""
         r = torch.tensor(self.all_rewards or [0.0], dtype=torch.float64)
         n = max(len(self.all_lengths), 1)
         out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
@@ -139,6 +140,7 @@ def score_groups(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Seq
     jobs = [(row, s) for row, g in zip(rows, groups) for s in g]
 
     def one(job):
+        """One response's reward result."""
         row, s = job
         return scorer(scorer.decode(s.token_ids), row)
 

@@ -9,6 +9,7 @@ from megatron_rl.fields import field_
 
 @dataclass
 class RolloutConfig:
+    """The ``rollout`` section: the engine, sampling, routes and weight sync."""
     n_samples_per_prompt: int = field_(8, ge=1, help="G: responses per prompt (the group)")
     max_prompt_len: int = field_(512, ge=1, help="longer prompts are an error naming the row")
     max_response_len: int = field_(1024, ge=1, help="generation stops here (a truncated "

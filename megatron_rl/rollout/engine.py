@@ -21,6 +21,7 @@ import torch
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """How the vLLM engine is started (the ``rollout`` section's engine keys, resolved)."""
     model_dir: str
     tensor_parallel_size: int = 1
     dtype: str = "auto"                   # auto | float32 | bfloat16
@@ -60,6 +61,7 @@ def _under_torchrun() -> bool:
 
 
 class RolloutEngine:
+    """vLLM in this process: samples with behaviour log-probs (and expert routes), sleep / wake, shutdown."""
     def __init__(self, settings: EngineSettings):
         gpu = torch.cuda.is_available()
         if not os.path.isfile(os.path.join(settings.model_dir, "config.json")):
@@ -172,6 +174,7 @@ class RolloutEngine:
             self.llm.sleep(level=1)
 
     def wake_up(self) -> None:
+        """Take the GPU memory back before the weight sync (nothing on CPU)."""
         if self.sleeps:
             self.llm.wake_up()
 

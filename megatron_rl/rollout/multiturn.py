@@ -32,6 +32,7 @@ GenerateFn = Callable[[List[List[int]], List[int], List[int]], List[Sample]]
 
 @dataclass(frozen=True)
 class EpisodeLimits:
+    """The token and turn limits of an episode."""
     max_turns: int
     max_total_tokens: int
     max_turn_tokens: int = 0        # 0: whatever of max_total_tokens is left
@@ -41,6 +42,7 @@ class EpisodeLimits:
 
 @dataclass
 class Episode:
+    """One episode in progress: its tokens, action mask, engine log-probs and routes, counters."""
     row: Any
     prompt_ids: List[int]
     env: Any
@@ -60,9 +62,11 @@ class Episode:
     routes_missing: bool = False    # a turn came back without them: the episode is routed live
 
     def room(self, limits: EpisodeLimits) -> int:
+        """Tokens left before ``max_total_tokens``."""
         return limits.max_total_tokens - len(self.token_ids)
 
     def sample(self, prompt_index: int) -> Sample:
+        """The finished episode as a ``Sample`` (response = everything after the prompt)."""
         info = {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors,
                 "env_tokens": len(self.token_ids) - sum(self.action_mask),
                 "obs_cut": self.obs_cut, "failed": self.error is not None}
@@ -276,6 +280,7 @@ class EpisodeRunner:
                         components=tuple(r.component_list()))
 
         def score_answer(text: str) -> float:
+            """The reward section's score of a final answer (raises on a reward failure)."""
             got = scorer(text, row)
             if got.error is not None:
                 raise RuntimeError(f"reward {r.name}: {got.error}")
@@ -291,6 +296,7 @@ class EpisodeRunner:
             return [], [], 0, ""
 
         def generate(prompts, max_tokens, seeds):
+            """One engine call for the live episodes, its inputs shared with the engine's other ranks."""
             self.channel.share((prompts, max_tokens, seeds))
             return engine.generate_each(prompts, max_tokens, seeds, **self.sampling)
 

@@ -124,6 +124,7 @@ class RouteRecorder:
         forward = runner._model_forward
 
         def recorded_forward(*args, **kwargs):
+            """The runner's model forward, its routes filed under their requests."""
             self._step = {}
             out = forward(*args, **kwargs)
             self._end_step(kwargs.get("input_ids"), kwargs.get("positions"))
@@ -138,6 +139,7 @@ class RouteRecorder:
 
     def _capture_fn(self, layer: int):
         def capture(topk_ids):
+            """vLLM's capture hook: this forward's top-k ids of one MoE layer."""
             self._step[self._column[layer]] = topk_ids.detach().to("cpu", copy=True)
         return capture
 
@@ -145,7 +147,8 @@ class RouteRecorder:
         """File this forward's rows under their requests (a profiling or dummy run has none)."""
         batch = self.runner.input_batch
         n_req = int(batch.num_reqs)
-        if not n_req or len(self._step) != len(self.spec.layers) or positions is None:
+        if not n_req or len(self._step) != len(self.spec.layers) or positions is None \
+                or input_ids is None:
             return
         starts = np.asarray(self.runner.query_start_loc.np[:n_req + 1]).copy()
         rows = int(starts[-1])

@@ -86,15 +86,16 @@ def router_order(local: Tensor, tp_size: int, tp_rank: int, packed: bool) -> Ten
 
 
 def _routes_of(seqs, padded_lens, packed: bool, cu, S, cp_size: int, cp_rank: int, tp_size: int,
-               tp_rank: int, layers: Sequence[int], device) -> Tensor:
-    """The micro-batch's routes for this rank's routers: ``[N, len(layers), K]`` int16."""
+               tp_rank: int, layers: Sequence[int]) -> Tensor:
+    """The micro-batch's routes for this rank's routers: ``[N, len(layers), K]`` int16, on the
+    host (each router moves its own column to the device in the forward that uses it)."""
     if packed:
         full = torch.cat([_routes_padded([s["routes"]], p)[0] for s, p in zip(seqs, padded_lens)])
         local = thd_shard(full, cu, cp_size, cp_rank)
     else:
         local = bshd_shard(_routes_padded([s["routes"] for s in seqs], S), cp_size, cp_rank)
     ordered = router_order(local, tp_size, tp_rank, packed)
-    return ordered.index_select(1, torch.tensor(list(layers), dtype=torch.long)).to(device)
+    return ordered.index_select(1, torch.tensor(list(layers), dtype=torch.long))
 
 
 def packed_lengths(lens: Sequence[int], group_of_seq: Sequence[int], cp_size: int,
@@ -154,7 +155,7 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
     routes = None
     if route_layers is not None and seqs[0].get("routes") is not None:
         routes = _routes_of(seqs, padded, packed, cu, S, cp_size, cp_rank, tp_size, tp_rank,
-                            route_layers, device)
+                            route_layers)
     smb = prepare_micro_batch(shard, local["mask"], group_ids.to(device), cp_group,
                               num_groups=num_groups)
     return PolicyMicroBatch(tokens=model_in["tokens"], position_ids=model_in["positions"],

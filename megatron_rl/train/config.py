@@ -14,6 +14,7 @@ LOGGERS = ("tensorboard", "wandb", "mlflow")
 
 @dataclass
 class TrainConfig:
+    """The ``train`` section: steps, batch split, routing replay, optimizer, checkpoints, logging."""
     steps: int = field_(100, ge=1, help="RL steps: one rollout batch each")
     prompts_per_step: int = field_(32, ge=1, help="prompts in a rollout batch (x rollout."
                                                  "n_samples_per_prompt responses)")

@@ -30,6 +30,7 @@ Tensor = torch.Tensor
 
 @dataclass
 class Critic:
+    """PPO's value model beside the policy: its model, optimizer and scheduler, values and updates."""
     model: List
     optimizer: object
     scheduler: object
@@ -64,6 +65,7 @@ class Critic:
         return out
 
     def lr(self) -> float:
+        """The critic's current learning rate."""
         return float(self.optimizer.param_groups[0]["lr"])
 
 

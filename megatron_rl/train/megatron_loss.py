@@ -92,6 +92,7 @@ def model_forward(mb: PolicyMicroBatch, model, record_routes: bool = False,
     used in ``mb.routes``; ``measure`` compares the live routers with ``mb.engine_routes``
     (``routing_replay.RouteControl.agreement``)."""
     def run():
+        """The model's forward on the micro-batch."""
         with cpu_modes_suspended() if _forward_without_cpu_modes() else contextlib.nullcontext():
             return model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
                          packed_seq_params=mb.packed_seq_params)
@@ -153,6 +154,7 @@ def train_forward_backward(model: List, micro_batches: List[PolicyMicroBatch], l
     scale = megatron_loss_scale(n, groups.dp_size)
 
     def step(data: Iterator[PolicyMicroBatch], chunk_model):
+        """Megatron's forward step: the next micro-batch's output and its loss function."""
         mb = next(data)
         return model_forward(mb, chunk_model, measure=measure), partial(
             _loss_func, mb, loss, groups, scale, chunk_tokens, measure=measure)
@@ -176,6 +178,7 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
 
     @cpu_modes_suspended()
     def logprob_func(mb, logits):
+        """The micro-batch's log-probs (a zero loss: forward only)."""
         lp, _ = logprobs_entropy(mb.shard, _tempered(logits, temperature), mb.labels,
                                  tp_group=groups.tp, vocab_start=_vocab_start(logits, groups),
                                  chunk_tokens=chunk_tokens)
@@ -184,6 +187,7 @@ def forward_logprobs(model: List, micro_batches: List[PolicyMicroBatch], groups:
         return lp.sum() * 0, {"logprobs": lp.detach()}
 
     def step(data, chunk_model):
+        """Megatron's forward step: the next micro-batch's output and its loss function."""
         mb = next(data)
         return (model_forward(mb, chunk_model, record_routes, replay_routes, measure),
                 partial(logprob_func, mb))

@@ -75,6 +75,7 @@ class StepPlan:
 
 @dataclass
 class StepBatch:
+    """A step's micro-batches on this rank with their rewards, reference log-probs and critic values."""
     micro_batches: List[PolicyMicroBatch]
     rewards: List[Tensor]                   # [B] per micro-batch, shaped
     ref: List[Optional[Tensor]]             # [B, 2C] reference log-probs per micro-batch

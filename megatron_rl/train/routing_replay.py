@@ -58,7 +58,9 @@ class RouteControl:
 
     def merge_recorded(self, into: Optional[Tensor]) -> Tensor:
         """The routes recorded in the last forward written into ``into`` (``[N, L, K]``; a new
-        tensor of -1 when None): a virtual-pipeline chunk records only its own layers."""
+        tensor of -1 when None): a virtual-pipeline chunk records only its own layers (or none)."""
+        if not self.recorded:
+            return into
         first = next(iter(self.recorded.values()))
         if into is None:
             into = torch.full((first.shape[0], len(self.layers), first.shape[1]), UNKNOWN,

@@ -22,6 +22,7 @@ from megatron_rl.data.prompts import PromptRow, PromptSampler
 
 @dataclass
 class ModelState:
+    """The policy on this rank: model chunks, optimizer, scheduler and the HF mapping."""
     model: List[Any]
     optimizer: Any
     scheduler: Any
@@ -92,6 +93,20 @@ def route_spec(cfg: RunConfig, hf):
     return RouteSpec.of(hf) if wanted else None
 
 
+def batch_shape(cfg: RunConfig, dp: int, dp_rank: int, cp_rank: int, spec, routes):
+    """The ``rollout_batch.BatchShape`` of this rank (``spec``: ``route_spec``'s; ``routes``:
+    the policy's ``RouteControl`` on this stage, or None)."""
+    from megatron_rl.train.rollout_batch import BatchShape
+
+    t = cfg.train
+    return BatchShape(
+        dp, dp_rank, max(1, t.micro_batch_size // cfg.rollout.n_samples_per_prompt),
+        cfg.parallel.context_parallel_size, cp_rank, t.pack_sequences, cfg.algo.advantage.name,
+        route_shape=None if spec is None else (len(spec.layers), spec.top_k),
+        route_layers=None if routes is None else routes.layers,
+        replay_rollout_routes=t.routing_replay == "rollout")
+
+
 def optim_settings(section, train):
     """``OptimSettings`` from the optimizer keys a section shares (``train`` or ``critic``: lr,
     min_lr, lr_warmup_steps, lr_decay_style, weight_decay, max_grad_norm); the schedule's length
@@ -105,6 +120,7 @@ def optim_settings(section, train):
 
 
 def build_model_state(cfg: RunConfig, hf, layout, pg) -> ModelState:
+    """The policy's model, distributed optimizer and HF name mapping in ``layout``."""
     from megatron_rl.checkpoint.hf_mapping import mapping_for
     from megatron_rl.train.model_setup import build_model
     from megatron_rl.train.optimizer import build_optimizer
@@ -355,6 +371,7 @@ class PromptStream:
         return kept, len(rows) - len(kept)
 
     def draw(self, k: int):
+        """The next ``k`` prompts as ``(row, token ids)``, in the sampler's order."""
         from megatron_rl.data.prompts import render_prompt
 
         out = []

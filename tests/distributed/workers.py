@@ -54,6 +54,11 @@ CASES = [
     Case("grpo_kl_in_loss", "grpo", "grpo", {"std_min": 0.1},
          {"eps_low": 0.03, "eps_high": 0.05, "kl_coef": 0.1, "kl_kind": "k3", "entropy_coef": 0.01,
           "tis_cap": 1.02}, use_ref=True, use_rollout=True),
+    # the train/inference corrections: a token mask, a sequence mask on the geometric mean (a sum
+    # over CP ranks) and one on the largest per-token KL (a MAX over CP ranks)
+    Case("gspo_icepop_mis_tr", "grpo", "gspo", {},
+         {"eps_low": 0.01, "eps_high": 0.015, "tis_cap": 1.03, "icepop": (0.97, 1.03),
+          "mis": (0.995, 1.005), "tr_max_kl": 5e-4}, use_rollout=True),
     Case("reinforce_upper_clip", "rloo", "reinforce", {},
          {"ratio": "sequence", "weight": "upper_clip", "weight_params": {"eps": 0.01},
           "agg": "seq-mean-token-mean", "kl_coef": 0.05, "kl_kind": "k2"}, use_ref=True),
