@@ -261,8 +261,9 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
     critic update on the same micro-batches follows each policy update (``train_policy=False``:
     the critic's alone, its warm-up). Returns this rank's partial metric sums (tensors; reduce
     with ``reduce_metrics``): the mean over all updates, and with several epochs each epoch's
-    mean as ``train/epoch<k>/...``. ``router_load`` counts expert loads in the update's forward
-    when it is the step's only one (``plan.old_from_update``)."""
+    mean as ``train/epoch<k>/...``. Without an old-policy pass (``plan.old_pass``) the update's
+    forward counts the expert loads (``router_load``) and the first update measures the
+    train/inference gap and the routers' agreement with the engine."""
     count = router_load is not None and not plan.old_pass
     sums: Dict[str, Tensor] = {}
     n_updates, skipped = 0, 0.0

@@ -13,6 +13,7 @@ def modes_by_phase(rank, world, out_dir):
     import megatron_rl.rollout.weight_sync as weight_sync
     import megatron_rl.train.megatron_loss as megatron_loss
     import megatron_rl.train.rl_batch as rl_batch
+    import megatron_rl.train.rollout_batch as rollout_batch
     from megatron_rl.config import load_config
     from megatron_rl.trainer import Trainer
 
@@ -25,8 +26,9 @@ def modes_by_phase(rank, world, out_dir):
             return fn(*args, **kwargs)
         return wrapped
 
-    rl_batch.group_sequences = watch("batch", rl_batch.group_sequences)
-    rl_batch.build_step_batch = watch("batch", rl_batch.build_step_batch)
+    # the trainer builds its batch through rollout_batch, which holds its own references
+    rollout_batch.group_sequences = watch("batch", rollout_batch.group_sequences)
+    rollout_batch.build_step_batch = watch("batch", rollout_batch.build_step_batch)
     rl_batch.logprob_passes = watch("megatron", rl_batch.logprob_passes)
     rl_batch.run_updates = watch("megatron", rl_batch.run_updates)
     weight_sync.sync_weights = watch("sync", weight_sync.sync_weights)
