@@ -77,3 +77,20 @@ def test_training_sequences_carry_routes_in_token_coordinates():
     assert torch.equal(a["routes"][:6], torch.as_tensor(payload))
     assert (a["routes"][6] == -1).all()           # the last token: no engine route
     assert (b["routes"] == -1).all()              # a response without routes: routed live
+
+
+def test_responses_returned_without_routes_are_counted_in_missing_frac():
+    from megatron_rl.rollout.collect import SamplingPlan, collect_rollouts
+
+    def sample(drawn):
+        groups = [[Sample(0, ids, [4, 5], [0.0, 0.0], "stop", routes_missing=(g == 0), route_key=(0, i))
+                   for g in range(4)] for i, (_, ids) in enumerate(drawn)]
+        return groups, [[0.0, 1.0, 0.0, 1.0] for _ in drawn], 0, ""
+
+    out = collect_rollouts(lambda k: [(None, [1, 2, 3])] * k, sample, SamplingPlan(groups_needed=2, n=4, max_tokens=2))
+    assert out.metrics()["r3/missing_frac"] == pytest.approx(0.25)
+    plain = collect_rollouts(lambda k: [(None, [1, 2, 3])] * k,
+                             lambda d: ([[Sample(0, ids, [4], [0.0], "stop") for _ in range(4)]
+                                         for _, ids in d], [[0.0, 1.0, 0.0, 1.0] for _ in d], 0, ""),
+                             SamplingPlan(groups_needed=2, n=4, max_tokens=2))
+    assert "r3/missing_frac" not in plain.metrics()      # routes not asked for: no metric
