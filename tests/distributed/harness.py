@@ -12,6 +12,7 @@ import tempfile
 import time
 from datetime import timedelta
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -44,11 +45,14 @@ PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.
            "tests.distributed.harness"]
 
 
-def spawn(fn, world: int, *args, timeout_s: float = 600.0,
+def spawn(fn, world: int, *args, timeout_s: float = 3600.0, stall_s: float = 300.0,
           start_method: str = "") -> dict:
     """``fn(rank, world, *args)`` on ``world`` processes; returns what rank 0 returned. A failure
-    on any rank raises here with that rank's traceback; a run that outlives ``timeout_s`` (a
-    deadlock) is killed and fails instead of hanging the suite. ``start_method`` defaults to the
+    on any rank raises here with that rank's traceback. A hang is killed and fails instead of
+    hanging the suite: processes that together use under a CPU second in ``stall_s`` (blocked),
+    or a run past ``timeout_s`` (spinning). The stall test, not a wall-clock budget, is what
+    catches a deadlock, so a slow or loaded machine only makes a run slower, never failed (gloo's
+    own 180 s timeout catches a collective that one rank never joins). ``start_method`` defaults to the
     preloaded forkserver, or to "spawn" (fresh interpreters, slower) where a GPU is present (a
     forked child cannot re-initialise CUDA); pass "spawn" for checks that depend on how a process
     started."""
@@ -60,18 +64,42 @@ def spawn(fn, world: int, *args, timeout_s: float = 600.0,
         ctx = mp.start_processes(_entry, args=(world, free_port(), out, fn, args), nprocs=world,
                                  join=False, start_method=start_method
                                  or ("spawn" if torch.cuda.is_available() else "forkserver"))
-        deadline = time.monotonic() + timeout_s
         try:
-            while not ctx.join(timeout=5):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    raise TimeoutError(f"{fn.__name__} on {world} processes ran over "
-                                       f"{timeout_s:.0f} s")
+            _join_or_kill(ctx, f"{fn.__name__} on {world} processes", timeout_s, stall_s)
         finally:
             _remove_engine_shm(shm_before)
         with open(out) as f:
             return json.load(f)
+
+
+def _cpu_seconds(processes) -> float:
+    """User + system CPU seconds of ``processes`` and everything they started (engine workers)."""
+    total = 0.0
+    for p in processes:
+        try:
+            proc = psutil.Process(p.pid)
+            for q in [proc, *proc.children(recursive=True)]:
+                t = q.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:   # exited between the listing and the reading
+            pass
+    return total
+
+
+def _join_or_kill(ctx, what: str, timeout_s: float, stall_s: float) -> None:
+    """Waits for ``ctx``'s processes; kills them and raises when they stall or outlive the cap."""
+    start = last_progress = time.monotonic()
+    cpu = _cpu_seconds(ctx.processes)
+    while not ctx.join(timeout=5):
+        now, used = time.monotonic(), _cpu_seconds(ctx.processes)
+        if used > cpu + 1.0:
+            cpu, last_progress = used, now
+        stalled, over = now - last_progress > stall_s, now - start > timeout_s
+        if stalled or over:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{what} " + (f"used no CPU for {stall_s:.0f} s (a deadlock)"
+                                             if stalled else f"ran over {timeout_s:.0f} s"))
 
 
 def _shm_segments() -> set:

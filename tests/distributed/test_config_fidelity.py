@@ -100,8 +100,7 @@ def _flip_cases():
 def flip_results(tmp_path_factory):
     from tests.distributed import config_workers
 
-    return spawn(config_workers.flips, 1, str(tmp_path_factory.mktemp("flips")), _flip_cases(),
-                 timeout_s=1500)
+    return spawn(config_workers.flips, 1, str(tmp_path_factory.mktemp("flips")), _flip_cases())
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_OF))
