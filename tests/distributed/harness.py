@@ -25,8 +25,9 @@ def _entry(rank, world, port, out, fn, args):
     # what torchrun gives each process (vLLM's external_launcher reads it)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=180))
+    if not getattr(fn, "own_world", False):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=180))
     try:
         result = fn(rank, world, *args)
         if rank == 0:
@@ -35,6 +36,13 @@ def _entry(rank, world, port, out, fn, args):
     finally:
         if dist.is_initialized():  # vLLM's engine shutdown destroys the default group itself
             dist.destroy_process_group()
+
+
+def own_world(fn):
+    """Marks a worker that joins the rendezvous itself (``parallel.roles``: each role its own
+    default group) instead of being handed one world's default group."""
+    fn.own_world = True
+    return fn
 
 
 # Children fork from one server process that imported these once per test session, instead of
