@@ -27,22 +27,23 @@ from megatron_rl.config.run import check_cpu_engines
 from megatron_rl.config.soundness import load_warnings
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.observe import PhasePeaks, memory_metrics
-from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts
+from megatron_rl.rollout.collect import Scorer
 from megatron_rl.train import rl_batch
 from megatron_rl.train.rollout_batch import RouteStash, step_batch
 from megatron_rl.train.crash_points import reached
+from megatron_rl.train.engine_link import EngineLink
 from megatron_rl.train.step_metrics import BadSteps
 from megatron_rl.train import setup as S
 
 
-class Trainer:
+class Trainer(EngineLink):
     """One run on this rank: engine, policy (and critic), data, logs; ``run`` trains to
     ``train.steps``."""
-    def __init__(self, cfg: RunConfig, quiet: bool = False):
+    def __init__(self, cfg: RunConfig, quiet: bool = False, roles=None):
         from megatron_rl.parallel.launch import init_distributed
         from megatron_rl.train.run_dir import claim_output_dir
 
-        self.cfg, self.quiet = cfg, quiet
+        self.cfg, self.quiet, self.roles = cfg, quiet, roles   # roles: separate placement
         if cfg.train.loggers:   # before anything starts: a missing package is one line
             from megatron_rl.trackers import check_installed
 
@@ -50,15 +51,21 @@ class Trainer:
                 check_installed(cfg.train.loggers)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        self.world = init_distributed()
+        self.world = init_distributed() if roles is None else roles.size   # the trainer ranks
         self.rank = dist.get_rank()
-        self.dp = validate_world(cfg, self.world)
+        self.dp = validate_world(cfg, self.world if roles is None else roles.world)
         if not torch.cuda.is_available():
-            check_cpu_engines(cfg, self.world, bool(cfg.model.hf_model().num_experts))
+            check_cpu_engines(cfg, self.world if roles is None else roles.world,
+                              bool(cfg.model.hf_model().num_experts))
         self.engine_tp = cfg.rollout.tensor_parallel_size
-        self.engine_index, self.n_engines = self.rank // self.engine_tp, self.world // self.engine_tp
+        self.n_engines = (self.world if roles is None else roles.engine_ranks) // self.engine_tp
         self.out = Path(cfg.train.output_dir)
-        self.engine, self.log = None, None
+        self.engine, self.log, self.feed, self.feed_started = None, None, None, False
+        self.push_metrics: Dict[str, float] = {}   # the last weight push, reported with the next step
+        if roles is not None:
+            from megatron_rl.train.async_feed import AsyncFeed
+
+            self.feed = AsyncFeed(roles, cfg.rollout.max_staleness, cfg.train.steps)
         self.run_id, self.lock, self.stop = claim_output_dir(self.out, self.rank,
                                                              cfg.train.preempt_grace_s)
         try:
@@ -90,7 +97,7 @@ class Trainer:
         self.tok = S.load_tokenizer(cfg, self.hf)
         self.scorer = Scorer.of(cfg.reward, self.tok)
         self.episodes = None
-        if cfg.env.name:
+        if cfg.env.name and self.roles is None:   # separate placement: played on the engine ranks
             from megatron_rl.parallel.rollout_comm import EngineChannel
             from megatron_rl.rollout.multiturn import EpisodeRunner
 
@@ -115,7 +122,7 @@ class Trainer:
         self.stopped_early = self._agreed(self.stop.local())
         if self.stopped_early:
             return
-        self.engine = self._engine()
+        self.engine = self._engine() if self.roles is None else self._start_engines()
         if self.resumed_from is not None:  # the engine's start-up drew random numbers
             from megatron_rl.checkpoint.dist_ckpt import load_rng_state
 
@@ -129,6 +136,13 @@ class Trainer:
         self.route_stash = None
         if self.route_spec is not None:
             self.route_stash = RouteStash(range(0, self.world, self.engine_tp))
+        self.producer = None
+        if self.roles is None:
+            from megatron_rl.train.producer import RolloutProducer
+
+            self.producer = RolloutProducer(cfg, self.tok, self.prompts, self.scorer, self.episodes,
+                                            self.rank, self.world, self.route_stash)
+            self.producer.engine = self.engine
         if self.rank == 0:
             from megatron_rl.observe import RunLog
 
@@ -137,9 +151,12 @@ class Trainer:
                               trackers=self._trackers())
             for w in self.warnings:
                 self.log.note(f"warning: {w}")
+            where = "" if self.roles is None else (
+                f" on {self.roles.engine_ranks} rank(s) of their own, "
+                f"{cfg.rollout.max_staleness} step(s) off-policy")
             self.log.note(f"model: {self.hf.architecture} from {self.source}; world {self.world} "
-                          f"(DP {self.dp}); {self.n_engines} vLLM engine(s) of TP {self.engine_tp}; "
-                          f"starting at step {self.step + 1}")
+                          f"(DP {self.dp}); {self.n_engines} vLLM engine(s) of TP {self.engine_tp}"
+                          f"{where}; starting at step {self.step + 1}")
 
     # ---- setup pieces ---------------------------------------------------------------------
     def _trackers(self) -> list:
@@ -176,28 +193,9 @@ class Trainer:
         self.step = int(state["step"])
         self.resumed_from = Path(state["path"])
         self.prompts.sampler.load_state_dict(state["sampler"])
+        if self.feed is not None:
+            self.feed.load(state.get("in_flight"))
         self.source += f", resumed from step {self.step}"
-
-    def _engine(self):
-        from megatron_rl.checkpoint.convert import write_hf_model
-        from megatron_rl.rollout.engine import RolloutEngine
-
-        r = self.cfg.rollout
-        hf_dir = S.engine_loadable_hf_dir(self.cfg)
-        model_dir = Path(r.model_dir or hf_dir or self.out / "hf_init")
-        if not r.model_dir and not hf_dir and not (model_dir / "config.json").is_file():
-            write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
-                           self.ms.hf_cfg, model_dir, self.ms.dtype)
-            if self.rank == 0:
-                self.tok.save_pretrained(str(model_dir))
-            dist.barrier()
-        engine = RolloutEngine(r.engine_settings(
-            str(model_dir), dtype=str(self.ms.dtype).replace("torch.", ""),
-            data_parallel_size=self.n_engines, routes=self.route_spec))
-        # the engine's files are not the trainer's weights: sync them in before the first step
-        if self.step > 0 or r.model_dir or (hf_dir and self.weights_from != str(hf_dir)):
-            self._sync(engine)
-        return engine
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -237,6 +235,12 @@ class Trainer:
                     if self.rank == 0:
                         mark_requeue(self.out, f"stopped after step {self.step} ({stop.reason()})")
                     return EXIT_REQUEUE
+                # after the stop check: a stopped run never pushes a version whose rollouts its
+                # checkpoint (save: feed.fill) would not hold
+                if self.feed is not None and self.feed.due(self.step):
+                    self.push_metrics = self.feed.push(
+                        self.step, lambda: self._hf_weights(dst=0),
+                        int(self.cfg.rollout.sync_bucket_mb * 2**20))
             if self.cfg.train.export_hf:
                 self.export(self.out / "hf")
             self._finish()
@@ -257,6 +261,8 @@ class Trainer:
         from megatron_rl.train.preempt import EXIT_REQUEUE, mark_requeue
 
         self.stop.close()
+        if self.feed is not None and not self.feed_started:
+            self.feed.stop(EXIT_REQUEUE, started=False)
         if self.rank == 0:
             where = f"step {self.step}'s checkpoint" if self.step else "the start"
             line = (f"megatron-rl: stop requested during start-up ({self.stop.reason()}); nothing "
@@ -291,7 +297,8 @@ class Trainer:
         self.rollouts = rollouts
         t1 = time.perf_counter()
         peaks.end("rollout")
-        self.engine.sleep()
+        if self.engine is not None:
+            self.engine.sleep()
         local: Dict[str, float] = {}
         reached("train", self.step)
         if batch is not None:
@@ -320,9 +327,10 @@ class Trainer:
             local["train/skipped_steps"] = 1.0 / self.world
         t3 = time.perf_counter()
         peaks.end("train")
-        self.engine.wake_up()
+        if self.engine is not None:
+            self.engine.wake_up()
         reached("sync", self.step)
-        if batch is not None:
+        if batch is not None and self.engine is not None:
             sync = self._sync(self.engine)
             local.update({"sync/seconds": sync.seconds / self.world,
                           "sync/MB": sync.bytes / 2**20 / self.world})
@@ -330,6 +338,11 @@ class Trainer:
         share = 1.0 / self.world  # every rank reports; the sum over ranks is the mean
         for k, v in rollouts.metrics().items():
             local[k] = v * share if not k.endswith("/max") else v
+        if self.feed is not None:   # the push before this step (if any) and this step's take
+            for k, v in {**self.push_metrics, **self.feed.metrics}.items():
+                local[k] = v if k.endswith("_MB") else v * share   # MB: rank 0's, others 0
+            self.push_metrics = {}
+            local["async/staleness/max"] = self.feed.metrics["async/staleness/mean"]
         if self._probe_due():
             local["sync/probe_mismatch/max"] = self._probe()
         peaks.end("sync")
@@ -347,23 +360,15 @@ class Trainer:
     # ---- pieces of a step -----------------------------------------------------------------
     @cpu_modes_suspended()   # generation, rewards, batch building: no Megatron in them
     def _rollouts(self):
-        cfg = self.cfg
-        plan = SamplingPlan(
-            groups_needed=cfg.train.prompts_per_step, n=cfg.rollout.n_samples_per_prompt,
-            max_tokens=cfg.rollout.max_response_len, temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p, stop_token_ids=(self.tok.eos_token_id,),
-            ignore_eos=cfg.rollout.ignore_eos,
-            dynamic=cfg.algo.dynamic_sampling, oversample=cfg.rollout.oversample,
-            max_rounds=cfg.rollout.max_sample_rounds, overlong_buffer=cfg.algo.overlong.buffer_len,
-            overlong_factor=cfg.algo.overlong.penalty_factor)
-        rounds = iter(range(1_000_000))
-        rollouts = collect_rollouts(self.prompts.draw, lambda drawn: self._sample(drawn, plan, next(rounds)),
-                                    plan)
+        if self.feed is not None:   # separate placement: from the engine ranks
+            rollouts = self.feed.take(self.step)
+        else:
+            rollouts = self.producer.collect(self.step)
         if rollouts.failures and self.log is not None:
             what = "episode" if self.episodes is not None else "reward"
             self.log.note(f"step {self.step}: {rollouts.failures} {what} failure(s), e.g. "
                           f"{rollouts.first_error}")
-        shape = S.batch_shape(cfg, self.dp, self.dp_rank, self._cp_rank(), self.route_spec,
+        shape = S.batch_shape(self.cfg, self.dp, self.dp_rank, self._cp_rank(), self.route_spec,
                               self.routes)
         return step_batch(rollouts, shape, self.pg, self._device(), self.route_stash), rollouts
 
@@ -375,69 +380,13 @@ class Trainer:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
 
-    @cpu_modes_suspended()
-    def _sample(self, drawn, plan: SamplingPlan, round_: int):
-        """This engine's share of ``drawn`` generated and scored (multi-turn: played and scored by
-        the environment), then everyone's, in draw order."""
-        from megatron_rl.parallel.weight_comm import all_gather_objects
-        from megatron_rl.rollout.collect import merge_engine_parts, score_groups
-
-        mine = drawn[self.engine_index::self.n_engines]
-        seed = ((self.cfg.rollout.seed * 1_000_003 + self.step) * 1009 + round_) * 131 + self.engine_index
-        leader = self.rank % self.engine_tp == 0    # one rank per engine scores and reports
-        parts = {}   # reward components' sums (multi-turn episodes log their own metrics)
-        if self.episodes is not None:
-            groups, scores, failures, error = self.episodes.collect(self.engine, mine, plan.n, seed)
-        else:
-            groups = self.engine.generate(
-                [ids for _, ids in mine], n=plan.n, max_tokens=plan.max_tokens,
-                temperature=plan.temperature, top_p=plan.top_p, seed=seed,
-                stop_token_ids=plan.stop_token_ids, ignore_eos=plan.ignore_eos) if mine else []
-            if leader:
-                scores, failures, error, parts = score_groups(self.scorer, [r for r, _ in mine],
-                                                              groups)
-        if self.route_stash is not None and leader:   # routes go only where they are trained on
-            self.route_stash.stash(groups, round_, range(self.engine_index, len(drawn), self.n_engines))
-        payload = (self.engine_index, groups, scores, failures, error, parts) if leader else None
-        return merge_engine_parts(all_gather_objects(payload), len(drawn), self.n_engines)
+    def _sample(self, drawn, plan, round_: int):
+        """This step's engine-sharded generate-and-score (validation's sampler)."""
+        return self.producer.sample(drawn, plan, round_, self.step)
 
     @staticmethod
     def _tokens(rollouts) -> int:
         return sum(len(s.prompt_ids) + len(s.token_ids) for g in rollouts.samples for s in g)
-
-    def _hf_weights(self):
-        from megatron_rl.checkpoint.hf_weights import iter_hf_weights
-        from megatron_rl.train.model_setup import unwrap
-
-        return iter_hf_weights(unwrap(self.ms.model[0]), self.ms.mapping, self.ms.weight_groups,
-                               self.hf.num_experts, dst=None)
-
-    @cpu_modes_suspended()
-    def _sync(self, engine):
-        from megatron_rl.rollout.weight_sync import sync_weights
-
-        return sync_weights(engine, self._hf_weights(), int(self.cfg.rollout.sync_bucket_mb * 2**20))
-
-    def _probe_due(self) -> bool:
-        every = self.cfg.rollout.probe_every
-        return bool(every) and (self.step % every == 0 or self.step == 1)
-
-    def _probe(self) -> float:
-        """Max |engine - trainer| log-prob on a fixed prompt's sampled tokens, just after sync."""
-        from megatron_rl.data.prompts import render_prompt
-
-        r = self.cfg.rollout
-        ids = render_prompt(self.prompts.rows[0], self.tok, chat=self.cfg.data.chat_template,
-                            max_tokens=r.max_prompt_len)
-        worst = rl_batch.probe_mismatch(self.engine, self.ms.model, self.pg, ids,
-                                        max_tokens=min(16, r.max_response_len),
-                                        temperature=r.temperature,
-                                        cp_size=self.cfg.parallel.context_parallel_size,
-                                        cp_rank=self._cp_rank(), device=self._device())
-        if worst > r.probe_tolerance and self.log is not None:
-            self.log.note(f"step {self.step}: engine and trainer log-probs differ by {worst:.2e} "
-                          f"after the weight sync (rollout.probe_tolerance {r.probe_tolerance:g})")
-        return worst
 
     # ---- outputs --------------------------------------------------------------------------
     def save(self) -> None:
@@ -445,9 +394,14 @@ class Trainer:
         from megatron_rl.checkpoint.convert import write_side_files
         from megatron_rl.checkpoint.dist_ckpt import save_checkpoint
 
+        state = {"sampler": self.prompts.sampler.state_dict(), "step": self.step,
+                 "config": S.config_tree(self.cfg)}
+        if self.feed is not None:   # the engines' sampler, and the steps they generated ahead
+            self.feed.fill(self.step)
+            state["sampler"] = self.feed.sampler or state["sampler"]
+            state["in_flight"] = self.feed.state()
         save_checkpoint(self.out / "checkpoints", self.step, self.ms.model[0], self.ms.optimizer,
-                        self.ms.scheduler, {"sampler": self.prompts.sampler.state_dict(),
-                                            "step": self.step, "config": S.config_tree(self.cfg)},
+                        self.ms.scheduler, state,
                         keep_last=self.cfg.train.keep_checkpoints, run_id=self.run_id,
                         optimizer_format=self.cfg.train.optimizer_checkpoint,
                         layout=self.layout_sizes,
@@ -468,11 +422,14 @@ class Trainer:
 
             self.log.note(summarise_run(self.out))
 
-    def close(self) -> None:
-        """Release everything this rank holds: logs, process groups, the engine, the run lock."""
+    def close(self, exit_code: int = 1) -> None:
+        """Release everything this rank holds: logs, process groups, the engine, the run lock;
+        separate placement: the engine ranks told to end with ``exit_code``."""
         from megatron_rl.train.parallel_init import destroy_megatron_parallel
 
         self.stop.close()
+        if self.feed is not None:
+            self.feed.stop(exit_code, started=self.feed_started)
         if self.log is not None:
             self.log.close()
             self.log = None
@@ -488,8 +445,33 @@ class Trainer:
 def train(cfg: RunConfig, quiet: bool = False) -> int:
     """Run a recipe; returns the process exit status (0, ``preempt.EXIT_REQUEUE`` or
     ``preempt.EXIT_NONFINITE``)."""
-    trainer = Trainer(cfg, quiet=quiet)
+    roles = None
+    if cfg.rollout.placement == "separate":
+        roles = _split_roles(cfg)
+        if roles.is_engine:
+            from megatron_rl.train.engine_worker import run_engine_rank
+
+            return run_engine_rank(cfg, roles)
+    trainer = Trainer(cfg, quiet=quiet, roles=roles)
+    code = 1
     try:
-        return trainer.run()
+        code = trainer.run()
+        return code
     finally:
-        trainer.close()
+        trainer.close(exit_code=code)
+
+
+def _split_roles(cfg: RunConfig):
+    """Separate placement: the world checked, then cut into engine and trainer ranks."""
+    import os
+
+    from megatron_rl.parallel.roles import init_roles
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_world(cfg, world)
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    elif world > 1:
+        check_cpu_engines(cfg, world, bool(cfg.model.hf_model().num_experts))
+    return init_roles(cfg.rollout.engine_ranks, backend="nccl" if gpu else "gloo")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_rl.algo.config import GROUP_ESTIMATORS, AlgoConfig
-from megatron_rl.config.soundness import check_sampling
+from megatron_rl.config.soundness import check_placement, check_sampling
 from megatron_rl.fields import ConfigError, check_fields
 from megatron_rl.data.config import DataConfig
 from megatron_rl.envs.config import EnvConfig
@@ -43,6 +43,7 @@ def validate(cfg: RunConfig) -> None:
                           "columns, or synthetic:<task>)")
     _check_model(cfg)
     check_sampling(cfg)
+    check_placement(cfg)
     if cfg.algo.advantage.name == "gae":
         _check_critic(cfg)
     if cfg.algo.advantage.name in GROUP_ESTIMATORS and cfg.rollout.n_samples_per_prompt < 2:
@@ -125,6 +126,8 @@ def check_cpu_engines(cfg: RunConfig, world_size: int, moe: bool) -> None:
     """On vLLM's CPU build, engines side by side fail for MoE models deep in their first step
     (the data-parallel MoE dispatch needs ``all_gatherv``, which the CPU communicator lacks): said
     here instead, with the fix. Call it only where the run is on CPU."""
+    if cfg.rollout.placement == "separate":
+        world_size = cfg.rollout.engine_ranks
     engines = world_size // cfg.rollout.tensor_parallel_size
     if moe and engines > 1:
         raise ConfigError(
@@ -134,9 +137,22 @@ def check_cpu_engines(cfg: RunConfig, world_size: int, moe: bool) -> None:
             f"rollout.tensor_parallel_size={world_size}")
 
 
+def trainer_world(cfg: RunConfig, world_size: int) -> int:
+    """The ranks that train: all of them colocated, all but the engine ranks separate."""
+    r = cfg.rollout
+    if r.placement == "colocated":
+        return world_size
+    if r.engine_ranks >= world_size:
+        raise ConfigError(f"rollout.engine_ranks: {r.engine_ranks} leaves no trainer rank in a "
+                          f"world of {world_size}; launch more processes or use fewer engine ranks")
+    return world_size - r.engine_ranks
+
+
 def validate_world(cfg: RunConfig, world_size: int) -> int:
     """Checks the parallel layout and the batch split against the launched world size (or a
     simulated one: recipes for 32 GPUs validate on a laptop); returns the DP size."""
+    engines_world = cfg.rollout.engine_ranks if cfg.rollout.placement == "separate" else world_size
+    world_size = trainer_world(cfg, world_size)
     dp = cfg.parallel.data_parallel_size(world_size)
     per_update = dp * cfg.train.updates_per_step
     if cfg.train.prompts_per_step % per_update:
@@ -144,8 +160,8 @@ def validate_world(cfg: RunConfig, world_size: int) -> int:
             f"train.prompts_per_step: {cfg.train.prompts_per_step} prompts must split evenly into "
             f"{cfg.train.updates_per_step} update(s) x {dp} data-parallel rank(s) (world size "
             f"{world_size}); use a multiple of {per_update}")
-    if world_size % cfg.rollout.tensor_parallel_size:
+    if engines_world % cfg.rollout.tensor_parallel_size:
         raise ConfigError(
             f"rollout.tensor_parallel_size: {cfg.rollout.tensor_parallel_size} does not divide the "
-            f"world size {world_size}")
+            f"world size {engines_world}")
     return dp

@@ -28,12 +28,50 @@ def check_sampling(cfg) -> None:
                           "set it to false")
 
 
+def check_placement(cfg) -> None:
+    """``ConfigError`` for rollout placement settings that do not fit together (world-independent;
+    ``config.run.validate_world`` checks the split against the launched world)."""
+    r = cfg.rollout
+    if r.placement == "colocated":
+        for key in ("engine_ranks", "max_staleness"):
+            if getattr(r, key):
+                raise ConfigError(f"rollout.{key}: {getattr(r, key)} needs "
+                                  "rollout.placement=separate (colocated ranks generate and train "
+                                  f"in turn); set rollout.placement=separate or rollout.{key}=0")
+        return
+    if r.engine_ranks < 1:
+        raise ConfigError("rollout.engine_ranks: placement=separate needs at least one engine rank "
+                          f"(a multiple of rollout.tensor_parallel_size={r.tensor_parallel_size})")
+    if r.engine_ranks % r.tensor_parallel_size:
+        raise ConfigError(f"rollout.engine_ranks: {r.engine_ranks} is not a multiple of "
+                          f"rollout.tensor_parallel_size={r.tensor_parallel_size} (each engine "
+                          "takes that many ranks)")
+    # what needs the engine and the trainer in one process, or is not carried across yet
+    unsupported = [
+        (r.probe_every > 0, "rollout.probe_every", "compares the engine with the trainer's "
+         "forward in one process", "rollout.probe_every=0"),
+        (cfg.train.val_every > 0, "train.val_every", "runs validation on the trainer's engine",
+         "train.val_every=0"),
+        (cfg.train.routing_replay == "rollout" or r.return_routes, "train.routing_replay",
+         "needs the engine's expert routes, which separate placement does not carry yet",
+         "train.routing_replay=old (or off) and rollout.return_routes=false")]
+    for bad, key, why, fix in unsupported:
+        if bad:
+            raise ConfigError(f"{key}: with rollout.placement=separate it {why}; set {fix}")
+
+
 def load_warnings(cfg) -> List[str]:
     """One line per setting that trains off-policy without its correction, naming the key that
     fixes it (the run still starts)."""
     a, t = cfg.algo, cfg.train
-    off_policy = t.updates_per_step > 1 or t.epochs_per_step > 1
     out: List[str] = []
+    k = cfg.rollout.max_staleness
+    if k and not a.mismatch.loss_params():
+        out.append(f"rollout.max_staleness={k} samples each step's rollouts with a policy {k} "
+                   "update(s) older than the one the old-policy pass measures, and nothing "
+                   "corrects for it; set algo.mismatch.tis_cap (e.g. 2.0, with tis_level=sequence "
+                   "for GSPO): the decoupled objective")
+    off_policy = t.updates_per_step > 1 or t.epochs_per_step > 1
     if not off_policy:
         return out
     why = (f"train.updates_per_step={t.updates_per_step} x train.epochs_per_step="

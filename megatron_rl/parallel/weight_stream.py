@@ -3,7 +3,8 @@
 
 A version is a sequence of buckets, each one broadcast from bridge rank 0 in three messages: a
 header ``int64 [version, meta bytes, payload bytes, last]``, the pickled ``[(name, shape, dtype)]``
-of its tensors, and their raw bytes back to back. ``version < 0`` is the stop message. Weights move
+of its tensors, and their raw bytes back to back. ``version < 0`` is the stop message, carrying the
+trainer's exit status (the engine ranks end with the same one). Weights move
 outside autograd: backward convention none. The receiver copies each payload out, so a bucket's
 memory is released on both sides as soon as it has crossed.
 
@@ -13,7 +14,7 @@ Shapes: ``P`` payload bytes of one bucket.
 from __future__ import annotations
 
 import pickle
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, NamedTuple, Tuple
 
 import torch
 
@@ -42,9 +43,9 @@ def send_bucket(group, version: int, bucket: List[Tuple[str, Tensor]], last: boo
     return int(payload_P.numel())
 
 
-def send_stop(group) -> None:
-    """Tell every engine rank that no version follows."""
-    _broadcast(group, torch.tensor([STOP, 0, 0, 1]))
+def send_stop(group, exit_code: int = 0) -> None:
+    """Tell every engine rank that no version follows, and how the trainer ends."""
+    _broadcast(group, torch.tensor([STOP, 0, 0, exit_code]))
 
 
 def send_version(group, version: int, buckets: Iterable[List[Tuple[str, Tensor]]]) -> Tuple[int, int]:
@@ -60,14 +61,21 @@ def send_version(group, version: int, buckets: Iterable[List[Tuple[str, Tensor]]
     return count + 1, total
 
 
-def recv_bucket(group) -> Tuple[int, List[Tuple[str, Tensor]], bool]:
-    """One bucket from bridge rank 0: ``(version, [(name, tensor)], last)``; ``version`` is
-    ``STOP`` (and the list empty) when the sender has finished."""
+class Received(NamedTuple):
+    """A whole version (``tensors``), or the stop message (``version == STOP``, ``exit_code``)."""
+    version: int
+    tensors: List[Tuple[str, Tensor]]
+    exit_code: int = 0
+
+
+def recv_bucket(group) -> Tuple[int, List[Tuple[str, Tensor]], int]:
+    """One bucket from bridge rank 0: ``(version, [(name, tensor)], last)``; for the stop message
+    ``(STOP, [], exit code)``."""
     header = torch.zeros(4, dtype=torch.int64)
     _broadcast(group, header)
     version, meta_n, payload_n, last = (int(x) for x in header)
     if version < 0:
-        return STOP, [], True
+        return STOP, [], last
     meta_bytes = torch.empty(meta_n, dtype=torch.uint8)
     _broadcast(group, meta_bytes)
     payload_P = torch.empty(payload_n, dtype=torch.uint8)
@@ -78,17 +86,17 @@ def recv_bucket(group) -> Tuple[int, List[Tuple[str, Tensor]], bool]:
         n = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dt).element_size()
         out.append((name, payload_P[at:at + n].view(dt).reshape(shape)))
         at += n
-    return version, out, bool(last)
+    return version, out, last
 
 
-def recv_version(group) -> Tuple[int, Optional[List[Tuple[str, Tensor]]]]:
-    """A whole version: ``(version, [(name, tensor)])``, or ``(STOP, None)``."""
+def recv_version(group) -> Received:
+    """The next whole version, or the stop message."""
     tensors: List[Tuple[str, Tensor]] = []
     while True:
         version, bucket, last = recv_bucket(group)
         if version == STOP:
-            return STOP, None
+            return Received(STOP, [], last)
         tensors += bucket
         if last:
-            return version, tensors
+            return Received(version, tensors)
 

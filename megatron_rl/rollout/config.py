@@ -21,6 +21,17 @@ class RolloutConfig:
     top_p: float = field_(1.0, gt=0.0, le=1.0, help="nucleus sampling; < 1 makes the rollout "
                                                       "policy differ from the trained one")
     seed: int = field_(0, help="sampling seed; each step, round and engine derive their own")
+    # where the engines run
+    placement: str = field_("colocated", choices=("colocated", "separate"),
+                            help="colocated: every rank generates, then trains; separate: the "
+                                 "first rollout.engine_ranks ranks only generate, the others only "
+                                 "train, generation overlapping the update (rollout.max_staleness)")
+    engine_ranks: int = field_(0, ge=0, help="placement=separate: the ranks (the first ones) that "
+                                             "run vLLM engines; a multiple of "
+                                             "rollout.tensor_parallel_size")
+    max_staleness: int = field_(0, ge=0, help="placement=separate: step t trains on rollouts "
+                                              "sampled by the policy of step t-1-k (0: "
+                                              "synchronous; 1: one step off)")
     # the engine
     model_dir: str = field_("", help="HF dir vLLM starts from; empty: the trainer's initial "
                                      "weights, exported to <output_dir>/hf_init")

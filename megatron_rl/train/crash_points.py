@@ -20,6 +20,8 @@ POINTS = (
     "train",               # log-prob passes and the optimizer updates
     "train.epoch",         # a second or later pass over the step's batch (train.epochs_per_step)
     "sync",                # weights pushed into the engine
+    "push",                # separate placement: a version streamed to the engine ranks
+    "generate",            # separate placement, on an engine rank: a step's generation starts
     "checkpoint",          # the temporary checkpoint directory is being written
     "checkpoint.written",  # every file written, not yet renamed into place
     "checkpoint.renamed",  # step_N in place, ``latest`` still names the previous one

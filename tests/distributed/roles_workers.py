@@ -37,8 +37,9 @@ def split_and_stream(rank: int, world: int, versions: int, engine_ranks: int = 1
     if roles.is_engine:
         got = []
         while True:
-            v, tensors = W.recv_version(roles.weights)
+            v, tensors, code = W.recv_version(roles.weights)
             if v == W.STOP:
+                out["exit_code"] = code
                 break
             want = _version(v)
             got.append({"version": v, "names": [n for n, _ in tensors],
@@ -54,7 +55,7 @@ def split_and_stream(rank: int, world: int, versions: int, engine_ranks: int = 1
         for v in range(versions):
             sent.append(W.send_version(roles.weights, v, _buckets(_version(v), 200)))
             batches.append(R.recv_object(roles.batches, src=0))
-        W.send_stop(roles.weights)
+        W.send_stop(roles.weights, exit_code=75)
         out.update(sent=sent, batches=batches)
         R.send_object(roles.batches, out, dst=0)
     return out
@@ -82,7 +83,7 @@ def _engine_refits(roles, bucket_bytes: int) -> dict:
     applied = []
     while True:
         stale = gen()          # sampled by the previous version
-        v, tensors = W.recv_version(roles.weights)
+        v, tensors, _ = W.recv_version(roles.weights)
         if v == W.STOP:
             break
         stats = sync_weights(engine, iter(tensors), bucket_bytes)

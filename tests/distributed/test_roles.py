@@ -25,6 +25,7 @@ def test_three_versions_cross_bit_exactly_then_stop(split):
     engine = split
     assert [v["version"] for v in engine["versions"]] == [0, 1, 2]
     assert all(v["exact"] for v in engine["versions"])
+    assert engine["exit_code"] == 75   # the trainer's exit status reaches the engine ranks
     assert engine["versions"][0]["names"] == ["a.weight", "b.bias", "c.big", "d.ids"]
     buckets, sent_bytes = engine["trainer0"]["sent"][0]
     assert buckets == 3 and sent_bytes == 4 * 3 * 4 + 7 * 2 + 64 * 64 * 8 + 5 * 8

@@ -8,9 +8,13 @@ import json
 VOLATILE = ("time/", "perf/", "sync/seconds", "mem/")   # wall-clock and memory measurements
 
 
+def _volatile(key: str) -> bool:
+    return key.startswith(VOLATILE) or (key.startswith("async/") and key.endswith("_s"))
+
+
 def metrics(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+    return [{k: v for k, v in r.items() if not _volatile(k)} for r in rows]
 
 
 def weights(out, export: str = "hf"):

@@ -1,0 +1,91 @@
+"""The trainer's side of its rollout engines: the HF directory they start from, the colocated
+engine (started, synced after every update, probed), and the separate engine ranks (started and
+streamed to through ``train.async_feed``). A mixin of ``trainer.Trainer``, which holds the state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_rl.model.cpu_patches import cpu_modes_suspended
+from megatron_rl.train import rl_batch
+from megatron_rl.train import setup as S
+
+
+class EngineLink:
+    """Engine start-up, weight sync and probe for ``Trainer`` (uses its ``cfg``, ``ms``, ``hf``,
+    ``tok``, ``out``, ``rank``, ``step``, ``feed``, ``log``, ``prompts``, ``pg``)."""
+
+    def _engine_dir(self) -> Path:
+        """The HF directory the engines start from (the initial weights written there if none)."""
+        from megatron_rl.checkpoint.convert import write_hf_model
+
+        r = self.cfg.rollout
+        hf_dir = S.engine_loadable_hf_dir(self.cfg)
+        model_dir = Path(r.model_dir or hf_dir or self.out / "hf_init")
+        if not r.model_dir and not hf_dir and not (model_dir / "config.json").is_file():
+            write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
+                           self.ms.hf_cfg, model_dir, self.ms.dtype)
+            if self.rank == 0:
+                self.tok.save_pretrained(str(model_dir))
+            dist.barrier()
+        return model_dir
+
+    def _start_engines(self) -> None:
+        """Separate placement: the engine ranks told where to start, then sent this version."""
+        self.push_metrics = self.feed.start(
+            str(self._engine_dir()), str(self.ms.dtype).replace("torch.", ""), self.step,
+            self.prompts.sampler.state_dict(), lambda: self._hf_weights(dst=0),
+            int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        self.feed_started = True
+        return None
+
+    def _engine(self):
+        from megatron_rl.rollout.engine import RolloutEngine
+
+        r = self.cfg.rollout
+        hf_dir = S.engine_loadable_hf_dir(self.cfg)
+        model_dir = self._engine_dir()
+        engine = RolloutEngine(r.engine_settings(
+            str(model_dir), dtype=str(self.ms.dtype).replace("torch.", ""),
+            data_parallel_size=self.n_engines, routes=self.route_spec))
+        # the engine's files are not the trainer's weights: sync them in before the first step
+        if self.step > 0 or r.model_dir or (hf_dir and self.weights_from != str(hf_dir)):
+            self._sync(engine)
+        return engine
+
+    def _hf_weights(self, dst=None):
+        from megatron_rl.checkpoint.hf_weights import iter_hf_weights
+        from megatron_rl.train.model_setup import unwrap
+
+        return iter_hf_weights(unwrap(self.ms.model[0]), self.ms.mapping, self.ms.weight_groups,
+                               self.hf.num_experts, dst=dst)
+
+    @cpu_modes_suspended()
+    def _sync(self, engine):
+        from megatron_rl.rollout.weight_sync import sync_weights
+
+        return sync_weights(engine, self._hf_weights(), int(self.cfg.rollout.sync_bucket_mb * 2**20))
+
+    def _probe_due(self) -> bool:
+        every = self.cfg.rollout.probe_every
+        return bool(every) and (self.step % every == 0 or self.step == 1)
+
+    def _probe(self) -> float:
+        """Max |engine - trainer| log-prob on a fixed prompt's sampled tokens, just after sync."""
+        from megatron_rl.data.prompts import render_prompt
+
+        r = self.cfg.rollout
+        ids = render_prompt(self.prompts.rows[0], self.tok, chat=self.cfg.data.chat_template,
+                            max_tokens=r.max_prompt_len)
+        worst = rl_batch.probe_mismatch(self.engine, self.ms.model, self.pg, ids,
+                                        max_tokens=min(16, r.max_response_len),
+                                        temperature=r.temperature,
+                                        cp_size=self.cfg.parallel.context_parallel_size,
+                                        cp_rank=self._cp_rank(), device=self._device())
+        if worst > r.probe_tolerance and self.log is not None:
+            self.log.note(f"step {self.step}: engine and trainer log-probs differ by {worst:.2e} "
+                          f"after the weight sync (rollout.probe_tolerance {r.probe_tolerance:g})")
+        return worst

@@ -1,0 +1,141 @@
+"""An engine rank under separate placement (``rollout.placement: separate``): vLLM only, no
+Megatron. It generates step after step, each step ``t`` with the weights of version
+``t - 1 - rollout.max_staleness`` (never newer, never older: a fixed lag keeps a run the same on a
+rerun), and hands each step's rollouts to trainer rank 0.
+
+The protocol with the trainer (``train.async_feed`` is the other side):
+1. ``START`` over the ``batches`` bridge: the engine's model directory and dtype, the first step to
+   generate, the prompt sampler's state, the version the trainer streams first.
+2. Versions over the ``weights`` bridge, received by a thread into a queue (so that the trainer's
+   send never waits for a generation to end), applied between steps, and only the newest one the
+   next step may use.
+3. One message per step over ``batches``: the step's ``Rollouts``, the sampler state after its
+   prompts were drawn, the version that generated it, and the engine's idle seconds.
+4. The stop message, with the trainer's exit status, which the engine ranks end with.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import torch.distributed as dist
+
+from megatron_rl.parallel import roles as R
+from megatron_rl.parallel import weight_stream as W
+
+
+class WeightInbox:
+    """Receives every version the trainer streams, on a thread, in order; ``upto(v)`` returns the
+    newest received version ``<= v``'s tensors once version ``v`` has arrived (older ones are
+    dropped unapplied: only the newest matters)."""
+
+    def __init__(self, group):
+        self.q: "queue.Queue[W.Received]" = queue.Queue()
+        self.thread = threading.Thread(target=self._run, args=(group,), daemon=True,
+                                       name="weight-inbox")
+        self.thread.start()
+
+    def _run(self, group) -> None:
+        while True:
+            got = W.recv_version(group)
+            self.q.put(got)
+            if got.version == W.STOP:
+                return
+
+    def upto(self, version: int) -> W.Received:
+        """The version ``version`` (blocking until it is here), or the stop message."""
+        while True:
+            got = self.q.get()
+            if got.version == W.STOP or got.version >= version:
+                return got
+
+
+class EngineWorker:
+    """One engine rank: the producer's engine fed by the weight inbox; ``run`` returns the
+    trainer's exit status."""
+
+    def __init__(self, cfg, roles: R.Roles):
+        from megatron_rl.rollout.collect import Scorer
+        from megatron_rl.train import setup as S
+        from megatron_rl.train.producer import RolloutProducer
+
+        self.cfg, self.roles = cfg, roles
+        self.hf = cfg.model.hf_model()
+        self.tok = S.load_tokenizer(cfg, self.hf)
+        rows = S.load_rows(cfg, [])
+        d = cfg.data
+        self.prompts = S.PromptStream(rows, self.tok, chat=d.chat_template,
+                                      max_tokens=cfg.rollout.max_prompt_len, seed=d.seed,
+                                      shuffle=d.shuffle, drop_too_long=d.on_bad_row == "skip")
+        episodes = None
+        if cfg.env.name:
+            from megatron_rl.parallel.rollout_comm import EngineChannel
+            from megatron_rl.rollout.multiturn import EpisodeRunner
+
+            episodes = EpisodeRunner.from_sections(
+                cfg.env, cfg.reward, self.tok, max_response_len=cfg.rollout.max_response_len,
+                vocab_size=self.hf.vocab_size, chat_template=d.chat_template,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                channel=EngineChannel(roles.rank, roles.size, cfg.rollout.tensor_parallel_size))
+        self.producer = RolloutProducer(cfg, self.tok, self.prompts, Scorer.of(cfg.reward, self.tok),
+                                        episodes, roles.rank, roles.size)
+
+    def _start_message(self) -> dict:
+        got = [R.recv_object(self.roles.batches, src=1) if self.roles.leads else None]
+        dist.broadcast_object_list(got, src=0)   # over the engine ranks' own group
+        return got[0]
+
+    def run(self) -> int:
+        """Generate until the trainer's stop; returns its exit status."""
+        from megatron_rl.rollout.engine import RolloutEngine
+        from megatron_rl.rollout.weight_sync import sync_weights
+        from megatron_rl.train.crash_points import reached
+
+        start = self._start_message()
+        if start.get("stop") is not None:   # the trainer stopped before its first step
+            return int(start["stop"])
+        if start["sampler"] is not None:
+            self.prompts.sampler.load_state_dict(start["sampler"])
+        inbox = WeightInbox(self.roles.weights)
+        r = self.cfg.rollout
+        n_engines = self.roles.size // r.tensor_parallel_size
+        engine = RolloutEngine(r.engine_settings(start["model_dir"], dtype=start["dtype"],
+                                                 data_parallel_size=n_engines, sleep_mode=False))
+        self.producer.engine = engine
+        bucket = int(r.sync_bucket_mb * 2**20)
+        applied, idle = None, 0.0
+        try:
+            for step in range(start["first_step"], self.cfg.train.steps + 1):
+                need = max(start["version"], step - 1 - r.max_staleness)
+                if applied != need:
+                    t0 = time.perf_counter()
+                    got = inbox.upto(need)
+                    idle += time.perf_counter() - t0
+                    if got.version == W.STOP:
+                        return got.exit_code
+                    if got.version != need:
+                        raise RuntimeError(f"separate placement: step {step} needs policy version "
+                                           f"{need}, the trainer sent {got.version}")
+                    sync_weights(engine, iter(got.tensors), bucket)
+                    applied = got.version
+                reached("generate", step)
+                t0 = time.perf_counter()
+                rollouts = self.producer.collect(step)
+                gen_s = time.perf_counter() - t0
+                if self.roles.leads:
+                    t0 = time.perf_counter()
+                    R.send_object(self.roles.batches, {
+                        "step": step, "rollouts": rollouts, "version": applied,
+                        "sampler": self.prompts.sampler.state_dict(), "engine_idle_s": idle,
+                        "generate_s": gen_s}, dst=1)
+                    idle = time.perf_counter() - t0   # waiting for the trainer to take it
+            return inbox.upto(1 << 62).exit_code   # the trainer's stop
+        finally:
+            engine.shutdown()
+
+
+def run_engine_rank(cfg, roles: R.Roles) -> int:
+    """The whole life of an engine rank; returns the exit status the trainer ended with."""
+    return EngineWorker(cfg, roles).run()
+
