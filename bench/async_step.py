@@ -2,6 +2,11 @@
 
     python bench/async_step.py                    # 30 steps per mode, responses of 48 tokens
     python bench/async_step.py --steps 60 --response 96
+    python bench/async_step.py --curve 200 --png docs/async_reward_curve.png
+
+``--curve N``: the main job itself (its own response length) for N steps, synchronous (colocated)
+and one step off (separate, k=1), their mean rewards over windows of 20 steps and both curves in
+one PNG: does one step off learn the task as well?
 
 Three runs of the main job's model (the tiny MoE, GSPO) on the same machine, each in its own
 torchrun job with one thread per process:
@@ -37,10 +42,10 @@ RECIPE = ROOT / "configs" / "recipes" / "tiny_moe_gspo.yaml"
 
 
 def _run(out: Path, steps: int, response: int, world: int, extra) -> list:
+    fixed = ["rollout.ignore_eos=true", f"rollout.max_response_len={response}"] if response else []
     args = ["-m", "megatron_rl", "train", "--config", str(RECIPE), f"train.output_dir={out}",
             f"train.steps={steps}", "train.checkpoint_every=0", "train.export_hf=false",
-            "train.loggers=[]", "rollout.probe_every=0", "rollout.ignore_eos=true",
-            f"rollout.max_response_len={response}", "--quiet", *extra]
+            "train.loggers=[]", "rollout.probe_every=0", *fixed, "--quiet", *extra]
     cmd = [sys.executable, *args] if world == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
         f"--nproc-per-node={world}", *args]
@@ -56,15 +61,59 @@ def _mean(rows, key: str, skip: int) -> float:
     return statistics.fmean(vals) if vals else 0.0
 
 
+SEP = ["rollout.placement=separate", "rollout.engine_ranks=1"]
+ONE_OFF = [*SEP, "rollout.max_staleness=1", "algo.mismatch.tis_cap=2.0"]
+
+
+def _draw(curves: dict, png: Path) -> None:
+    """Both reward curves (moving averages of 10 steps) in one PNG, with Pillow."""
+    from PIL import Image, ImageDraw
+
+    W, H, L, B, T = 800, 450, 60, 40, 30
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    steps = max(len(c) for c in curves.values())
+    top = max(max(c) for c in curves.values()) or 1.0
+    sx = lambda i: L + i / max(steps - 1, 1) * (W - L - 20)  # noqa: E731
+    sy = lambda y: H - B - y / top * (H - T - B)  # noqa: E731
+    d.rectangle([L, T, W - 20, H - B], outline="black")
+    for i in range(5):
+        d.text((5, sy(top * i / 4) - 6), f"{top * i / 4:.2f}", fill="black")
+        d.text((sx((steps - 1) * i / 4) - 10, H - B + 8), f"{1 + (steps - 1) * i / 4:.0f}", fill="black")
+    for (name, ys), colour, row in zip(curves.items(), [(20, 70, 160), (200, 60, 30)], (0, 1)):
+        smooth = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
+        d.line([(sx(i), sy(y)) for i, y in enumerate(smooth)], fill=colour, width=3)
+        d.text((L + 10, T + 8 + 14 * row), f"{name} (moving average of 10)", fill=colour)
+    d.text((W // 2 - 60, 8), "mean reward per step", fill="black")
+    img.save(png)
+
+
+def curve(steps: int, png: Path) -> None:
+    """The main job synchronous and one step off: reward over windows of 20 steps, and the PNG."""
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, world, extra in [("synchronous (colocated)", 1, []),
+                                   ("one step off (separate, k=1)", 2, ONE_OFF)]:
+            rows = _run(Path(tmp) / str(world), steps, 0, world, extra)
+            curves[name] = [r["reward/mean"] for r in rows]
+    for name, ys in curves.items():
+        windows = [statistics.fmean(ys[i:i + 20]) for i in range(0, len(ys), 20)]
+        print(f"{name:>29}: " + " ".join(f"{w:.3f}" for w in windows))
+    _draw(curves, png)
+    print(f"curve: {png}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out")
     ap.add_argument("--response", type=int, default=48, help="tokens per response")
+    ap.add_argument("--curve", type=int, default=0, help="the reward-curve comparison instead")
+    ap.add_argument("--png", type=Path, default=Path("async_reward_curve.png"))
     a = ap.parse_args()
-    sep = ["rollout.placement=separate", "rollout.engine_ranks=1"]
-    modes = [("colocated", 1, []), ("separate k=0", 2, sep),
-             ("separate k=1", 2, [*sep, "rollout.max_staleness=1", "algo.mismatch.tis_cap=2.0"])]
+    if a.curve:
+        return curve(a.curve, a.png)
+    modes = [("colocated", 1, []), ("separate k=0", 2, SEP), ("separate k=1", 2, ONE_OFF)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{a.steps} steps, responses of {a.response} tokens, mean over steps {a.skip + 1}-{a.steps}")
     results = {}
