@@ -365,7 +365,7 @@ class Trainer(EngineLink):
         else:
             rollouts = self.producer.collect(self.step)
         if rollouts.failures and self.log is not None:
-            what = "episode" if self.episodes is not None else "reward"
+            what = "episode" if self.cfg.env.name else "reward"
             self.log.note(f"step {self.step}: {rollouts.failures} {what} failure(s), e.g. "
                           f"{rollouts.first_error}")
         shape = S.batch_shape(self.cfg, self.dp, self.dp_rank, self._cp_rank(), self.route_spec,

@@ -47,6 +47,7 @@ class Roles:
 
     @property
     def is_engine(self) -> bool:
+        """This rank runs a vLLM engine (and no Megatron)."""
         return self.role == ENGINE
 
     @property

@@ -26,9 +26,9 @@ from megatron_rl.parallel import weight_stream as W
 
 
 class WeightInbox:
-    """Receives every version the trainer streams, on a thread, in order; ``upto(v)`` returns the
-    newest received version ``<= v``'s tensors once version ``v`` has arrived (older ones are
-    dropped unapplied: only the newest matters)."""
+    """Receives every version the trainer streams, on a thread, in order; ``upto(v)`` skips the
+    versions older than ``v`` unapplied and returns the first one at or past ``v`` (the trainer
+    streams each version once, in order, so that is ``v`` itself) or the stop message."""
 
     def __init__(self, group):
         self.q: "queue.Queue[W.Received]" = queue.Queue()
