@@ -18,7 +18,7 @@ from tests.e2e.run_outputs import metrics
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "configs" / "recipes" / "tiny_moe_gspo.yaml"
+RECIPES = ROOT / "configs" / "recipes"
 SMALL = ["train.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "train.micro_batch_size=8",
          "train.loggers=[]", "rollout.probe_every=0", "train.export_hf=false",
          "train.checkpoint_every=2"]
@@ -28,8 +28,9 @@ ONE_OFF = [*SEPARATE, "rollout.max_staleness=1", "algo.mismatch.tis_cap=2.0",
            "algo.dynamic_sampling=true", "rollout.oversample=1.5", "train.samples_every=1"]
 
 
-def _run(out, steps, *extra, world=1, kill_at="", ok=True):
-    args = ["-m", "megatron_rl", "train", "--config", str(RECIPE), f"train.output_dir={out}",
+def _run(out, steps, *extra, world=1, kill_at="", ok=True, recipe="tiny_moe_gspo"):
+    args = ["-m", "megatron_rl", "train", "--config", str(RECIPES / f"{recipe}.yaml"),
+            f"train.output_dir={out}",
             f"train.steps={steps}", *SMALL, *extra]
     cmd = [sys.executable, *args] if world == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
@@ -56,6 +57,19 @@ def test_synchronous_separate_placement_equals_colocated(tmp_path):
         assert abs(x["train/loss"] - y["train/loss"]) <= 1e-5
         assert y["async/staleness/max"] == 0.0
     assert b[1]["async/weight_transfer_MB"] > 0.5   # the whole tiny model, streamed
+
+
+def test_multi_turn_episodes_are_played_on_the_engine_ranks_as_colocated(tmp_path):
+    """The tool recipe's episodes (engine turns and tool observations) under separate placement,
+    synchronous: the same rewards, environment counters and loss as colocated."""
+    _run(tmp_path / "colocated", 2, recipe="tiny_moe_tool")
+    _run(tmp_path / "separate", 2, *SEPARATE, world=2, recipe="tiny_moe_tool")
+    a, b = metrics(tmp_path / "colocated"), metrics(tmp_path / "separate")
+    for x, y in zip(a, b):
+        assert x["env/turns_mean"] >= 1.0 and x["env/failed_frac"] == 0.0
+        for key in ("reward/mean", "env/turns_mean", "env/tool_calls_mean", "env/env_token_share"):
+            assert x[key] == y[key], key
+        assert abs(x["train/loss"] - y["train/loss"]) <= 1e-5
 
 
 @pytest.fixture(scope="module")
