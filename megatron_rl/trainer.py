@@ -96,16 +96,9 @@ class Trainer(EngineLink):
             self.source += f"; critic from {critic_from}"
         self.tok = S.load_tokenizer(cfg, self.hf)
         self.scorer = Scorer.of(cfg.reward, self.tok)
-        self.episodes = None
-        if cfg.env.name and self.roles is None:   # separate placement: played on the engine ranks
-            from megatron_rl.parallel.rollout_comm import EngineChannel
-            from megatron_rl.rollout.multiturn import EpisodeRunner
-
-            self.episodes = EpisodeRunner.from_sections(
-                cfg.env, cfg.reward, self.tok, max_response_len=cfg.rollout.max_response_len,
-                vocab_size=self.hf.vocab_size, chat_template=cfg.data.chat_template,
-                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                channel=EngineChannel(self.rank, self.world, self.engine_tp))
+        self.episodes = None   # separate placement: played on the engine ranks
+        if self.roles is None:
+            self.episodes = S.episode_runner(cfg, self.tok, self.hf, self.rank, self.world)
         self.warnings: List[str] = load_warnings(cfg)
         self._data()
         self.val = None
@@ -170,10 +163,7 @@ class Trainer(EngineLink):
 
         rows = S.load_rows(self.cfg, self.warnings)
         self.dp_rank = ps.get_data_parallel_rank()
-        d = self.cfg.data
-        self.prompts = S.PromptStream(rows, self.tok, chat=d.chat_template,
-                                      max_tokens=self.cfg.rollout.max_prompt_len, seed=d.seed,
-                                      shuffle=d.shuffle, drop_too_long=d.on_bad_row == "skip")
+        self.prompts = S.prompt_stream(self.cfg, self.tok, rows)
         if self.prompts.dropped:
             self.warnings.append(f"{self.prompts.dropped} prompt(s) longer than "
                                  f"rollout.max_prompt_len={self.cfg.rollout.max_prompt_len} left out "

@@ -63,21 +63,8 @@ class EngineWorker:
         self.cfg, self.roles = cfg, roles
         self.hf = cfg.model.hf_model()
         self.tok = S.load_tokenizer(cfg, self.hf)
-        rows = S.load_rows(cfg, [])
-        d = cfg.data
-        self.prompts = S.PromptStream(rows, self.tok, chat=d.chat_template,
-                                      max_tokens=cfg.rollout.max_prompt_len, seed=d.seed,
-                                      shuffle=d.shuffle, drop_too_long=d.on_bad_row == "skip")
-        episodes = None
-        if cfg.env.name:
-            from megatron_rl.parallel.rollout_comm import EngineChannel
-            from megatron_rl.rollout.multiturn import EpisodeRunner
-
-            episodes = EpisodeRunner.from_sections(
-                cfg.env, cfg.reward, self.tok, max_response_len=cfg.rollout.max_response_len,
-                vocab_size=self.hf.vocab_size, chat_template=d.chat_template,
-                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                channel=EngineChannel(roles.rank, roles.size, cfg.rollout.tensor_parallel_size))
+        self.prompts = S.prompt_stream(cfg, self.tok, S.load_rows(cfg, []))
+        episodes = S.episode_runner(cfg, self.tok, self.hf, roles.rank, roles.size)
         self.producer = RolloutProducer(cfg, self.tok, self.prompts, Scorer.of(cfg.reward, self.tok),
                                         episodes, roles.rank, roles.size)
 

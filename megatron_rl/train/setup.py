@@ -385,6 +385,28 @@ class PromptStream:
         return out
 
 
+def prompt_stream(cfg: RunConfig, tok, rows) -> PromptStream:
+    """The run's prompts over ``rows``: every rank that generates draws the same ones."""
+    d = cfg.data
+    return PromptStream(rows, tok, chat=d.chat_template, max_tokens=cfg.rollout.max_prompt_len,
+                        seed=d.seed, shuffle=d.shuffle, drop_too_long=d.on_bad_row == "skip")
+
+
+def episode_runner(cfg: RunConfig, tok, hf, rank: int, world: int):
+    """``cfg.env``'s multi-turn episodes on the engines of a ``world``-rank group (this process
+    being ``rank``), or None without an environment."""
+    if not cfg.env.name:
+        return None
+    from megatron_rl.parallel.rollout_comm import EngineChannel
+    from megatron_rl.rollout.multiturn import EpisodeRunner
+
+    r = cfg.rollout
+    return EpisodeRunner.from_sections(
+        cfg.env, cfg.reward, tok, max_response_len=r.max_response_len, vocab_size=hf.vocab_size,
+        chat_template=cfg.data.chat_template, temperature=r.temperature, top_p=r.top_p,
+        channel=EngineChannel(rank, world, r.tensor_parallel_size))
+
+
 def export_models(out: Path, ms: ModelState, tokenizer, critic, step: int) -> None:
     """The policy as an HF directory at ``out`` and, for PPO, the critic at ``<out>_critic`` as
     the architecture's token classifier (collective; rank 0 writes)."""
