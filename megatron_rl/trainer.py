@@ -54,9 +54,8 @@ class Trainer(EngineLink):
         self.world = init_distributed() if roles is None else roles.size   # the trainer ranks
         self.rank = dist.get_rank()
         self.dp = validate_world(cfg, self.world if roles is None else roles.world)
-        if not torch.cuda.is_available():
-            check_cpu_engines(cfg, self.world if roles is None else roles.world,
-                              bool(cfg.model.hf_model().num_experts))
+        if not torch.cuda.is_available() and roles is None:   # separate: checked before the split
+            check_cpu_engines(cfg, self.world, bool(cfg.model.hf_model().num_experts))
         self.engine_tp = cfg.rollout.tensor_parallel_size
         self.n_engines = (self.world if roles is None else roles.engine_ranks) // self.engine_tp
         self.out = Path(cfg.train.output_dir)
@@ -115,7 +114,10 @@ class Trainer(EngineLink):
         self.stopped_early = self._agreed(self.stop.local())
         if self.stopped_early:
             return
-        self.engine = self._engine() if self.roles is None else self._start_engines()
+        if self.roles is None:
+            self.engine = self._engine()
+        else:
+            self._start_engines()
         if self.resumed_from is not None:  # the engine's start-up drew random numbers
             from megatron_rl.checkpoint.dist_ckpt import load_rng_state
 
@@ -227,10 +229,8 @@ class Trainer(EngineLink):
                     return EXIT_REQUEUE
                 # after the stop check: a stopped run never pushes a version whose rollouts its
                 # checkpoint (save: feed.fill) would not hold
-                if self.feed is not None and self.feed.due(self.step):
-                    self.push_metrics = self.feed.push(
-                        self.step, lambda: self._hf_weights(dst=0),
-                        int(self.cfg.rollout.sync_bucket_mb * 2**20))
+                if self.feed is not None:
+                    self._push()
             if self.cfg.train.export_hf:
                 self.export(self.out / "hf")
             self._finish()

@@ -33,14 +33,25 @@ class EngineLink:
             dist.barrier()
         return model_dir
 
+    @property
+    def _bucket_bytes(self) -> int:
+        return int(self.cfg.rollout.sync_bucket_mb * 2**20)
+
+    @cpu_modes_suspended()   # the weights gathered to rank 0 (as the colocated sync)
     def _start_engines(self) -> None:
         """Separate placement: the engine ranks told where to start, then sent this version."""
         self.push_metrics = self.feed.start(
             str(self._engine_dir()), str(self.ms.dtype).replace("torch.", ""), self.step,
-            self.prompts.sampler.state_dict(), lambda: self._hf_weights(dst=0),
-            int(self.cfg.rollout.sync_bucket_mb * 2**20))
+            self.prompts.sampler.state_dict(), lambda: self._hf_weights(dst=0), self._bucket_bytes)
         self.feed_started = True
-        return None
+
+    @cpu_modes_suspended()
+    def _push(self) -> None:
+        """Separate placement: this step's version to the engine ranks, if a later step uses it;
+        its metrics go out with the next step."""
+        if self.feed.due(self.step):
+            self.push_metrics = self.feed.push(self.step, lambda: self._hf_weights(dst=0),
+                                               self._bucket_bytes)
 
     def _engine(self):
         from megatron_rl.rollout.engine import RolloutEngine
@@ -67,7 +78,7 @@ class EngineLink:
     def _sync(self, engine):
         from megatron_rl.rollout.weight_sync import sync_weights
 
-        return sync_weights(engine, self._hf_weights(), int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        return sync_weights(engine, self._hf_weights(), self._bucket_bytes)
 
     def _probe_due(self) -> bool:
         every = self.cfg.rollout.probe_every
