@@ -2,6 +2,7 @@
 
     python bench/async_step.py                    # 30 steps per mode, responses of 48 tokens
     python bench/async_step.py --steps 60 --response 96
+    python bench/async_step.py --response 12 --epochs 2   # an update as long as the generation
     python bench/async_step.py --curve 200 --png docs/async_reward_curve.png
 
 ``--curve N``: the main job itself (its own response length) for N steps, synchronous (colocated)
@@ -41,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "recipes" / "tiny_moe_gspo.yaml"
 
 
-def _run(out: Path, steps: int, response: int, world: int, extra) -> list:
+def _run(out: Path, steps: int, response: int, world: int, extra, epochs: int = 1) -> list:
     fixed = ["rollout.ignore_eos=true", f"rollout.max_response_len={response}"] if response else []
+    fixed.append(f"train.epochs_per_step={epochs}")
     args = ["-m", "megatron_rl", "train", "--config", str(RECIPE), f"train.output_dir={out}",
             f"train.steps={steps}", "train.checkpoint_every=0", "train.export_hf=false",
             "train.loggers=[]", "rollout.probe_every=0", *fixed, "--quiet", *extra]
@@ -108,6 +110,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out")
     ap.add_argument("--response", type=int, default=48, help="tokens per response")
+    ap.add_argument("--epochs", type=int, default=1,
+                    help="train.epochs_per_step: passes over the rollouts (lengthens the update)")
     ap.add_argument("--curve", type=int, default=0, help="the reward-curve comparison instead")
     ap.add_argument("--png", type=Path, default=Path("async_reward_curve.png"))
     a = ap.parse_args()
@@ -115,12 +119,13 @@ def main() -> None:
         return curve(a.curve, a.png)
     modes = [("colocated", 1, []), ("separate k=0", 2, SEP), ("separate k=1", 2, ONE_OFF)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{a.steps} steps, responses of {a.response} tokens, mean over steps {a.skip + 1}-{a.steps}")
+          f"{a.steps} steps, responses of {a.response} tokens, {a.epochs} epoch(s) per step, mean "
+          f"over steps {a.skip + 1}-{a.steps}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, world, extra in modes:
             rows = _run(Path(tmp) / name.replace(" ", "_").replace("=", ""), a.steps, a.response,
-                        world, extra)
+                        world, extra, a.epochs)
             step = _mean(rows, "time/step_s", a.skip)
             results[name] = rows
             base = _mean(results["colocated"], "time/step_s", a.skip)

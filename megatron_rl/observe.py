@@ -34,13 +34,13 @@ def git_sha() -> str:
     return sha + ("-dirty" if dirty and sha != "unknown" else "")
 
 
-def eta_seconds(step: int, first_step: int, total: int, first_done: float, now: float,
-                step_s: float) -> float:
-    """Time left, from the steps after the first one logged: the first carries the warm-up
-    (engine start, compilation; 10x a step on the CPU demo) and would inflate the estimate.
-    With only the first step done, that step's own duration is the guess."""
+def eta_seconds(step: int, first_step: int, total: int, first_done: float,
+                now: float) -> Optional[float]:
+    """Time left, from the steps after the first one logged; None until one of them is done: the
+    first carries the warm-up (engine start, compilation; 10x a step on the CPU demo), so its own
+    duration would be a wrong guess, not a rough one."""
     if step <= first_step:
-        return step_s * (total - step)
+        return None
     return (now - first_done) / (step - first_step) * (total - step)
 
 
@@ -92,12 +92,12 @@ class RunLog:
             print(self._line(step, metrics), file=sys.stderr, flush=True)
 
     def _line(self, step: int, m: Dict[str, float]) -> str:
-        eta = eta_seconds(step, self.first_step, self.total, self.first_done,
-                          time.perf_counter(), m.get("time/step_s", 0.0))
+        eta = eta_seconds(step, self.first_step, self.total, self.first_done, time.perf_counter())
         parts = [f"step {step:>4}/{self.total}"]
         parts += [fmt.format(m[k]) for k, fmt in CONSOLE if k in m]
         parts.append(f"{m.get('time/step_s', 0.0):.1f} s/step")
-        parts.append(f"ETA {_clock(eta)}")
+        if eta is not None:
+            parts.append(f"ETA {_clock(eta)}")
         return " | ".join(parts)
 
     def samples(self, step: int, rows: List[Dict[str, Any]]) -> None:

@@ -202,8 +202,7 @@ class Trainer(EngineLink):
             while self.step < self.cfg.train.steps:
                 self.step += 1
                 self.last = self.train_step()
-                if self.val is not None and self.step % self.cfg.train.val_every == 0:
-                    self.last.update(self.val.run(self._sample, self.step))
+                self.last.update(self._validation())
                 if self.log is not None and (self.step % self.cfg.train.log_every == 0
                                              or self.step == self.cfg.train.steps):
                     self.log.log(self.step, self.last)

@@ -50,8 +50,6 @@ def check_placement(cfg) -> None:
     unsupported = [
         (r.probe_every > 0, "rollout.probe_every", "compares the engine with the trainer's "
          "forward in one process", "rollout.probe_every=0"),
-        (cfg.train.val_every > 0, "train.val_every", "runs validation on the trainer's engine",
-         "train.val_every=0"),
         (cfg.train.routing_replay == "rollout" or r.return_routes, "train.routing_replay",
          "needs the engine's expert routes, which separate placement does not carry yet",
          "train.routing_replay=old (or off) and rollout.return_routes=false")]

@@ -6,6 +6,7 @@ streamed to through ``train.async_feed``). A mixin of ``trainer.Trainer``, which
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Dict
 
 import torch.distributed as dist
 
@@ -52,6 +53,25 @@ class EngineLink:
         if self.feed.due(self.step):
             self.push_metrics = self.feed.push(self.step, lambda: self._hf_weights(dst=0),
                                                self._bucket_bytes)
+
+    def _validation(self) -> Dict[str, float]:
+        """This step's ``val/*``. Colocated: run now, on the engine just synced. Separate: those
+        the engines sent with this step's rollouts (``val/version`` says which version), and, when
+        validation is due at a version no later step is sampled by, that version's (streamed for
+        it and awaited); were both to land in one row, the older is logged in a row of its own."""
+        due = self.val is not None and self.step % self.cfg.train.val_every == 0
+        if self.feed is None:
+            return self.val.run(self._sample, self.step) if due else {}
+        got, self.feed.val = self.feed.val, {}
+        if due and not self.feed.due(self.step):
+            if got and self.log is not None:
+                self.log.log(int(got["val/version"]), got)
+            got = self._validate_alone()
+        return got
+
+    @cpu_modes_suspended()   # the weights gathered to rank 0 (as the colocated sync)
+    def _validate_alone(self) -> Dict[str, float]:
+        return self.feed.validate(self.step, lambda: self._hf_weights(dst=0), self._bucket_bytes)
 
     def _engine(self):
         from megatron_rl.rollout.engine import RolloutEngine

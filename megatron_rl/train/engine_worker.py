@@ -12,6 +12,11 @@ The protocol with the trainer (``train.async_feed`` is the other side):
 3. One message per step over ``batches``: the step's ``Rollouts``, the sampler state after its
    prompts were drawn, the version that generated it, and the engine's idle seconds.
 4. The stop message, with the trainer's exit status, which the engine ranks end with.
+
+Validation (``train.val_every``) runs here, on the engines: right after version ``v`` is applied
+(``v`` a multiple of ``val_every``), its ``val/*`` go out with the next step's rollouts (step
+``v + 1 + k``). A version no later step is sampled by (``v + 1 + k > train.steps``) is streamed
+only for its validation, after the last step was generated; its ``val/*`` go back on their own.
 """
 
 from __future__ import annotations
@@ -67,6 +72,20 @@ class EngineWorker:
         episodes = S.episode_runner(cfg, self.tok, self.hf, roles.rank, roles.size)
         self.producer = RolloutProducer(cfg, self.tok, self.prompts, Scorer.of(cfg.reward, self.tok),
                                         episodes, roles.rank, roles.size)
+        self.val = None
+        if cfg.train.val_every:
+            from megatron_rl.train.validation import Validation
+
+            self.val = Validation.of(cfg, self.tok, S.load_rows(cfg, [], validation=True))
+
+    def _validate(self, version: int) -> dict:
+        """``val/*`` of the version just applied, if validation is due at it (else empty); the
+        same prompts and seeds as the colocated run's validation after step ``version``."""
+        every = self.cfg.train.val_every
+        if self.val is None or version <= 0 or version % every:
+            return {}
+        sample = lambda drawn, plan, round_: self.producer.sample(drawn, plan, round_, version)  # noqa: E731
+        return {**self.val.run(sample, version), "val/version": float(version)}
 
     def _start_message(self) -> dict:
         got = [R.recv_object(self.roles.batches, src=1) if self.roles.leads else None]
@@ -91,7 +110,7 @@ class EngineWorker:
                                                  data_parallel_size=n_engines, sleep_mode=False))
         self.producer.engine = engine
         bucket = int(r.sync_bucket_mb * 2**20)
-        applied, idle = None, 0.0
+        applied, idle, val = None, 0.0, {}
         try:
             for step in range(start["first_step"], self.cfg.train.steps + 1):
                 need = max(start["version"], step - 1 - r.max_staleness)
@@ -106,6 +125,7 @@ class EngineWorker:
                                            f"{need}, the trainer sent {got.version}")
                     sync_weights(engine, iter(got.tensors), bucket)
                     applied = got.version
+                    val = self._validate(applied)
                 reached("generate", step)
                 t0 = time.perf_counter()
                 rollouts = self.producer.collect(step)
@@ -113,13 +133,30 @@ class EngineWorker:
                 if self.roles.leads:
                     t0 = time.perf_counter()
                     R.send_object(self.roles.batches, {
-                        "step": step, "rollouts": rollouts, "version": applied,
+                        "step": step, "rollouts": rollouts, "version": applied, "val": val,
                         "sampler": self.prompts.sampler.state_dict(), "engine_idle_s": idle,
                         "generate_s": gen_s}, dst=1)
                     idle = time.perf_counter() - t0   # waiting for the trainer to take it
-            return inbox.upto(1 << 62).exit_code   # the trainer's stop
+                val = {}
+            return self._validate_late(engine, inbox, applied, bucket)
         finally:
             engine.shutdown()
+
+    def _validate_late(self, engine, inbox: WeightInbox, applied, bucket: int) -> int:
+        """After the last step: the versions streamed for validation only, each applied and
+        validated, its ``val/*`` sent back alone, until the trainer's stop (its exit status)."""
+        from megatron_rl.rollout.weight_sync import sync_weights
+
+        while True:
+            got = inbox.upto(-1 if applied is None else applied + 1)
+            if got.version == W.STOP:
+                return got.exit_code
+            sync_weights(engine, iter(got.tensors), bucket)
+            applied = got.version
+            val = self._validate(applied)
+            if self.roles.leads:
+                R.send_object(self.roles.batches, {"step": None, "val_of": applied, "val": val},
+                              dst=1)
 
 
 def run_engine_rank(cfg, roles: R.Roles) -> int:

@@ -25,7 +25,9 @@ SMALL = ["train.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "train.mi
 SEPARATE = ["rollout.placement=separate", "rollout.engine_ranks=1"]
 # dynamic sampling draws a varying number of prompts: the engines' sampler state must travel
 ONE_OFF = [*SEPARATE, "rollout.max_staleness=1", "algo.mismatch.tis_cap=2.0",
-           "algo.dynamic_sampling=true", "rollout.oversample=1.5", "train.samples_every=1"]
+           "algo.dynamic_sampling=true", "rollout.oversample=1.5", "train.samples_every=1",
+           "data.val_path=synthetic:copy", "train.val_every=3", "train.val_prompts=4"]
+VAL = ["data.val_path=synthetic:copy", "train.val_prompts=4", "train.val_n=2"]
 
 
 def _run(out, steps, *extra, world=1, kill_at="", ok=True, recipe="tiny_moe_gspo"):
@@ -45,13 +47,25 @@ def _run(out, steps, *extra, world=1, kill_at="", ok=True, recipe="tiny_moe_gspo
     return r
 
 
+def _val_by_version(rows, key: str = "val/reward_mean") -> dict:
+    """Separate placement: each validation's ``key`` by the version it validated."""
+    return {int(r["val/version"]): r[key] for r in rows if "val/version" in r}
+
+
 def test_synchronous_separate_placement_equals_colocated(tmp_path):
     """One engine rank + one trainer rank at max_staleness 0 against the same engine and trainer
-    in one process: the same rewards every step, the same loss."""
-    _run(tmp_path / "colocated", 3)
-    r = _run(tmp_path / "separate", 3, *SEPARATE, world=2)
+    in one process: the same rewards every step, the same loss, the same validation of every
+    version (validated on the engine rank: versions 1 and 2 reported with the next step's
+    rollouts, version 3, which no step is sampled by, streamed for its validation alone)."""
+    _run(tmp_path / "colocated", 3, *VAL, "train.val_every=1")
+    r = _run(tmp_path / "separate", 3, *SEPARATE, *VAL, "train.val_every=1", world=2)
     assert "on 1 rank(s) of their own, 0 step(s) off-policy" in r.stderr
-    a, b = metrics(tmp_path / "colocated"), metrics(tmp_path / "separate")
+    a = metrics(tmp_path / "colocated")
+    every = metrics(tmp_path / "separate")
+    b = [row for row in every if "train/loss" in row]   # less version 2's validation row
+    assert len(every) == len(b) + 1
+    for key in ("val/reward_mean", "val/pass@2", "val/response_length_mean"):
+        assert _val_by_version(every, key) == {row["step"]: row[key] for row in a}, key
     assert [row["reward/mean"] for row in a] == [row["reward/mean"] for row in b]
     for x, y in zip(a, b):
         assert abs(x["train/loss"] - y["train/loss"]) <= 1e-5
@@ -83,6 +97,9 @@ def one_off(tmp_path_factory):
 
 def test_one_step_off_trains_on_the_previous_policys_rollouts(one_off):
     assert [row["async/staleness/max"] for row in one_off] == [0.0, 1.0, 1.0, 1.0]
+    # version 3 is sampled by no step of 4: streamed after step 3 for its validation alone
+    assert [row.get("val/version") for row in one_off] == [None, None, 3.0, None]
+    assert one_off[2]["val/response_length_mean"] > 0
     assert one_off[0]["mismatch/mean"] < 1e-4     # step 1: the initial weights on both sides
     assert all(row["mismatch/mean"] > 1e-3 for row in one_off[1:])   # stale, and measured
     assert all(0.0 <= row["train/tis_capped_frac"] <= 1.0 for row in one_off)

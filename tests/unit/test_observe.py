@@ -5,10 +5,21 @@ from megatron_rl.observe import PhasePeaks, eta_seconds
 
 def test_the_eta_ignores_the_first_steps_warm_up():
     # step 1 took 10 s (engine start, compilation), then 1 s a step: at step 3 of 100, 97 s left
-    assert eta_seconds(3, 1, 100, first_done=10.0, now=12.0, step_s=1.0) == 97.0
-    # from the run's start it would say (12 / 3) * 97 = 388 s
-    assert eta_seconds(1, 1, 100, first_done=10.0, now=10.0, step_s=10.0) == 990.0
-    assert eta_seconds(100, 1, 100, first_done=10.0, now=109.0, step_s=1.0) == 0.0
+    assert eta_seconds(3, 1, 100, first_done=10.0, now=12.0) == 97.0
+    # from the run's start it would say (12 / 3) * 97 = 388 s; from step 1 alone, 990 s
+    assert eta_seconds(1, 1, 100, first_done=10.0, now=10.0) is None   # no step after warm-up yet
+    assert eta_seconds(100, 1, 100, first_done=10.0, now=109.0) == 0.0
+
+
+def test_the_console_shows_no_eta_before_a_step_after_warm_up(tmp_path, capsys):
+    from megatron_rl.observe import RunLog
+
+    log = RunLog(tmp_path, 10, config_yaml="", tensorboard=False)
+    log.log(1, {"time/step_s": 30.0})
+    log.log(2, {"time/step_s": 1.0})
+    first, second = capsys.readouterr().err.splitlines()
+    assert "ETA" not in first and "ETA 0:" in second
+    log.close()
 
 
 def test_phase_peaks_report_nothing_without_a_gpu():

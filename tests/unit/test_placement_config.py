@@ -27,8 +27,6 @@ SEP = ["rollout.placement=separate", "rollout.engine_ranks=1", "rollout.probe_ev
      "rollout.engine_ranks: 3 is not a multiple of rollout.tensor_parallel_size=2"),
     (["rollout.placement=separate", "rollout.engine_ranks=1"], "rollout.probe_every: with "
      "rollout.placement=separate it compares the engine with the trainer's forward"),
-    ([*SEP, "train.val_every=2", "data.val_path=synthetic:add"], "train.val_every: with "
-     "rollout.placement=separate"),
     ([*SEP, "train.routing_replay=rollout"], "train.routing_replay: with rollout.placement=separate"),
     (["rollout.placement=apart"], "rollout.placement: must be one of colocated, separate"),
 ])
