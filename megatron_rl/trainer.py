@@ -128,8 +128,8 @@ class Trainer(EngineLink):
 
         self.router_load = RouterLoad(self.ms.model) if self.hf.num_experts else None
         self.routes = route_control(self.ms.model[0])   # None on a dense model or stage
-        self.route_stash = None
-        if self.route_spec is not None:
+        self.route_stash = None   # separate placement: the routes come inside the rollouts
+        if self.route_spec is not None and self.roles is None:
             self.route_stash = RouteStash(range(0, self.world, self.engine_tp))
         self.producer = None
         if self.roles is None:
@@ -186,7 +186,10 @@ class Trainer(EngineLink):
         self.resumed_from = Path(state["path"])
         self.prompts.sampler.load_state_dict(state["sampler"])
         if self.feed is not None:
-            self.feed.load(state.get("in_flight"))
+            from megatron_rl.rollout.rollout_state import IN_FLIGHT_ROUTES, load_routes
+
+            routes = self.resumed_from / IN_FLIGHT_ROUTES
+            self.feed.load(state.get("in_flight"), load_routes(routes) if routes.is_file() else None)
         self.source += f", resumed from step {self.step}"
 
     # ---- the loop -------------------------------------------------------------------------
@@ -382,13 +385,21 @@ class Trainer(EngineLink):
         """A checkpoint of this step (model, optimizer, sampler, config, critic)."""
         from megatron_rl.checkpoint.convert import write_side_files
         from megatron_rl.checkpoint.dist_ckpt import save_checkpoint
+        from megatron_rl.rollout.rollout_state import IN_FLIGHT_ROUTES, save_routes
 
         state = {"sampler": self.prompts.sampler.state_dict(), "step": self.step,
                  "config": S.config_tree(self.cfg)}
+        routes: dict = {}
         if self.feed is not None:   # the engines' sampler, and the steps they generated ahead
             self.feed.fill(self.step)
             state["sampler"] = self.feed.sampler or state["sampler"]
-            state["in_flight"] = self.feed.state()
+            state["in_flight"], routes = self.feed.state()
+
+        def side_files(d: Path) -> None:
+            write_side_files(d, self.ms.hf_cfg, self.ms.dtype, self.tok, self.critic is not None)
+            if routes:   # R3 routes of the in-flight steps: arrays, not JSON
+                save_routes(d / IN_FLIGHT_ROUTES, routes)
+
         save_checkpoint(self.out / "checkpoints", self.step, self.ms.model[0], self.ms.optimizer,
                         self.ms.scheduler, state,
                         keep_last=self.cfg.train.keep_checkpoints, run_id=self.run_id,
@@ -396,8 +407,7 @@ class Trainer(EngineLink):
                         layout=self.layout_sizes,
                         critic=None if self.critic is None else
                         (self.critic.model[0], self.critic.optimizer, self.critic.scheduler),
-                        side_files=lambda d: write_side_files(d, self.ms.hf_cfg, self.ms.dtype,
-                                                              self.tok, self.critic is not None))
+                        side_files=side_files)
 
     def export(self, out: Path) -> None:
         """The policy (and critic) as Hugging Face directories under ``out``."""

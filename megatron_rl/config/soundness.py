@@ -46,16 +46,10 @@ def check_placement(cfg) -> None:
         raise ConfigError(f"rollout.engine_ranks: {r.engine_ranks} is not a multiple of "
                           f"rollout.tensor_parallel_size={r.tensor_parallel_size} (each engine "
                           "takes that many ranks)")
-    # what needs the engine and the trainer in one process, or is not carried across yet
-    unsupported = [
-        (r.probe_every > 0, "rollout.probe_every", "compares the engine with the trainer's "
-         "forward in one process", "rollout.probe_every=0"),
-        (cfg.train.routing_replay == "rollout" or r.return_routes, "train.routing_replay",
-         "needs the engine's expert routes, which separate placement does not carry yet",
-         "train.routing_replay=old (or off) and rollout.return_routes=false")]
-    for bad, key, why, fix in unsupported:
-        if bad:
-            raise ConfigError(f"{key}: with rollout.placement=separate it {why}; set {fix}")
+    if r.probe_every > 0:   # it needs the engine and the trainer in one process
+        raise ConfigError("rollout.probe_every: with rollout.placement=separate it compares the "
+                          "engine with the trainer's forward in one process; set "
+                          "rollout.probe_every=0")
 
 
 def load_warnings(cfg) -> List[str]:

@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_rl.parallel.collectives import reduce_scatter_single
+
 Undo = Callable[[], None]
 # a CUDA call without CUDA: torch's CPU build says the first, a CUDA build without a GPU the second
 NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver")
@@ -281,7 +283,7 @@ def _uneven() -> Undo:
         m = max(sizes)
         stacked = torch.cat([padded(c, m) for c in torch.split(input_, sizes, dim=0)])
         out = input_.new_empty((m,) + tuple(input_.shape[1:]))
-        torch.distributed.reduce_scatter_tensor(out, stacked, group=group)
+        reduce_scatter_single(out, stacked, group=group)
         return out[: sizes[group.rank()]]
 
     undo: List[Undo] = []

@@ -24,6 +24,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the fused collectives (``*_tensor`` -> ``*_single``; the old names warn at
+# every call); the torch of older NGC images has only the old names
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 Tensor = torch.Tensor
 Group = Optional[dist.ProcessGroup]
 
@@ -102,7 +107,7 @@ def _reduce_scatter_sum(grad: Tensor, group, dim: int) -> Tensor:
     if dist.get_backend(group) != "gloo":
         chunks = grad.movedim(dim, 0).contiguous()
         out = chunks.new_empty((n,) + tuple(chunks.shape[1:]))
-        dist.reduce_scatter_tensor(out, chunks, group=group)
+        reduce_scatter_single(out, chunks, group=group)
         return out.movedim(0, dim)
     total = grad.contiguous().clone()
     dist.all_reduce(total, group=group)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -131,20 +131,24 @@ class AsyncFeed:
                 "async/weight_transfer_MB": sent / 2**20}   # rank 0 sends; the others report 0
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def state(self) -> dict:
-        """The in-flight steps and the sampler after them, as JSON values."""
+    def state(self) -> Tuple[dict, Dict[str, Any]]:
+        """The in-flight steps and the sampler after them, as JSON values, and their samples'
+        expert routes (R3) by the keys the JSON names (empty without routes)."""
         from megatron_rl.rollout.rollout_state import json_default, rollouts_state
 
+        routes: Dict[str, Any] = {}
         held = {str(s): {**{k: v for k, v in m.items() if k != "rollouts"},
-                         "rollouts": rollouts_state(m["rollouts"])} for s, m in self.held.items()}
-        return json.loads(json.dumps({"held": held, "sampler": self.sampler}, default=json_default))
+                         "rollouts": rollouts_state(m["rollouts"], routes, prefix=f"s{s}_")}
+                for s, m in self.held.items()}
+        state = json.loads(json.dumps({"held": held, "sampler": self.sampler}, default=json_default))
+        return state, routes
 
-    def load(self, state: Optional[dict]) -> None:
-        """What ``state`` wrote."""
+    def load(self, state: Optional[dict], routes: Optional[Dict[str, Any]] = None) -> None:
+        """What ``state`` wrote (``routes``: what it returned beside the JSON)."""
         from megatron_rl.rollout.rollout_state import rollouts_from_state
 
         if not state:
             return
-        self.held = {int(s): {**m, "rollouts": rollouts_from_state(m["rollouts"])}
+        self.held = {int(s): {**m, "rollouts": rollouts_from_state(m["rollouts"], routes)}
                      for s, m in state["held"].items()}
         self.sampler = state["sampler"]

@@ -96,6 +96,7 @@ class EngineWorker:
         """Generate until the trainer's stop; returns its exit status."""
         from megatron_rl.rollout.engine import RolloutEngine
         from megatron_rl.rollout.weight_sync import sync_weights
+        from megatron_rl.train import setup as S
         from megatron_rl.train.crash_points import reached
 
         start = self._start_message()
@@ -106,8 +107,10 @@ class EngineWorker:
         inbox = WeightInbox(self.roles.weights)
         r = self.cfg.rollout
         n_engines = self.roles.size // r.tensor_parallel_size
+        # expert routes (R3) stay in the samples: they travel with the rollouts to the trainers
         engine = RolloutEngine(r.engine_settings(start["model_dir"], dtype=start["dtype"],
-                                                 data_parallel_size=n_engines, sleep_mode=False))
+                                                 data_parallel_size=n_engines, sleep_mode=False,
+                                                 routes=S.route_spec(self.cfg, self.hf)))
         self.producer.engine = engine
         bucket = int(r.sync_bucket_mb * 2**20)
         applied, idle, val = None, 0.0, {}

@@ -130,3 +130,33 @@ def test_one_step_off_with_tensor_parallel_trainers(tmp_path):
     rows = metrics(tmp_path / "tp2")
     assert [row["async/staleness/max"] for row in rows] == [0.0, 1.0]
     assert rows[0]["mismatch/mean"] < 1e-4   # the engine got the whole model from the shards
+
+
+def test_replayed_routes_travel_with_the_rollouts_as_colocated(tmp_path):
+    """R3 under separate placement, synchronous: the engine rank's recorded expert routes reach
+    the trainer inside the rollouts, and training on them equals the colocated run."""
+    _run(tmp_path / "colocated", 2, recipe="tiny_moe_r3")
+    _run(tmp_path / "separate", 2, *SEPARATE, world=2, recipe="tiny_moe_r3")
+    a, b = metrics(tmp_path / "colocated"), metrics(tmp_path / "separate")
+    for x, y in zip(a, b):
+        assert y["r3/missing_frac"] == 0.0 and y["r3/route_agreement"] >= 0.999
+        for key in ("reward/mean", "r3/route_agreement", "mismatch/mean"):
+            assert x[key] == y[key], key
+        assert abs(x["train/loss"] - y["train/loss"]) <= 1e-5
+
+
+def test_replayed_routes_of_the_steps_in_flight_are_kept_in_the_checkpoint(tmp_path):
+    """One step off with R3, killed as version 2 streams: the checkpoint after step 2 holds step
+    3's rollouts and their routes (``in_flight_routes.npz``); the rerun resumes from it and equals
+    the straight run, number for number."""
+    one_off = [*SEPARATE, "rollout.max_staleness=1"]
+    _run(tmp_path / "straight", 4, *one_off, world=2, recipe="tiny_moe_r3")
+    killed = _run(tmp_path / "split", 4, *one_off, world=2, recipe="tiny_moe_r3",
+                  kill_at="push:2:5", ok=False)
+    assert killed.returncode != 0
+    assert (tmp_path / "split" / "checkpoints" / "step_00000002" / "in_flight_routes.npz").is_file()
+    r = _run(tmp_path / "split", 4, *one_off, world=2, recipe="tiny_moe_r3")
+    assert "resumed from step 2" in r.stderr
+    straight = metrics(tmp_path / "straight")
+    assert metrics(tmp_path / "split") == straight
+    assert [row["r3/missing_frac"] for row in straight] == [0.0] * 4

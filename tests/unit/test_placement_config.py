@@ -27,7 +27,6 @@ SEP = ["rollout.placement=separate", "rollout.engine_ranks=1", "rollout.probe_ev
      "rollout.engine_ranks: 3 is not a multiple of rollout.tensor_parallel_size=2"),
     (["rollout.placement=separate", "rollout.engine_ranks=1"], "rollout.probe_every: with "
      "rollout.placement=separate it compares the engine with the trainer's forward"),
-    ([*SEP, "train.routing_replay=rollout"], "train.routing_replay: with rollout.placement=separate"),
     (["rollout.placement=apart"], "rollout.placement: must be one of colocated, separate"),
 ])
 def test_placement_settings_that_cannot_work_are_refused_in_one_line(overrides, needle):
@@ -75,3 +74,31 @@ def test_in_flight_rollouts_round_trip_through_json_bit_for_bit():
     assert back.rewards[0].dtype == torch.float32 and torch.equal(back.rewards[0], r.rewards[0])
     assert back.rows[0].prompt == r.rows[0].prompt and back.rows[0].metadata == {"n": 2}
     assert back.metrics() == r.metrics()
+
+
+def test_in_flight_expert_routes_round_trip_through_the_checkpoints_npz(tmp_path):
+    """R3 routes leave the JSON as keys; the arrays go through ``in_flight_routes.npz`` bit for
+    bit, and a state whose routes are gone fails naming the missing key."""
+    import numpy as np
+
+    from megatron_rl.data.prompts import PromptRow
+    from megatron_rl.rollout.collect import Rollouts
+    from megatron_rl.rollout.engine import Sample
+    from megatron_rl.rollout.rollout_state import (load_routes, rollouts_from_state,
+                                                   rollouts_state, save_routes)
+
+    rng = np.random.default_rng(0)
+    routes = [rng.integers(0, 8, size=(6, 2, 2)).astype(np.int16) for _ in range(2)]
+    samples = [[Sample(0, [1, 2], [5, 6, 7, 8], [-0.5] * 4, "stop", routed_experts=x)
+                for x in routes]]
+    r = Rollouts(rows=[PromptRow(0, "p")], samples=samples, rewards=[torch.zeros(2)],
+                 all_rewards=[0.0, 0.0], all_lengths=[4, 4], groups_drawn=1, rounds=1)
+    held: dict = {}
+    state = json.loads(json.dumps(rollouts_state(r, held, prefix="s3_")))
+    assert sorted(held) == ["s3_0_0", "s3_0_1"]
+    save_routes(tmp_path / "r.npz", held)
+    back = rollouts_from_state(state, load_routes(tmp_path / "r.npz"))
+    for s, want in zip(back.samples[0], routes):
+        assert s.routed_experts.dtype == np.int16 and np.array_equal(s.routed_experts, want)
+    with pytest.raises(ValueError, match="s3_0_0"):
+        rollouts_from_state(state, {})
