@@ -115,9 +115,24 @@ _KNOWN_NOISE = ("Transformer Engine and Apex are not installed", "Apex is not in
                 "Please use DTensor instead")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def quiet_third_party() -> None:
+    """Silence what other packages announce that a user cannot act on, narrowly (by category and
+    module or message; everything else still shows): megatron-core's notes on a CPU stack, vLLM's
+    own deprecated-API use, torch 2.13's renamed collectives called inside megatron-core (ours call
+    the new names), and vLLM's CPU build finding a Triton without a CPU backend."""
+    import logging
+
     for message in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
+                            r"(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+    logging.getLogger("vllm.triton_utils.importing").addFilter(
+        lambda record: "doesn't include CPU backend" not in record.getMessage())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    quiet_third_party()
     parser = _parser()
     # key=value overrides may sit among the flags (`train --config R a=1 --quiet b=2`)
     args, rest = parser.parse_known_args(argv)
