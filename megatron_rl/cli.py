@@ -132,6 +132,8 @@ def quiet_third_party() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``megatron-rl`` command: parse, run the verb, and turn known failures into one line and
+    an exit status."""
     quiet_third_party()
     parser = _parser()
     # key=value overrides may sit among the flags (`train --config R a=1 --quiet b=2`)

@@ -20,6 +20,8 @@ class ConfigError(ValueError):
 def field_(default: Any = dataclasses.MISSING, *, ge: Optional[float] = None,
            gt: Optional[float] = None, le: Optional[float] = None,
            choices: Optional[Sequence[Any]] = None, help: str = "", default_factory=dataclasses.MISSING):
+    """A dataclass field with ``help`` and bounds (``ge``, ``gt``, ``le``, ``choices``) in its
+    metadata, which ``check_fields`` enforces and docs/config.md shows."""
     meta = {"ge": ge, "gt": gt, "le": le, "choices": tuple(choices) if choices else None, "help": help}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -27,6 +29,7 @@ def field_(default: Any = dataclasses.MISSING, *, ge: Optional[float] = None,
 
 
 def check_fields(obj: Any, prefix: str) -> None:
+    """``ConfigError`` naming the first field of ``obj`` outside its bounds or choices."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         path = f"{prefix}.{f.name}" if prefix else f.name

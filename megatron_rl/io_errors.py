@@ -28,6 +28,7 @@ class WriteFailed(Exception):
 
     @classmethod
     def of(cls, what: str, path: os.PathLike, err: OSError, after: str = "") -> "WriteFailed":
+        """The one-line failure of writing ``what`` to ``path``, naming the errno and what to do."""
         name = IO_ERRNOS.get(err.errno, str(err.errno))
         return cls(f"writing {what} to {path} failed: {os.strerror(err.errno)} ({name})"
                    + (f"; {after}" if after else ""))
@@ -81,6 +82,7 @@ def probe(directory: os.PathLike) -> Optional[OSError]:
 
 
 def diagnose(what: str, path: os.PathLike, exc: BaseException, after: str = "") -> Optional[WriteFailed]:
+    """A ``WriteFailed`` if ``exc`` (or a probe of ``path``) shows a known I/O error, else None."""
     err = _os_error_in(exc) or probe(path)
     return None if err is None else WriteFailed.of(what, path, err, after)
 

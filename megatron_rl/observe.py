@@ -45,6 +45,8 @@ def eta_seconds(step: int, first_step: int, total: int, first_done: float,
 
 
 class RunLog:
+    """A run's logs on rank 0: metrics.jsonl, TensorBoard and trackers, samples, and the console
+    line."""
     def __init__(self, run_dir: pathlib.Path, total_steps: int, *, config_yaml: str,
                  tensorboard: bool = True, quiet: bool = False, start_step: int = 0,
                  trackers: Optional[List[Any]] = None):
@@ -71,6 +73,7 @@ class RunLog:
         self.trackers = list(trackers or [])   # trackers.py: wandb, MLflow
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
+        """Write step ``step``'s metrics everywhere and print its console line."""
         from megatron_rl.io_errors import reported_writes
 
         row = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
@@ -221,6 +224,7 @@ class PhasePeaks:
         self.peaks: Dict[str, float] = {}
 
     def end(self, phase: str) -> None:
+        """Record the GPU memory peak of the phase that just ended, and reset it."""
         if not self.cuda:
             return
         import torch

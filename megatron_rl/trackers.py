@@ -48,6 +48,7 @@ class _Ids:
 
 
 class WandbTracker:
+    """Metrics and samples to Weights & Biases."""
     def __init__(self, run_dir: Path, project: str, name: str, config: Dict[str, Any], ids: _Ids):
         import wandb
 
@@ -56,9 +57,11 @@ class WandbTracker:
         ids.put("wandb", self.run.id)
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
+        """Log a step's metrics."""
         self.run.log(dict(metrics), step=step)
 
     def text(self, step: int, rows: List[Dict[str, Any]]) -> None:
+        """Log a step's samples as a table."""
         import wandb
 
         cols = sorted({k for r in rows for k in r})
@@ -66,10 +69,12 @@ class WandbTracker:
                                                                  for r in rows])}, step=step)
 
     def close(self) -> None:
+        """Finish the run."""
         self.run.finish()
 
 
 class MlflowTracker:
+    """Metrics and samples to MLflow."""
     _BAD = re.compile(r"[^0-9A-Za-z_\-. /]")   # what MLflow allows in a metric name
 
     def __init__(self, run_dir: Path, project: str, name: str, config: Dict[str, Any], ids: _Ids):
@@ -91,18 +96,22 @@ class MlflowTracker:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
+        """Log a step's metrics."""
         self.mlflow.log_metrics({self._BAD.sub("_", k): float(v) for k, v in metrics.items()},
                                 step=step)
 
     def text(self, step: int, rows: List[Dict[str, Any]]) -> None:
+        """Log a step's samples as a JSON-lines artifact."""
         self.mlflow.log_text("\n".join(json.dumps(r) for r in rows), f"samples/step_{step:08d}.jsonl")
 
     def close(self) -> None:
+        """End the run."""
         self.mlflow.end_run()
 
 
 def make_trackers(names, run_dir: Path, project: str, name: str,
                   config: Dict[str, Any]) -> List[Any]:
+    """The trackers ``names`` asks for (wandb, mlflow), each started with the run's config."""
     ids = _Ids(run_dir)
     kinds = {"wandb": WandbTracker, "mlflow": MlflowTracker}
     return [kinds[n](Path(run_dir), project, name, config, ids) for n in names if n in kinds]

@@ -26,6 +26,7 @@ class Registry(dict):
         self.what = what
 
     def register(self, name: str) -> Callable[[Callable], Callable]:
+        """A decorator that files the function under ``name`` (twice is an error)."""
         def deco(fn: Callable) -> Callable:
             if name in self:
                 raise ValueError(f"{self.what} {name!r} is registered twice")
@@ -35,6 +36,7 @@ class Registry(dict):
         return deco
 
     def get_fn(self, name: str) -> Callable:
+        """The function registered as ``name``; an unknown name fails listing the known ones."""
         if name not in self:
             near = difflib.get_close_matches(str(name), list(self), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""

@@ -29,6 +29,7 @@ WEIGHT_FUNCTIONS = Registry("weight function")
 
 
 class Weights(NamedTuple):
+    """A policy-gradient weight ``[B,T]`` and the tokens its clip cut below and above."""
     w: Tensor
     clipped_low: Tensor
     clipped_high: Tensor
@@ -78,17 +79,20 @@ def power(ratio: Tensor, advantages: Tensor, *, q: float = 1.0) -> Weights:
 
 @WEIGHT_FUNCTIONS.register("none")
 def none(ratio: Tensor, advantages: Tensor) -> Weights:
+    """Weight 1 everywhere (the plain on-policy gradient): no clip."""
     rho = ratio.detach()
     return Weights(torch.ones_like(rho), _no_clip(rho), _no_clip(rho))
 
 
 @WEIGHT_FUNCTIONS.register("full")
 def full(ratio: Tensor, advantages: Tensor) -> Weights:
+    """The detached ratio itself as the weight (full importance sampling): no clip."""
     rho = ratio.detach()
     return Weights(rho, _no_clip(rho), _no_clip(rho))
 
 
 class TruncatedIS(NamedTuple):
+    """A truncated importance weight and the tokens whose ratio the cap cut."""
     w: Tensor          # [B,T] multiplier for the policy-gradient weight
     capped: Tensor     # [B,T] bool: tokens whose ratio exceeded the cap
 

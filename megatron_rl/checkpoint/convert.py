@@ -40,6 +40,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 @dataclass
 class Report:
+    """What a conversion moved: tensors, bytes and seconds."""
     tensors: int
     bytes: int
     seconds: float
@@ -47,6 +48,7 @@ class Report:
     verified: Optional[Dict[str, float]] = None   # the import's logit check, when it ran
 
     def line(self, what: str) -> str:
+        """One line for the console: counts, size and rate."""
         gb = self.bytes / 1e9
         rate = gb / self.seconds if self.seconds > 0 else float("inf")
         return (f"{what}: {self.tensors} tensors, {gb:.3f} GB in {self.seconds:.2f} s "

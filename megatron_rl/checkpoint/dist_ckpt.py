@@ -86,6 +86,7 @@ def checkpoint_steps(root: os.PathLike) -> List[int]:
 
 
 def step_dir(root: os.PathLike, step: int) -> Path:
+    """The directory of step ``step``'s checkpoint under ``root``."""
     return Path(root) / f"step_{step:08d}"
 
 

@@ -31,6 +31,8 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I1
 
 
 class HFReader:
+    """Reads a Hugging Face directory's safetensors (one file or an index of shards) by tensor name,
+    remembering what was read."""
     def __init__(self, directory: os.PathLike):
         from safetensors import safe_open
 
@@ -71,12 +73,15 @@ class HFReader:
         self.read: Set[str] = set()
 
     def names(self) -> List[str]:
+        """Every tensor name in the directory, sorted."""
         return sorted(self.weight_map)
 
     def shape(self, name: str) -> List[int]:
+        """The shape of tensor ``name``, read from the file header (no data)."""
         return list(self._handle(name).get_slice(name).get_shape())
 
     def shape_bytes(self, name: str) -> int:
+        """The bytes tensor ``name`` takes, from the header (no data)."""
         sl = self._handle(name).get_slice(name)
         n = 1
         for d in sl.get_shape():
@@ -84,6 +89,7 @@ class HFReader:
         return n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
 
     def get(self, name: str) -> Tensor:
+        """Tensor ``name`` (read now; recorded as read)."""
         t = self._handle(name).get_tensor(name)
         self.read.add(name)
         return t
@@ -94,6 +100,7 @@ class HFReader:
         return self._handles[self.weight_map[name]]
 
     def config(self) -> Dict:
+        """The directory's ``config.json``; a missing file fails in one line."""
         from megatron_rl.model.hf_config import read_config_json
 
         if not (self.dir / "config.json").is_file():
@@ -135,6 +142,8 @@ class HFWriter:
         self.count = 0
 
     def add(self, name: str, tensor: Tensor) -> None:
+        """Queue a host copy of ``tensor`` under ``name`` (a name twice is a mapping bug); a shard
+        is written when the next tensor would overflow it."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice (a mapping bug)")
         self._names.add(name)
@@ -157,6 +166,8 @@ class HFWriter:
         self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> Dict[str, str]:
+        """Write what is pending, name the shards as HF does, and return the weight map (name ->
+        file)."""
         if self._pending or not self._files:
             self._flush()
         n = len(self._files)

@@ -36,6 +36,8 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class Rule:
+    """One megatron-core parameter pattern and the HF tensors it maps to, how they fuse, and how it
+    is split over ranks."""
     mcore: str                      # e.g. "decoder.layers.{L}.self_attention.linear_qkv.weight"
     hf: Tuple[str, ...]             # e.g. ("model.layers.{L}.self_attn.q_proj.weight", ...)
     fuse: str = "copy"              # copy | qkv | gate_up
@@ -48,6 +50,7 @@ class Rule:
         object.__setattr__(self, "regex", re.compile(pattern + "$"))
 
     def hf_names(self, L: Optional[int] = None, E: Optional[int] = None) -> List[str]:
+        """The HF names of this rule for layer ``L`` and expert ``E``."""
         return [n.format(L=L, E=E) for n in self.hf]
 
 
@@ -151,6 +154,8 @@ class Mapping:
     head_dim: int
 
     def match(self, mcore_name: str) -> Tuple[Rule, Dict[str, int]]:
+        """The rule that matches ``mcore_name`` and its layer / expert indices; an unmatched name
+        fails naming it."""
         for rule in self.rules:
             m = rule.regex.match(mcore_name)
             if m:
@@ -182,6 +187,7 @@ class Mapping:
 
 
 def mapping_for(hf: HFModel) -> Mapping:
+    """The weight mapping of ``hf``'s architecture; an unsupported one fails listing the supported."""
     if hf.architecture not in RULE_SETS:
         raise ValueError(f"no Hugging Face weight mapping for {hf.architecture!r}; supported: "
                          f"{', '.join(sorted(RULE_SETS))}")
@@ -216,6 +222,8 @@ def unshard(pieces: Sequence[Tensor], split: Optional[str]) -> Tensor:
 
 
 def whole_shape(local: Sequence[int], split: Optional[str], size: int) -> Tuple[int, ...]:
+    """The unsharded shape of a tensor whose local shard is ``local``, split ``split`` over ``size``
+    ranks."""
     shape = list(local)
     if split in ("col", "glu"):
         shape[0] *= size

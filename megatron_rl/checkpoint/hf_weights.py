@@ -42,6 +42,7 @@ class ShardGroups:
 
 @dataclass
 class LocalTensor:
+    """A parameter shard this rank holds, with its global name, rule and split group."""
     local_name: str
     name: str               # global megatron name
     tensor: Tensor
@@ -51,6 +52,7 @@ class LocalTensor:
 
     @property
     def whole_shape(self) -> Tuple[int, ...]:
+        """The shape of the whole tensor this shard is part of."""
         return whole_shape(self.tensor.shape, self.rule.split, group_size(self.group))
 
 
@@ -81,6 +83,7 @@ def local_tensors(model, mapping: Mapping, groups: ShardGroups, num_experts: int
 
 
 def expected_hf_names(entries: List[LocalTensor]) -> Set[str]:
+    """Every HF tensor name the shards in ``entries`` map to."""
     return {n for e in entries for n in e.rule.hf_names(**e.index)}
 
 

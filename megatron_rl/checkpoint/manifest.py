@@ -35,20 +35,25 @@ def checkpoint_files(root: Path) -> List[str]:
 
 
 def my_share(files: List[str], rank: int, world: int) -> List[str]:
+    """This rank's share of ``files`` (every ``world``-th, from ``rank``) for parallel hashing."""
     return files[rank::world]
 
 
 def digest(path: Path) -> Dict[str, object]:
+    """Size and SHA-256 of one file."""
     with open(path, "rb") as f:
         h = hashlib.file_digest(f, "sha256")
     return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def digests(root: Path, files: List[str]) -> Dict[str, Dict[str, object]]:
+    """``digest`` of each of ``files`` under ``root``, by relative path."""
     return {rel: digest(root / rel) for rel in files}
 
 
 def write_manifest(root: Path, entries: Dict[str, Dict[str, object]], run_id: str = "") -> None:
+    """Write the manifest (sizes and hashes) of a checkpoint atomically (temporary file, then
+    rename)."""
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"version": _VERSION, "run_id": run_id,
                                "files": dict(sorted(entries.items()))}, indent=1))
@@ -70,6 +75,8 @@ def check_one_run(root: Path) -> None:
 
 
 def read_manifest(root: Path) -> Dict[str, Dict[str, object]]:
+    """The manifest's file entries; a missing or unreadable manifest is a ``CheckpointError`` naming
+    the directory."""
     f = root / MANIFEST
     if not f.is_file():
         raise CheckpointError(f"checkpoint {root}: no {MANIFEST} (the checkpoint was not completed, "
@@ -107,5 +114,6 @@ def check_files(root: Path, expected: Dict[str, Dict[str, object]], files: List[
 
 
 def problem_message(root: Path, problems: List[str]) -> str:
+    """One line naming the checkpoint, its first problem and how many more there are."""
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"checkpoint {root}: {problems[0]}{more}"

@@ -28,6 +28,8 @@ OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 def sharding_metadata(fmt: str) -> Dict[str, str]:
+    """megatron-core's ``sharded_state_dict`` metadata for optimizer format ``fmt``; an unknown one
+    fails listing the known."""
     if fmt not in OPTIMIZER_FORMATS:
         raise ValueError(f"unknown optimizer checkpoint format {fmt!r}; known: "
                          f"{', '.join(OPTIMIZER_FORMATS)}")
@@ -42,6 +44,8 @@ def _adams(optimizer):
 
 
 def prime_adam_state(optimizer) -> None:
+    """Create Adam's state (zeros, step 0) before any step, so that a checkpoint can be loaded into
+    it."""
     for inner in _adams(optimizer):
         if inner is None:
             continue
@@ -68,6 +72,8 @@ def restore_adam_step(optimizer, loaded: Dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def destination_keeps_adam_step() -> Iterator[None]:
+    """While active, loading the optimizer keeps the destination's Adam ``step`` layout (megatron-
+    core overwrites it with the source's)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     orig = DistributedOptimizer.__dict__["_set_main_param_and_optimizer_states"]

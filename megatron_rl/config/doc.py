@@ -50,6 +50,7 @@ def _rows(cls, prefix: str) -> List[str]:
 
 
 def render() -> str:
+    """docs/config.md: every config key with its default, constraint and help, from the dataclasses."""
     from megatron_rl.config.run import RunConfig
 
     return HEADER + "\n".join(_rows(RunConfig, "")) + "\n"

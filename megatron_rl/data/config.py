@@ -10,6 +10,7 @@ from megatron_rl.fields import field_
 
 @dataclass
 class DataConfig:
+    """The ``data`` section: where prompts come from and how rows are read."""
     path: str = field_("synthetic:reverse",
                        help="a .jsonl / .json (array) / .parquet file, a directory of them, a glob "
                             "(data/train-*.parquet), or synthetic:<task>")

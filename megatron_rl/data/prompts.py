@@ -22,6 +22,7 @@ from megatron_rl.data.files import MISSING, data_files, iter_objects, key_paths,
 
 @dataclass(frozen=True)
 class PromptRow:
+    """One dataset row: its index, the prompt (text or messages), the label and free metadata."""
     index: int                      # position in the dataset file (0-based)
     prompt: Any                     # str, or a list of {"role", "content"} messages
     label: Any = None
@@ -30,6 +31,7 @@ class PromptRow:
 
 @dataclass
 class LoadReport:
+    """The rows a dataset load kept and the ones it skipped, with why."""
     rows: List[PromptRow]
     skipped: List[Tuple[str, str]]  # (file:line, reason)
 
@@ -127,6 +129,7 @@ class PromptSampler:
         return torch.randperm(self.num_rows, generator=g).tolist()
 
     def next_indices(self, n: int) -> List[int]:
+        """The next ``n`` row indices, reshuffling (from the seed and epoch) at each epoch's end."""
         out = []
         while len(out) < n:
             if self.position == self.num_rows:
@@ -138,9 +141,11 @@ class PromptSampler:
         return out
 
     def state_dict(self) -> Dict[str, int]:
+        """Where the sampler is (epoch, position), for checkpoints."""
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Go back to where ``state_dict`` was taken."""
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
 

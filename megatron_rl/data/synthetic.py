@@ -104,6 +104,7 @@ def make_rows(task: str, count: int, *, min_len: int = 2, max_len: int = 5, seed
 
 
 def write_jsonl(rows: List[dict], path) -> Path:
+    """Write ``rows`` as JSON lines to ``path`` (parents created); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))

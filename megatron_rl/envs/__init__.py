@@ -29,6 +29,8 @@ Observation = Union[None, str, List[int]]    # text (tokenised by the trainer) o
 
 @dataclass(frozen=True)
 class StepResult:
+    """What an environment returns after an action: the observation, a reward, and whether the
+    episode is done."""
     observation: Observation = None
     reward: float = 0.0
     done: bool = False
@@ -50,9 +52,11 @@ class Environment:
         return None
 
     def step(self, action: str) -> StepResult:
+        """React to the LLM's ``action`` text (subclasses implement it)."""
         raise NotImplementedError
 
     def final_reward(self) -> float:
+        """The episode's reward at its end (0 unless a subclass scores it)."""
         return 0.0
 
 
@@ -87,6 +91,7 @@ def load_environment_module(spec: str) -> None:
 
 
 def environment_params(name: str) -> dict:
+    """The keyword parameters environment ``name`` accepts (for checking ``env.params``)."""
     cls = ENVIRONMENTS.get_fn(name)
     return keyword_params(cls.__init__, skip=("score",))
 
@@ -112,6 +117,8 @@ def check_step_result(result: Any) -> StepResult:
 
 
 def check_observation(obs: Any) -> Observation:
+    """``obs`` if it is a valid observation (None, text, or token ids), else ``ValueError`` naming
+    what it is."""
     if obs is None or isinstance(obs, str):
         return obs
     if isinstance(obs, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in obs):

@@ -10,6 +10,7 @@ from megatron_rl.fields import ConfigError, field_
 
 @dataclass
 class EnvConfig:
+    """The ``env`` section: a multi-turn environment and its limits (empty name: single-turn)."""
     name: str = field_("", help="a registered environment (envs.ENVIRONMENTS: calculator, python, "
                                 "lookup, ...); empty: single-turn responses scored by `reward`")
     params: Dict[str, Any] = field_(default_factory=dict, help="keyword arguments of the "
@@ -26,6 +27,7 @@ class EnvConfig:
     role: str = field_("tool", help="chat role of observations (tool, user, ...)")
 
     def check(self, prefix: str = "env") -> None:
+        """``ConfigError`` for an unknown environment or parameters it does not take."""
         from megatron_rl.envs import ENVIRONMENTS, environment_params, load_environment_module
         from megatron_rl.algo.registry import check_params
 

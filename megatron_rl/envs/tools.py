@@ -44,6 +44,8 @@ class ToolEnv(Environment):
         raise NotImplementedError
 
     def step(self, action: str) -> StepResult:
+        """Run the tool call in ``action`` and return its output as the observation; an action
+        without a call ends the episode, scored; calls beyond the limit end it as a tool error."""
         arg = self.parse_call(action)
         if arg is None:
             return StepResult(reward=float(self.score(action)) if self.score else 0.0, done=True)
@@ -97,13 +99,16 @@ def _format_number(x) -> str:
 
 @ENVIRONMENTS.register("calculator")
 class Calculator(ToolEnv):
+    """A tool environment whose tool evaluates ``<calc>expression</calc>`` arithmetic."""
     CALL = re.compile(r"<calc>(.*?)</calc>", re.S)
 
     def parse_call(self, action):
+        """The expression inside the first ``<calc>`` tag, or None."""
         m = self.CALL.search(action)
         return m.group(1) if m else None
 
     def run_tool(self, arg):
+        """The expression's value as ``<result>``, or the error as the result."""
         try:
             return f"<result>{_format_number(arithmetic(arg))}</result>", False
         except (ValueError, ZeroDivisionError, OverflowError) as e:
@@ -124,10 +129,12 @@ class PythonTool(ToolEnv):
         self.timeout_s, self.max_output_chars = timeout_s, max_output_chars
 
     def parse_call(self, action):
+        """The code inside the first ``<python>`` tag, or None."""
         m = self.CALL.search(action)
         return m.group(1) if m else None
 
     def run_tool(self, arg):
+        """Run the code in the sandbox; its output (or failure) as the observation."""
         from megatron_rl.rewards.sandbox import SandboxLimits, run_untrusted
 
         limits = SandboxLimits(wall_s=self.timeout_s, cpu_s=max(1, math.ceil(self.timeout_s)))
@@ -149,12 +156,16 @@ class Lookup(ToolEnv):
         self.keyed = keyed
 
     def parse_call(self, action):
+        """The key after ``call`` (``keyed``), ``""`` for a bare ``call``, or None when the action
+        makes no call."""
         words = action.split()
         if not words or words[0] != "call":
             return None
         return " ".join(words[1:]) if self.keyed else ""
 
     def run_tool(self, arg):
+        """``result <value> =`` for the row's key from the hidden table; a failed lookup as the
+        result."""
         from megatron_rl.data.synthetic import lookup_value
 
         meta = self.row.metadata or {}

@@ -154,6 +154,8 @@ class SDPAttention(MegatronModule):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias=None,
                 packed_seq_params=None) -> Tensor:
+        """Attention with torch's SDPA; under CP, this rank's query chunks over keys and values
+        gathered from the CP group, causal by global position."""
         mask_type = attn_mask_type or self.attn_mask_type
         dropout = self.dropout if self.training else 0.0
         if self.cp_group is not None:

@@ -30,6 +30,8 @@ NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver")
 
 @dataclass(frozen=True)
 class CpuPatch:
+    """One megatron-core CPU shim: the errors it avoids, where upstream raises them, and how to
+    apply it."""
     name: str
     errors: Tuple[str, ...]    # what upstream raises without the patch (any of these substrings)
     where: str                 # the megatron-core function that raises it (module path:function)
@@ -80,6 +82,7 @@ def apply_cpu_patches(skip: Sequence[str] = ()) -> List[str]:
 
 
 def revert_cpu_patches() -> None:
+    """Undo every applied CPU patch, newest first."""
     for name in reversed(list(_APPLIED)):
         _APPLIED.pop(name)()
 

@@ -22,11 +22,14 @@ import torch
 
 
 def refuse(key: str, value: Any, why: str) -> ValueError:
+    """The ``ValueError`` for an unsupported config value, naming the key and why."""
     return ValueError(f"model.hf_config: {key}={value!r} is not supported: {why}")
 
 
 @dataclass(frozen=True)
 class Arch:
+    """How one HF architecture's config becomes megatron-core's: the builder and the keys it reads,
+    ignores or needs."""
     model_type: str                              # transformers' config class key
     build: Callable[[Any], Dict[str, Any]]       # resolved config -> TransformerConfig kwargs
     mapped: FrozenSet[str]
@@ -58,6 +61,7 @@ COMMON_IRRELEVANT = {
 
 
 def common(c) -> Dict[str, Any]:
+    """The TransformerConfig keywords every architecture shares; unsupported settings refused."""
     if c.hidden_act != "silu":
         raise refuse("hidden_act", c.hidden_act, "only silu (SwiGLU) MLPs are mapped")
     quant = getattr(c, "quantization_config", None)

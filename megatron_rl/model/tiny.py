@@ -31,6 +31,8 @@ TINY: Dict[str, Dict[str, Any]] = {
 
 
 def tiny_hf_config(name: str, **overrides) -> Dict[str, Any]:
+    """The tiny random-weight HF config named ``name`` (the test and demo models), with
+    ``overrides``; an unknown name fails listing the known."""
     if name not in TINY:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(TINY)}")
     return dict(copy.deepcopy(TINY[name]), **overrides)

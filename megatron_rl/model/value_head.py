@@ -35,6 +35,8 @@ class ValueHead(torch.nn.Module):
         self.tp_group = tp_group
 
     def forward(self, hidden_states: Tensor, weight=None, runtime_gather_output=None):
+        """One value per token from the final hidden states (gathered first under sequence
+        parallelism)."""
         if self.sequence_parallel:
             from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 

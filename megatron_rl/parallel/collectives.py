@@ -34,10 +34,12 @@ Group = Optional[dist.ProcessGroup]
 
 
 def group_size(group: Group) -> int:
+    """The size of ``group`` (1 for None: no group)."""
     return 1 if group is None else dist.get_world_size(group)
 
 
 def group_rank(group: Group) -> int:
+    """This rank's index in ``group`` (0 for None)."""
     return 0 if group is None else dist.get_rank(group)
 
 

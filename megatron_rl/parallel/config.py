@@ -21,6 +21,7 @@ class Layout:
 
     @property
     def expert_tp(self) -> int:
+        """The experts' tensor-parallel size (the dense TP unless set)."""
         return self.tp if self.etp is None else self.etp
 
     def sizes(self, world_size: int) -> Dict[str, int]:
@@ -55,6 +56,7 @@ def check_layout(layout: Layout, world_size: int) -> int:
 
 @dataclass
 class ParallelConfig:
+    """The ``parallel`` section: TP / PP / EP / CP sizes and sequence parallelism."""
     tensor_model_parallel_size: int = field_(1, ge=1, help="TP: each layer's weights split "
                                              "over this many ranks (vocab too)")
     pipeline_model_parallel_size: int = field_(1, ge=1, help="PP: the layers split into stages")
@@ -66,6 +68,7 @@ class ParallelConfig:
                                      "(activations outside attention / MLP split by token)")
 
     def layout(self) -> Layout:
+        """The ``Layout`` these settings give."""
         return Layout(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
                       self.context_parallel_size, self.expert_model_parallel_size,
                       self.expert_tensor_parallel_size, self.sequence_parallel)

@@ -143,11 +143,13 @@ class CPShard:
 
     @property
     def chunks(self) -> Tuple[int, int]:
+        """The global indices of the two chunks this rank holds."""
         return chunk_ids(self.cp_size, self.cp_rank)
 
     @classmethod
     def bshd(cls, num_seqs: int, seq_len: int, cp_size: int, cp_rank: int, device=None,
              actions_aligned: bool = False) -> "CPShard":
+        """The shard of a padded ``[B, S]`` batch for this CP rank (``S`` a multiple of ``2 cp``)."""
         _check_multiple(seq_len, cp_size, "sequence length")
         C = seq_len // (2 * cp_size)
         i, j = chunk_ids(cp_size, cp_rank)

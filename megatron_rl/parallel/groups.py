@@ -17,6 +17,7 @@ from megatron_rl.parallel.collectives import Group, group_rank, group_size
 
 @dataclass(frozen=True)
 class ParallelGroups:
+    """The process groups a step uses (TP, CP, DP, PP, EP), passed explicitly to every collective."""
     tp: Group = None
     cp: Group = None
     dp: Group = None
@@ -24,26 +25,32 @@ class ParallelGroups:
 
     @property
     def tp_size(self) -> int:
+        """Tensor-parallel size (1 without a group)."""
         return group_size(self.tp)
 
     @property
     def tp_rank(self) -> int:
+        """This rank's tensor-parallel index."""
         return group_rank(self.tp)
 
     @property
     def cp_size(self) -> int:
+        """Context-parallel size (1 without a group)."""
         return group_size(self.cp)
 
     @property
     def cp_rank(self) -> int:
+        """This rank's context-parallel index."""
         return group_rank(self.cp)
 
     @property
     def dp_size(self) -> int:
+        """Data-parallel size (1 without a group)."""
         return group_size(self.dp)
 
     @property
     def dp_rank(self) -> int:
+        """This rank's data-parallel index."""
         return group_rank(self.dp)
 
 

@@ -32,5 +32,6 @@ def init_distributed() -> int:
 
 
 def shutdown_distributed() -> None:
+    """Destroy the default process group if one is up."""
     if dist.is_initialized():
         dist.destroy_process_group()

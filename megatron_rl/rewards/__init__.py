@@ -21,6 +21,7 @@ REWARDS = Registry("reward function")
 
 @dataclass(frozen=True)
 class RewardResult:
+    """A response's score, the error that replaced it (if any), and each component's score."""
     score: float
     error: Optional[str] = None
     parts: Optional[Dict[str, float]] = None   # each component's score (reward.components)

@@ -14,6 +14,7 @@ from megatron_rl.rewards.sandbox import ISOLATION_FAILED, SandboxLimits, run_unt
 @REWARDS.register("exact_match")
 def exact_match(response: str, label: Any, *, prompt: str = "", metadata=None,
                 ignore_case: bool = False, strip: bool = True) -> float:
+    """1 when the response equals the label (stripped, optionally ignoring case), else 0."""
     a, b = str(response), str(label)
     if strip:
         a, b = a.strip(), b.strip()

@@ -10,6 +10,7 @@ from megatron_rl.fields import ConfigError, field_
 
 @dataclass
 class RewardComponentConfig:
+    """One weighted component of a composite reward."""
     name: str = field_("exact_match", help="a built-in reward or path/to/file.py:fn")
     weight: float = field_(1.0, help="its factor in the sum")
     params: Dict[str, Any] = field_(default_factory=dict, help="keyword arguments of the reward")
@@ -17,6 +18,8 @@ class RewardComponentConfig:
 
 @dataclass
 class RewardConfig:
+    """The ``reward`` section: the reward function (or components), its parameters and failure
+    policy."""
     name: str = field_("exact_match", help="a built-in reward, or your own: path/to/file.py:fn "
                                            "or package.module:fn (rewards/user.py: our signature "
                                            "or verl's compute_score)")
@@ -43,6 +46,7 @@ class RewardConfig:
         return out
 
     def check(self, prefix: str = "reward") -> None:
+        """``ConfigError`` for an unknown reward or parameters it does not take."""
         if not self.components:
             _check_one(self.name, self.params, prefix)
             return

@@ -61,6 +61,7 @@ DEVICES = ("null", "zero", "random", "urandom")
 
 @dataclass(frozen=True)
 class SandboxLimits:
+    """Limits for untrusted code: wall and CPU time, memory, file size, processes, output."""
     wall_s: float = 10.0
     cpu_s: int = 5
     memory_mb: int = 512
@@ -71,6 +72,8 @@ class SandboxLimits:
 
 @dataclass
 class SandboxResult:
+    """What a sandboxed run returned: exit status, output, whether it timed out, and how long it
+    took."""
     returncode: Optional[int]
     stdout: str
     stderr: str
@@ -80,9 +83,11 @@ class SandboxResult:
 
     @property
     def ok(self) -> bool:
+        """Exit 0 within the time limit."""
         return self.returncode == 0 and not self.timed_out
 
     def reason(self) -> str:
+        """Why the run failed, in a few words."""
         if self.timed_out:
             return "wall-clock limit: process group killed"
         if self.returncode == ISOLATION_FAILED:

@@ -26,6 +26,7 @@ OURS = "(response, label, *, prompt='', metadata=None, **params)"
 
 
 def is_user_reward(name: str) -> bool:
+    """Whether ``name`` names a user reward (``file.py:function``) rather than a registered one."""
     return ":" in name
 
 

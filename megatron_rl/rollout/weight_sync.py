@@ -24,6 +24,8 @@ Tensor = torch.Tensor
 
 @dataclass
 class SyncStats:
+    """What a weight sync moved: seconds, tensors, bytes, buckets and the largest one, MoE layers
+    repacked."""
     seconds: float
     tensors: int
     bytes: int

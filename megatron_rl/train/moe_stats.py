@@ -17,6 +17,7 @@ from megatron_rl.train.model_setup import unwrap
 
 
 class RouterLoad:
+    """Counts the tokens each expert's router sends it (forward hooks), per MoE layer."""
     def __init__(self, model: List[torch.nn.Module]):
         self.routers = {}
         for chunk in model:
@@ -39,6 +40,7 @@ class RouterLoad:
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:
+        """Count inside this context only (the old-policy pass, or the update's)."""
         self.counts, self._on = {}, True
         try:
             yield
@@ -46,6 +48,7 @@ class RouterLoad:
             self._on = False
 
     def metrics(self) -> Dict[str, float]:
+        """Per layer, the busiest expert's load over the mean (1 is balanced)."""
         out = {}
         for n, c in sorted(self.counts.items()):
             mean = float(c.mean())

@@ -11,6 +11,7 @@ import torch
 
 @dataclass(frozen=True)
 class OptimSettings:
+    """One model's optimizer settings and learning-rate schedule (policy or critic)."""
     lr: float
     min_lr: float = 0.0
     weight_decay: float = 0.0

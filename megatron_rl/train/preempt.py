@@ -138,6 +138,7 @@ def mark_requeue(run_dir: Path, text: str) -> None:
 
 
 class StopRequest:
+    """A stop asked for by a signal (TERM, USR1, ...) or a stop file, with its grace period."""
     def __init__(self, stop_file: Path, grace_s: float, poll_s: float = 1.0,
                  started: Optional[float] = None, request_id: Optional[str] = None):
         self.stop_file = Path(stop_file)
@@ -203,11 +204,13 @@ class StopRequest:
         os._exit(EXIT_REQUEUE)
 
     def local(self) -> bool:
+        """Whether a stop was requested on this rank (signals, or the stop file now)."""
         if self.requested_at is None and self._file_request():
             self._arm()
         return self.requested_at is not None
 
     def reason(self) -> str:
+        """The signal's name or the stop file, for the log line."""
         return self.signal_name or f"stop file {self.stop_file}"
 
     def elapsed(self) -> float:

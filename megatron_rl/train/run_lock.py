@@ -41,6 +41,7 @@ class RunDirBusy(ValueError):
 
 
 def new_run_id() -> str:
+    """A fresh run id: start time and a random suffix."""
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
 
 
@@ -73,6 +74,8 @@ class RunLock:
         self._thread: Optional[threading.Thread] = None
 
     def acquire(self) -> None:
+        """Take the output directory's lock (a dead holder's is taken over); a live holder is
+        ``RunLocked``."""
         self.dir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):   # a takeover race lost: look again
             try:
@@ -142,6 +145,7 @@ class RunLock:
         aside.rmdir()
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the lock."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s + 1)

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Tuple
 
 @dataclass
 class Validation:
+    """The validation prompts and how they are sampled (``n``, temperature, length)."""
     drawn: List[Tuple[object, List[int]]]     # (row, prompt token ids)
     n: int
     temperature: float
@@ -24,6 +25,7 @@ class Validation:
 
     @classmethod
     def of(cls, cfg, tokenizer, rows) -> "Validation":
+        """From the config, the tokenizer and the validation rows (prompts rendered once)."""
         from megatron_rl.config import ConfigError
         from megatron_rl.data.prompts import render_prompt
 
@@ -49,6 +51,7 @@ class Validation:
 
 def val_metrics(scores: List[List[float]], lengths: List[List[int]], failures: int,
                 solved: float = 1.0) -> Dict[str, float]:
+    """``val/*`` from the validation scores and lengths."""
     flat = [s for g in scores for s in g]
     k = max((len(g) for g in scores), default=0)
     lens = [n for g in lengths for n in g]
