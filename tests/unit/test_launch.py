@@ -93,19 +93,48 @@ def test_torchrun_script_turns_a_requested_stop_into_75(tmp_path, requeue_file):
     assert r.returncode == (75 if requeue_file else 1), r.stderr
 
 
-@pytest.mark.parametrize("requeue_file", [True, False])
-def test_slurm_script_requeues_when_torchrun_reports_1_for_a_requested_stop(tmp_path, requeue_file):
+def _slurm_job(tmp_path, out, srun: str):
+    env = _fake_bin(tmp_path, srun=srun, scontrol='if [[ $1 == show ]]; then echo node1; fi')
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), f"train.output_dir={out}"],
+                            cwd=ROOT, env={**env, "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+                                           "SLURM_JOB_ID": "77"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _started(tmp_path, p) -> None:
+    import time
+
+    deadline = time.time() + 60
+    while "srun" not in ((tmp_path / "calls.log").read_text() if (tmp_path / "calls.log").exists() else ""):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+
+
+# a trainer that checkpoints when asked: waits for the STOP request, then stops as torchrun reports it
+_UNTIL_STOP = 'for i in $(seq 600); do [[ -f "{out}/STOP" ]] && break; sleep 0.1; done; ' + _STOPPED
+
+
+@pytest.mark.parametrize("sig,requeued", [("SIGUSR1", True), ("SIGTERM", False)])
+def test_slurm_script_requeues_after_usr1_and_never_after_a_cancel(tmp_path, sig, requeued):
+    """``scancel --signal=USR1 --batch`` (or the time limit's --signal): checkpoint, requeue.
+    ``scancel`` (SIGTERM): checkpoint, and the job stays cancelled."""
+    import signal
+
     out = tmp_path / "run"
-    env = _fake_bin(tmp_path, srun=_STOPPED.format(out=out) if requeue_file else "exit 1",
-                    scontrol='if [[ $1 == show ]]; then echo node1; fi')
-    r = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), f"train.output_dir={out}"],
-                       cwd=ROOT, env={**env, "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
-                                      "SLURM_JOB_ID": "77"}, capture_output=True, text=True, timeout=120)
+    p = _slurm_job(tmp_path, out, _UNTIL_STOP.format(out=out))
+    _started(tmp_path, p)
+    p.send_signal(getattr(signal, sig))
+    stdout, stderr = p.communicate(timeout=120)
     calls = (tmp_path / "calls.log").read_text()
-    if requeue_file:
-        assert r.returncode == 75 and "scontrol requeue 77" in calls, (r.stdout, r.stderr)
-    else:
-        assert r.returncode == 1 and "scontrol requeue" not in calls
+    assert p.returncode == 75 and (out / "STOP").is_file(), (stdout, stderr)
+    assert ("scontrol requeue 77" in calls) == requeued, calls
+    assert ("not requeued" in stdout) == (not requeued)
+
+
+def test_slurm_script_passes_a_failure_through_without_a_requeue(tmp_path):
+    p = _slurm_job(tmp_path, tmp_path / "run", "exit 1")
+    p.communicate(timeout=120)
+    assert p.returncode == 1 and "scontrol requeue" not in (tmp_path / "calls.log").read_text()
 
 
 def test_the_slurm_trap_writes_a_stop_request_naming_this_job_incarnation(tmp_path):
