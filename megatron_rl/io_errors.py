@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -41,6 +42,11 @@ def _os_error_in(exc: BaseException, depth: int = 0) -> Optional[OSError]:
         return None
     if isinstance(exc, OSError) and exc.errno in IO_ERRNOS:
         return exc
+    # Rust libraries (safetensors) raise their own type; std::io::Error's text ends "(os error N)"
+    rust = re.search(r"\(os error (\d+)\)", str(exc)) if not isinstance(exc, OSError) else None
+    if rust and int(rust.group(1)) in IO_ERRNOS:
+        code = int(rust.group(1))
+        return OSError(code, os.strerror(code))
     for inner in (exc.__cause__, exc.__context__):
         found = _os_error_in(inner, depth + 1)
         if found is not None:

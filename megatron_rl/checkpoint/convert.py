@@ -286,27 +286,36 @@ def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
 
 def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
                    dtype: torch.dtype, side_files: Optional[os.PathLike] = None,
-                   shard_bytes: int = 4 << 30):
+                   shard_bytes: int = 4 << 30, tokenizer=None):
     """The weights of ``model`` (any layout, collective) as an HF directory at ``out``, written
     by rank 0 to ``.<name>.partial`` and renamed when complete; ``config.json`` from ``hf_cfg``,
-    tokenizer and generation files copied from ``side_files``. Returns ``(tensors, bytes)``."""
+    tokenizer and generation files copied from ``side_files`` (or ``tokenizer`` saved). A failed
+    write (a full disk) removes the partial directory: ``out`` is whole or absent. Returns
+    ``(tensors, bytes)``."""
+    from megatron_rl.train.model_setup import unwrap
+
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     writer = None
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        writer = HFWriter(tmp, shard_bytes)
-    from megatron_rl.train.model_setup import unwrap
-
-    for name, t in iter_hf_weights(unwrap(model), mapping, groups, hf.num_experts, dst=0):
-        writer.add(name, t.to(dtype))
-    if writer is not None:
-        writer.close()
-        _write_config(tmp, hf_cfg, dtype)
-        copy_side_files(side_files, tmp, SIDE_FILES)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+    try:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            writer = HFWriter(tmp, shard_bytes)
+        for name, t in iter_hf_weights(unwrap(model), mapping, groups, hf.num_experts, dst=0):
+            writer.add(name, t.to(dtype))
+        if writer is not None:
+            writer.close()
+            _write_config(tmp, hf_cfg, dtype)
+            copy_side_files(side_files, tmp, SIDE_FILES)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            os.replace(tmp, out)
+    except BaseException:
+        if writer is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return all_gather_objects((writer.count, writer.total_bytes) if writer else None)[0]
 
 

@@ -10,6 +10,7 @@ from typing import Dict
 
 import torch.distributed as dist
 
+from megatron_rl.io_errors import reported_writes
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.train import rl_batch
 from megatron_rl.train import setup as S
@@ -27,10 +28,14 @@ class EngineLink:
         hf_dir = S.engine_loadable_hf_dir(self.cfg)
         model_dir = Path(r.model_dir or hf_dir or self.out / "hf_init")
         if not r.model_dir and not hf_dir and not (model_dir / "config.json").is_file():
-            write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
-                           self.ms.hf_cfg, model_dir, self.ms.dtype)
-            if self.rank == 0:
-                self.tok.save_pretrained(str(model_dir))
+            # a full disk here is one line and exit 74, as during a checkpoint; the directory is
+            # renamed into place whole (tokenizer included) or not at all
+            with reported_writes("the engine's initial weights", model_dir,
+                                 "nothing was trained and no partial files are left; free space "
+                                 "and rerun the same command"):
+                write_hf_model(self.ms.model[0], self.hf, self.ms.mapping, self.ms.weight_groups,
+                               self.ms.hf_cfg, model_dir, self.ms.dtype,
+                               tokenizer=self.tok if self.rank == 0 else None)
             dist.barrier()
         return model_dir
 

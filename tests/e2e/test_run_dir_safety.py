@@ -167,3 +167,26 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_checkpoint_sta
     assert M.check_files(step2, expected, sorted(expected)) == []
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_full_disk_at_start_up_is_one_line_and_leaves_no_partial_weights(tmp_path):
+    """The first large write of a fresh run is the engine's initial HF weights: on a 512 KiB disk
+    it fails as a checkpoint's does (one line, exit 74), and neither ``hf_init`` nor its partial
+    directory is left behind."""
+    why = _can_mount_tmpfs()
+    if why:
+        pytest.skip(why)
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd = " ".join(f"'{a}'" for a in _args(out, 2, "train.export_hf=false"))
+    script = (f"mount -t tmpfs -o size=512k tmpfs '{out}' && cd '{ROOT}' && {{ {cmd}; rc=$?; }}; "
+              f"ls -A '{out}' > '{tmp_path}/left'; exit $rc")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 74, r.stderr[-3000:]
+    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert "Traceback" not in r.stderr
+    assert last.startswith("megatron-rl: writing the engine's initial weights to ") and "hf_init" in last
+    assert "No space left on device (ENOSPC)" in last and "no partial files are left" in last
+    left = (tmp_path / "left").read_text().split()
+    assert "hf_init" not in left and ".hf_init.partial" not in left, left

@@ -75,3 +75,16 @@ def test_a_full_disk_while_logging_metrics_is_one_line(tmp_path):
     assert f"writing metrics to {tmp_path / 'metrics.jsonl'} failed: No space left" in str(e.value)
     log.close()   # closing after a failed write does not raise again
     assert json.loads((tmp_path / "run_info.json").read_text())
+
+
+def test_a_rust_io_error_from_safetensors_is_recognised_by_its_os_error_number(tmp_path):
+    """safetensors raises ``SafetensorError`` ("... No space left on device (os error 28)"), not
+    an OSError: the full disk is still named, not re-raised as a traceback."""
+    from megatron_rl.io_errors import diagnose
+
+    class SafetensorError(Exception):
+        pass
+
+    exc = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert "(ENOSPC)" in str(diagnose("weights", tmp_path, exc))
+    assert diagnose("weights", tmp_path, SafetensorError("bad header (os error 2)")) is None
