@@ -65,10 +65,10 @@ def _step_case(L: int, cp: int):
     from megatron_rl.parallel.loss import step_denominators
     from megatron_rl.train.batches import build_micro_batch
     from megatron_rl.train.megatron_loss import PolicyLoss, train_forward_backward
-    from megatron_rl.train.model_setup import build_model
+    from megatron_rl.runtime.model_setup import build_model
     from megatron_rl.train.optimizer import (OptimSettings, build_optimizer, nonfinite_flag,
                                              optimizer_step)
-    from megatron_rl.train.parallel_init import init_megatron_parallel
+    from megatron_rl.runtime.parallel_init import init_megatron_parallel
 
     hf = load_hf_config(tiny_hf_config("qwen3_moe"))
     groups = init_megatron_parallel(Layout(cp=cp), seed=0)

@@ -120,9 +120,9 @@ def main() -> None:
     from megatron_rl.parallel.config import Layout
     from megatron_rl.parallel.loss import step_denominators
     from megatron_rl.train.megatron_loss import PolicyLoss, train_forward_backward
-    from megatron_rl.train.model_setup import build_model
+    from megatron_rl.runtime.model_setup import build_model
     from megatron_rl.train.optimizer import OptimSettings, build_optimizer, nonfinite_flag, optimizer_step
-    from megatron_rl.train.parallel_init import init_megatron_parallel
+    from megatron_rl.runtime.parallel_init import init_megatron_parallel
 
     gpu = torch.cuda.is_available()
     if gpu:

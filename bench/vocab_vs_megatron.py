@@ -106,7 +106,7 @@ def main() -> None:
 
     from megatron_rl.parallel.config import Layout
     from megatron_rl.parallel.launch import free_port
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")

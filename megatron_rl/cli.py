@@ -144,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rest:
         args.overrides = list(args.overrides) + rest
     if args.command == "train":  # a preemption during start-up is a stop, not a kill
-        from megatron_rl.train.preempt import record_signals_early
+        from megatron_rl.runtime.preempt import record_signals_early
 
         record_signals_early()
     from megatron_rl.config import ConfigError, load_config, to_yaml

@@ -18,7 +18,8 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
     prompt, response and reward as JSONL."""
     from megatron_rl.data.prompts import render_prompt
     from megatron_rl.model.hf_config import load_hf_config
-    from megatron_rl.rollout.collect import Scorer, score_groups
+    from megatron_rl.rollout.collect import score_groups
+    from megatron_rl.rollout.scoring import Scorer
     from megatron_rl.rollout.engine import RolloutEngine
     from megatron_rl.train.setup import load_rows, load_tokenizer
 

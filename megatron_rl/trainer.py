@@ -27,10 +27,10 @@ from megatron_rl.config.run import check_cpu_engines
 from megatron_rl.config.soundness import load_warnings
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.observe import PhasePeaks, memory_metrics
-from megatron_rl.rollout.collect import Scorer
+from megatron_rl.rollout.scoring import Scorer
 from megatron_rl.train import rl_batch
 from megatron_rl.train.rollout_batch import RouteStash, step_batch
-from megatron_rl.train.crash_points import reached
+from megatron_rl.runtime.crash_points import reached
 from megatron_rl.train.engine_link import EngineLink
 from megatron_rl.train.step_metrics import BadSteps
 from megatron_rl.train import setup as S
@@ -74,7 +74,7 @@ class Trainer(EngineLink):
             raise
 
     def _start(self) -> None:
-        from megatron_rl.train.parallel_init import init_megatron_parallel
+        from megatron_rl.runtime.parallel_init import init_megatron_parallel
 
         cfg, quiet = self.cfg, self.quiet
         layout = cfg.parallel.layout()
@@ -124,7 +124,7 @@ class Trainer(EngineLink):
             load_rng_state(self.resumed_from)
         self.plan = S.step_plan(cfg, self.reference is not None)
         from megatron_rl.train.moe_stats import RouterLoad
-        from megatron_rl.train.routing_replay import route_control
+        from megatron_rl.model.routing_replay import route_control
 
         self.router_load = RouterLoad(self.ms.model) if self.hf.num_experts else None
         self.routes = route_control(self.ms.model[0])   # None on a dense model or stage
@@ -196,7 +196,7 @@ class Trainer(EngineLink):
     def run(self) -> int:
         """Train to ``train.steps``; returns 0, ``EXIT_REQUEUE`` after a requested stop, or
         ``EXIT_NONFINITE`` after ``train.max_bad_steps`` NaN steps (a checkpoint written first)."""
-        from megatron_rl.train.preempt import EXIT_NONFINITE, EXIT_REQUEUE, mark_requeue
+        from megatron_rl.runtime.preempt import EXIT_NONFINITE, EXIT_REQUEUE, mark_requeue
 
         stop = self.stop
         if self.stopped_early or self._agreed(stop.local()):   # asked during the engine start
@@ -250,7 +250,7 @@ class Trainer(EngineLink):
                                                     self.cfg.train.samples_per_step))
 
     def _stop_at_startup(self) -> int:
-        from megatron_rl.train.preempt import EXIT_REQUEUE, mark_requeue
+        from megatron_rl.runtime.preempt import EXIT_REQUEUE, mark_requeue
 
         self.stop.close()
         if self.feed is not None and not self.feed_started:
@@ -424,7 +424,7 @@ class Trainer(EngineLink):
     def close(self, exit_code: int = 1) -> None:
         """Release everything this rank holds: logs, process groups, the engine, the run lock;
         separate placement: the engine ranks told to end with ``exit_code``."""
-        from megatron_rl.train.parallel_init import destroy_megatron_parallel
+        from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
 
         self.stop.close()
         if self.feed is not None:

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_rl.algo import entropy_control
+import megatron_rl.algo.entropy_control as entropy_control
 from megatron_rl.algo.kl import kl_estimate
 from megatron_rl.algo.masked import LOCAL, SeqOps, as_float_mask
 from megatron_rl.algo.mismatch import check_correction, mismatch_correction

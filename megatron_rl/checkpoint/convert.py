@@ -103,8 +103,8 @@ def _require_empty(out: Path) -> None:
 
 
 def _build(hf: HFModel, layout: Layout, dtype: torch.dtype, value_head: bool = False):
-    from megatron_rl.train.model_setup import build_model
-    from megatron_rl.train.parallel_init import (destroy_megatron_parallel, init_megatron_parallel,
+    from megatron_rl.runtime.model_setup import build_model
+    from megatron_rl.runtime.parallel_init import (destroy_megatron_parallel, init_megatron_parallel,
                                                  weight_groups)
 
     init_megatron_parallel(layout, seed=0)
@@ -134,7 +134,7 @@ def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
     fit in host memory): an fp32 import at ``--pp 1`` checks the model in memory before saving;
     any other checks its mapping at fp32 and ``--pp 1`` after saving. A difference above
     ``tolerance`` fails, and leaves nothing behind."""
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
 
     init_distributed()
     out = Path(out)
@@ -184,7 +184,7 @@ def _check_mapping_fp32(hf_dir, reader: HFReader, hf: HFModel, mapping, layout: 
     """The import's mapping at its TP/EP layout (``--pp 1``), loaded at fp32 from the same
     files, against transformers (collective). A lower-precision checkpoint holds these tensors
     cast: comparing at fp32 isolates the mapping from rounding."""
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
 
     at = Layout(tp=layout.tp, ep=layout.ep, etp=layout.etp)
     model, groups = _everywhere(lambda: _build(hf, at, torch.float32))
@@ -254,7 +254,7 @@ def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
     """Distributed checkpoint -> HF directory at ``out`` (collective; rank 0 writes). A training
     checkpoint's ``critic/`` (PPO) exports as the architecture's token classifier."""
     from megatron_rl.checkpoint.dist_ckpt import CRITIC_MARKER
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
 
     init_distributed()
     ckpt, out = Path(ckpt), Path(out)
@@ -292,7 +292,7 @@ def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
     tokenizer and generation files copied from ``side_files`` (or ``tokenizer`` saved). A failed
     write (a full disk) removes the partial directory: ``out`` is whole or absent. Returns
     ``(tensors, bytes)``."""
-    from megatron_rl.train.model_setup import unwrap
+    from megatron_rl.runtime.model_setup import unwrap
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
@@ -400,7 +400,7 @@ def verify(hf_dir: os.PathLike, ckpt: os.PathLike, layout: Layout = Layout(),
     """Logits of the HF model (transformers, fp32, on rank 0) and of the megatron checkpoint
     (fp32, this layout) on a fixed random prompt batch; the max and mean absolute difference,
     on every rank."""
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
 
     init_distributed()
     if layout.pp > 1:

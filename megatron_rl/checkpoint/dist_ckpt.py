@@ -28,8 +28,8 @@ from megatron_rl.checkpoint import manifest as M
 from megatron_rl.checkpoint.optim_state import (destination_keeps_adam_step, prime_adam_state,
                                                 restore_adam_step, sharding_metadata)
 from megatron_rl.checkpoint.safe_load import safe_checkpoint_loads
-from megatron_rl.train.crash_points import reached
-from megatron_rl.train.model_setup import unwrap
+from megatron_rl.runtime.crash_points import reached
+from megatron_rl.runtime.model_setup import unwrap
 
 CRITIC_DIR = "critic"   # PPO's value model inside a training checkpoint
 CRITIC_MARKER = "megatron_rl_critic.json"   # in it: `critic.init_from` takes the head as well
@@ -136,7 +136,7 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
     ``side_files(directory)`` (rank 0, before the seal) adds what export needs beside the
     shards: the HF config and tokenizer."""
     from megatron_rl.parallel.weight_comm import all_gather_objects
-    from megatron_rl.train.run_lock import new_run_id
+    from megatron_rl.runtime.run_lock import new_run_id
 
     run_id = run_id or all_gather_objects(new_run_id())[0]
     root = Path(root)

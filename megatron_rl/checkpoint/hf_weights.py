@@ -24,20 +24,11 @@ import torch
 
 from megatron_rl.checkpoint.hf_io import HFReader
 from megatron_rl.checkpoint.hf_mapping import Mapping, Rule, shard, unshard, whole_shape
+from megatron_rl.parallel.groups import ShardGroups
 from megatron_rl.parallel.collectives import Group, group_rank, group_size
 from megatron_rl.parallel.weight_comm import all_gather_objects, gather_pieces, move_whole
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class ShardGroups:
-    """Where this rank's weights sit (``train.parallel_init.weight_groups`` builds it)."""
-
-    tp: Group = None        # dense tensors' TP group
-    etp: Group = None       # routed experts' TP group
-    ep_rank: int = 0
-    ep_size: int = 1
 
 
 @dataclass

@@ -13,7 +13,7 @@ from megatron_rl.model.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
 from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.rollout.config import RolloutConfig
-from megatron_rl.train.config import CriticConfig, TrainConfig
+from megatron_rl.config.train import CriticConfig, TrainConfig
 
 
 @dataclass
@@ -67,7 +67,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.synthetic_min_len > cfg.data.synthetic_max_len:
         raise ConfigError(f"data.synthetic_min_len: {cfg.data.synthetic_min_len} exceeds "
                           f"data.synthetic_max_len={cfg.data.synthetic_max_len}")
-    from megatron_rl.train.config import LOGGERS
+    from megatron_rl.config.train import LOGGERS
 
     unknown = [t for t in cfg.train.loggers if t not in LOGGERS]
     if unknown:

@@ -18,7 +18,7 @@ import operator
 import re
 from typing import Optional, Tuple
 
-from megatron_rl.envs import ENVIRONMENTS, Environment, StepResult
+from megatron_rl.envs.base import ENVIRONMENTS, Environment, StepResult
 
 
 class ToolEnv(Environment):

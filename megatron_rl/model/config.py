@@ -5,7 +5,7 @@ tiny random models of ``model.tiny``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict
 
 from megatron_rl.fields import ConfigError, field_

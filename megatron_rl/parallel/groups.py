@@ -84,3 +84,14 @@ def build_groups(tp: int, cp: int, dp: int, rank: Optional[int] = None) -> Optio
     return ParallelGroups(**mine) if rank < tp * cp * dp else None
 
 
+
+
+@dataclass(frozen=True)
+class ShardGroups:
+    """Where this rank's weights sit, for the HF weight mapping (``checkpoint.hf_weights``;
+    ``runtime.parallel_init.weight_groups`` builds it)."""
+
+    tp: Group = None        # dense tensors' TP group
+    etp: Group = None       # routed experts' TP group
+    ep_rank: int = 0
+    ep_size: int = 1

@@ -14,9 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from megatron_rl.algo.registry import Registry, check_params, keyword_params
-
-REWARDS = Registry("reward function")
+from megatron_rl.algo.registry import check_params, keyword_params
+from megatron_rl.rewards.base import REWARDS
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import re
 from fractions import Fraction
 from typing import Any, Optional
 
-from megatron_rl.rewards import REWARDS
+from megatron_rl.rewards.base import REWARDS
 from megatron_rl.rewards.sandbox import ISOLATION_FAILED, SandboxLimits, run_untrusted
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_rl.rewards import REWARDS
+from megatron_rl.rewards.base import REWARDS
 
 VERL_PARAMS = ("data_source", "solution_str", "ground_truth")
 OURS = "(response, label, *, prompt='', metadata=None, **params)"

@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from megatron_rl.algo.dapo import dynamic_sampling_keep, overlong_penalty
 from megatron_rl.data.prompts import PromptRow
-from megatron_rl.rewards import bind, combine, run
+from megatron_rl.rollout.multiturn import episode_metrics
+from megatron_rl.rollout.scoring import Scorer
 
 Tensor = torch.Tensor
 
@@ -44,39 +44,6 @@ class SamplingPlan:
     max_rounds: int = 1
     overlong_buffer: int = 0                 # DAPO soft overlong punishment; 0 = off
     overlong_factor: float = 1.0
-
-
-@dataclass(frozen=True)
-class Scorer:
-    """A reward from the registry plus how responses become text."""
-
-    name: str
-    params: Dict[str, Any]
-    decode: Callable[[List[int]], str]
-    failure_score: float = 0.0
-    workers: int = 1
-    components: tuple = ()          # rewards.Component s: a weighted sum instead of ``name``
-
-    @classmethod
-    def of(cls, reward, tokenizer) -> "Scorer":
-        """From the ``reward`` config section; responses decoded without special tokens."""
-        return cls(reward.name, dict(reward.params),
-                   lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                   reward.failure_score, reward.workers, tuple(reward.component_list()))
-
-    @cached_property
-    def _bound(self):
-        """The reward(s) looked up and their parameters checked once, not per response."""
-        if self.components:
-            return tuple((c.label, c.weight, bind(c.name, **c.params)) for c in self.components)
-        return bind(self.name, **self.params)
-
-    def __call__(self, response: str, row: PromptRow):
-        prompt = row.prompt if isinstance(row.prompt, str) else str(row.prompt)
-        kw = dict(prompt=prompt, metadata=row.metadata, failure_score=self.failure_score)
-        if self.components:
-            return combine(self._bound, response, row.label, **kw)
-        return run(self._bound, response, row.label, **kw)
 
 
 @dataclass
@@ -216,8 +183,6 @@ def _add_group(out: Rollouts, plan: SamplingPlan, row: PromptRow, group, scores)
                             or getattr(s, "routed_experts", None) is not None
                             or bool(getattr(s, "routes_missing", False)) for s in group)
     if group and getattr(group[0], "info", None) is not None:
-        from megatron_rl.rollout.multiturn import episode_metrics
-
         for k, v in episode_metrics(group).items():
             out.episodes[k] = out.episodes.get(k, 0.0) + v
     shaped = torch.tensor(scores, dtype=torch.float32)

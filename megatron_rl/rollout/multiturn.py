@@ -25,6 +25,7 @@ import numpy as np
 
 from megatron_rl.envs import check_observation, check_step_result
 from megatron_rl.rollout.engine import Sample
+from megatron_rl.rollout.scoring import Scorer
 
 # prompts [E'] (token ids), max_tokens [E'], seeds [E'] -> one Sample per prompt
 GenerateFn = Callable[[List[List[int]], List[int], List[int]], List[Sample]]
@@ -273,7 +274,6 @@ class EpisodeRunner:
 
     def _make_env(self, row):
         from megatron_rl.envs import make_environment
-        from megatron_rl.rollout.collect import Scorer
 
         r = self.reward
         scorer = Scorer(r.name, dict(r.params), str, r.failure_score,

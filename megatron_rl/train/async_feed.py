@@ -116,7 +116,7 @@ class AsyncFeed:
     def push(self, version: int, weights: Callable[[], Any], bucket_bytes: int) -> Dict[str, float]:
         """Stream ``version`` (every trainer rank walks ``weights()``: it is collective)."""
         from megatron_rl.checkpoint.hf_weights import iter_hf_buckets
-        from megatron_rl.train.crash_points import reached
+        from megatron_rl.runtime.crash_points import reached
 
         reached("push", version)
         t0 = time.perf_counter()

@@ -83,7 +83,7 @@ def explained_variance_sums(batch) -> Dict[str, Tensor]:
 def copy_trunk(policy: List, critic: List) -> int:
     """The policy's weights into the critic's parameters of the same name (every one but the value
     head); the layouts are the same, so each rank copies its own shards. Returns how many."""
-    from megatron_rl.train.model_setup import unwrap
+    from megatron_rl.runtime.model_setup import unwrap
 
     src = dict(unwrap(policy[0]).named_parameters())
     n = 0

@@ -94,7 +94,7 @@ class EngineLink:
 
     def _hf_weights(self, dst=None):
         from megatron_rl.checkpoint.hf_weights import iter_hf_weights
-        from megatron_rl.train.model_setup import unwrap
+        from megatron_rl.runtime.model_setup import unwrap
 
         return iter_hf_weights(unwrap(self.ms.model[0]), self.ms.mapping, self.ms.weight_groups,
                                self.hf.num_experts, dst=dst)

@@ -61,7 +61,7 @@ class EngineWorker:
     trainer's exit status."""
 
     def __init__(self, cfg, roles: R.Roles):
-        from megatron_rl.rollout.collect import Scorer
+        from megatron_rl.rollout.scoring import Scorer
         from megatron_rl.train import setup as S
         from megatron_rl.train.producer import RolloutProducer
 
@@ -97,7 +97,7 @@ class EngineWorker:
         from megatron_rl.rollout.engine import RolloutEngine
         from megatron_rl.rollout.weight_sync import sync_weights
         from megatron_rl.train import setup as S
-        from megatron_rl.train.crash_points import reached
+        from megatron_rl.runtime.crash_points import reached
 
         start = self._start_message()
         if start.get("stop") is not None:   # the trainer stopped before its first step

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List
 
 import torch
 
-from megatron_rl.train.model_setup import unwrap
+from megatron_rl.runtime.model_setup import unwrap
 
 
 class RouterLoad:

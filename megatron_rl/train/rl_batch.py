@@ -23,7 +23,7 @@ from megatron_rl.algo.kl import kl_estimate
 from megatron_rl.algo.mismatch import mismatch_gap
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import sharded_advantages, step_denominators, step_whiten
-from megatron_rl.train.crash_points import reached
+from megatron_rl.runtime.crash_points import reached
 from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.megatron_loss import (PolicyLoss, PolicyMicroBatch, forward_logprobs,
                                              train_forward_backward)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Tuple
 
-from megatron_rl.train.preempt import REQUEUE_FILE, StopRequest, own_request_id
-from megatron_rl.train.run_lock import RunDirBusy, RunLock, new_run_id
+from megatron_rl.runtime.preempt import REQUEUE_FILE, StopRequest, own_request_id
+from megatron_rl.runtime.run_lock import RunDirBusy, RunLock, new_run_id
 
 
 def claim_output_dir(out: Path, rank: int, grace_s: float) -> Tuple[str, Optional[RunLock], StopRequest]:

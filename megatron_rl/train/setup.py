@@ -122,9 +122,9 @@ def optim_settings(section, train):
 def build_model_state(cfg: RunConfig, hf, layout, pg) -> ModelState:
     """The policy's model, distributed optimizer and HF name mapping in ``layout``."""
     from megatron_rl.checkpoint.hf_mapping import mapping_for
-    from megatron_rl.train.model_setup import build_model
+    from megatron_rl.runtime.model_setup import build_model
     from megatron_rl.train.optimizer import build_optimizer
-    from megatron_rl.train.parallel_init import weight_groups
+    from megatron_rl.runtime.parallel_init import weight_groups
 
     opt = cfg.model.options()
     model, _ = build_model(hf, layout, opt, distributed_optimizer=True)
@@ -143,7 +143,7 @@ def build_critic(cfg: RunConfig, hf, layout, pg, policy: ModelState):
     ``critic.init_from`` or else the policy's starting weights (call after
     ``load_starting_weights``); returns ``(critic, where its weights came from)``."""
     from megatron_rl.train.critic import Critic, copy_trunk, load_critic_init
-    from megatron_rl.train.model_setup import build_model
+    from megatron_rl.runtime.model_setup import build_model
     from megatron_rl.train.optimizer import build_optimizer
 
     c, t = cfg.critic, cfg.train
@@ -169,7 +169,7 @@ def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
     from megatron_rl.checkpoint.dist_ckpt import load_model
     from megatron_rl.checkpoint.hf_io import HFReader
     from megatron_rl.checkpoint.hf_weights import load_hf_weights
-    from megatron_rl.train.model_setup import unwrap
+    from megatron_rl.runtime.model_setup import unwrap
 
     d = _hf_dir(cfg)
     if cfg.model.init_from:

@@ -14,9 +14,9 @@ from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.loss import step_denominators
 from megatron_rl.train.megatron_loss import PolicyLoss, train_forward_backward
-from megatron_rl.train.model_setup import build_model, unwrap
+from megatron_rl.runtime.model_setup import build_model, unwrap
 from megatron_rl.train.optimizer import OptimSettings, build_optimizer, nonfinite_flag, optimizer_step
-from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 from tests.distributed import model_workers as mw
 
 SETTINGS = OptimSettings(lr=1e-2, warmup_steps=2, total_steps=6, decay_style="cosine", weight_decay=0.01)

@@ -16,8 +16,8 @@ from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.config import Layout
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import step_denominators
-from megatron_rl.train.model_setup import build_model, unwrap
-from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from megatron_rl.runtime.model_setup import build_model, unwrap
+from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 from megatron_rl.train.value_train import ValueLossSpec, _value_loss_func, value_forward_backward
 from tests.distributed.model_workers import (NSEQ, S, _built_micro_batches, _finish_layout, _load,
                                              _micro_batches, _save, _sequences)
@@ -94,7 +94,7 @@ def critic_export(rank: int, world: int, tmp: str) -> dict:
     and gives the values Megatron computes, token by token."""
     from megatron_rl.checkpoint.convert import write_hf_model
     from megatron_rl.checkpoint.hf_mapping import mapping_for, value_model_config, value_model_mapping
-    from megatron_rl.train.parallel_init import weight_groups
+    from megatron_rl.runtime.parallel_init import weight_groups
 
     raw = tiny_hf_config("qwen3_moe")
     hf = load_hf_config(raw)

@@ -72,7 +72,7 @@ def route_fidelity(rank: int, world: int, tmp: str, hf_dir: str, tp: int = 1) ->
     from megatron_rl.rollout.engine import EngineSettings, RolloutEngine
     from megatron_rl.rollout.routes import RouteSpec
     from megatron_rl.rollout.weight_sync import sync_weights
-    from megatron_rl.train.routing_replay import route_control
+    from megatron_rl.model.routing_replay import route_control
 
     ck, ex = os.path.join(tmp, "mc"), os.path.join(tmp, "hf_out")
     import_hf(hf_dir, ck)

@@ -184,7 +184,7 @@ def vllm_agreement(rank: int, world: int, tmp: str, models: Dict[str, str]) -> d
     from megatron_rl.checkpoint.convert import _build
     from megatron_rl.model.hf_config import load_hf_config
     from megatron_rl.rollout.engine import EngineSettings, RolloutEngine
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
     from tests.distributed.rollout_workers import _megatron_logprobs, _mismatch
 
     out = {}
@@ -213,9 +213,9 @@ def training_checkpoint_export(rank: int, world: int, tmp: str, hf_dir: str) -> 
     from megatron_rl.checkpoint.dist_ckpt import load_model, save_checkpoint
     from megatron_rl.model.build import ModelOptions
     from megatron_rl.model.hf_config import load_hf_config
-    from megatron_rl.train.model_setup import build_model
+    from megatron_rl.runtime.model_setup import build_model
     from megatron_rl.train.optimizer import OptimSettings, build_optimizer
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 
     import_hf(hf_dir, os.path.join(tmp, "mc"))
     hf = load_hf_config(hf_dir)

@@ -30,8 +30,8 @@ from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import prepare_micro_batch, step_denominators
 from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.megatron_loss import PolicyLoss, PolicyMicroBatch, _loss_func, train_forward_backward
-from megatron_rl.train.model_setup import build_model, unwrap
-from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from megatron_rl.runtime.model_setup import build_model, unwrap
+from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 
 S, NSEQ, PROMPT = 16, 8, 4
 LOSSES = {

@@ -13,10 +13,10 @@ from megatron_rl.model.build import ModelOptions
 from megatron_rl.model.hf_config import load_hf_config
 from megatron_rl.model.tiny import tiny_hf_config
 from megatron_rl.parallel.config import Layout
-from megatron_rl.train.model_setup import build_model
+from megatron_rl.runtime.model_setup import build_model
 from megatron_rl.train.moe_stats import RouterLoad
 from megatron_rl.train.optimizer import OptimSettings, build_optimizer
-from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 from megatron_rl.train.rl_batch import StepBatch, StepPlan, logprob_passes, mismatch_sums, run_updates
 from tests.distributed.model_workers import NSEQ, _built_micro_batches, _sequences
 

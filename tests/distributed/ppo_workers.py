@@ -28,9 +28,9 @@ from megatron_rl.parallel.loss import step_denominators
 from megatron_rl.parallel.vocab_parallel import vocab_parallel_logprobs
 from megatron_rl.train.critic import Critic
 from megatron_rl.train.megatron_loss import PolicyLoss, _loss_func
-from megatron_rl.train.model_setup import build_model, unwrap
+from megatron_rl.runtime.model_setup import build_model, unwrap
 from megatron_rl.train.optimizer import OptimSettings, build_optimizer
-from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 from megatron_rl.train.rl_batch import StepBatch, StepPlan, logprob_passes, run_updates
 from megatron_rl.train.value_train import ValueLossSpec, _value_loss_func
 from tests.distributed.model_workers import (NSEQ, _built_micro_batches, _load, _micro_batches,

@@ -145,7 +145,7 @@ def stream_refits(rank: int, world: int, tmp: str, hf_dir: str, versions: int, t
     bucket_bytes = 50 * 1024
     if roles.is_engine:
         return _engine_refits(roles, bucket_bytes)
-    from megatron_rl.train.parallel_init import destroy_megatron_parallel
+    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
 
     try:
         _trainer_refits(roles, tmp, hf_dir, versions, tp, bucket_bytes)

@@ -27,9 +27,9 @@ from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import step_denominators
 from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.megatron_loss import PolicyLoss, _loss_func, train_forward_backward
-from megatron_rl.train.model_setup import build_model, unwrap
-from megatron_rl.train.parallel_init import destroy_megatron_parallel, init_megatron_parallel
-from megatron_rl.train.routing_replay import route_control
+from megatron_rl.runtime.model_setup import build_model, unwrap
+from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from megatron_rl.model.routing_replay import route_control
 
 from tests.distributed.model_workers import (LOSSES, NSEQ, S, _advantages, _finish_layout, _load,
                                              _micro_batches, _save, _sequences)

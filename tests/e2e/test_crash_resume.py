@@ -4,7 +4,7 @@ never interrupted: the same metrics for every step and the same final weights.
 
 The kills are chained in one output directory: each restart resumes from the newest complete
 checkpoint and is killed again at a point drawn after it (``MEGATRON_RL_KILL_AT``, see
-``megatron_rl/train/crash_points.py``; a random delay of up to 250 ms moves each kill to a random
+``megatron_rl/runtime/crash_points.py``; a random delay of up to 250 ms moves each kill to a random
 moment inside its phase). After every kill the test also checks that the dead trainer left no
 process behind. CI runs 8 kills, one at each point (``train.epoch``: inside the second pass over a step's
 batch), on PPO (the policy and the critic, each with its optimizer and schedule, must come back);

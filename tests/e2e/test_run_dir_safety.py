@@ -36,7 +36,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 
 def _wait_for_lock_holder(out: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    from megatron_rl.train.run_lock import HOLDER, LOCK_DIR
+    from megatron_rl.runtime.run_lock import HOLDER, LOCK_DIR
 
     deadline = time.monotonic() + timeout
     while not (out / LOCK_DIR / HOLDER).is_file():

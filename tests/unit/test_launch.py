@@ -60,7 +60,7 @@ def test_slurm_dry_run_rendezvous_on_the_first_node(nodes, nodelist, hosts):
 
 
 def test_slurm_script_requeues_on_the_stop_exit_code():
-    from megatron_rl.train.preempt import EXIT_REQUEUE
+    from megatron_rl.runtime.preempt import EXIT_REQUEUE
 
     text = (ROOT / "launch" / "slurm.sbatch").read_text()
     assert f"EXIT_REQUEUE={EXIT_REQUEUE}" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
@@ -143,7 +143,7 @@ def test_the_slurm_trap_writes_a_stop_request_naming_this_job_incarnation(tmp_pa
     import signal
     import time
 
-    from megatron_rl.train.preempt import stop_file_is_stale
+    from megatron_rl.runtime.preempt import stop_file_is_stale
 
     out = tmp_path / "run"
     env = _fake_bin(tmp_path, srun=f'for i in $(seq 100); do [[ -f "{out}/STOP" ]] && exit 0; sleep 0.1; done',

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from megatron_rl.train.preempt import EXIT_REQUEUE, StopRequest
+from megatron_rl.runtime.preempt import EXIT_REQUEUE, StopRequest
 
 
 def _child(body: str, tmp_path) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import os, signal, time
         from pathlib import Path
-        from megatron_rl.train.preempt import StopRequest
+        from megatron_rl.runtime.preempt import StopRequest
         stop_file = Path({str(tmp_path / 'STOP')!r})
     """) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -83,7 +83,7 @@ def test_a_stop_file_is_stale_only_if_it_belongs_to_an_earlier_run(tmp_path, con
                                                                     request_id, stale):
     import os
 
-    from megatron_rl.train.preempt import process_start_time
+    from megatron_rl.runtime.preempt import process_start_time
 
     f = tmp_path / "STOP"
     f.write_text(content)
@@ -100,7 +100,7 @@ def test_a_stop_file_is_stale_only_if_it_belongs_to_an_earlier_run(tmp_path, con
 
 
 def test_the_slurm_request_id_names_the_job_incarnation(monkeypatch):
-    from megatron_rl.train.preempt import own_request_id
+    from megatron_rl.runtime.preempt import own_request_id
 
     monkeypatch.delenv("MEGATRON_RL_REQUEST_ID", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
@@ -112,7 +112,7 @@ def test_the_slurm_request_id_names_the_job_incarnation(monkeypatch):
 
 def test_a_signal_before_the_stop_request_exists_is_adopted_with_its_time(tmp_path):
     r = _child("""
-        from megatron_rl.train.preempt import record_signals_early
+        from megatron_rl.runtime.preempt import record_signals_early
         record_signals_early()
         os.kill(os.getpid(), signal.SIGTERM)   # while the model would still be building
         time.sleep(0.3)

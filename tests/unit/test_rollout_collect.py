@@ -8,7 +8,8 @@ import torch
 
 from megatron_rl.data.prompts import PromptRow
 from megatron_rl.rewards import REWARDS
-from megatron_rl.rollout.collect import SamplingPlan, Scorer, collect_rollouts, score_groups
+from megatron_rl.rollout.collect import SamplingPlan, collect_rollouts, score_groups
+from megatron_rl.rollout.scoring import Scorer
 from megatron_rl.rollout.engine import Sample
 from megatron_rl.train.rl_batch import group_sequences, update_slices
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from megatron_rl.train.preempt import process_start_ticks
-from megatron_rl.train.run_lock import HOLDER, LOCK_DIR, RunDirBusy, RunLock
+from megatron_rl.runtime.preempt import process_start_ticks
+from megatron_rl.runtime.run_lock import HOLDER, LOCK_DIR, RunDirBusy, RunLock
 
 
 def test_a_live_holder_refuses_a_second_run_naming_itself(tmp_path):

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from megatron_rl.train.preempt import process_start_ticks
+from megatron_rl.runtime.preempt import process_start_ticks
 
 LOCK_DIR = ".lock"
 HOLDER = "holder.json"

@@ -7,7 +7,7 @@ from typing import List, Tuple
 from megatron_rl.model.build import ModelOptions, build_gpt_model, transformer_config
 from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import HFModel
-from megatron_rl.train.routing_replay import install_route_replay
+from megatron_rl.model.routing_replay import install_route_replay
 
 
 def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = True,

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.parallel.config import Layout, check_layout
-from megatron_rl.parallel.groups import ParallelGroups
+from megatron_rl.parallel.groups import ParallelGroups, ShardGroups
 
 
 def _or_none(group):
@@ -60,8 +60,6 @@ def init_megatron_parallel(layout: Layout, seed: int, cpu_patches: bool = True) 
 def weight_groups():
     """Where this rank's weights sit, for the HF weight mapping (``checkpoint.hf_weights``)."""
     from megatron.core import parallel_state as ps
-
-    from megatron_rl.checkpoint.hf_weights import ShardGroups
 
     return ShardGroups(tp=_or_none(ps.get_tensor_model_parallel_group()),
                        etp=_or_none(ps.get_expert_tensor_parallel_group()),
