@@ -144,9 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rest:
         args.overrides = list(args.overrides) + rest
     if args.command == "train":  # a preemption during start-up is a stop, not a kill
+        # lazy: a config error is reported before megatron-core, vLLM or torch.distributed load
         from megatron_rl.runtime.preempt import record_signals_early
 
         record_signals_early()
+    # lazy: a config error is reported before megatron-core, vLLM or torch.distributed load
     from megatron_rl.config import ConfigError, load_config, to_yaml
     from megatron_rl.io_errors import EXIT_IO, WriteFailed
 
@@ -174,6 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _convert(args) -> int:
     import torch.distributed as dist
 
+    # lazy: a config error is reported before megatron-core, vLLM or torch.distributed load
     from megatron_rl.checkpoint import convert
     from megatron_rl.parallel.config import Layout
     from megatron_rl.parallel.launch import shutdown_distributed
@@ -207,8 +210,10 @@ def _convert(args) -> int:
 def _eval(args) -> int:
     import json
 
+    # lazy: a config error is reported before megatron-core, vLLM or torch.distributed load
     from megatron_rl.config import ConfigError, load_config
 
+    # lazy: a config error is reported before megatron-core, vLLM or torch.distributed load
     from megatron_rl.evaluate import evaluate
 
     if args.prompts < 1 or args.n < 1 or args.temperature < 0:
@@ -226,6 +231,7 @@ def _eval(args) -> int:
 
 
 def _train(cfg, quiet: bool) -> int:
+    # lazy: a config error is reported before megatron-core, vLLM or torch.distributed load
     from megatron_rl.trainer import train
 
     return train(cfg, quiet=quiet)

@@ -8,6 +8,14 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from megatron_rl.config import ConfigError, RunConfig
+from megatron_rl.data.prompts import render_prompt
+from megatron_rl.model.hf_config import load_hf_config
+from megatron_rl.parallel.rollout_comm import EngineChannel
+from megatron_rl.rollout.collect import score_groups
+from megatron_rl.rollout.engine import RolloutEngine
+from megatron_rl.rollout.multiturn import EpisodeRunner
+from megatron_rl.rollout.scoring import Scorer
+from megatron_rl.train.setup import load_rows, load_tokenizer
 
 
 def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
@@ -16,13 +24,6 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
     """Mean reward, solved share and pass@n of ``n`` responses to each of the first
     ``num_prompts`` prompts (``validation``: of ``data.val_path``); ``samples_file`` gets every
     prompt, response and reward as JSONL."""
-    from megatron_rl.data.prompts import render_prompt
-    from megatron_rl.model.hf_config import load_hf_config
-    from megatron_rl.rollout.collect import score_groups
-    from megatron_rl.rollout.scoring import Scorer
-    from megatron_rl.rollout.engine import RolloutEngine
-    from megatron_rl.train.setup import load_rows, load_tokenizer
-
     d = Path(model_dir)
     if (d / "metadata.json").is_file() and not (d / "config.json").is_file():
         raise ConfigError(f"{d}: a distributed checkpoint; export it first (megatron-rl convert "
@@ -42,8 +43,6 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
     engine = RolloutEngine(r.engine_settings(str(d), sleep_mode=False))
     try:
         if cfg.env.name:     # multi-turn: the recipe's environment plays and scores the episodes
-            from megatron_rl.parallel.rollout_comm import EngineChannel
-            from megatron_rl.rollout.multiturn import EpisodeRunner
 
             runner = EpisodeRunner.from_sections(
                 cfg.env, cfg.reward, tok, max_response_len=r.max_response_len,

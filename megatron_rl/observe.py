@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from megatron_rl.io_errors import reported_writes
+
 CONSOLE = (("reward/mean", "reward {:.3f}"), ("train/kl", "kl {:.4f}"),
            ("train/entropy", "ent {:.3f}"), ("response/length_mean", "len {:.1f}"),
            ("mismatch/mean", "mismatch {:.1e}"), ("perf/tokens_per_s", "{:.0f} tok/s"))
@@ -74,8 +76,6 @@ class RunLog:
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         """Write step ``step``'s metrics everywhere and print its console line."""
-        from megatron_rl.io_errors import reported_writes
-
         row = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
         after = "the checkpoints are as they were; free space and rerun the same command to resume"
         with reported_writes("metrics", self.dir / "metrics.jsonl", after):
@@ -106,8 +106,6 @@ class RunLog:
     def samples(self, step: int, rows: List[Dict[str, Any]]) -> None:
         """What the policy writes: ``rows`` (prompt, response, reward, ...) appended to
         ``samples.jsonl`` and shown in TensorBoard's text tab."""
-        from megatron_rl.io_errors import reported_writes
-
         after = "the checkpoints are as they were; free space and rerun the same command to resume"
         with reported_writes("samples", self.dir / "samples.jsonl", after):
             with open(self.dir / "samples.jsonl", "a") as f:

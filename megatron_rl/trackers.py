@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List
 
+from megatron_rl.config.drift import flatten
+
 TRACKERS = ("wandb", "mlflow")
 _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny"}
 
@@ -91,7 +93,6 @@ class MlflowTracker:
                                     run_name=None if ids.get("mlflow") else name)
         ids.put("mlflow", self.run.info.run_id)
         if not self.run.data.params:   # params are write-once: a resumed run has them
-            from megatron_rl.config.drift import flatten
 
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
 

@@ -14,6 +14,7 @@ On GPU the engine sleeps while Megatron trains and wakes for the weight sync.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,31 +22,48 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from megatron_rl.checkpoint.convert import write_side_files
+from megatron_rl.checkpoint.dist_ckpt import load_rng_state, save_checkpoint
 from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
 from megatron_rl.config.run import check_cpu_engines
 from megatron_rl.config.soundness import load_warnings
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
-from megatron_rl.observe import PhasePeaks, memory_metrics
+from megatron_rl.model.routing_replay import route_control
+from megatron_rl.observe import PhasePeaks, RunLog, memory_metrics, summarise_run
+from megatron_rl.parallel.collectives import all_reduce_nograd
+from megatron_rl.parallel.launch import init_distributed
+from megatron_rl.parallel.metrics_comm import reduce_step_metrics
+from megatron_rl.parallel.roles import init_roles
+from megatron_rl.rollout.collect import sample_rows
+from megatron_rl.rollout.rollout_state import IN_FLIGHT_ROUTES, load_routes, save_routes
 from megatron_rl.rollout.scoring import Scorer
-from megatron_rl.train import rl_batch
-from megatron_rl.train.rollout_batch import RouteStash, step_batch
 from megatron_rl.runtime.crash_points import reached
+from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from megatron_rl.runtime.preempt import EXIT_NONFINITE, EXIT_REQUEUE, mark_requeue
+from megatron_rl.trackers import check_installed, make_trackers
+from megatron_rl.train import rl_batch, setup as S
+from megatron_rl.train.async_feed import AsyncFeed
+from megatron_rl.train.critic import explained_variance_sums
 from megatron_rl.train.engine_link import EngineLink
-from megatron_rl.train.step_metrics import BadSteps
-from megatron_rl.train import setup as S
+from megatron_rl.train.engine_worker import run_engine_rank
+from megatron_rl.train.moe_stats import RouterLoad
+from megatron_rl.train.producer import RolloutProducer
+from megatron_rl.train.reference import HostWeights
+from megatron_rl.train.rollout_batch import RouteStash, step_batch
+from megatron_rl.train.run_dir import claim_output_dir
+from megatron_rl.train.setup import export_models
+from megatron_rl.train.step_metrics import BadSteps, derive, rank_shares
+from megatron_rl.train.validation import Validation
 
 
 class Trainer(EngineLink):
     """One run on this rank: engine, policy (and critic), data, logs; ``run`` trains to
     ``train.steps``."""
     def __init__(self, cfg: RunConfig, quiet: bool = False, roles=None):
-        from megatron_rl.parallel.launch import init_distributed
-        from megatron_rl.train.run_dir import claim_output_dir
-
         self.cfg, self.quiet, self.roles = cfg, quiet, roles   # roles: separate placement
         if cfg.train.loggers:   # before anything starts: a missing package is one line
-            from megatron_rl.trackers import check_installed
 
             try:
                 check_installed(cfg.train.loggers)
@@ -62,8 +80,6 @@ class Trainer(EngineLink):
         self.engine, self.log, self.feed, self.feed_started = None, None, None, False
         self.push_metrics: Dict[str, float] = {}   # the last weight push, reported with the next step
         if roles is not None:
-            from megatron_rl.train.async_feed import AsyncFeed
-
             self.feed = AsyncFeed(roles, cfg.rollout.max_staleness, cfg.train.steps)
         self.run_id, self.lock, self.stop = claim_output_dir(self.out, self.rank,
                                                              cfg.train.preempt_grace_s)
@@ -74,8 +90,6 @@ class Trainer(EngineLink):
             raise
 
     def _start(self) -> None:
-        from megatron_rl.runtime.parallel_init import init_megatron_parallel
-
         cfg, quiet = self.cfg, self.quiet
         layout = cfg.parallel.layout()
         self.layout_sizes = layout.sizes(self.world)   # recorded with checkpoints
@@ -86,8 +100,6 @@ class Trainer(EngineLink):
         self.source = self.weights_from = S.load_starting_weights(cfg, self.ms)
         self.reference = None
         if S.needs_reference(cfg):
-            from megatron_rl.train.reference import HostWeights
-
             self.reference = HostWeights(self.ms.model)
         self.critic = None
         if cfg.algo.advantage.name == "gae":
@@ -102,8 +114,6 @@ class Trainer(EngineLink):
         self._data()
         self.val = None
         if cfg.train.val_every:
-            from megatron_rl.train.validation import Validation
-
             self.val = Validation.of(cfg, self.tok, S.load_rows(cfg, self.warnings, validation=True))
         self.step = 0
         self.bad = BadSteps(cfg.train.max_bad_steps)
@@ -119,12 +129,9 @@ class Trainer(EngineLink):
         else:
             self._start_engines()
         if self.resumed_from is not None:  # the engine's start-up drew random numbers
-            from megatron_rl.checkpoint.dist_ckpt import load_rng_state
 
             load_rng_state(self.resumed_from)
         self.plan = S.step_plan(cfg, self.reference is not None)
-        from megatron_rl.train.moe_stats import RouterLoad
-        from megatron_rl.model.routing_replay import route_control
 
         self.router_load = RouterLoad(self.ms.model) if self.hf.num_experts else None
         self.routes = route_control(self.ms.model[0])   # None on a dense model or stage
@@ -133,14 +140,10 @@ class Trainer(EngineLink):
             self.route_stash = RouteStash(range(0, self.world, self.engine_tp))
         self.producer = None
         if self.roles is None:
-            from megatron_rl.train.producer import RolloutProducer
-
             self.producer = RolloutProducer(cfg, self.tok, self.prompts, self.scorer, self.episodes,
                                             self.rank, self.world, self.route_stash)
             self.producer.engine = self.engine
         if self.rank == 0:
-            from megatron_rl.observe import RunLog
-
             self.log = RunLog(self.out, cfg.train.steps, config_yaml=to_yaml(cfg),
                               tensorboard="tensorboard" in cfg.train.loggers, quiet=quiet, start_step=self.step,
                               trackers=self._trackers())
@@ -155,14 +158,10 @@ class Trainer(EngineLink):
 
     # ---- setup pieces ---------------------------------------------------------------------
     def _trackers(self) -> list:
-        from megatron_rl.trackers import make_trackers
-
         return make_trackers(self.cfg.train.loggers, self.out, self.cfg.train.tracker_project,
                              self.out.name, S.config_tree(self.cfg))
 
     def _data(self) -> None:
-        from megatron.core import parallel_state as ps
-
         rows = S.load_rows(self.cfg, self.warnings)
         self.dp_rank = ps.get_data_parallel_rank()
         self.prompts = S.prompt_stream(self.cfg, self.tok, rows)
@@ -186,8 +185,6 @@ class Trainer(EngineLink):
         self.resumed_from = Path(state["path"])
         self.prompts.sampler.load_state_dict(state["sampler"])
         if self.feed is not None:
-            from megatron_rl.rollout.rollout_state import IN_FLIGHT_ROUTES, load_routes
-
             routes = self.resumed_from / IN_FLIGHT_ROUTES
             self.feed.load(state.get("in_flight"), load_routes(routes) if routes.is_file() else None)
         self.source += f", resumed from step {self.step}"
@@ -196,8 +193,6 @@ class Trainer(EngineLink):
     def run(self) -> int:
         """Train to ``train.steps``; returns 0, ``EXIT_REQUEUE`` after a requested stop, or
         ``EXIT_NONFINITE`` after ``train.max_bad_steps`` NaN steps (a checkpoint written first)."""
-        from megatron_rl.runtime.preempt import EXIT_NONFINITE, EXIT_REQUEUE, mark_requeue
-
         stop = self.stop
         if self.stopped_early or self._agreed(stop.local()):   # asked during the engine start
             return self._stop_at_startup()
@@ -243,15 +238,11 @@ class Trainer(EngineLink):
     def _write_samples(self) -> None:
         every = self.cfg.train.samples_every
         if self.log is not None and every and self.step % every == 0:
-            from megatron_rl.rollout.collect import sample_rows
-
             decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)  # noqa: E731
             self.log.samples(self.step, sample_rows(self.rollouts, decode,
                                                     self.cfg.train.samples_per_step))
 
     def _stop_at_startup(self) -> int:
-        from megatron_rl.runtime.preempt import EXIT_REQUEUE, mark_requeue
-
         self.stop.close()
         if self.feed is not None and not self.feed_started:
             self.feed.stop(EXIT_REQUEUE, started=False)
@@ -273,16 +264,11 @@ class Trainer(EngineLink):
     @staticmethod
     def _agreed(flag: bool) -> bool:
         """True on every rank when it is true on any (one MAX all-reduce of one number)."""
-        from megatron_rl.parallel.collectives import all_reduce_nograd
-
         return bool(all_reduce_nograd(torch.tensor([float(flag)]), dist.group.WORLD,
                                       dist.ReduceOp.MAX))
 
     def train_step(self) -> Dict[str, float]:
         """One RL step; returns its reduced metrics."""
-        from megatron_rl.parallel.metrics_comm import reduce_step_metrics
-        from megatron_rl.train.step_metrics import derive, rank_shares
-
         t0, peaks = time.perf_counter(), PhasePeaks()
         reached("rollout", self.step)
         batch, rollouts = self._rollouts()
@@ -307,8 +293,6 @@ class Trainer(EngineLink):
             if self.routes is not None:   # raw counts: each rank routes other tokens
                 local.update(self.routes.agreement_metrics())
             if self.critic is not None:
-                from megatron_rl.train.critic import explained_variance_sums
-
                 sums.update(explained_variance_sums(batch))
             sums.update(rl_batch.mismatch_sums(batch))
             sums.update(rl_batch.advantage_sums(batch))
@@ -383,10 +367,6 @@ class Trainer(EngineLink):
     # ---- outputs --------------------------------------------------------------------------
     def save(self) -> None:
         """A checkpoint of this step (model, optimizer, sampler, config, critic)."""
-        from megatron_rl.checkpoint.convert import write_side_files
-        from megatron_rl.checkpoint.dist_ckpt import save_checkpoint
-        from megatron_rl.rollout.rollout_state import IN_FLIGHT_ROUTES, save_routes
-
         state = {"sampler": self.prompts.sampler.state_dict(), "step": self.step,
                  "config": S.config_tree(self.cfg)}
         routes: dict = {}
@@ -411,21 +391,15 @@ class Trainer(EngineLink):
 
     def export(self, out: Path) -> None:
         """The policy (and critic) as Hugging Face directories under ``out``."""
-        from megatron_rl.train.setup import export_models
-
         export_models(out, self.ms, self.tok, self.critic, self.step)
 
     def _finish(self) -> None:
         if self.log is not None:
-            from megatron_rl.observe import summarise_run
-
             self.log.note(summarise_run(self.out))
 
     def close(self, exit_code: int = 1) -> None:
         """Release everything this rank holds: logs, process groups, the engine, the run lock;
         separate placement: the engine ranks told to end with ``exit_code``."""
-        from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
-
         self.stop.close()
         if self.feed is not None:
             self.feed.stop(exit_code, started=self.feed_started)
@@ -448,8 +422,6 @@ def train(cfg: RunConfig, quiet: bool = False) -> int:
     if cfg.rollout.placement == "separate":
         roles = _split_roles(cfg)
         if roles.is_engine:
-            from megatron_rl.train.engine_worker import run_engine_rank
-
             return run_engine_rank(cfg, roles)
     trainer = Trainer(cfg, quiet=quiet, roles=roles)
     code = 1
@@ -462,10 +434,6 @@ def train(cfg: RunConfig, quiet: bool = False) -> int:
 
 def _split_roles(cfg: RunConfig):
     """Separate placement: the world checked, then cut into engine and trainer ranks."""
-    import os
-
-    from megatron_rl.parallel.roles import init_roles
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_world(cfg, world)
     gpu = torch.cuda.is_available()

@@ -22,7 +22,8 @@ from typing import Callable, Dict, Optional, TypeVar
 
 import torch
 
-from megatron_rl.checkpoint.dist_ckpt import _rank, load_model, model_info, save_model
+from megatron_rl.checkpoint.dist_ckpt import (_rank, CRITIC_MARKER, load_model, model_info,
+                                              save_model)
 from megatron_rl.checkpoint.hf_io import SIDE_FILES, HFReader, HFWriter, copy_side_files
 from megatron_rl.checkpoint.hf_mapping import (IGNORED_HF, mapping_for, trunk_config,
                                                value_model_config, value_model_mapping)
@@ -31,7 +32,10 @@ from megatron_rl.model.build import ModelOptions
 from megatron_rl.model.hf_config import HFModel, load_hf_config, read_config_json
 from megatron_rl.parallel.config import Layout
 from megatron_rl.parallel.launch import init_distributed
-from megatron_rl.parallel.weight_comm import all_gather_objects
+from megatron_rl.parallel.weight_comm import all_gather_objects, gather_pieces
+from megatron_rl.runtime.model_setup import build_model, unwrap
+from megatron_rl.runtime.parallel_init import (destroy_megatron_parallel,
+                                               init_megatron_parallel, weight_groups)
 
 T = TypeVar("T")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -103,10 +107,6 @@ def _require_empty(out: Path) -> None:
 
 
 def _build(hf: HFModel, layout: Layout, dtype: torch.dtype, value_head: bool = False):
-    from megatron_rl.runtime.model_setup import build_model
-    from megatron_rl.runtime.parallel_init import (destroy_megatron_parallel, init_megatron_parallel,
-                                                 weight_groups)
-
     init_megatron_parallel(layout, seed=0)
     try:
         [model], _ = build_model(hf, layout, ModelOptions(params_dtype=dtype, init_weights=False),
@@ -134,8 +134,6 @@ def import_hf(hf_dir: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
     fit in host memory): an fp32 import at ``--pp 1`` checks the model in memory before saving;
     any other checks its mapping at fp32 and ``--pp 1`` after saving. A difference above
     ``tolerance`` fails, and leaves nothing behind."""
-    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
-
     init_distributed()
     out = Path(out)
     reader = _everywhere(lambda: HFReader(hf_dir))
@@ -184,8 +182,6 @@ def _check_mapping_fp32(hf_dir, reader: HFReader, hf: HFModel, mapping, layout: 
     """The import's mapping at its TP/EP layout (``--pp 1``), loaded at fp32 from the same
     files, against transformers (collective). A lower-precision checkpoint holds these tensors
     cast: comparing at fp32 isolates the mapping from rounding."""
-    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
-
     at = Layout(tp=layout.tp, ep=layout.ep, etp=layout.etp)
     model, groups = _everywhere(lambda: _build(hf, at, torch.float32))
     try:
@@ -253,9 +249,6 @@ def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
               allow_unknown_keys: bool = False) -> Report:
     """Distributed checkpoint -> HF directory at ``out`` (collective; rank 0 writes). A training
     checkpoint's ``critic/`` (PPO) exports as the architecture's token classifier."""
-    from megatron_rl.checkpoint.dist_ckpt import CRITIC_MARKER
-    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
-
     init_distributed()
     ckpt, out = Path(ckpt), Path(out)
     critic = (ckpt / CRITIC_MARKER).is_file()
@@ -292,8 +285,6 @@ def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
     tokenizer and generation files copied from ``side_files`` (or ``tokenizer`` saved). A failed
     write (a full disk) removes the partial directory: ``out`` is whole or absent. Returns
     ``(tensors, bytes)``."""
-    from megatron_rl.runtime.model_setup import unwrap
-
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     writer = None
@@ -342,8 +333,6 @@ def _write_config(directory: Path, hf_cfg: Dict, dtype: torch.dtype) -> None:
 
 
 def _megatron_logits(model, tokens: torch.Tensor, tp_group) -> torch.Tensor:
-    from megatron_rl.parallel.weight_comm import gather_pieces
-
     with torch.no_grad():
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         local = model(input_ids=tokens, position_ids=positions, attention_mask=None)
@@ -400,8 +389,6 @@ def verify(hf_dir: os.PathLike, ckpt: os.PathLike, layout: Layout = Layout(),
     """Logits of the HF model (transformers, fp32, on rank 0) and of the megatron checkpoint
     (fp32, this layout) on a fixed random prompt batch; the max and mean absolute difference,
     on every rank."""
-    from megatron_rl.runtime.parallel_init import destroy_megatron_parallel
-
     init_distributed()
     if layout.pp > 1:
         raise ValueError("convert verify runs with --pp 1 (distributed checkpoints reshard on "

@@ -25,11 +25,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.checkpoint import manifest as M
+from megatron_rl.checkpoint.hf_io import SIDE_FILES, copy_side_files
 from megatron_rl.checkpoint.optim_state import (destination_keeps_adam_step, prime_adam_state,
                                                 restore_adam_step, sharding_metadata)
 from megatron_rl.checkpoint.safe_load import safe_checkpoint_loads
+from megatron_rl.io_errors import WriteFailed, diagnose
+from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
+from megatron_rl.parallel.weight_comm import all_gather_objects
 from megatron_rl.runtime.crash_points import reached
 from megatron_rl.runtime.model_setup import unwrap
+from megatron_rl.runtime.run_lock import new_run_id
 
 CRITIC_DIR = "critic"   # PPO's value model inside a training checkpoint
 CRITIC_MARKER = "megatron_rl_critic.json"   # in it: `critic.init_from` takes the head as well
@@ -92,8 +97,6 @@ def step_dir(root: os.PathLike, step: int) -> Path:
 
 def _seal(directory: Path, run_id: str) -> None:
     """Collective: hash this rank's share of the files; rank 0 writes the manifest."""
-    from megatron_rl.parallel.weight_comm import all_gather_objects
-
     files = M.checkpoint_files(directory)
     entries = {}
     for part in all_gather_objects(M.digests(directory, M.my_share(files, _rank(), _world()))):
@@ -105,8 +108,6 @@ def _seal(directory: Path, run_id: str) -> None:
 def verify_checkpoint(path: os.PathLike) -> None:
     """Collective: raises ``CheckpointError`` on every rank (naming the file) unless every file in
     the manifest is present with its size and SHA-256."""
-    from megatron_rl.parallel.weight_comm import all_gather_objects
-
     path = Path(path)
     try:
         expected = M.read_manifest(path)
@@ -135,9 +136,6 @@ def save_checkpoint(root: os.PathLike, step: int, model, optimizer, scheduler,
     directory, under the same manifest and rename (one checkpoint, never half of one).
     ``side_files(directory)`` (rank 0, before the seal) adds what export needs beside the
     shards: the HF config and tokenizer."""
-    from megatron_rl.parallel.weight_comm import all_gather_objects
-    from megatron_rl.runtime.run_lock import new_run_id
-
     run_id = run_id or all_gather_objects(new_run_id())[0]
     root = Path(root)
     final, tmp = step_dir(root, step), root / f".tmp-step_{step:08d}-{run_id}"
@@ -202,8 +200,6 @@ def _write_shards(directory: Path, model, optimizer, optimizer_format: str) -> N
     """One model's and its optimizer's shards as a megatron-core distributed checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
-
     prime_adam_state(optimizer)  # a checkpoint before the first update (no Adam state yet)
     # the unwrapped model: the same keys as `save_model`, so either kind loads through `load_model`
     msd = unwrap(model).sharded_state_dict()
@@ -232,9 +228,6 @@ class _WriteAgreement:
             self.error = e
 
     def agree(self) -> None:
-        from megatron_rl.io_errors import WriteFailed, diagnose
-        from megatron_rl.parallel.weight_comm import all_gather_objects
-
         mine, io = "", False
         if self.error is not None:
             found = diagnose("checkpoint", self.tmp, self.error, self._after())
@@ -387,8 +380,6 @@ def save_model(path: os.PathLike, model, info: Dict[str, Any],
     else). Refuses a non-empty ``path`` before writing anything."""
     from megatron.core import dist_checkpointing
 
-    from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
-
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise ValueError(f"{path}: exists and is not empty; choose a new output directory")
@@ -402,8 +393,6 @@ def save_model(path: os.PathLike, model, info: Dict[str, Any],
     if _rank() == 0:
         (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2))
         if hf_files is not None:
-            from megatron_rl.checkpoint.hf_io import SIDE_FILES, copy_side_files
-
             (tmp / "hf").mkdir()
             copy_side_files(hf_files, tmp / "hf", ("config.json", *SIDE_FILES))
     _barrier()

@@ -17,6 +17,8 @@ from typing import Dict, Iterable, List, Optional, Set
 
 import torch
 
+from megatron_rl.model.hf_config import read_config_json
+
 Tensor = torch.Tensor
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -101,8 +103,6 @@ class HFReader:
 
     def config(self) -> Dict:
         """The directory's ``config.json``; a missing file fails in one line."""
-        from megatron_rl.model.hf_config import read_config_json
-
         if not (self.dir / "config.json").is_file():
             raise ValueError(f"{self.dir}: no config.json")
         return read_config_json(self.dir / "config.json")

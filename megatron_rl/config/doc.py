@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List
 
+from megatron_rl.config.run import RunConfig
+
 HEADER = """# Config keys
 
 Every key of a recipe, generated from the config dataclasses (`megatron_rl/*/config.py`) by
@@ -51,8 +53,6 @@ def _rows(cls, prefix: str) -> List[str]:
 
 def render() -> str:
     """docs/config.md: every config key with its default, constraint and help, from the dataclasses."""
-    from megatron_rl.config.run import RunConfig
-
     return HEADER + "\n".join(_rows(RunConfig, "")) + "\n"
 
 

@@ -67,6 +67,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.synthetic_min_len > cfg.data.synthetic_max_len:
         raise ConfigError(f"data.synthetic_min_len: {cfg.data.synthetic_min_len} exceeds "
                           f"data.synthetic_max_len={cfg.data.synthetic_max_len}")
+    # lazy: only validation needs it (and model.build pulls transformers)
     from megatron_rl.config.train import LOGGERS
 
     unknown = [t for t in cfg.train.loggers if t not in LOGGERS]
@@ -106,6 +107,7 @@ def _check_critic(cfg: RunConfig) -> None:
 
 def _check_model(cfg: RunConfig) -> None:
     """The HF config parses and the layout fits the model."""
+    # lazy: only validation needs it (and model.build pulls transformers)
     from megatron_rl.model.build import check_model_layout
 
     hf = cfg.model.hf_model()

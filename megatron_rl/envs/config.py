@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict
 
+from megatron_rl.algo.registry import check_params
+from megatron_rl.envs import ENVIRONMENTS, environment_params, load_environment_module
 from megatron_rl.fields import ConfigError, field_
 
 
@@ -28,9 +30,6 @@ class EnvConfig:
 
     def check(self, prefix: str = "env") -> None:
         """``ConfigError`` for an unknown environment or parameters it does not take."""
-        from megatron_rl.envs import ENVIRONMENTS, environment_params, load_environment_module
-        from megatron_rl.algo.registry import check_params
-
         if self.module:
             try:
                 load_environment_module(self.module)

@@ -18,7 +18,9 @@ import operator
 import re
 from typing import Optional, Tuple
 
+from megatron_rl.data.synthetic import lookup_value
 from megatron_rl.envs.base import ENVIRONMENTS, Environment, StepResult
+from megatron_rl.rewards.sandbox import SandboxLimits, run_untrusted
 
 
 class ToolEnv(Environment):
@@ -135,8 +137,6 @@ class PythonTool(ToolEnv):
 
     def run_tool(self, arg):
         """Run the code in the sandbox; its output (or failure) as the observation."""
-        from megatron_rl.rewards.sandbox import SandboxLimits, run_untrusted
-
         limits = SandboxLimits(wall_s=self.timeout_s, cpu_s=max(1, math.ceil(self.timeout_s)))
         r = run_untrusted(arg, limits=limits)
         text = r.stdout if r.ok else f"{r.stdout}{r.stderr[-500:]}\n[{r.reason()}]"
@@ -166,8 +166,6 @@ class Lookup(ToolEnv):
     def run_tool(self, arg):
         """``result <value> =`` for the row's key from the hidden table; a failed lookup as the
         result."""
-        from megatron_rl.data.synthetic import lookup_value
-
         meta = self.row.metadata or {}
         if "key" not in meta:
             return "result =", True

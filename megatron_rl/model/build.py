@@ -129,6 +129,7 @@ def layer_spec(config, opt: ModelOptions, vp_stage: Optional[int] = None, proj_b
     """The decoder block spec of this pipeline stage (dense and MoE layers as the config says)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    # lazy: config validation imports this module without megatron-core's model code
     from megatron_rl.model.attention import SDPAttention
 
     te = opt.use_te()
@@ -173,6 +174,7 @@ def build_gpt_model(hf: HFModel, config, opt: ModelOptions, *, pre_process: bool
     from megatron.core.models.gpt import GPTModel
 
     if config.moe_router_num_groups:
+        # lazy: config validation imports this module without megatron-core's model code
         from megatron_rl.model.router import use_transformers_group_score
 
         use_transformers_group_score()

@@ -39,6 +39,7 @@ class ModelConfig:
         import json
         from pathlib import Path
 
+        # lazy: the config layer loads before the model code it describes
         from megatron_rl.model.tiny import tiny_hf_config
 
         if not self.hf_config:
@@ -63,6 +64,7 @@ class ModelConfig:
 
     def hf_model(self):
         """The parsed HF config; ``ConfigError`` naming ``model.hf_config`` when it is unusable."""
+        # lazy: the config layer loads before the model code it describes
         from megatron_rl.model.hf_config import load_hf_config
 
         try:
@@ -82,6 +84,7 @@ class ModelConfig:
         """The builder's ``ModelOptions`` of this section (``auto`` dtype resolved)."""
         import torch
 
+        # lazy: the config layer loads before the model code it describes
         from megatron_rl.model.build import ModelOptions
 
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(self.params_dtype)

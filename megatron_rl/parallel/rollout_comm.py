@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch.distributed as dist
 
+from megatron_rl.parallel.weight_comm import all_gather_objects
+
 
 class EngineChannel:
     """One engine's ranks kept in step: the driver shares each turn's inputs, the others follow."""
@@ -58,7 +60,6 @@ def scatter_by_key(local: Dict[Hashable, Any], wanted: Sequence[Hashable],
     every rank calls it, wanting nothing or not. Host objects: no backward convention."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return {k: local[k] for k in wanted if k in local}
-    from megatron_rl.parallel.weight_comm import all_gather_objects
 
     asked = all_gather_objects(list(wanted))
     me, got = dist.get_rank(), {}

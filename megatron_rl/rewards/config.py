@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
+from megatron_rl.algo.registry import check_params, keyword_params
 from megatron_rl.fields import ConfigError, field_
+from megatron_rl.rewards import Component, REWARDS
+from megatron_rl.rewards.user import is_user_reward, register_user_reward
 
 
 @dataclass
@@ -35,8 +38,6 @@ class RewardConfig:
     def component_list(self) -> List[Any]:
         """``rewards.Component`` s of ``components``, each labelled by its name (a user
         reward's function name), numbered when names repeat."""
-        from megatron_rl.rewards import Component
-
         labels = [c.name.rpartition(":")[2] for c in self.components]
         out = []
         for i, (c, lab) in enumerate(zip(self.components, labels)):
@@ -58,10 +59,6 @@ class RewardConfig:
 
 
 def _check_one(name: str, params: Dict[str, Any], prefix: str) -> None:
-    from megatron_rl.algo.registry import check_params, keyword_params
-    from megatron_rl.rewards import REWARDS
-    from megatron_rl.rewards.user import is_user_reward, register_user_reward
-
     try:
         fn = register_user_reward(name) if is_user_reward(name) else REWARDS.get_fn(name)
     except (KeyError, ValueError) as e:

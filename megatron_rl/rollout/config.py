@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_rl.fields import field_
+from megatron_rl.rollout.engine import EngineSettings
 
 
 @dataclass
@@ -59,8 +60,6 @@ class RolloutConfig:
                         sleep_mode: bool = True, routes=None):
         """The ``rollout.engine.EngineSettings`` of this section for ``model_dir`` (``dtype``:
         what ``auto`` resolves to; ``routes``: the ``rollout.routes.RouteSpec`` to return)."""
-        from megatron_rl.rollout.engine import EngineSettings
-
         return EngineSettings(
             model_dir, tensor_parallel_size=self.tensor_parallel_size,
             dtype=self.dtype if self.dtype != "auto" else dtype,

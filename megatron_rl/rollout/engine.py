@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_rl.rollout.routes import RouteRecorder, native_routes, recorded_routes
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -104,8 +106,6 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         self.recorder = None
         if settings.routes is not None and not gpu:
-            from megatron_rl.rollout.routes import RouteRecorder
-
             [self.recorder] = self.llm.collective_rpc(RouteRecorder.install,
                                                       args=(settings.routes,))
 
@@ -159,8 +159,6 @@ class RolloutEngine:
     def _routes(self, recorded, request, completion, sample: Sample, where: str):
         """The response's expert routes (``rollout.routes`` payload), or None if the engine
         returned none."""
-        from megatron_rl.rollout.routes import native_routes, recorded_routes
-
         ids = sample.prompt_ids + sample.token_ids
         if recorded is None:
             return native_routes(getattr(completion, "routed_experts", None), len(ids),

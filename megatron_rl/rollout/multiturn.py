@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_rl.envs import check_observation, check_step_result
+from megatron_rl.envs import check_observation, check_step_result, make_environment
+from megatron_rl.fields import ConfigError
 from megatron_rl.rollout.engine import Sample
 from megatron_rl.rollout.scoring import Scorer
 
@@ -260,8 +261,6 @@ class EpisodeRunner:
         """From the ``env`` and ``reward`` config sections (``chat_template``: the data
         section's, which ``env.render: auto`` follows); a tokenizer that cannot render the
         observations is a ``ConfigError`` naming ``env.render``."""
-        from megatron_rl.fields import ConfigError
-
         limits = EpisodeLimits(env.max_turns, max_response_len, env.max_turn_tokens,
                                env.max_obs_tokens, vocab_size=vocab_size)
         chat = env.render == "chat" or (env.render == "auto" and chat_template)
@@ -273,8 +272,6 @@ class EpisodeRunner:
             raise ConfigError(str(e)) from None
 
     def _make_env(self, row):
-        from megatron_rl.envs import make_environment
-
         r = self.reward
         scorer = Scorer(r.name, dict(r.params), str, r.failure_score,
                         components=tuple(r.component_list()))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import List, Tuple
 
 from megatron_rl.model.build import ModelOptions, build_gpt_model, transformer_config
-from megatron_rl.parallel.config import Layout
 from megatron_rl.model.hf_config import HFModel
 from megatron_rl.model.routing_replay import install_route_replay
+from megatron_rl.model.value_head import attach_value_head
+from megatron_rl.parallel.config import Layout
 
 
 def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = True,
@@ -24,8 +25,6 @@ def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = T
                             post_process=ps.is_pipeline_last_stage(),
                             tie_embeddings=False if value_head else None)
     if value_head:
-        from megatron_rl.model.value_head import attach_value_head
-
         model = attach_value_head(model, config, value_head_init_std)
     if hf.num_experts:   # expert routes can be recorded, replayed and compared (train.routing_replay)
         install_route_replay([model], hf.moe_layers)

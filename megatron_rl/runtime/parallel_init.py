@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_rl.model.cpu_patches import apply_cpu_patches
 from megatron_rl.parallel.config import Layout, check_layout
 from megatron_rl.parallel.groups import ParallelGroups, ShardGroups
 
@@ -35,8 +36,6 @@ def init_megatron_parallel(layout: Layout, seed: int, cpu_patches: bool = True) 
     groups."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_rl.model.cpu_patches import apply_cpu_patches
 
     check_layout(layout, dist.get_world_size())
     if cpu_patches:

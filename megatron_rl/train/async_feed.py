@@ -23,9 +23,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.distributed as dist
 
-from megatron_rl.parallel import roles as R
-from megatron_rl.parallel import weight_stream as W
+from megatron_rl.checkpoint.hf_weights import iter_hf_buckets
+from megatron_rl.parallel import roles as R, weight_stream as W
 from megatron_rl.rollout.collect import Rollouts
+from megatron_rl.rollout.rollout_state import json_default, rollouts_from_state, rollouts_state
+from megatron_rl.runtime.crash_points import reached
 
 
 class AsyncFeed:
@@ -115,9 +117,6 @@ class AsyncFeed:
 
     def push(self, version: int, weights: Callable[[], Any], bucket_bytes: int) -> Dict[str, float]:
         """Stream ``version`` (every trainer rank walks ``weights()``: it is collective)."""
-        from megatron_rl.checkpoint.hf_weights import iter_hf_buckets
-        from megatron_rl.runtime.crash_points import reached
-
         reached("push", version)
         t0 = time.perf_counter()
         stream = weights()
@@ -134,8 +133,6 @@ class AsyncFeed:
     def state(self) -> Tuple[dict, Dict[str, Any]]:
         """The in-flight steps and the sampler after them, as JSON values, and their samples'
         expert routes (R3) by the keys the JSON names (empty without routes)."""
-        from megatron_rl.rollout.rollout_state import json_default, rollouts_state
-
         routes: Dict[str, Any] = {}
         held = {str(s): {**{k: v for k, v in m.items() if k != "rollouts"},
                          "rollouts": rollouts_state(m["rollouts"], routes, prefix=f"s{s}_")}
@@ -145,8 +142,6 @@ class AsyncFeed:
 
     def load(self, state: Optional[dict], routes: Optional[Dict[str, Any]] = None) -> None:
         """What ``state`` wrote (``routes``: what it returned beside the JSON)."""
-        from megatron_rl.rollout.rollout_state import rollouts_from_state
-
         if not state:
             return
         self.held = {int(s): {**m, "rollouts": rollouts_from_state(m["rollouts"], routes)}

@@ -18,8 +18,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_rl.algo.value import ev_moments
+from megatron_rl.checkpoint.dist_ckpt import CRITIC_MARKER, load_model
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import step_denominators
+from megatron_rl.runtime.model_setup import unwrap
 from megatron_rl.train.optimizer import nonfinite_flag, optimizer_step
 from megatron_rl.train.step_metrics import EV_KEYS
 from megatron_rl.train.value_train import ValueLossSpec, forward_values, value_forward_backward
@@ -83,8 +85,6 @@ def explained_variance_sums(batch) -> Dict[str, Tensor]:
 def copy_trunk(policy: List, critic: List) -> int:
     """The policy's weights into the critic's parameters of the same name (every one but the value
     head); the layouts are the same, so each rank copies its own shards. Returns how many."""
-    from megatron_rl.runtime.model_setup import unwrap
-
     src = dict(unwrap(policy[0]).named_parameters())
     n = 0
     with torch.no_grad():
@@ -102,8 +102,6 @@ def copy_trunk(policy: List, critic: List) -> int:
 def load_critic_init(path: str, critic: List) -> str:
     """``critic.init_from``: a checkpoint's ``critic`` directory (trunk and head), or any policy
     checkpoint (its trunk; the head keeps its initialisation). Collective."""
-    from megatron_rl.checkpoint.dist_ckpt import CRITIC_MARKER, load_model
-
     p = Path(path)
     with_head = (p / CRITIC_MARKER).is_file()
     load_model(p, critic[0], skip=() if with_head else ("output_layer.",))

@@ -10,10 +10,15 @@ from typing import Dict
 
 import torch.distributed as dist
 
+from megatron_rl.checkpoint.convert import write_hf_model
+from megatron_rl.checkpoint.hf_weights import iter_hf_weights
+from megatron_rl.data.prompts import render_prompt
 from megatron_rl.io_errors import reported_writes
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
-from megatron_rl.train import rl_batch
-from megatron_rl.train import setup as S
+from megatron_rl.rollout.engine import RolloutEngine
+from megatron_rl.rollout.weight_sync import sync_weights
+from megatron_rl.runtime.model_setup import unwrap
+from megatron_rl.train import rl_batch, setup as S
 
 
 class EngineLink:
@@ -22,8 +27,6 @@ class EngineLink:
 
     def _engine_dir(self) -> Path:
         """The HF directory the engines start from (the initial weights written there if none)."""
-        from megatron_rl.checkpoint.convert import write_hf_model
-
         r = self.cfg.rollout
         hf_dir = S.engine_loadable_hf_dir(self.cfg)
         model_dir = Path(r.model_dir or hf_dir or self.out / "hf_init")
@@ -79,8 +82,6 @@ class EngineLink:
         return self.feed.validate(self.step, lambda: self._hf_weights(dst=0), self._bucket_bytes)
 
     def _engine(self):
-        from megatron_rl.rollout.engine import RolloutEngine
-
         r = self.cfg.rollout
         hf_dir = S.engine_loadable_hf_dir(self.cfg)
         model_dir = self._engine_dir()
@@ -93,16 +94,11 @@ class EngineLink:
         return engine
 
     def _hf_weights(self, dst=None):
-        from megatron_rl.checkpoint.hf_weights import iter_hf_weights
-        from megatron_rl.runtime.model_setup import unwrap
-
         return iter_hf_weights(unwrap(self.ms.model[0]), self.ms.mapping, self.ms.weight_groups,
                                self.hf.num_experts, dst=dst)
 
     @cpu_modes_suspended()
     def _sync(self, engine):
-        from megatron_rl.rollout.weight_sync import sync_weights
-
         return sync_weights(engine, self._hf_weights(), self._bucket_bytes)
 
     def _probe_due(self) -> bool:
@@ -111,8 +107,6 @@ class EngineLink:
 
     def _probe(self) -> float:
         """Max |engine - trainer| log-prob on a fixed prompt's sampled tokens, just after sync."""
-        from megatron_rl.data.prompts import render_prompt
-
         r = self.cfg.rollout
         ids = render_prompt(self.prompts.rows[0], self.tok, chat=self.cfg.data.chat_template,
                             max_tokens=r.max_prompt_len)

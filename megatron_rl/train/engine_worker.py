@@ -24,10 +24,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
+
 import torch.distributed as dist
 
-from megatron_rl.parallel import roles as R
-from megatron_rl.parallel import weight_stream as W
+from megatron_rl.parallel import roles as R, weight_stream as W
+from megatron_rl.rollout.engine import RolloutEngine
+from megatron_rl.rollout.scoring import Scorer
+from megatron_rl.rollout.weight_sync import sync_weights
+from megatron_rl.runtime.crash_points import reached
+from megatron_rl.train import setup as S
+from megatron_rl.train.producer import RolloutProducer
+from megatron_rl.train.validation import Validation
 
 
 class WeightInbox:
@@ -61,10 +68,6 @@ class EngineWorker:
     trainer's exit status."""
 
     def __init__(self, cfg, roles: R.Roles):
-        from megatron_rl.rollout.scoring import Scorer
-        from megatron_rl.train import setup as S
-        from megatron_rl.train.producer import RolloutProducer
-
         self.cfg, self.roles = cfg, roles
         self.hf = cfg.model.hf_model()
         self.tok = S.load_tokenizer(cfg, self.hf)
@@ -74,8 +77,6 @@ class EngineWorker:
                                         episodes, roles.rank, roles.size)
         self.val = None
         if cfg.train.val_every:
-            from megatron_rl.train.validation import Validation
-
             self.val = Validation.of(cfg, self.tok, S.load_rows(cfg, [], validation=True))
 
     def _validate(self, version: int) -> dict:
@@ -94,11 +95,6 @@ class EngineWorker:
 
     def run(self) -> int:
         """Generate until the trainer's stop; returns its exit status."""
-        from megatron_rl.rollout.engine import RolloutEngine
-        from megatron_rl.rollout.weight_sync import sync_weights
-        from megatron_rl.train import setup as S
-        from megatron_rl.runtime.crash_points import reached
-
         start = self._start_message()
         if start.get("stop") is not None:   # the trainer stopped before its first step
             return int(start["stop"])
@@ -148,8 +144,6 @@ class EngineWorker:
     def _validate_late(self, engine, inbox: WeightInbox, applied, bucket: int) -> int:
         """After the last step: the versions streamed for validation only, each applied and
         validated, its ``val/*`` sent back alone, until the trainer's stop (its exit status)."""
-        from megatron_rl.rollout.weight_sync import sync_weights
-
         while True:
             got = inbox.upto(-1 if applied is None else applied + 1)
             if got.version == W.STOP:

@@ -8,6 +8,8 @@ from typing import List
 
 import torch
 
+from megatron_rl.parallel.collectives import all_reduce_nograd
+
 
 @dataclass(frozen=True)
 class OptimSettings:
@@ -71,8 +73,6 @@ def optimizer_step(optimizer, scheduler, nonfinite: torch.Tensor, group):
     rate schedule stay as they were. Megatron alone would not skip it: without a loss scaler (fp32,
     or bf16 without loss scaling) it clips by a NaN norm and writes NaN into every weight.
     The decision costs one host sync per update, which Megatron's own grad-norm already makes."""
-    from megatron_rl.parallel.collectives import all_reduce_nograd
-
     bad = all_reduce_nograd(nonfinite.reshape(1).float(), group, torch.distributed.ReduceOp.MAX)
     if bool(bad):
         return False, None, None

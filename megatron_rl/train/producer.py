@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
-from megatron_rl.rollout.collect import Rollouts, SamplingPlan, collect_rollouts
+from megatron_rl.parallel.weight_comm import all_gather_objects
+from megatron_rl.rollout.collect import (collect_rollouts, merge_engine_parts, Rollouts,
+                                         SamplingPlan, score_groups)
 
 
 def sampling_plan(cfg, eos_token_id: int) -> SamplingPlan:
@@ -47,9 +49,6 @@ class RolloutProducer:
     def sample(self, drawn, plan: SamplingPlan, round_: int, step: int):
         """This engine's share of ``drawn`` generated and scored (multi-turn: played and scored by
         the environment), then everyone's, in draw order."""
-        from megatron_rl.parallel.weight_comm import all_gather_objects
-        from megatron_rl.rollout.collect import merge_engine_parts, score_groups
-
         mine = drawn[self.engine_index::self.n_engines]
         seed = ((self.cfg.rollout.seed * 1_000_003 + step) * 1009 + round_) * 131 + self.engine_index
         parts: dict = {}   # reward components' sums (multi-turn episodes log their own metrics)

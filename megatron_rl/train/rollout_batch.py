@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from megatron_rl.parallel.groups import ParallelGroups
+from megatron_rl.parallel.rollout_comm import scatter_by_key
 from megatron_rl.rollout.collect import Rollouts
 from megatron_rl.train.rl_batch import StepBatch, build_step_batch, group_sequences
 
@@ -58,8 +59,6 @@ class RouteStash:
         """Put back the routes of ``groups`` (this rank's share of the step), from whichever
         engine holds them; collective over the world (every rank calls it each step), after
         which nothing is held."""
-        from megatron_rl.parallel.rollout_comm import scatter_by_key
-
         wanted = sorted({s.route_key for g in groups for s in g if s.route_key is not None})
         got = scatter_by_key(self.held, wanted, self.sources)
         self.held = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Tuple
 
+from megatron_rl.parallel.weight_comm import all_gather_objects
 from megatron_rl.runtime.preempt import REQUEUE_FILE, StopRequest, own_request_id
 from megatron_rl.runtime.run_lock import RunDirBusy, RunLock, new_run_id
 
@@ -15,8 +16,6 @@ def claim_output_dir(out: Path, rank: int, grace_s: float) -> Tuple[str, Optiona
     both (a refusal raises ``RunDirBusy`` everywhere, naming the holder). Then every rank watches
     for stops, and rank 0 clears the previous run's stale STOP and its REQUEUE answer. Returns
     ``(run_id, lock or None off rank 0, stop)``; the caller releases the lock at the end."""
-    from megatron_rl.parallel.weight_comm import all_gather_objects
-
     run_id, lock, refused = "", None, ""
     if rank == 0:
         run_id = new_run_id()

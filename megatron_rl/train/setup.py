@@ -17,8 +17,30 @@ from typing import Any, List, Optional
 
 import torch
 
-from megatron_rl.config import ConfigError, RunConfig
-from megatron_rl.data.prompts import PromptRow, PromptSampler
+from megatron_rl.algo.advantages import reward_kl_coef
+from megatron_rl.checkpoint.convert import write_hf_model
+from megatron_rl.checkpoint.dist_ckpt import (checkpoint_steps, load_checkpoint, load_model,
+                                              read_latest, step_dir, verify_checkpoint)
+from megatron_rl.checkpoint.hf_io import HFReader
+from megatron_rl.checkpoint.hf_mapping import mapping_for, value_model_config, value_model_mapping
+from megatron_rl.checkpoint.hf_weights import load_hf_weights
+from megatron_rl.checkpoint.manifest import CheckpointError
+from megatron_rl.config import ConfigError, RunConfig, to_yaml
+from megatron_rl.config.drift import training_changes
+from megatron_rl.data.prompts import (load_prompts, PromptRow, PromptSampler, render_prompt,
+                                      with_template_kwargs)
+from megatron_rl.data.synthetic import TASKS, make_rows, word_tokenizer
+from megatron_rl.io_errors import reported_writes
+from megatron_rl.parallel.rollout_comm import EngineChannel
+from megatron_rl.rollout.multiturn import EpisodeRunner
+from megatron_rl.rollout.routes import RouteSpec
+from megatron_rl.runtime.model_setup import build_model, unwrap
+from megatron_rl.runtime.parallel_init import weight_groups
+from megatron_rl.train.critic import Critic, copy_trunk, load_critic_init
+from megatron_rl.train.optimizer import OptimSettings, build_optimizer
+from megatron_rl.train.rl_batch import StepPlan
+from megatron_rl.train.rollout_batch import BatchShape
+
 
 @dataclass
 class ModelState:
@@ -36,8 +58,6 @@ class ModelState:
 
 def needs_reference(cfg: RunConfig) -> bool:
     """A reference pass costs a forward: run it only when a KL uses it."""
-    from megatron_rl.algo.advantages import reward_kl_coef
-
     adv, loss = cfg.algo.advantage, cfg.algo.loss
     # future_kl_grpo takes a KL tensor even at beta 0
     kl_in_adv = adv.name == "future_kl_grpo" or reward_kl_coef(adv.name, adv.params) != 0.0
@@ -73,8 +93,6 @@ def engine_loadable_hf_dir(cfg: RunConfig) -> Optional[Path]:
 
 def step_plan(cfg: RunConfig, needs_reference: bool):
     """The ``rl_batch.StepPlan`` of the algo, train and rollout sections."""
-    from megatron_rl.train.rl_batch import StepPlan
-
     a, t = cfg.algo, cfg.train
     return StepPlan(
         a.advantage.name, dict(a.advantage.params), a.loss.name, a.loss_params(),
@@ -87,8 +105,6 @@ def step_plan(cfg: RunConfig, needs_reference: bool):
 
 def route_spec(cfg: RunConfig, hf):
     """The ``rollout.routes.RouteSpec`` the engine returns routes for, or None (not asked)."""
-    from megatron_rl.rollout.routes import RouteSpec
-
     wanted = cfg.train.routing_replay == "rollout" or cfg.rollout.return_routes
     return RouteSpec.of(hf) if wanted else None
 
@@ -96,8 +112,6 @@ def route_spec(cfg: RunConfig, hf):
 def batch_shape(cfg: RunConfig, dp: int, dp_rank: int, cp_rank: int, spec, routes):
     """The ``rollout_batch.BatchShape`` of this rank (``spec``: ``route_spec``'s; ``routes``:
     the policy's ``RouteControl`` on this stage, or None)."""
-    from megatron_rl.train.rollout_batch import BatchShape
-
     t = cfg.train
     return BatchShape(
         dp, dp_rank, max(1, t.micro_batch_size // cfg.rollout.n_samples_per_prompt),
@@ -111,8 +125,6 @@ def optim_settings(section, train):
     """``OptimSettings`` from the optimizer keys a section shares (``train`` or ``critic``: lr,
     min_lr, lr_warmup_steps, lr_decay_style, weight_decay, max_grad_norm); the schedule's length
     counts every update of the run (``train``'s steps x updates x epochs)."""
-    from megatron_rl.train.optimizer import OptimSettings
-
     return OptimSettings(lr=section.lr, min_lr=section.min_lr, weight_decay=section.weight_decay,
                          max_grad_norm=section.max_grad_norm, warmup_steps=section.lr_warmup_steps,
                          total_steps=train.steps * train.updates_per_step * train.epochs_per_step,
@@ -121,11 +133,6 @@ def optim_settings(section, train):
 
 def build_model_state(cfg: RunConfig, hf, layout, pg) -> ModelState:
     """The policy's model, distributed optimizer and HF name mapping in ``layout``."""
-    from megatron_rl.checkpoint.hf_mapping import mapping_for
-    from megatron_rl.runtime.model_setup import build_model
-    from megatron_rl.train.optimizer import build_optimizer
-    from megatron_rl.runtime.parallel_init import weight_groups
-
     opt = cfg.model.options()
     model, _ = build_model(hf, layout, opt, distributed_optimizer=True)
     t = cfg.train
@@ -142,10 +149,6 @@ def build_critic(cfg: RunConfig, hf, layout, pg, policy: ModelState):
     """PPO's critic (``train.critic.Critic``) in the policy's layout, initialised from
     ``critic.init_from`` or else the policy's starting weights (call after
     ``load_starting_weights``); returns ``(critic, where its weights came from)``."""
-    from megatron_rl.train.critic import Critic, copy_trunk, load_critic_init
-    from megatron_rl.runtime.model_setup import build_model
-    from megatron_rl.train.optimizer import build_optimizer
-
     c, t = cfg.critic, cfg.train
     opt = cfg.model.options()   # the critic's routers are its own: it never replays the policy's routes
     model, _ = build_model(hf, layout, opt, distributed_optimizer=True, value_head=True,
@@ -166,11 +169,6 @@ def build_critic(cfg: RunConfig, hf, layout, pg, policy: ModelState):
 
 def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
     """The pre-resume weights (see the module doc); returns where they came from."""
-    from megatron_rl.checkpoint.dist_ckpt import load_model
-    from megatron_rl.checkpoint.hf_io import HFReader
-    from megatron_rl.checkpoint.hf_weights import load_hf_weights
-    from megatron_rl.runtime.model_setup import unwrap
-
     d = _hf_dir(cfg)
     if cfg.model.init_from:
         try:
@@ -201,10 +199,6 @@ def resume_checkpoint(root: Path, ms: ModelState, fallback: bool,
     its manifest is an error naming the file, unless ``fallback`` allows the next older one.
     Checkpoints present but none complete (or a pointer with no directory left) stop the run:
     it never silently starts over."""
-    from megatron_rl.checkpoint.dist_ckpt import (
-        checkpoint_steps, load_checkpoint, read_latest, step_dir, verify_checkpoint)
-    from megatron_rl.checkpoint.manifest import CheckpointError
-
     latest, pointer_problem = read_latest(root)
     steps = checkpoint_steps(root)
     if not steps:
@@ -239,16 +233,12 @@ def config_tree(cfg: RunConfig) -> dict:
     """The resolved config as plain nested dicts (saved with each checkpoint)."""
     import yaml
 
-    from megatron_rl.config import to_yaml
-
     return yaml.safe_load(to_yaml(cfg))
 
 
 def refuse_drift(saved: Optional[dict], cfg: RunConfig, checkpoint: Path) -> None:
     """A resume whose training settings differ from the checkpoint's (``config.drift``) is refused,
     naming them, unless ``train.resume=force``. Checkpoints older than the saved config pass."""
-    from megatron_rl.config.drift import training_changes
-
     if saved is None or cfg.train.resume == "force":
         return
     changes = training_changes(saved, config_tree(cfg), config_tree(RunConfig()))
@@ -262,8 +252,6 @@ def refuse_drift(saved: Optional[dict], cfg: RunConfig, checkpoint: Path) -> Non
 
 def refuse_to_overwrite(root: Path) -> None:
     """``train.resume=false`` in a directory with checkpoints would overwrite and prune them."""
-    from megatron_rl.checkpoint.dist_ckpt import checkpoint_steps
-
     steps = checkpoint_steps(root)
     if steps:
         raise ConfigError(f"train.resume: false, but {root} holds checkpoints (newest "
@@ -274,8 +262,6 @@ def refuse_to_overwrite(root: Path) -> None:
 def load_tokenizer(cfg: RunConfig, hf, model_dir: Optional[str] = None):
     """``data.tokenizer``: ``word`` (the synthetic tasks'), a directory, or the model's own
     (``model_dir``, default ``model.hf_config``'s directory)."""
-    from megatron_rl.data.synthetic import word_tokenizer
-
     name = cfg.data.tokenizer
     if name == "word":
         tok = word_tokenizer()
@@ -297,7 +283,6 @@ def load_tokenizer(cfg: RunConfig, hf, model_dir: Optional[str] = None):
                           f"of {hf.vocab_size} (model.hf_config)")
     if tok.eos_token_id is None:
         raise ConfigError("data.tokenizer: has no end-of-sequence token; responses could not stop")
-    from megatron_rl.data.prompts import with_template_kwargs
 
     return with_template_kwargs(tok, dict(cfg.data.chat_template_kwargs))
 
@@ -307,9 +292,6 @@ def load_rows(cfg: RunConfig, notes: Optional[List[str]] = None,
     """The dataset's rows (``validation``: ``data.val_path``'s; a synthetic validation set is
     drawn with another seed); what was skipped (``data.on_bad_row`` / ``on_missing_label=skip``)
     is appended to ``notes`` as one line with the count and the first reason."""
-    from megatron_rl.data.prompts import load_prompts
-    from megatron_rl.data.synthetic import TASKS, make_rows
-
     d = cfg.data
     path, key = (d.val_path, "data.val_path") if validation else (d.path, "data.path")
     if path.startswith("synthetic:"):
@@ -353,8 +335,6 @@ class PromptStream:
         it hours later. ``drop``: leave over-long rows out instead (``data.on_bad_row=skip``).
         The ids are not kept: ``draw`` renders a step's few prompts again, which costs less than
         holding every row's ids as Python lists for the whole run."""
-        from megatron_rl.data.prompts import render_prompt
-
         kept = []
         for row in rows:
             try:
@@ -372,8 +352,6 @@ class PromptStream:
 
     def draw(self, k: int):
         """The next ``k`` prompts as ``(row, token ids)``, in the sampler's order."""
-        from megatron_rl.data.prompts import render_prompt
-
         out = []
         for i in self.sampler.next_indices(k):
             row = self.rows[i]
@@ -397,8 +375,6 @@ def episode_runner(cfg: RunConfig, tok, hf, rank: int, world: int):
     being ``rank``), or None without an environment."""
     if not cfg.env.name:
         return None
-    from megatron_rl.parallel.rollout_comm import EngineChannel
-    from megatron_rl.rollout.multiturn import EpisodeRunner
 
     r = cfg.rollout
     return EpisodeRunner.from_sections(
@@ -411,10 +387,6 @@ def export_models(out: Path, ms: ModelState, tokenizer, critic, step: int) -> No
     """The policy as an HF directory at ``out`` and, for PPO, the critic at ``<out>_critic`` as
     the architecture's token classifier (collective; rank 0 writes)."""
     import torch.distributed as dist
-
-    from megatron_rl.checkpoint.convert import write_hf_model
-    from megatron_rl.checkpoint.hf_mapping import value_model_config, value_model_mapping
-    from megatron_rl.io_errors import reported_writes
 
     after = (f"the final checkpoint (step {step}) is complete; free space and export it "
              "with `megatron-rl convert export`")

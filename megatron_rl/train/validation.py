@@ -13,6 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
+from megatron_rl.config import ConfigError
+from megatron_rl.data.prompts import render_prompt
+from megatron_rl.rollout.collect import SamplingPlan
+
 
 @dataclass
 class Validation:
@@ -26,9 +30,6 @@ class Validation:
     @classmethod
     def of(cls, cfg, tokenizer, rows) -> "Validation":
         """From the config, the tokenizer and the validation rows (prompts rendered once)."""
-        from megatron_rl.config import ConfigError
-        from megatron_rl.data.prompts import render_prompt
-
         if cfg.train.val_prompts:
             rows = rows[:cfg.train.val_prompts]
         try:
@@ -41,8 +42,6 @@ class Validation:
 
     def run(self, sample: Callable, step: int) -> Dict[str, float]:
         """``sample(drawn, plan, round)`` is the trainer's engine-sharded generate-and-score."""
-        from megatron_rl.rollout.collect import SamplingPlan
-
         plan = SamplingPlan(groups_needed=len(self.drawn), n=self.n, max_tokens=self.max_tokens,
                             temperature=self.temperature, top_p=1.0, stop_token_ids=(self.eos,))
         groups, scores, failures, _, *_ = sample(self.drawn, plan, 1_000_000 + step)
