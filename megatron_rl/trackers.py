@@ -42,9 +42,11 @@ class _Ids:
         self.ids = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def get(self, name: str):
+        """The id stored under ``name``, or None."""
         return self.ids.get(name)
 
     def put(self, name: str, value: str) -> None:
+        """Store ``value`` under ``name`` and write the file."""
         self.ids[name] = value
         self.path.write_text(json.dumps(self.ids))
 

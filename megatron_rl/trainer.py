@@ -376,6 +376,7 @@ class Trainer(EngineLink):
             state["in_flight"], routes = self.feed.state()
 
         def side_files(d: Path) -> None:
+            """The HF config and tokenizer beside the shards, and the in-flight R3 routes."""
             write_side_files(d, self.ms.hf_cfg, self.ms.dtype, self.tok, self.critic is not None)
             if routes:   # R3 routes of the in-flight steps: arrays, not JSON
                 save_routes(d / IN_FLIGHT_ROUTES, routes)

@@ -28,6 +28,7 @@ class Registry(dict):
     def register(self, name: str) -> Callable[[Callable], Callable]:
         """A decorator that files the function under ``name`` (twice is an error)."""
         def deco(fn: Callable) -> Callable:
+            """File ``fn`` under ``name``; returns it unchanged."""
             if name in self:
                 raise ValueError(f"{self.what} {name!r} is registered twice")
             self[name] = fn

@@ -220,6 +220,7 @@ class _WriteAgreement:
 
     @contextmanager
     def catch(self) -> Iterator[None]:
+        """Inside: a failure is kept for ``agree`` instead of raised on this rank alone."""
         try:
             yield
         except (KeyboardInterrupt, SystemExit):
@@ -228,6 +229,8 @@ class _WriteAgreement:
             self.error = e
 
     def agree(self) -> None:
+        """Collective: every rank raises the first failure any rank kept (one line for an I/O
+        error)."""
         mine, io = "", False
         if self.error is not None:
             found = diagnose("checkpoint", self.tmp, self.error, self._after())

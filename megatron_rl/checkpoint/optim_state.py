@@ -79,6 +79,7 @@ def destination_keeps_adam_step() -> Iterator[None]:
     orig = DistributedOptimizer.__dict__["_set_main_param_and_optimizer_states"]
 
     def set_states(self, model_param, tensors):
+        """Upstream's setter, keeping the destination's Adam ``step`` when the source has none."""
         if "step" not in tensors and isinstance(self.optimizer, torch.optim.Adam):
             group_index, group_order = self.model_param_group_index_map[model_param]
             main_param = self.optimizer.param_groups[group_index]["params"][group_order]

@@ -46,6 +46,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        """Only the allowlisted classes (and torch dtype constants) may be unpickled."""
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_CONSTANTS):
@@ -70,6 +71,7 @@ def safe_checkpoint_loads() -> Iterator[None]:
     original_pickle, original_load = filesystem.pickle, torch.load
 
     def weights_only_load(*args, **kwargs):
+        """``torch.load`` with ``weights_only=True`` forced."""
         kwargs["weights_only"] = True
         return original_load(*args, **kwargs)
 

@@ -33,6 +33,7 @@ WORDS = [str(d) for d in range(10)] + ["reverse", "copy", "sort", "add", "+", "=
 
 def _task(name):
     def deco(fn):
+        """File ``fn`` as task ``name``; returns it unchanged."""
         TASKS[name] = fn
         return fn
     return deco

@@ -70,6 +70,7 @@ def arithmetic(expr: str, max_exponent: int = 64, max_abs: float = 1e30) -> floa
     """Value of an arithmetic expression (numbers, + - * / // % **, parentheses) without
     ``eval``; ``ValueError`` for anything else or a result out of range."""
     def ev(node):
+        """The value of one AST node; ``ValueError`` for anything not arithmetic."""
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
                 and not isinstance(node.value, bool):
             return node.value

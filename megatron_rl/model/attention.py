@@ -81,6 +81,7 @@ class _Layout:
 
     @classmethod
     def get(cls, seq_lens: Sequence[int], cp_size: int, cp_rank: int, device, dtype):
+        """The THD layout of these lengths on this CP rank, rebuilt only when the key changes."""
         key = (tuple(seq_lens), cp_size, cp_rank, str(device), dtype)
         if key != cls.key:
             cu = [0] + list(itertools.accumulate(seq_lens))

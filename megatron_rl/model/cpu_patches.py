@@ -54,6 +54,7 @@ def _always() -> bool:
 def _patch(name: str, error: Union[str, Tuple[str, ...]], where: str,
            needed: Callable[[], bool] = _always):
     def register(fn: Callable[[], Undo]):
+        """File the patch function under its name with the errors it avoids."""
         errors = (error,) if isinstance(error, str) else tuple(error)
         CPU_PATCHES[name] = CpuPatch(name, errors, where, fn, needed)
         return fn
@@ -96,6 +97,7 @@ def _rng() -> Undo:
     import megatron.core.tensor_parallel.random as R
 
     def add(self, name, seed):
+        """Register a named RNG state seeded with ``seed`` (a seed twice is an error, as upstream)."""
         self._is_initialized = True
         if seed in self.seeds_:
             raise Exception(f"seed {seed} already exists")
@@ -109,6 +111,8 @@ def _rng() -> Undo:
 
     @contextlib.contextmanager
     def fork(self, name=R._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        """Run the body with the named state in the CPU generator, restoring the default state
+        after."""
         # the named state stands for a CUDA generator: swap it in and out of the CPU generator so
         # the default CPU stream is left as it was (upstream warns when it changes)
         if name not in self.states_:
@@ -171,6 +175,8 @@ def _spnorm() -> Undo:
     orig = TN.WrappedTorchNorm.__new__
 
     def new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        """Build the torch norm with the flag off (upstream refuses it), restore the flag, and mark
+        the parameters ``sequence_parallel``."""
         sp = config.sequence_parallel
         config.sequence_parallel = False
         try:
@@ -193,27 +199,35 @@ class _NoStream:
         pass
 
     def wait_stream(self, *args, **kwargs):
+        """No-op: CPU work is ordered already."""
         pass
 
     def wait_event(self, *args, **kwargs):
+        """No-op: CPU work is ordered already."""
         pass
 
     def synchronize(self):
+        """No-op: CPU work is synchronous."""
         pass
 
     def record(self, *args, **kwargs):
+        """No-op: there is no device queue to mark."""
         pass
 
     def wait(self, *args, **kwargs):
+        """No-op: CPU work is ordered already."""
         pass
 
     def query(self):
+        """Always done: CPU work is synchronous."""
         return True
 
     def record_event(self, *args, **kwargs):
+        """A no-op event."""
         return _NoStream()
 
     def elapsed_time(self, other):
+        """Zero: no device time is measured on CPU."""
         return 0.0
 
 
@@ -245,6 +259,7 @@ def _a2a_splits() -> Undo:
     orig = M.maybe_move_tensor_to_cpu
 
     def move(tensor, as_numpy=False, record_stream=False):
+        """A CPU tensor is already on the host: returned as is (or as numpy); others go upstream."""
         if torch.is_tensor(tensor) and not tensor.is_cuda:
             return tensor.numpy() if as_numpy else tensor
         return orig(tensor, as_numpy=as_numpy, record_stream=record_stream)
@@ -267,11 +282,13 @@ def _uneven() -> Undo:
     gather0, scatter0 = MP._gather_along_first_dim, MP._reduce_scatter_along_first_dim
 
     def padded(x, n):
+        """``x`` padded with zero rows to ``n`` rows."""
         out = x.new_zeros((n,) + tuple(x.shape[1:]))
         out[: x.shape[0]] = x
         return out
 
     def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        """All-gather of uneven first dimensions: pad to the largest, gather, cut each back."""
         if output_split_sizes is None or group.size() == 1:
             return gather0(input_, group, output_split_sizes, use_global_buffer)
         sizes = [int(s) for s in output_split_sizes]
@@ -280,6 +297,8 @@ def _uneven() -> Undo:
         return torch.cat([o[:n] for o, n in zip(outs, sizes)], dim=0)
 
     def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        """Reduce-scatter of uneven first dimensions: pad each part to the largest, reduce-scatter,
+        cut."""
         if input_split_sizes is None or group.size() == 1:
             return scatter0(input_, group, input_split_sizes, use_global_buffer)
         sizes = [int(s) for s in input_split_sizes]
@@ -356,6 +375,7 @@ def _enter_mode(mode: TorchFunctionMode) -> Undo:
     _MODES.append(mode)
 
     def undo():
+        """Leave the mode and forget it."""
         _MODES.remove(mode)
         mode.__exit__(None, None, None)
     return undo

@@ -58,18 +58,21 @@ def all_reduce_nograd(x: Tensor, group: Group, op: dist.ReduceOp = dist.ReduceOp
 class _AllReduceReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: Group) -> Tensor:
+        """Sum over ``group`` of a value every rank then uses identically."""
         out = x.clone()
         dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        """Identity: each rank's identical loss already carries the whole gradient."""
         return grad, None
 
 
 class _AllReducePartial(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: Group) -> Tensor:
+        """Sum over ``group`` of per-rank partial values."""
         ctx.group = group
         out = x.clone()
         dist.all_reduce(out, group=group)
@@ -77,6 +80,7 @@ class _AllReducePartial(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        """Sum over ``group``: each rank's partial loss contributes to every input's gradient."""
         out = grad.contiguous().clone()
         dist.all_reduce(out, group=ctx.group)
         return out, None
@@ -119,6 +123,7 @@ def _reduce_scatter_sum(grad: Tensor, group, dim: int) -> Tensor:
 class _AllGatherPartial(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: Group, dim: int) -> Tensor:
+        """Concatenation along ``dim`` of every rank's ``x``."""
         ctx.group, ctx.dim = group, dim
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
@@ -126,6 +131,7 @@ class _AllGatherPartial(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        """This rank's slice of the gradient summed over ``group`` (reduce-scatter)."""
         return _reduce_scatter_sum(grad, ctx.group, ctx.dim), None, None
 
 

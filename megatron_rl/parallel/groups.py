@@ -57,6 +57,7 @@ class ParallelGroups:
 def layout_ranks(tp: int, cp: int, dp: int) -> Dict[str, Tuple[Tuple[int, ...], ...]]:
     """The rank lists of every tp / cp / dp / dp_cp group of a ``tp x cp x dp`` layout."""
     def rank(t, c, d):
+        """The global rank of TP index ``t``, CP index ``c``, DP index ``d``."""
         return (d * cp + c) * tp + t
     return {
         "tp": tuple(tuple(rank(t, c, d) for t in range(tp)) for d in range(dp) for c in range(cp)),

@@ -54,6 +54,8 @@ def _shifted(logits: Tensor, rows: slice, m: Tensor, buf: Tensor) -> Tensor:
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, group: Group, vocab_start: int, chunk: int):
+        """Log-prob of each target and the entropy from vocab-sharded logits: two all-reduces over
+        TP (the max, then the stacked sums)."""
         N, Vs = logits.shape
         md = _math_dtype(logits.dtype)
         local_t = targets - vocab_start
@@ -88,6 +90,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp: Optional[Tensor], g_ent: Optional[Tensor]):
+        """Local: ``g_lp (onehot - p) + g_ent p (E_p z - z)``, chunked over tokens."""
         logits, local_t, here, m, log_s, ez = ctx.saved_tensors
         N, Vs = logits.shape
         grad = torch.empty_like(logits)

@@ -173,6 +173,7 @@ class _NamespaceInit:
             pass   # gone already: its namespace went with it
 
     def kill(self) -> None:
+        """Kill the namespace's init (and so every process in it)."""
         self._thread.join(timeout=2)
         if self.pidfd >= 0:
             try:
@@ -199,6 +200,7 @@ class _BoundedReader:
                 self.kept += chunk[:room]
 
     def result(self) -> str:
+        """What the reader kept, decoded (the output limit applied)."""
         self.thread.join(timeout=5)  # the namespace is dead: the pipe closes
         if not self.thread.is_alive():   # else closing would wait on the reader's lock
             self.pipe.close()

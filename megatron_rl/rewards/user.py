@@ -90,6 +90,7 @@ def _adapted(fn: Callable, name: str) -> Callable:
 def _verl_wrapper(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def reward(response: str, label: Any, *, prompt: str = "", metadata=None) -> float:
+        """verl's ``compute_score`` called with our reward signature."""
         meta = metadata or {}
         out = fn(data_source=meta.get("data_source"), solution_str=response, ground_truth=label,
                  extra_info=meta.get("extra_info"))

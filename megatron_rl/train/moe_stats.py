@@ -32,6 +32,7 @@ class RouterLoad:
 
     def _hook(self, layer: int):
         def fn(module, inputs, output):
+            """Add the router's per-expert token counts of this forward while counting."""
             if self._on and isinstance(output, tuple) and len(output) > 1:
                 routing_map = output[1].detach()
                 c = routing_map.reshape(-1, routing_map.shape[-1]).sum(0).float().cpu()

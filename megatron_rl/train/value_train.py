@@ -49,10 +49,12 @@ def forward_values(model: List, micro_batches: List[PolicyMicroBatch],
 
     @cpu_modes_suspended()
     def value_func(mb, output):
+        """No loss (a forward only): the values, detached."""
         v = values_view(mb, output)
         return v.sum() * 0, {"values": v.detach()}
 
     def step(data, chunk_model):
+        """Megatron's forward step: the critic's output and the function that reads its values."""
         mb = next(data)
         return model_forward(mb, chunk_model, replay_routes=False), partial(value_func, mb)
 
@@ -90,6 +92,7 @@ def value_forward_backward(model: List, micro_batches: List[PolicyMicroBatch],
     pairs = iter(list(zip(micro_batches, targets)))
 
     def step(data, chunk_model):
+        """Megatron's forward step: the critic's output and its value loss."""
         mb, target = next(data)
         return (model_forward(mb, chunk_model, replay_routes=False),
                 partial(_value_loss_func, mb, target, spec, scale))

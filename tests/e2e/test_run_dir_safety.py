@@ -140,6 +140,19 @@ def _can_mount_tmpfs() -> str:
     return "" if r.returncode == 0 else f"cannot mount a tmpfs here: {r.stderr.strip()[:200]}"
 
 
+def _run_on_a_small_disk(out: Path, steps: int, mount: Path, size: str, after: str) -> str:
+    """The run with a tmpfs of ``size`` mounted at ``mount`` (a private mount namespace), then the
+    shell command ``after`` inside it; asserts exit 74 with no traceback, returns the last line."""
+    cmd = " ".join(f"'{a}'" for a in _args(out, steps, "train.export_hf=false"))
+    script = (f"mount -t tmpfs -o size={size} tmpfs '{mount}' && cd '{ROOT}' && "
+              f"{{ {cmd}; rc=$?; }}; {after}; exit $rc")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 74, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    return [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+
+
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_checkpoint_stays(tmp_path):
     why = _can_mount_tmpfs()
     if why:
@@ -150,14 +163,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_checkpoint_sta
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True)
     # 4 MiB: the step 2 checkpoint (2.7 MiB) fits, step 4's does not
-    cmd = " ".join(f"'{a}'" for a in _args(out, 6, "train.export_hf=false"))
-    script = (f"mount -t tmpfs -o size=4m tmpfs '{ckpt}' && cd '{ROOT}' && {{ {cmd}; rc=$?; }}; "
-              f"cp -a '{ckpt}/.' '{out}/after'; exit $rc")
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                       capture_output=True, text=True, timeout=600, env=ENV)
-    assert r.returncode == 74, r.stderr[-3000:]
-    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
-    assert "Traceback" not in r.stderr
+    last = _run_on_a_small_disk(out, 6, ckpt, "4m", f"cp -a '{ckpt}/.' '{out}/after'")
     assert last.startswith("megatron-rl: writing checkpoint to ") and str(ckpt) in last
     assert "No space left on device (ENOSPC)" in last and "step_00000002" in last
     after = out / "after"
@@ -178,14 +184,7 @@ def test_a_full_disk_at_start_up_is_one_line_and_leaves_no_partial_weights(tmp_p
         pytest.skip(why)
     out = tmp_path / "run"
     out.mkdir()
-    cmd = " ".join(f"'{a}'" for a in _args(out, 2, "train.export_hf=false"))
-    script = (f"mount -t tmpfs -o size=512k tmpfs '{out}' && cd '{ROOT}' && {{ {cmd}; rc=$?; }}; "
-              f"ls -A '{out}' > '{tmp_path}/left'; exit $rc")
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                       capture_output=True, text=True, timeout=600, env=ENV)
-    assert r.returncode == 74, r.stderr[-3000:]
-    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
-    assert "Traceback" not in r.stderr
+    last = _run_on_a_small_disk(out, 2, out, "512k", f"ls -A '{out}' > '{tmp_path}/left'")
     assert last.startswith("megatron-rl: writing the engine's initial weights to ") and "hf_init" in last
     assert "No space left on device (ENOSPC)" in last and "no partial files are left" in last
     left = (tmp_path / "left").read_text().split()
