@@ -12,12 +12,14 @@ GPU only; on CPU ``sleep``/``wake_up`` do nothing (there is no device memory to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_rl.rollout.native_stderr import dropping_lines
 from megatron_rl.rollout.routes import RouteRecorder, native_routes, recorded_routes
 
 
@@ -55,6 +57,10 @@ class Sample:
     # multi-turn episodes: 1 on engine tokens, 0 on observation tokens (whose logprobs are 0)
     action_mask: Optional[List[int]] = None
     info: Optional[Dict[str, Any]] = None  # episode counters (rollout.multiturn)
+
+
+# vLLM's CPU worker binding memory to a NUMA node, said by torch's C++ logger (not a Python warning)
+CPU_START_NOISE = ("NUMA binding: Using MEMBIND policy",)
 
 
 def _under_torchrun() -> bool:
@@ -103,7 +109,8 @@ class RolloutEngine:
                 kwargs["enable_prefix_caching"] = False
         self.settings = settings
         self.sleeps = gpu and settings.sleep_mode
-        self.llm = LLM(**kwargs)
+        with contextlib.nullcontext() if gpu else dropping_lines(CPU_START_NOISE):
+            self.llm = LLM(**kwargs)
         self.recorder = None
         if settings.routes is not None and not gpu:
             [self.recorder] = self.llm.collective_rpc(RouteRecorder.install,

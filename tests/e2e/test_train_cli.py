@@ -51,6 +51,11 @@ def test_train_produces_metrics_checkpoint_tensorboard_export_and_resumes(tmp_pa
     out = tmp_path / "run"
     r = _train(out, 3, "train.samples_every=2")
     assert "step    3/3" in r.stderr and "reward" in r.stdout + r.stderr
+    # a quiet console: no warning line from another package (ours start "warning: ")
+    noise = [ln for ln in (r.stdout + r.stderr).splitlines()
+             if "Warning" in ln or "deprecated" in ln or "Disabling Triton" in ln]
+    assert not noise, noise
+    assert "ETA" not in next(ln for ln in r.stderr.splitlines() if ln.startswith("step    1/3"))
     samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {2} and len(samples) == 4 * 4   # 4 groups of 4
     assert {"prompt", "label", "response", "reward", "finish_reason"} <= samples[0].keys()
