@@ -16,7 +16,7 @@ step:      tiny Qwen3-MoE (hidden 64, 2 layers, 4 experts top-2, vocab 256, fp32
            128-token prompt + the response (BSHD), GSPO loss, forward + backward + distributed
            optimizer through Megatron's schedule.
 attention: ``SDPAttention`` alone, 4 query heads / 2 K/V groups of 32, forward + backward of one
-           sequence: CP 1 is SDPA's causal kernel, CP > 1 the all-gather + global-mask path.
+           sequence: CP 1 is SDPA's causal kernel, CP > 1 the all-gather path (no masks).
 """
 
 from __future__ import annotations

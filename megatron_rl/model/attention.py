@@ -12,10 +12,13 @@ every sequence (``parallel.cp_layout``) for q, k and v. It all-gathers the keys 
 whole sequence over the CP group (one collective for both; the backward reduce-scatters their
 gradients, see ``collectives.all_gather_partial``) and masks causally by *global* position: a
 local query at position ``p`` of sequence ``s`` attends exactly the keys of ``s`` at positions
-``<= p``, the keys it attends at CP 1. Each held chunk is one SDPA call over its sequence's keys
-up to the chunk's end with a lower-right causal mask (``_plan``): the compute is ``(2cp+1)/(2cp)``
-of a perfectly balanced causal split. Memory per rank: the gathered K/V (``cp`` times the local
-ones) and one additive mask per block shape, shared by every layer (``_Layout``). TE's ring
+``<= p``, the keys it attends at CP 1. Each held chunk attends its sequence's keys up to the
+chunk's end, lower-right causal (``_plan``), without a mask (``block_attention``: the keys before
+the chunk in one unmasked kernel call, its diagonal block in one causal call, merged exactly by
+log-sum-exp on CPU; SDPA's lower-right causal bias on CUDA): the compute is ``(2cp+1)/(2cp)`` of
+a perfectly balanced causal split. Memory per rank: the gathered K/V (``cp`` times the local ones)
+and the kernels' ``O(n x heads)`` statistics. Only dropout on CPU falls back to one additive mask
+per block shape, shared by every layer (``_Layout``). TE's ring
 attention (the GPU image's ``attention_backend: te``) overlaps the exchange with compute and
 keeps flash kernels: the fast path.
 """
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_rl.model import block_attention
 from megatron_rl.parallel.collectives import Group, all_gather_partial, group_rank, group_size
 from megatron_rl.parallel.cp_layout import chunk_ids, thd_partition_index
 
@@ -120,11 +124,17 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, *, cp_
     k = kv[..., :ng * hk].reshape(-1, b, ng, hk).permute(1, 2, 0, 3)     # [b, ng, T, hk]
     v = kv[..., ng * hk:].reshape(-1, b, ng, hv).permute(1, 2, 0, 3)
     q = query.permute(1, 2, 0, 3)                                         # [b, np, n, hk]
+    unmasked = block_attention.available(query.device, dropout_p)
     outs = []
     for s in _plan(seq_lens, cp, rank):
+        qs = q[:, :, s.q_start:s.q_start + s.q_len]
         ks, vs = (x[:, :, s.k_start:s.k_start + s.k_len] for x in (k, v))
+        if unmasked:
+            outs.append(block_attention.chunk_attention(qs, ks, vs, scale=scale,
+                                                        dropout_p=dropout_p))
+            continue
         outs.append(F.scaled_dot_product_attention(
-            q[:, :, s.q_start:s.q_start + s.q_len], ks, vs, dropout_p=dropout_p, scale=scale,
+            qs, ks, vs, dropout_p=dropout_p, scale=scale,
             attn_mask=layout.mask(s.q_len, s.k_len, query.device, query.dtype),
             enable_gqa=ng != query.shape[2]))
     return torch.cat(outs, dim=2).permute(2, 0, 1, 3)                    # [n, b, np, hv]

@@ -120,6 +120,29 @@ def _mutation(name: str):
             yield
         finally:
             A._plan = orig
+    elif name == "part_lse_backward":
+        from megatron_rl.model import block_attention as BA
+
+        orig = BA._CpuPrefixDiagonal.backward
+
+        def part_stats(ctx, grad_out):  # each part's backward with its own softmax, not the merged
+            q, kp, vp, kd, vd, _, _ = ctx.saved_tensors
+            od, ld = BA._cpu_flash(q, kd, vd, 0.0, True, scale=ctx.scale)
+            dq, dkd, dvd = BA._cpu_flash_backward(grad_out, q, kd, vd, od, ld, 0.0, True,
+                                                  scale=ctx.scale)
+            dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
+            if kp.shape[2]:
+                op, lp = BA._cpu_flash(q, kp, vp, 0.0, False, scale=ctx.scale)
+                dq1, dkp, dvp = BA._cpu_flash_backward(grad_out, q, kp, vp, op, lp, 0.0, False,
+                                                       scale=ctx.scale)
+                dq = dq + dq1
+            return dq, dkp, dvp, dkd, dvd, None
+
+        BA._CpuPrefixDiagonal.backward = staticmethod(part_stats)
+        try:
+            yield
+        finally:
+            BA._CpuPrefixDiagonal.backward = orig
     else:
         raise KeyError(name)
 
@@ -127,7 +150,8 @@ def _mutation(name: str):
 CASES = [(layout, dtype, cp) for layout in ("bshd", "thd") for dtype in ("float64", "float32")
          for cp in (2, 4)]
 MUTATIONS = [("identity_backward", "bshd", 2), ("identity_backward", "thd", 4),
-             ("local_mask", "bshd", 4), ("local_mask", "thd", 2)]
+             ("local_mask", "bshd", 4), ("local_mask", "thd", 2),
+             ("part_lse_backward", "bshd", 2), ("part_lse_backward", "thd", 4)]
 
 
 def cp_attention_equivalence(rank: int, world: int) -> dict:

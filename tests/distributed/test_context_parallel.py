@@ -2,7 +2,8 @@
 the real Megatron-Core model, equal to the single-process (CP 1) run.
 
 The attention: every rank keeps its zigzag chunks of q / k / v, all-gathers K/V over the CP group
-and masks by global position; outputs and q / k / v gradients, gathered and un-sharded, equal a
+and attends by global position (no mask: the keys before a chunk and its causal diagonal block
+merged by log-sum-exp); outputs and q / k / v gradients, gathered and un-sharded, equal a
 brute-force float64 reference (BSHD and packed THD with uneven lengths, GQA, key and value head
 dims that differ as in MLA). The model: GSPO and future-KL GRPO (future ratio) through Megatron's
 schedule, DDP and our loss adapter at CP 2 / 4, combined with TP / EP / PP / DP, BSHD and THD,
@@ -34,6 +35,10 @@ def test_cp_attention_mutants_are_caught(cp_attention_results, mutation, layout,
         # the forward is untouched; the K/V gradients lose the other ranks' queries' terms
         assert errs["out"] <= 1e-10 and errs["dq"] <= 1e-10, errs
         assert min(errs["dk"], errs["dv"]) > 0.1, errs
+    elif mutation == "part_lse_backward":
+        # the merged forward is untouched; every gradient of a merged chunk goes wrong
+        assert errs["out"] <= 1e-10, errs
+        assert min(errs["dq"], errs["dk"], errs["dv"]) > 0.1, errs
     else:
         # queries attend keys by local index: outputs and every gradient go wrong
         assert min(errs.values()) > 0.1, errs
