@@ -312,6 +312,8 @@ class Trainer(EngineLink):
                           "sync/MB": sync.bytes / 2**20 / self.world})
         t4 = time.perf_counter()
         share = 1.0 / self.world  # every rank reports; the sum over ranks is the mean
+        for k, v in (batch.plan_metrics if batch is not None else {}).items():
+            local[k] = v * share   # the plan is the same on every rank
         for k, v in rollouts.metrics().items():
             local[k] = v * share if not k.endswith("/max") else v
         if self.feed is not None:   # the push before this step (if any) and this step's take

@@ -25,6 +25,13 @@ class TrainConfig:
                                                 "mini-batches from the run's seed")
     micro_batch_size: int = field_(8, ge=1, help="responses per forward/backward (whole groups "
                                                  "for the Megatron trainer)")
+    max_tokens_per_micro_batch: int = field_(
+        0, ge=0, help="token-budget micro-batches (verl's use_dynamic_bsz / "
+                      "ppo_max_token_len_per_gpu): whole groups fill a micro-batch up to this many "
+                      "tokens as laid out (prompt + response, padding included, before CP "
+                      "splits them), groups are spread over DP ranks by tokens and every rank runs "
+                      "the same number of micro-batches; a group over it alone is a micro-batch "
+                      "of its own; 0: micro_batch_size responses per micro-batch")
     pack_sequences: bool = field_(False, help="THD packing of a micro-batch (no padding)")
     routing_replay: str = field_("off", choices=("off", "old", "rollout"),
                                  help="MoE expert routes in training: off (live), old (replay the "

@@ -13,7 +13,8 @@ into micro-batches or ranks.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -82,6 +83,8 @@ class StepBatch:
     has_logprobs: bool = False              # this rank computed the old log-probs (last PP stage)
     values: Optional[List[Tensor]] = None   # [B, 2C] the rollout-time critic's values (gae)
     returns: Optional[List[Tensor]] = None  # [B, 2C] the critic's targets: advantage + value
+    update_sizes: Optional[List[int]] = None    # micro-batches per update (None: even cut)
+    plan_metrics: Dict[str, float] = field(default_factory=dict)   # batch/* (same on every rank)
 
 
 def group_sequences(prompt_ids: List[int], samples: Sequence,
@@ -123,16 +126,21 @@ def build_step_batch(groups: List[List[Dict[str, Tensor]]], rewards: List[Tensor
                      groups_per_micro_batch: int, pg: ParallelGroups, *, cp_size: int, cp_rank: int,
                      packed: bool, device, advantage: str = "",
                      route_layers: Optional[Sequence[int]] = None,
-                     replay_rollout_routes: bool = False) -> StepBatch:
-    """``groups[P][G]`` sequences and their ``rewards[P]`` ``[G]`` -> micro-batches of whole groups.
+                     replay_rollout_routes: bool = False,
+                     bins: Optional[Sequence[Sequence[int]]] = None) -> StepBatch:
+    """``groups[P][G]`` sequences and their ``rewards[P]`` ``[G]`` -> micro-batches of whole groups:
+    the group indices of each in ``bins`` (a token-budget plan), else contiguous runs of
+    ``groups_per_micro_batch``.
     An ``advantage`` with per-position group statistics gets group-aligned packed lengths
     (``batches.packed_lengths``): under CP its statistics then need no communication.
     ``route_layers``: this stage's MoE layers, when the sequences carry the engine's routes;
     ``replay_rollout_routes`` (R3) replays them in every policy forward."""
     align = advantage in PER_POSITION_ESTIMATORS
     mbs, rs = [], []
-    for start in range(0, len(groups), groups_per_micro_batch):
-        chunk = range(start, min(start + groups_per_micro_batch, len(groups)))
+    if bins is None:
+        bins = [range(start, min(start + groups_per_micro_batch, len(groups)))
+                for start in range(0, len(groups), groups_per_micro_batch)]
+    for chunk in bins:
         seqs = [s for g in chunk for s in groups[g]]
         gid = torch.tensor([i for i, g in enumerate(chunk) for _ in groups[g]])
         mb = build_micro_batch(seqs, gid, packed=packed, cp_size=cp_size, cp_rank=cp_rank,
@@ -228,8 +236,13 @@ def _old_from_update(batch: StepBatch, plan: StepPlan, pg: ParallelGroups, criti
         set_advantages(batch, range(len(batch.micro_batches)), plan, pg)
 
 
-def update_slices(n_micro_batches: int, updates: int) -> List[range]:
-    """``updates`` contiguous runs of micro-batches, sizes differing by at most one."""
+def update_slices(n_micro_batches: int, updates: int,
+                  sizes: Optional[Sequence[int]] = None) -> List[range]:
+    """``updates`` contiguous runs of micro-batches, sizes differing by at most one; or runs of
+    the given ``sizes`` (a token-budget plan's micro-batches per update)."""
+    if sizes is not None:
+        starts = [0] + list(itertools.accumulate(sizes))
+        return [range(a, b) for a, b in zip(starts[:-1], starts[1:])]
     k = min(updates, n_micro_batches)
     base, extra = divmod(n_micro_batches, k)
     out, start = [], 0
@@ -268,7 +281,7 @@ def run_updates(model: List, optimizer, scheduler, batch: StepBatch, pg: Paralle
     sums: Dict[str, Tensor] = {}
     n_updates, skipped = 0, 0.0
     orders = epoch_orders(len(batch.micro_batches), plan.epochs, plan.seed, step)
-    slices = update_slices(len(batch.micro_batches), plan.updates)
+    slices = update_slices(len(batch.micro_batches), plan.updates, batch.update_sizes)
     total = len(orders) * len(slices)
     for epoch, order in enumerate(orders):
         if epoch > 0:

@@ -12,12 +12,14 @@ the samples there, so a rank holds its own share of a step's routes, once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from megatron_rl.algo.advantages import PER_POSITION_ESTIMATORS
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.rollout_comm import scatter_by_key
 from megatron_rl.rollout.collect import Rollouts
-from megatron_rl.train.rl_batch import StepBatch, build_step_batch, group_sequences
+from megatron_rl.train.batch_plan import BatchPlan, fixed_plan, micro_batch_cost, plan_step
+from megatron_rl.train.rl_batch import StepBatch, build_step_batch, group_sequences, update_slices
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class BatchShape:
     route_shape: Optional[Sequence[int]] = None    # (MoE layers, top-k): the engine sent routes
     route_layers: Optional[Sequence[int]] = None   # this stage's MoE layers (None: no routers)
     replay_rollout_routes: bool = False            # train.routing_replay=rollout
+    max_tokens: int = 0            # train.max_tokens_per_micro_batch (0: fixed group counts)
+    updates: int = 1               # train.updates_per_step: the token-budget plan is per update
+    tp_size: int = 1               # sequences are padded to a multiple of 2 cp tp
 
 
 class RouteStash:
@@ -73,21 +78,50 @@ def step_batch(rollouts: Rollouts, shape: BatchShape, pg: ParallelGroups, device
     """This rank's micro-batches of ``rollouts`` (None when there are fewer groups than DP ranks),
     with their routes from ``stash`` (collective when given). Drops every sample's routes
     afterwards (host memory stays bounded by this rank's share of one step)."""
-    per_rank = len(rollouts.rows) // shape.dp
-    idx = range(shape.dp_rank * per_rank, (shape.dp_rank + 1) * per_rank)
+    plan, update_sizes = _plan(rollouts, shape)
+    idx = sorted(g for mb in plan.ranks[shape.dp_rank] for g in mb)
     if stash is not None:   # a stage without routers (dense layers only) asks for none
         stash.fetch([rollouts.samples[i] for i in idx] if shape.route_layers is not None else [])
     batch = None
-    if per_rank:
+    if idx:
         with_routes = shape.route_shape if shape.route_layers is not None else None
         groups = [group_sequences(rollouts.samples[i][0].prompt_ids, rollouts.samples[i],
                                   route_shape=with_routes) for i in idx]
+        local = {g: j for j, g in enumerate(idx)}
         batch = build_step_batch(
             groups, [rollouts.rewards[i] for i in idx], shape.groups_per_micro_batch, pg,
             cp_size=shape.cp_size, cp_rank=shape.cp_rank, packed=shape.packed, device=device,
             advantage=shape.advantage, route_layers=shape.route_layers if with_routes else None,
-            replay_rollout_routes=shape.replay_rollout_routes)
+            replay_rollout_routes=shape.replay_rollout_routes,
+            bins=[[local[g] for g in mb] for mb in plan.ranks[shape.dp_rank]])
+        batch.update_sizes = update_sizes
+        batch.plan_metrics = plan.metrics()
     for group in rollouts.samples:
         for s in group:
             s.routed_experts = None
     return batch
+
+
+def _plan(rollouts: Rollouts, shape: BatchShape) -> Tuple[BatchPlan, Optional[List[int]]]:
+    """Every rank's micro-batches of the step's groups (``batch_plan``), the same on every rank,
+    and the micro-batches per update (None: ``rl_batch.update_slices`` cuts them evenly).
+
+    Fixed counts: rank ``r`` takes the ``r``-th contiguous share, cut into runs of
+    ``groups_per_micro_batch``. Token budget: the kept groups (a multiple of ``dp``, as there)
+    are cut into ``updates`` contiguous mini-batches (multiples of ``dp``, sizes as even as
+    possible), each balanced over the DP ranks and packed on its own, so that an update trains
+    on the same groups whatever the layout."""
+    lengths = [[len(s.prompt_ids) + len(s.token_ids) for s in group] for group in rollouts.samples]
+    cost = micro_batch_cost(lengths, packed=shape.packed, cp_size=shape.cp_size,
+                            align_groups=shape.advantage in PER_POSITION_ESTIMATORS,
+                            tp_size=shape.tp_size)
+    if not shape.max_tokens:
+        return fixed_plan(lengths, shape.dp, shape.groups_per_micro_batch, cost), None
+    weights = [sum(ls) for ls in lengths]
+    units = len(lengths) // shape.dp      # rounds of one group per DP rank (as the fixed path)
+    plans = [plan_step(range(r.start * shape.dp, r.stop * shape.dp), weights, shape.dp,
+                       shape.max_tokens, cost)
+             for r in update_slices(units, shape.updates)] if units else []
+    if not plans:
+        return fixed_plan(lengths[:0], shape.dp, 1, cost), None
+    return BatchPlan.concat(plans), [len(p.ranks[0]) for p in plans]

@@ -118,7 +118,9 @@ def batch_shape(cfg: RunConfig, dp: int, dp_rank: int, cp_rank: int, spec, route
         cfg.parallel.context_parallel_size, cp_rank, t.pack_sequences, cfg.algo.advantage.name,
         route_shape=None if spec is None else (len(spec.layers), spec.top_k),
         route_layers=None if routes is None else routes.layers,
-        replay_rollout_routes=t.routing_replay == "rollout")
+        replay_rollout_routes=t.routing_replay == "rollout",
+        max_tokens=t.max_tokens_per_micro_batch, updates=t.updates_per_step,
+        tp_size=cfg.parallel.tensor_model_parallel_size)
 
 
 def optim_settings(section, train):

@@ -23,6 +23,8 @@ SHORT = ["data.synthetic_answer_len=48", "rollout.max_response_len=48", "train.p
          "rollout.n_samples_per_prompt=4", "rollout.probe_every=2", "train.loggers=[]"]
 # per-rank values: under CP each rank routes and holds only its share of the tokens
 PER_RANK = ("moe/imbalance", "mismatch/max", "sync/probe_mismatch/max")
+# how the step is laid out: CP pads every sequence to a multiple of 2 cp
+LAYOUT = ("batch/pad_frac",)
 
 
 def _run(recipe: str, out: pathlib.Path, steps: int, cp: int, *extra: str, world: int = 2):
@@ -45,7 +47,7 @@ def _assert_cp_matches_cp1(cp2, cp1):
     for a, b in zip(cp2, cp1):
         assert a.keys() == b.keys()
         for k in a:
-            if k.startswith(PER_RANK):
+            if k.startswith(PER_RANK + LAYOUT):
                 continue
             if k.startswith(("reward/", "response/", "rollout/")) or k == "step":
                 assert a[k] == b[k], (a["step"], k, a[k], b[k])          # the same rollouts
@@ -73,11 +75,15 @@ def test_gspo_at_cp2_equals_cp1_and_resumes_bit_identically(tmp_path):
 
 
 def test_future_kl_grpo_packed_at_cp2_equals_cp1(tmp_path):
-    packed = ["train.pack_sequences=true", "train.export_hf=false"]
+    """Packed, with token-budget micro-batches (two groups of about 4 x 64 tokens each)."""
+    packed = ["train.pack_sequences=true", "train.export_hf=false",
+              "train.max_tokens_per_micro_batch=600"]
     _run("tiny_moe_long_future_kl_grpo", tmp_path / "cp2", 2, 2, *packed)
     _run("tiny_moe_long_future_kl_grpo", tmp_path / "cp1", 2, 1, *packed)
     cp2 = metrics(tmp_path / "cp2")
     assert cp2[0]["train/updates"] == 1.0 and "train/kl" in cp2[0]
+    assert cp2[0]["batch/micro_batches"] == 2.0 and cp2[0]["batch/over_budget_groups"] == 0.0
+    assert 0.0 <= cp2[0]["batch/pad_frac"] < 0.1, cp2[0]
     _assert_cp_matches_cp1(cp2, metrics(tmp_path / "cp1"))
 
 
