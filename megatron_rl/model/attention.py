@@ -4,8 +4,8 @@ local (TransformerEngine-free) layer spec, context parallelism included.
 Megatron's own local ``DotProductAttention`` materialises ``[b, np, s, s]`` scores, refuses packed
 sequences and refuses context parallelism (only TE's attention has it); SDPA picks the flash /
 memory-efficient kernel on GPU and runs on CPU. Inputs are Megatron's: ``[s, b, np, hn]`` (or
-``[t, np, hn]`` for packed THD batches, whose sequences are kept apart by a block-diagonal causal
-mask built from ``cu_seqlens_padded``).
+``[t, np, hn]`` for packed THD batches, whose sequences are kept apart by attending each one on
+its own, from ``cu_seqlens_padded``: one causal kernel call per sequence, no ``[t, t]`` mask).
 
 Context parallelism (``context_parallel_attention``): each CP rank holds its two zigzag chunks of
 every sequence (``parallel.cp_layout``) for q, k and v. It all-gathers the keys and values of the
@@ -38,15 +38,6 @@ from megatron_rl.parallel.collectives import Group, all_gather_partial, group_ra
 from megatron_rl.parallel.cp_layout import chunk_ids, thd_partition_index
 
 Tensor = torch.Tensor
-
-
-def _packed_causal_mask(cu_seqlens: Tensor, total: int, device) -> Tensor:
-    """``[t, t]`` bool, True where query i may attend key j (same sequence, j <= i)."""
-    seq_id = torch.zeros(total, dtype=torch.long, device=device)
-    seq_id[cu_seqlens[1:-1].long()] = 1
-    seq_id = seq_id.cumsum(0)
-    pos = torch.arange(total, device=device)
-    return (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
 
 
 class _Slice(NamedTuple):
@@ -173,11 +164,7 @@ class SDPAttention(MegatronModule):
             return self._context_parallel(query, key, value, attention_mask, mask_type,
                                           packed_seq_params, dropout)
         if packed_seq_params is not None:                        # [t, np, hn], one sequence stream
-            allowed = _packed_causal_mask(_cu_seqlens(packed_seq_params), query.shape[0],
-                                          query.device)
-            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-            out = self._sdpa(q, k, v, allowed, False, dropout)  # [1, np, t, hn]
-            return out.squeeze(0).transpose(0, 1).reshape(query.shape[0], -1)
+            return self._packed(query, key, value, _cu_seqlens(packed_seq_params), dropout)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))   # [b, np, s, hn]
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         allowed = None if attention_mask is None else ~attention_mask    # Megatron: True = masked
@@ -204,6 +191,21 @@ class SDPAttention(MegatronModule):
         out = context_parallel_attention(query, key, value, cp_group=self.cp_group,
                                          seq_lens=[s * cp], scale=self.scale, dropout_p=dropout)
         return out.reshape(s, b, -1)
+
+    def _packed(self, query, key, value, cu_seqlens: Tensor, dropout):
+        """Causal attention within each packed sequence: one causal kernel call per sequence, so
+        nothing is quadratic in the packed stream's length (a block-diagonal ``[t, t]`` mask
+        would be, and would make the kernel score every pair of the stream)."""
+        t = query.shape[0]
+        cu = cu_seqlens.tolist()                 # host lengths, as Megatron's RoPE
+        bounds = [(s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s]
+        if cu[-1] < t:                           # a tail past the last sequence: its own segment
+            bounds.append((cu[-1], t))
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))   # [1, np, t, hn]
+        outs = [self._sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, True, dropout)
+                for s, e in bounds]
+        out = torch.cat(outs, dim=2)
+        return out.squeeze(0).transpose(0, 1).reshape(t, -1)
 
     def _sdpa(self, q, k, v, allowed, causal, dropout):
         return F.scaled_dot_product_attention(

@@ -3,7 +3,7 @@ its masks are lower-right causal (the multi-rank equality is tests/distributed/t
 
 import torch
 
-from megatron_rl.model.attention import _Layout, _plan, context_parallel_attention
+from megatron_rl.model.attention import SDPAttention, _Layout, _plan, context_parallel_attention
 from tests.distributed.cp_workers import reference_attention
 
 
@@ -28,3 +28,17 @@ def test_one_rank_equals_causal_attention_per_packed_sequence():
     k, v = (torch.randn(sum(lens), 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
     out = context_parallel_attention(q, k, v, cp_group=None, seq_lens=lens, scale=8 ** -0.5)
     assert (out - reference_attention(q, k, v, lens)).abs().max() < 1e-12
+
+
+def test_packed_sequences_attend_only_themselves_without_a_stream_mask():
+    g = torch.Generator().manual_seed(1)
+    lens = [6, 2, 10, 4]
+    t = sum(lens) + 3                       # a padded tail past the last sequence
+    q = torch.randn(t, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(t, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    attn = SDPAttention.__new__(SDPAttention)   # no Megatron config needed for this path
+    attn.scale = 8 ** -0.5
+    cu = torch.tensor([0, 6, 8, 18, 22])
+    out = attn._packed(q, k, v, cu, 0.0).reshape(t, 4, 8)
+    ref = reference_attention(q[:, None], k[:, None], v[:, None], lens + [3])[:, 0]
+    assert (out - ref).abs().max() < 1e-12
