@@ -31,29 +31,20 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megatron_rl.parallel.launch import free_port
+from peak_rss import reset_high_water, rss_kb   # bench/, the script's own directory
 
 PROMPT, BATCH = 128, 2
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _measured(fn, repeats: int = 2):
     """``(extra peak MiB, seconds per call)`` of ``fn`` after one warm-up call."""
     fn()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                               # reset VmHWM to the current resident set
-    before = _rss_kb("VmRSS")
+    before = reset_high_water()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
     seconds = (time.perf_counter() - t0) / repeats
-    return (_rss_kb("VmHWM") - before) / 1024, seconds
+    return (rss_kb("VmHWM") - before) / 1024, seconds
 
 
 def _step_case(L: int, cp: int):

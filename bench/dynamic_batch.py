@@ -34,16 +34,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_rl.parallel.launch import free_port  # noqa: E402
+from peak_rss import reset_high_water, rss_kb  # noqa: E402  (bench/, the script's directory)
 
 PROMPT = 128
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _rollouts(vocab: int, a):
@@ -109,9 +102,7 @@ def _worker(rank, world, port, a, mode, out):
         return batch
 
     batch = step()                                               # warm-up
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _rss_kb("VmRSS")
+    before = reset_high_water()
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(a.repeats):
@@ -119,7 +110,7 @@ def _worker(rank, world, port, a, mode, out):
     dist.barrier()
     seconds = (time.perf_counter() - t0) / a.repeats
     peaks = [None] * world
-    dist.all_gather_object(peaks, (_rss_kb("VmHWM") - before) / 1024)
+    dist.all_gather_object(peaks, (rss_kb("VmHWM") - before) / 1024)
     if rank == 0:
         out.append((batch.plan_metrics, seconds, max(peaks), shape.max_tokens))
     dist.destroy_process_group()

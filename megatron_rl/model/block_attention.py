@@ -52,6 +52,7 @@ class _CpuPrefixDiagonal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_prev, v_prev, k_diag, v_diag, scale):
+        """Both parts' flash outputs and log-sum-exps, merged; saves the merged ones."""
         out, lse = _cpu_flash(q, k_diag, v_diag, 0.0, True, scale=scale)
         if k_prev.shape[2]:
             o1, l1 = _cpu_flash(q, k_prev, v_prev, 0.0, False, scale=scale)
@@ -62,6 +63,7 @@ class _CpuPrefixDiagonal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """Each part's flash backward with the merged output and log-sum-exp; ``dq`` summed."""
         q, k_prev, v_prev, k_diag, v_diag, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         dq, dk_diag, dv_diag = _cpu_flash_backward(grad_out, q, k_diag, v_diag, out, lse, 0.0,

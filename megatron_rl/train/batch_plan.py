@@ -117,6 +117,7 @@ def micro_batch_cost(lengths: Sequence[Sequence[int]], *, packed: bool, cp_size:
     """The laid-out token count of a micro-batch of groups (``lengths[g]``: the sequence lengths
     of group ``g``), exactly as ``batches.build_micro_batch`` pads them."""
     def cost(groups: Sequence[int]) -> int:
+        """Laid-out tokens of a micro-batch of ``groups``."""
         lens = [n for g in groups for n in lengths[g]]
         if packed:
             gid = [j for j, g in enumerate(groups) for _ in lengths[g]]
