@@ -164,7 +164,7 @@ class SDPAttention(MegatronModule):
             return self._context_parallel(query, key, value, attention_mask, mask_type,
                                           packed_seq_params, dropout)
         if packed_seq_params is not None:                        # [t, np, hn], one sequence stream
-            return self._packed(query, key, value, _cu_seqlens(packed_seq_params), dropout)
+            return self._packed(query, key, value, _host_cu_seqlens(packed_seq_params), dropout)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))   # [b, np, s, hn]
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         allowed = None if attention_mask is None else ~attention_mask    # Megatron: True = masked
@@ -181,7 +181,7 @@ class SDPAttention(MegatronModule):
                              "model.attention_backend: te for other masks")
         cp = group_size(self.cp_group)
         if packed_seq_params is not None:                        # [t, np, hn]
-            cu = _cu_seqlens(packed_seq_params).tolist()     # host lengths, as Megatron's RoPE
+            cu = _host_cu_seqlens(packed_seq_params)
             out = context_parallel_attention(
                 query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), cp_group=self.cp_group,
                 seq_lens=[e - s for s, e in zip(cu[:-1], cu[1:])], scale=self.scale,
@@ -192,12 +192,11 @@ class SDPAttention(MegatronModule):
                                          seq_lens=[s * cp], scale=self.scale, dropout_p=dropout)
         return out.reshape(s, b, -1)
 
-    def _packed(self, query, key, value, cu_seqlens: Tensor, dropout):
-        """Causal attention within each packed sequence: one causal kernel call per sequence, so
-        nothing is quadratic in the packed stream's length (a block-diagonal ``[t, t]`` mask
-        would be, and would make the kernel score every pair of the stream)."""
+    def _packed(self, query, key, value, cu: Sequence[int], dropout):
+        """Causal attention within each packed sequence (``cu``: host boundaries): one causal
+        kernel call per sequence, so nothing is quadratic in the packed stream's length (a
+        block-diagonal ``[t, t]`` mask would be, and would make the kernel score every pair)."""
         t = query.shape[0]
-        cu = cu_seqlens.tolist()                 # host lengths, as Megatron's RoPE
         bounds = [(s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s]
         if cu[-1] < t:                           # a tail past the last sequence: its own segment
             bounds.append((cu[-1], t))
@@ -213,7 +212,11 @@ class SDPAttention(MegatronModule):
             enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _cu_seqlens(packed_seq_params) -> Tensor:
-    """The padded boundaries of the packed (global, un-sharded) sequences."""
+def _host_cu_seqlens(packed_seq_params) -> List[int]:
+    """The padded boundaries of the packed (global, un-sharded) sequences, on the host: the copy
+    our batch builder attaches (``host_cu_seqlens``), else read back from the device once."""
+    host = getattr(packed_seq_params, "host_cu_seqlens", None)
+    if host is not None:
+        return list(host)
     cu = packed_seq_params.cu_seqlens_q_padded
-    return packed_seq_params.cu_seqlens_q if cu is None else cu
+    return (packed_seq_params.cu_seqlens_q if cu is None else cu).tolist()

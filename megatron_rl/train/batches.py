@@ -187,6 +187,10 @@ def _packed_seq_params(cu: List[int], max_len: int, device=None):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     t = torch.tensor(cu, dtype=torch.int32, device=device)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=t, cu_seqlens_kv=t,
-                           cu_seqlens_q_padded=t, cu_seqlens_kv_padded=t,
-                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=t, cu_seqlens_kv=t,
+                          cu_seqlens_q_padded=t, cu_seqlens_kv_padded=t,
+                          max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    # the host copy: our attention cuts the stream per sequence on the host, and reading the
+    # device tensor back in every layer would be a device sync per layer
+    psp.host_cu_seqlens = tuple(cu)
+    return psp

@@ -38,7 +38,22 @@ def test_packed_sequences_attend_only_themselves_without_a_stream_mask():
     k, v = (torch.randn(t, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
     attn = SDPAttention.__new__(SDPAttention)   # no Megatron config needed for this path
     attn.scale = 8 ** -0.5
-    cu = torch.tensor([0, 6, 8, 18, 22])
+    cu = [0, 6, 8, 18, 22]
     out = attn._packed(q, k, v, cu, 0.0).reshape(t, 4, 8)
     ref = reference_attention(q[:, None], k[:, None], v[:, None], lens + [3])[:, 0]
     assert (out - ref).abs().max() < 1e-12
+
+
+def test_packed_boundaries_come_from_the_builders_host_copy_else_the_padded_tensor():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_rl.model.attention import _host_cu_seqlens
+    from megatron_rl.train.batches import _packed_seq_params
+
+    psp = _packed_seq_params([0, 4, 12], 8)
+    assert _host_cu_seqlens(psp) == [0, 4, 12] == psp.cu_seqlens_q_padded.tolist()
+    psp.host_cu_seqlens = (0, 5, 12)            # the host copy wins: no device read-back
+    assert _host_cu_seqlens(psp) == [0, 5, 12]
+    bare = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 3, 6]),
+                           cu_seqlens_q_padded=torch.tensor([0, 4, 8]))
+    assert _host_cu_seqlens(bare) == [0, 4, 8]
