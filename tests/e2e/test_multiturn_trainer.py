@@ -76,8 +76,9 @@ def test_multi_turn_at_cp2_with_engine_tp2_equals_cp1(tmp_path):
         # for every token the engine ran, and Megatron's routers (before replay) agree with them
         assert a["r3/missing_frac"] == 0.0 and a["r3/route_agreement"] >= 0.999
         for k in a:
+            # per-rank values, timings, and the layout's padding (CP pads to a multiple of 2 cp)
             if k.startswith(("moe/imbalance", "mismatch/max", "sync/probe_mismatch/max", "mem/",
-                             "time/", "perf/", "sync/seconds")):
+                             "time/", "perf/", "sync/seconds", "batch/pad_frac")):
                 continue
             if k.startswith(("reward/", "response/", "rollout/", "env/")):
                 assert a[k] == b[k], (a["step"], k, a[k], b[k])       # the same episodes
