@@ -7,7 +7,7 @@ inputs in *label* coordinates (row ``p`` is about token ``p+1``: ``old_logprobs`
 ``advantages``, optionally ``ref_logprobs``, ``rollout_logprobs``), and optionally the engine's
 expert ``routes`` (int16 ``[n, L, K]`` in *token* coordinates, -1 rows where unknown), which are
 cut exactly like the tokens and then laid out in the routers' order (``router_order``).
-``pack_by_token_budget`` groups sequences into micro-batches under a token budget.
+Which groups form a micro-batch under a token budget is ``train.batch_plan``'s.
 """
 
 from __future__ import annotations
@@ -24,28 +24,6 @@ from megatron_rl.train.megatron_loss import PolicyMicroBatch
 
 Tensor = torch.Tensor
 LOSS_INPUTS = ("old_logprobs", "advantages", "ref_logprobs", "rollout_logprobs")
-
-
-def pack_by_token_budget(lengths: Sequence[int], budget: int, multiple: int = 1) -> List[List[int]]:
-    """Indices of sequences per micro-batch, first-fit decreasing: each micro-batch's padded
-    token count (each length rounded up to ``multiple``) stays within ``budget``."""
-    padded = [-(-n // multiple) * multiple for n in lengths]
-    too_long = [i for i, n in enumerate(padded) if n > budget]
-    if too_long:
-        raise ValueError(f"sequence {too_long[0]} has {lengths[too_long[0]]} tokens, more than the "
-                         f"micro-batch token budget {budget}; raise train.max_tokens_per_micro_batch")
-    bins: List[List[int]] = []
-    room: List[int] = []
-    for i in sorted(range(len(padded)), key=lambda i: -padded[i]):
-        for b, r in enumerate(room):
-            if padded[i] <= r:
-                bins[b].append(i)
-                room[b] -= padded[i]
-                break
-        else:
-            bins.append([i])
-            room.append(budget - padded[i])
-    return [sorted(b) for b in bins]
 
 
 def _pad(x: Tensor, n: int) -> Tensor:

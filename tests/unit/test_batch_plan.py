@@ -100,3 +100,12 @@ def test_cost_is_what_the_batch_builder_lays_out(packed, align):
             laid += mb.tokens.numel()
         cost = micro_batch_cost(lengths, packed=packed, cp_size=cp, align_groups=align)
         assert cost([0, 1]) == laid, (cp, cost([0, 1]), laid)
+
+
+def test_first_fit_decreasing_packs_to_the_lower_bound_on_a_known_case():
+    lengths = [[n] for n in (7, 3, 12, 5, 5, 9, 1, 16, 2)]   # padded to multiples of 4 at CP 2
+    cost = micro_batch_cost(lengths, packed=True, cp_size=2, align_groups=False)
+    bins = pack_groups(range(9), [n for [n] in lengths], cost, 16)
+    assert sorted(g for b in bins for g in b) == list(range(9))
+    assert all(cost(b) <= 16 for b in bins)
+    assert len(bins) == 5  # 76 padded tokens need at least 5 bins of 16: FFD reaches the bound
