@@ -12,12 +12,14 @@ Every command runs as one process or under torchrun (the layout's product must d
 
 Bad input ends in one line on stderr naming the key or file, and exit status 2; a write that
 fails (full disk, quota, read-only) in one line naming the path and the errno, and status 74.
-``train`` also exits 75 when stopped on request (requeue it) and 3 after repeated NaN steps.
+``train`` also exits 75 when stopped on request (requeue it), 3 after repeated NaN steps, and 69
+when the reward service (``reward.http``) is down (rerun once it is back: it resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -151,6 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # lazy: a config error is reported before megatron-core, vLLM or torch.distributed load
     from megatron_rl.config import ConfigError, load_config, to_yaml
     from megatron_rl.io_errors import EXIT_IO, WriteFailed
+    from megatron_rl.rewards.http import EXIT_UNAVAILABLE, ServiceDown
 
     try:
         if args.command == "print-config":
@@ -171,6 +174,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except WriteFailed as e:
         print(f"megatron-rl: {e}", file=sys.stderr)
         return EXIT_IO
+    except ServiceDown as e:   # every rank knows it; one line is enough
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron-rl: reward service down: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 def _convert(args) -> int:

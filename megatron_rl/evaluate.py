@@ -57,10 +57,12 @@ def evaluate(cfg: RunConfig, model_dir: str, *, num_prompts: int, n: int,
         engine.shutdown()
     if not cfg.env.name:
         per_group, failures, _, _ = score_groups(Scorer.of(cfg.reward, tok), rows, groups)
-    scores = [s for g in per_group for s in g]
     lengths = [len(s.token_ids) for g in groups for s in g]
-    if samples_file:
+    if samples_file:   # a response the reward service could not score has reward null
         _write_samples(samples_file, rows, groups, per_group, tok)
+    failures += sum(s is None for g in per_group for s in g)
+    per_group = [[s for s in g if s is not None] for g in per_group]
+    scores = [s for g in per_group for s in g]
     return {"prompts": len(rows), "samples": len(scores),
             "reward_mean": sum(scores) / max(len(scores), 1),
             "solved_frac": sum(s >= 1.0 for s in scores) / max(len(scores), 1),

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_rl.checkpoint.convert import write_side_files
-from megatron_rl.checkpoint.dist_ckpt import load_rng_state, save_checkpoint
+from megatron_rl.checkpoint.dist_ckpt import checkpoint_steps, load_rng_state, save_checkpoint
 from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
 from megatron_rl.config.run import check_cpu_engines
 from megatron_rl.config.soundness import load_warnings
@@ -36,6 +36,7 @@ from megatron_rl.parallel.collectives import all_reduce_nograd
 from megatron_rl.parallel.launch import init_distributed
 from megatron_rl.parallel.metrics_comm import reduce_step_metrics
 from megatron_rl.parallel.roles import init_roles
+from megatron_rl.rewards.http import EXIT_UNAVAILABLE, ServiceDown
 from megatron_rl.rollout.collect import sample_rows
 from megatron_rl.rollout.rollout_state import IN_FLIGHT_ROUTES, load_routes, save_routes
 from megatron_rl.rollout.scoring import Scorer
@@ -342,6 +343,11 @@ class Trainer(EngineLink):
             rollouts = self.feed.take(self.step)
         else:
             rollouts = self.producer.collect(self.step)
+        if rollouts.fatal:   # the reward service is down: stop, the checkpoints as they are
+            steps = checkpoint_steps(self.out / "checkpoints")
+            where = f"step {steps[0]}'s checkpoint" if steps else "the start (no checkpoint yet)"
+            raise ServiceDown(f"step {self.step}: {rollouts.fatal}; nothing of this step was "
+                              f"written; rerun the same command to resume from {where}")
         if rollouts.failures and self.log is not None:
             what = "episode" if self.cfg.env.name else "reward"
             self.log.note(f"step {self.step}: {rollouts.failures} {what} failure(s), e.g. "
@@ -431,6 +437,11 @@ def train(cfg: RunConfig, quiet: bool = False) -> int:
     try:
         code = trainer.run()
         return code
+    except ServiceDown as e:   # the engine ranks end with its status too
+        code = EXIT_UNAVAILABLE
+        if trainer.log is not None:
+            trainer.log.note(str(e))
+        raise
     finally:
         trainer.close(exit_code=code)
 

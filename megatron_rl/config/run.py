@@ -38,6 +38,10 @@ def validate(cfg: RunConfig) -> None:
     cfg.env.check("env")
     if cfg.env.name:
         _check_env(cfg)
+        if cfg.reward.uses_service():
+            raise ConfigError("reward.name: a reward service (http) does not score multi-turn "
+                              f"episodes yet (env.name={cfg.env.name} scores each episode with a "
+                              "rule or user reward); use one of those, or env.name=''")
     if not cfg.data.path:
         raise ConfigError("data.path: required (a .jsonl or .parquet file with prompt and label "
                           "columns, or synthetic:<task>)")

@@ -20,8 +20,9 @@ from megatron_rl.rewards.base import REWARDS
 
 @dataclass(frozen=True)
 class RewardResult:
-    """A response's score, the error that replaced it (if any), and each component's score."""
-    score: float
+    """A response's score, the error that replaced it (if any), and each component's score.
+    ``score`` None: a reward service could not score it (its group is skipped, never zeroed)."""
+    score: Optional[float]
     error: Optional[str] = None
     parts: Optional[Dict[str, float]] = None   # each component's score (reward.components)
 
@@ -57,13 +58,25 @@ def run(fn: Callable[..., Any], response: str, label: Any, *, prompt: str = "",
     return RewardResult(value)
 
 
+SERVICE_TERM = "service"   # a term of ``combine`` scored by a service in batches (``service=``)
+
+
 def combine(terms, response: str, label: Any, *, prompt: str = "",
-            metadata: Optional[Dict[str, Any]] = None, failure_score: float = 0.0) -> RewardResult:
+            metadata: Optional[Dict[str, Any]] = None, failure_score: float = 0.0,
+            service: Optional[RewardResult] = None) -> RewardResult:
     """``sum(weight * score)`` over ``terms`` = ``(label, weight, bound fn)`` (TRL's
-    ``reward_funcs`` + ``reward_weights``); a failing term scores ``failure_score``; every part kept."""
+    ``reward_funcs`` + ``reward_weights``); a failing term scores ``failure_score``; every part kept.
+    A ``SERVICE_TERM`` term takes ``service`` (the service's result for this response); when that
+    has no score, neither has the sum."""
     total, parts, error = 0.0, {}, None
     for name, weight, fn in terms:
-        r = run(fn, response, label, prompt=prompt, metadata=metadata, failure_score=failure_score)
+        if fn == SERVICE_TERM:
+            if service is None or service.score is None:
+                return RewardResult(None, f"{name}: {service.error if service else 'not scored'}")
+            r = service
+        else:
+            r = run(fn, response, label, prompt=prompt, metadata=metadata,
+                    failure_score=failure_score)
         parts[name] = r.score
         total += weight * r.score
         error = error or (r.error and f"{name}: {r.error}")

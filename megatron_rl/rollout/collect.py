@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,6 +67,9 @@ class Rollouts:
     prompt_tokens: int = 0            # summed over the groups drawn
     routes_asked: int = 0             # responses whose expert routes were asked of the engine
     routes_missing: int = 0           # ... and came back without (routed live in training)
+    skipped_groups: int = 0           # groups with a response the reward service did not score
+    service: Dict[str, float] = field(default_factory=dict)   # reward.http call counts (sums)
+    fatal: str = ""                   # the reward service is down: the run stops with this line
 
     def metrics(self) -> Dict[str, float]:
         """The step's rollout metrics (``reward/*``, ``response/*``, ``rollout/*``, ``env/*``, ``r3/missing_frac``)."""
@@ -86,6 +89,8 @@ class Rollouts:
             out["reward/kept_mean"] = float(torch.cat(self.rewards).mean())
         if self.routes_asked:
             out["r3/missing_frac"] = self.routes_missing / self.routes_asked
+        if self.service:
+            out.update(service_metrics(self.service, self.skipped_groups))
         for name, total in self.components.items():   # every sampled response, like reward/mean
             out[f"reward/{name}/mean"] = total / n
         e = self.episodes
@@ -100,22 +105,34 @@ class Rollouts:
         return out
 
 
-def score_groups(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Sequence[Any]]
-                 ) -> Tuple[List[List[float]], int, str, Dict[str, float]]:
-    """Scores ``[P][G]`` of ``groups``, the number of rewards that raised, the first error, and
-    each reward component's sum over the responses (``{}`` without components)."""
-    jobs = [(row, s) for row, g in zip(rows, groups) for s in g]
+def service_metrics(sums: Dict[str, float], skipped_groups: int) -> Dict[str, float]:
+    """``reward/http_*`` and ``reward/groups_skipped`` from the summed call counts."""
+    return {"reward/http_calls": sums.get("http_calls", 0.0),
+            "reward/http_failed_calls": sums.get("http_failed_calls", 0.0),
+            "reward/http_retries": sums.get("http_retries", 0.0),
+            "reward/http_latency_s": sums.get("http_latency_sum_s", 0.0)
+            / max(sums.get("http_answered", 0.0), 1.0),
+            "reward/groups_skipped": float(skipped_groups)}
 
-    def one(job):
+
+def score_groups(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Sequence[Any]]
+                 ) -> Tuple[List[List[Optional[float]]], int, str, Dict[str, float]]:
+    """Scores ``[P][G]`` of ``groups`` (None: the reward service could not score it), the number
+    of rewards that failed, the first error, and each reward component's sum over the responses
+    (``{}`` without components). Raises ``rewards.http.ServiceDown`` when the service is down."""
+    jobs = [(row, s) for row, g in zip(rows, groups) for s in g]
+    texts = [scorer.decode(s.token_ids) for _, s in jobs]
+    served = scorer.score_service(texts, [row for row, _ in jobs])
+
+    def one(j: int):
         """One response's reward result."""
-        row, s = job
-        return scorer(scorer.decode(s.token_ids), row)
+        return scorer(texts[j], jobs[j][0], served[j])
 
     if scorer.workers > 1:
         with ThreadPoolExecutor(scorer.workers) as pool:
-            results = list(pool.map(one, jobs))
+            results = list(pool.map(one, range(len(jobs))))
     else:
-        results = [one(j) for j in jobs]
+        results = [one(j) for j in range(len(jobs))]
     errors = [r.error for r in results if r.error is not None]
     flat = [r.score for r in results]
     sizes = [len(g) for g in groups]
@@ -129,21 +146,27 @@ def score_groups(scorer: Scorer, rows: Sequence[PromptRow], groups: Sequence[Seq
 
 
 def merge_engine_parts(parts: Sequence[Any], n_drawn: int, n_engines: int):
-    """Every engine's ``(index, groups, scores, failures, error, component sums)`` (``None`` from
-    ranks that do not report) -> ``(groups, scores, failures, first error, component sums)`` in
-    draw order (engine ``e`` sampled draws ``e, e + n_engines, ...``)."""
-    groups, scores, failures, error = [None] * n_drawn, [None] * n_drawn, 0, ""
+    """Every engine's ``(index, groups, scores, failures, error, component sums, service call
+    counts, fatal)`` (``None`` from ranks that do not report) -> ``(groups, scores, failures, first
+    error, component sums, service counts, first fatal)`` in draw order (engine ``e`` sampled draws
+    ``e, e + n_engines, ...``)."""
+    groups, scores, failures, error, fatal = [None] * n_drawn, [None] * n_drawn, 0, "", ""
     sums: Dict[str, float] = {}
-    for e, gs, sc, f, err, comp in sorted((p for p in parts if p is not None), key=lambda p: p[0]):
+    service: Dict[str, float] = {}
+    for e, gs, sc, f, err, comp, calls, down in sorted((p for p in parts if p is not None),
+                                                       key=lambda p: p[0]):
         groups[e::n_engines], scores[e::n_engines] = gs, sc
         failures += f
         error = error or err
-        for k, v in comp.items():
-            sums[k] = sums.get(k, 0.0) + v
-    return groups, scores, failures, error, sums
+        fatal = fatal or down
+        for into, add in ((sums, comp), (service, calls)):
+            for k, v in add.items():
+                into[k] = into.get(k, 0.0) + v
+    return groups, scores, failures, error, sums, service, fatal
 
 
-# sample(drawn) -> (groups [P][G], scores [P][G], reward failures, first error[, component sums])
+# sample(drawn) -> (groups [P][G], scores [P][G], reward failures, first error[, component sums
+# [, reward service call counts, fatal]])
 SampleFn = Callable[[List[Tuple[PromptRow, List[int]]]], Tuple[List[List[Any]], List[List[float]], int, str]]
 
 
@@ -159,12 +182,17 @@ def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]], s
             break
         k = math.ceil(missing * plan.oversample) if plan.dynamic else missing
         drawn = draw(k)
-        groups, raw, failures, error, *comp = sample(drawn)
-        for name, v in (comp[0] if comp else {}).items():
-            out.components[name] = out.components.get(name, 0.0) + v
+        groups, raw, failures, error, *rest = sample(drawn)
+        comp, service, fatal = (list(rest) + [{}, {}, ""][len(rest):])[:3]
+        for into, add in ((out.components, comp), (out.service, service)):
+            for name, v in add.items():
+                into[name] = into.get(name, 0.0) + v
         out.failures += failures
         out.first_error = out.first_error or error
         out.rounds += 1
+        if fatal:   # nothing of this round is trained on: the run stops
+            out.fatal = fatal
+            break
         out.groups_drawn += len(drawn)
         for (row, _), group, scores in zip(drawn, groups, raw):
             _add_group(out, plan, row, group, scores)
@@ -173,8 +201,9 @@ def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]], s
 
 def _add_group(out: Rollouts, plan: SamplingPlan, row: PromptRow, group, scores) -> None:
     lengths = torch.tensor([len(s.token_ids) for s in group])
-    out.all_rewards += scores
-    out.flat_groups += len(set(scores)) <= 1
+    skipped = any(x is None for x in scores)   # the reward service did not score all of it
+    out.all_rewards += [x for x in scores if x is not None]
+    out.flat_groups += not skipped and len(set(scores)) <= 1
     out.prompt_tokens += len(group[0].prompt_ids) if group else 0
     out.all_lengths += lengths.tolist()
     out.truncated += sum(s.finish_reason in ("length", "turns") for s in group)
@@ -185,6 +214,9 @@ def _add_group(out: Rollouts, plan: SamplingPlan, row: PromptRow, group, scores)
     if group and getattr(group[0], "info", None) is not None:
         for k, v in episode_metrics(group).items():
             out.episodes[k] = out.episodes.get(k, 0.0) + v
+    if skipped:   # trained on by no one, never scored zero
+        out.skipped_groups += 1
+        return
     shaped = torch.tensor(scores, dtype=torch.float32)
     if plan.overlong_buffer:
         shaped = shaped + overlong_penalty(lengths, max_len=plan.max_tokens,

@@ -49,10 +49,12 @@ class AsyncFeed:
         stream them version ``step`` (its metrics returned, as ``push``'s). ``weights()``: the HF
         ``(name, tensor)`` stream, on rank 0."""
         first = step + 1 + len(self.held)
+        if not self.held and self.sampler is None:
+            self.sampler = sampler
         if self.roles.leads:
             R.send_object(self.roles.batches, {
                 "model_dir": model_dir, "dtype": dtype, "first_step": first,
-                "sampler": self.sampler if self.held else sampler, "version": step}, dst=0)
+                "sampler": self.sampler, "version": step}, dst=0)
         if first <= self.steps:
             return self.push(step, weights, bucket_bytes)
         return {}
@@ -76,7 +78,9 @@ class AsyncFeed:
         if msg[0]["step"] is None:   # a version's validation, sent alone
             self.late[msg[0]["val_of"]] = msg[0]["val"]
             return
-        self.held[msg[0]["step"]] = msg[0]
+        # the sampler before the step's draw: a step whose reward service was down is drawn
+        # again from it on resume (``load``)
+        self.held[msg[0]["step"]] = {**msg[0], "sampler_before": self.sampler}
         self.sampler = msg[0]["sampler"]
 
     def take(self, step: int) -> Rollouts:
@@ -147,3 +151,7 @@ class AsyncFeed:
         self.held = {int(s): {**m, "rollouts": rollouts_from_state(m["rollouts"], routes)}
                      for s, m in state["held"].items()}
         self.sampler = state["sampler"]
+        down = sorted(s for s, m in self.held.items() if m["rollouts"].fatal)
+        if down:   # generated while the reward service was down: generated again, same prompts
+            self.sampler = self.held[down[0]]["sampler_before"]
+            self.held = {s: m for s, m in self.held.items() if s < down[0]}

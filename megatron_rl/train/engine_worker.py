@@ -11,7 +11,9 @@ The protocol with the trainer (``train.async_feed`` is the other side):
    next step may use.
 3. One message per step over ``batches``: the step's ``Rollouts``, the sampler state after its
    prompts were drawn, the version that generated it, and the engine's idle seconds.
-4. The stop message, with the trainer's exit status, which the engine ranks end with.
+4. The stop message, with the trainer's exit status, which the engine ranks end with. A step
+   whose reward service was down (``Rollouts.fatal``) is the last one generated: the trainer
+   stops on it with 69.
 
 Validation (``train.val_every``) runs here, on the engines: right after version ``v`` is applied
 (``v`` a multiple of ``val_every``), its ``val/*`` go out with the next step's rollouts (step
@@ -35,6 +37,8 @@ from megatron_rl.runtime.crash_points import reached
 from megatron_rl.train import setup as S
 from megatron_rl.train.producer import RolloutProducer
 from megatron_rl.train.validation import Validation
+
+STOP_ONLY = 2**62   # a version ``WeightInbox.upto`` never reaches: it returns the stop message
 
 
 class WeightInbox:
@@ -137,6 +141,8 @@ class EngineWorker:
                         "generate_s": gen_s}, dst=1)
                     idle = time.perf_counter() - t0   # waiting for the trainer to take it
                 val = {}
+                if rollouts.fatal:   # the reward service is down: the trainer stops on it
+                    return inbox.upto(STOP_ONLY).exit_code
             return self._validate_late(engine, inbox, applied, bucket)
         finally:
             engine.shutdown()

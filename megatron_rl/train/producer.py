@@ -10,6 +10,7 @@ from typing import Optional
 
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.parallel.weight_comm import all_gather_objects
+from megatron_rl.rewards.http import ServiceDown
 from megatron_rl.rollout.collect import (collect_rollouts, merge_engine_parts, Rollouts,
                                          SamplingPlan, score_groups)
 
@@ -53,7 +54,7 @@ class RolloutProducer:
         seed = ((self.cfg.rollout.seed * 1_000_003 + step) * 1009 + round_) * 131 + self.engine_index
         parts: dict = {}   # reward components' sums (multi-turn episodes log their own metrics)
         scores: Optional[list] = None
-        failures, error = 0, ""
+        failures, error, fatal = 0, "", ""
         if self.episodes is not None:
             groups, scores, failures, error = self.episodes.collect(self.engine, mine, plan.n, seed)
         else:
@@ -62,9 +63,15 @@ class RolloutProducer:
                 temperature=plan.temperature, top_p=plan.top_p, seed=seed,
                 stop_token_ids=plan.stop_token_ids, ignore_eos=plan.ignore_eos) if mine else []
             if self.leader:
-                scores, failures, error, parts = score_groups(self.scorer, [r for r, _ in mine],
-                                                              groups)
+                try:
+                    scores, failures, error, parts = score_groups(
+                        self.scorer, [r for r, _ in mine], groups)
+                except ServiceDown as e:   # every rank learns it in the merge, and stops
+                    fatal = str(e)
+                    scores = [[None] * len(g) for g in groups]
         if self.route_stash is not None and self.leader:   # routes go only where trained on
             self.route_stash.stash(groups, round_, range(self.engine_index, len(drawn), self.n_engines))
-        payload = (self.engine_index, groups, scores, failures, error, parts) if self.leader else None
+        service = self.scorer.service.take_stats() if self.scorer.service is not None else {}
+        payload = ((self.engine_index, groups, scores, failures, error, parts, service, fatal)
+                   if self.leader else None)
         return merge_engine_parts(all_gather_objects(payload), len(drawn), self.n_engines)

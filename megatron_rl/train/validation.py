@@ -50,9 +50,11 @@ class Validation:
 
 def val_metrics(scores: List[List[float]], lengths: List[List[int]], failures: int,
                 solved: float = 1.0) -> Dict[str, float]:
-    """``val/*`` from the validation scores and lengths."""
+    """``val/*`` from the validation scores and lengths (a score None, which a reward service
+    could not give, counts as neither solved nor failed-to-zero: it is left out)."""
+    scores = [[s for s in (g or []) if s is not None] for g in scores]
     flat = [s for g in scores for s in g]
-    k = max((len(g) for g in scores), default=0)
+    k = max((len(g) for g in lengths), default=0)
     lens = [n for g in lengths for n in g]
     return {"val/reward_mean": sum(flat) / max(len(flat), 1),
             f"val/pass@{k}": sum(max(g) >= solved for g in scores if g) / max(len(scores), 1),

@@ -115,10 +115,12 @@ def test_engine_parts_merge_back_into_draw_order():
 
     # 5 draws over 2 engines: engine 0 sampled draws 0, 2, 4 and engine 1 draws 1, 3; the
     # non-reporting ranks send None, and parts arrive in rank order, not engine order
-    parts = [None, (1, ["g1", "g3"], [1, 3], 2, "e1", {"fmt": 1.0}),
-             (0, ["g0", "g2", "g4"], [0, 2, 4], 1, "", {"fmt": 2.0, "acc": 3.0}), None]
+    parts = [None, (1, ["g1", "g3"], [1, 3], 2, "e1", {"fmt": 1.0}, {"http_calls": 2.0}, "down"),
+             (0, ["g0", "g2", "g4"], [0, 2, 4], 1, "", {"fmt": 2.0, "acc": 3.0},
+              {"http_calls": 1.0}, ""), None]
     assert merge_engine_parts(parts, 5, 2) == (["g0", "g1", "g2", "g3", "g4"], [0, 1, 2, 3, 4], 3,
-                                               "e1", {"fmt": 3.0, "acc": 3.0})
+                                               "e1", {"fmt": 3.0, "acc": 3.0},
+                                               {"http_calls": 3.0}, "down")
 
 
 def test_weighted_reward_components_sum_and_log_each_part(tmp_path):
