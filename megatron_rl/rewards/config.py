@@ -1,13 +1,17 @@
-"""The ``reward`` config section: which registered reward function scores responses."""
+"""The ``reward`` config section: which registered reward function (or reward service, ``http``) scores responses."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import re
+import string
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List
 
 from megatron_rl.algo.registry import check_params, keyword_params
 from megatron_rl.fields import ConfigError, field_
 from megatron_rl.rewards import Component, REWARDS
+from megatron_rl.rewards.http import HttpSettings
 from megatron_rl.rewards.user import is_user_reward, register_user_reward
 
 SERVICE_REWARDS = ("http",)   # scored in batches by a service (reward.http), not per response
@@ -65,18 +69,10 @@ class HttpRewardConfig:
 
     def settings(self):
         """The plain values ``rewards.http.HttpReward`` takes."""
-        from dataclasses import asdict
-
-        from megatron_rl.rewards.http import HttpSettings
-
         return HttpSettings(**{**asdict(self), "extra_body": dict(self.extra_body)})
 
     def check(self, prefix: str) -> None:
         """``ConfigError`` for a URL, template or regex that cannot work."""
-        import os
-        import re
-        import string
-
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}.url: must be an http:// or https:// URL of the reward "
                               f"service; got {self.url!r}")
