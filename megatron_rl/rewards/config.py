@@ -1,4 +1,5 @@
-"""The ``reward`` config section: which registered reward function (or reward service, ``http``) scores responses."""
+"""The ``reward`` config section: which registered reward function (or reward service,
+``http``) scores responses."""
 
 from __future__ import annotations
 
