@@ -119,6 +119,7 @@ class HttpReward:
         self.last_error = ""
         self.stats = CallStats()
         self._lock = threading.Lock()
+        self._jitter = random.Random()   # its own: a retry never moves the global random state
 
     # ---- the batch --------------------------------------------------------------------------
     def score(self, items: Sequence[Item]) -> List[Outcome]:
@@ -169,7 +170,7 @@ class HttpReward:
             if attempt:
                 with self._lock:
                     self.stats.retries += 1
-                time.sleep(self.s.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2))
+                time.sleep(self.s.backoff_s * 2 ** (attempt - 1) * (0.5 + self._jitter.random() / 2))
             t0 = time.perf_counter()
             try:
                 answer = self._post(body)
