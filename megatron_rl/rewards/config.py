@@ -53,7 +53,8 @@ class HttpRewardConfig:
                                         "request, e.g. {structured_outputs: {choice: ['0', '1']}} "
                                         "for vLLM")
     batch_size: int = field_(32, ge=1, help="json: responses per POST")
-    concurrency: int = field_(4, ge=1, help="calls in flight at once, per engine")
+    concurrency: int = field_(16, ge=1, help="calls in flight at once, per engine (a judge "
+                                             "answers one response a call)")
     timeout_s: float = field_(60.0, gt=0, help="seconds a call may take before it counts as failed")
     retries: int = field_(3, ge=0, help="retries of a call that timed out, could not connect or "
                                         "got 408/429/5xx, with exponential backoff")

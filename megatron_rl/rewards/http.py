@@ -89,7 +89,7 @@ class HttpSettings:
     temperature: float = 0.0
     extra_body: Dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32
-    concurrency: int = 4
+    concurrency: int = 16
     timeout_s: float = 60.0
     retries: int = 3
     backoff_s: float = 1.0
