@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from megatron_rl.rewards import RewardResult
+
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 EXIT_UNAVAILABLE = 69   # EX_UNAVAILABLE: the reward service is down; rerun once it is back
 
@@ -50,13 +52,6 @@ class Item:
     response: str
     label: Any = None
     metadata: Optional[Dict[str, Any]] = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """An item's score, or (``score`` None) why it has none."""
-    score: Optional[float]
-    error: Optional[str] = None
 
 
 @dataclass
@@ -107,7 +102,8 @@ class _CallFailed(Exception):
 
 
 class HttpReward:
-    """A client of one reward service: ``score(items)`` -> one ``Outcome`` per item."""
+    """A client of one reward service: ``score(items)`` -> one ``RewardResult`` per item
+    (``score`` None: unscored, why in ``error``)."""
 
     def __init__(self, s: HttpSettings):
         self.s = s
@@ -122,21 +118,21 @@ class HttpReward:
         self._jitter = random.Random()   # its own: a retry never moves the global random state
 
     # ---- the batch --------------------------------------------------------------------------
-    def score(self, items: Sequence[Item]) -> List[Outcome]:
+    def score(self, items: Sequence[Item]) -> List[RewardResult]:
         """Every item's outcome; ``ServiceDown`` once too many calls in a row failed."""
         if self.s.protocol == "json":
             calls = [list(range(a, min(a + self.s.batch_size, len(items))))
                      for a in range(0, len(items), self.s.batch_size)]
         else:
             calls = [[i] for i in range(len(items))]
-        out: List[Optional[Outcome]] = [None] * len(items)
+        out: List[Optional[RewardResult]] = [None] * len(items)
         stop = threading.Event()
 
         def one(idx: List[int]) -> None:
             """One call's items scored (or all failed) into ``out``."""
             if stop.is_set():   # the service is down: the rest are not tried
                 for i in idx:
-                    out[i] = Outcome(None, f"not sent: {self.last_error}")
+                    out[i] = RewardResult(None, f"not sent: {self.last_error}")
                 return
             for i, o in zip(idx, self._call([items[i] for i in idx])):
                 out[i] = o
@@ -162,7 +158,7 @@ class HttpReward:
         return self.consecutive >= limit
 
     # ---- one call ---------------------------------------------------------------------------
-    def _call(self, items: List[Item]) -> List[Outcome]:
+    def _call(self, items: List[Item]) -> List[RewardResult]:
         """One request (with its retries) for ``items``; the counters updated."""
         body = self._body(items)
         error = ""
@@ -191,7 +187,7 @@ class HttpReward:
             self.stats.failed_calls += 1
             self.consecutive += 1
             self.last_error = error
-        return [Outcome(None, f"reward.http: {error}")] * len(items)
+        return [RewardResult(None, f"reward.http: {error}")] * len(items)
 
     def _post(self, body: dict) -> Any:
         """The decoded JSON answer; ``_CallFailed`` (retryable or not) otherwise."""
@@ -225,7 +221,7 @@ class HttpReward:
         return {"model": self.s.model, "messages": messages, "max_tokens": self.s.max_tokens,
                 "temperature": self.s.temperature, **self.s.extra_body}
 
-    def _parse(self, answer: Any, items: List[Item]) -> List[Outcome]:
+    def _parse(self, answer: Any, items: List[Item]) -> List[RewardResult]:
         if self.s.protocol == "json":
             return _json_scores(answer, len(items))
         try:
@@ -234,14 +230,14 @@ class HttpReward:
             raise _CallFailed(f"not a chat completion: {str(answer)[:100]}", False) from None
         m = self.pattern.search(reply)
         if m is None:
-            return [Outcome(None, f"reward.http: no score in the judge's reply {reply[:80]!r}")]
+            return [RewardResult(None, f"reward.http: no score in the judge's reply {reply[:80]!r}")]
         value = float(m.group(1) if m.groups() else m.group(0)) * self.s.score_scale
         if not math.isfinite(value):
-            return [Outcome(None, f"reward.http: the judge's score is {value}")]
-        return [Outcome(value)]
+            return [RewardResult(None, f"reward.http: the judge's score is {value}")]
+        return [RewardResult(value)]
 
 
-def _json_scores(answer: Any, n: int) -> List[Outcome]:
+def _json_scores(answer: Any, n: int) -> List[RewardResult]:
     """A JSON service's answer -> ``n`` outcomes; a wrong shape fails the call (not retried)."""
     scores = answer.get("scores") if isinstance(answer, dict) else answer
     if not isinstance(scores, list) or len(scores) != n:
@@ -251,9 +247,9 @@ def _json_scores(answer: Any, n: int) -> List[Outcome]:
         if isinstance(s, dict):
             s = s.get("score")
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            out.append(Outcome(None, f"reward.http: the service scored {s!r}"))
+            out.append(RewardResult(None, f"reward.http: the service scored {s!r}"))
         else:
-            out.append(Outcome(float(s)))
+            out.append(RewardResult(float(s)))
     return out
 
 

@@ -48,9 +48,8 @@ class Scorer:
         ``rewards.http.ServiceDown`` when the service is down."""
         if self.service is None:
             return [None] * len(responses)
-        outcomes = self.service.score([Item(r.prompt, text, r.label, r.metadata)
-                                       for text, r in zip(responses, rows)])
-        return [RewardResult(o.score, o.error) for o in outcomes]
+        return self.service.score([Item(r.prompt, text, r.label, r.metadata)
+                                   for text, r in zip(responses, rows)])
 
     def __call__(self, response: str, row: PromptRow, service: Optional[RewardResult] = None):
         prompt = row.prompt if isinstance(row.prompt, str) else str(row.prompt)
