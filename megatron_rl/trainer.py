@@ -108,6 +108,7 @@ class Trainer(EngineLink):
             self.source += f"; critic from {critic_from}"
         self.tok = S.load_tokenizer(cfg, self.hf)
         self.scorer = Scorer.of(cfg.reward, self.tok)
+        self.reward_model = S.build_reward_model(cfg, layout, self.pg)   # None without one
         self.episodes = None   # separate placement: played on the engine ranks
         if self.roles is None:
             self.episodes = S.episode_runner(cfg, self.tok, self.hf, self.rank, self.world)
@@ -142,7 +143,8 @@ class Trainer(EngineLink):
         self.producer = None
         if self.roles is None:
             self.producer = RolloutProducer(cfg, self.tok, self.prompts, self.scorer, self.episodes,
-                                            self.rank, self.world, self.route_stash)
+                                            self.rank, self.world, self.route_stash,
+                                            self.reward_model)
             self.producer.engine = self.engine
         if self.rank == 0:
             self.log = RunLog(self.out, cfg.train.steps, config_yaml=to_yaml(cfg),
@@ -185,6 +187,9 @@ class Trainer(EngineLink):
         self.step = int(state["step"])
         self.resumed_from = Path(state["path"])
         self.prompts.sampler.load_state_dict(state["sampler"])
+        if self.reward_model is not None and self.reward_model.moments is not None \
+                and "reward_moments" in state:
+            self.reward_model.moments.load_state_dict(state["reward_moments"])
         if self.feed is not None:
             routes = self.resumed_from / IN_FLIGHT_ROUTES
             self.feed.load(state.get("in_flight"), load_routes(routes) if routes.is_file() else None)
@@ -366,7 +371,7 @@ class Trainer(EngineLink):
 
     def _sample(self, drawn, plan, round_: int):
         """This step's engine-sharded generate-and-score (validation's sampler)."""
-        return self.producer.sample(drawn, plan, round_, self.step)
+        return self.producer.sample(drawn, plan, round_, self.step, validation=True)
 
     @staticmethod
     def _tokens(rollouts) -> int:
@@ -377,6 +382,8 @@ class Trainer(EngineLink):
         """A checkpoint of this step (model, optimizer, sampler, config, critic)."""
         state = {"sampler": self.prompts.sampler.state_dict(), "step": self.step,
                  "config": S.config_tree(self.cfg)}
+        if self.reward_model is not None and self.reward_model.moments is not None:
+            state["reward_moments"] = self.reward_model.moments.state_dict()
         routes: dict = {}
         if self.feed is not None:   # the engines' sampler, and the steps they generated ahead
             self.feed.fill(self.step)

@@ -233,6 +233,8 @@ def whole_shape(local: Sequence[int], split: Optional[str], size: int) -> Tuple[
 
 
 TOKEN_CLASSIFIER = "ForTokenClassification"
+SEQUENCE_CLASSIFIER = "ForSequenceClassification"   # a learned reward model (``reward.model``)
+HEAD_KEYS = ("num_labels", "id2label", "label2id", "classifier_dropout", "problem_type")
 
 
 def value_model_mapping(m: Mapping) -> Mapping:
@@ -256,14 +258,33 @@ def value_model_architecture(causal_lm: str) -> str:
 
 
 def trunk_config(hf_cfg: dict) -> dict:
-    """A critic's ``config.json`` (``value_model_config``) as its causal LM's, which builds the
-    same trunk; any other config as it is."""
+    """A critic's (``value_model_config``) or a reward model's ``config.json`` as its causal
+    LM's, which builds the same trunk; any other config as it is."""
     archs = hf_cfg.get("architectures") or []
-    if len(archs) == 1 and archs[0].endswith(TOKEN_CLASSIFIER):
-        head_keys = ("num_labels", "id2label", "label2id", "classifier_dropout")
-        return {**{k: v for k, v in hf_cfg.items() if k not in head_keys},
-                "architectures": [archs[0][:-len(TOKEN_CLASSIFIER)] + "ForCausalLM"]}
+    for head in (TOKEN_CLASSIFIER, SEQUENCE_CLASSIFIER):
+        if len(archs) == 1 and archs[0].endswith(head):
+            return {**{k: v for k, v in hf_cfg.items() if k not in HEAD_KEYS},
+                    "architectures": [archs[0][:-len(head)] + "ForCausalLM"]}
     return hf_cfg
+
+
+def num_labels(hf_cfg: dict) -> int:
+    """The labels of a classifier's ``config.json`` as transformers counts them: ``id2label``'s
+    size, else ``num_labels``, else transformers' default of 2."""
+    if isinstance(hf_cfg.get("id2label"), dict):
+        return len(hf_cfg["id2label"])
+    return int(hf_cfg.get("num_labels", 2))
+
+
+def reward_model_mapping(m: Mapping) -> Mapping:
+    """A reward model's mapping: the trunk rules of its causal LM, and the scalar head as
+    transformers' sequence-classification ``score`` layer (one label, no bias; replicated)."""
+    from dataclasses import replace
+
+    trunk = tuple(r for r in m.rules if not r.mcore.startswith("output_layer."))
+    head = (Rule("output_layer.weight", ("score.weight",)),)
+    return replace(m, architecture=m.architecture[:-len("ForCausalLM")] + SEQUENCE_CLASSIFIER,
+                   rules=trunk + head)
 
 
 def value_model_config(hf_cfg: dict) -> dict:

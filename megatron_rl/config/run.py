@@ -38,10 +38,16 @@ def validate(cfg: RunConfig) -> None:
     cfg.env.check("env")
     if cfg.env.name:
         _check_env(cfg)
-        if cfg.reward.uses_service():
-            raise ConfigError("reward.name: a reward service (http) does not score multi-turn "
-                              f"episodes yet (env.name={cfg.env.name} scores each episode with a "
-                              "rule or user reward); use one of those, or env.name=''")
+        for used, what in ((cfg.reward.uses_service(), "a reward service (http)"),
+                           (cfg.reward.uses_model(), "the learned reward model (model)")):
+            if used:
+                raise ConfigError(f"reward.name: {what} does not score multi-turn episodes yet "
+                                  f"(env.name={cfg.env.name} scores each episode with a rule or "
+                                  "user reward); use one of those, or env.name=''")
+    if cfg.reward.uses_model() and cfg.rollout.placement == "separate":
+        raise ConfigError("reward.name: the learned reward model scores on the trainer ranks "
+                          "inside the colocated rollout; with rollout.placement=separate use a "
+                          "reward service (reward.name: http) or rollout.placement=colocated")
     if not cfg.data.path:
         raise ConfigError("data.path: required (a .jsonl or .parquet file with prompt and label "
                           "columns, or synthetic:<task>)")

@@ -402,6 +402,26 @@ def cpu_modes_suspended():
                 mode.__enter__()
 
 
+@contextlib.contextmanager
+def cpu_modes_resumed():
+    """The function modes back for Megatron code called from inside ``cpu_modes_suspended``
+    (the reward model scores responses in the middle of a rollout); a no-op where they are on
+    or were never entered."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    active = list(_MODES)
+    off = bool(active) and not any(m in _get_current_function_mode_stack() for m in active)
+    if off:
+        for mode in active:
+            mode.__enter__()
+    try:
+        yield
+    finally:
+        if off:
+            for mode in reversed(active):
+                mode.__exit__(None, None, None)
+
+
 @_patch("devmode", NO_CUDA,
         "optimizer/optimizer.py:__init__")
 def _devmode() -> Undo:

@@ -38,19 +38,27 @@ def tiny_hf_config(name: str, **overrides) -> Dict[str, Any]:
     return dict(copy.deepcopy(TINY[name]), **overrides)
 
 
-def write_tiny_hf_model(name: str, path, seed: int = 0, **overrides) -> Dict[str, Any]:
+def write_tiny_hf_model(name: str, path, seed: int = 0, reward_model: bool = False,
+                        **overrides) -> Dict[str, Any]:
     """A random-init tiny HF model saved as safetensors at ``path`` (offline, through
-    transformers); returns its config dict. The starting point of the CPU demo and the tests."""
+    transformers); returns its config dict. The starting point of the CPU demo and the tests.
+    ``reward_model``: the architecture's one-label ``*ForSequenceClassification`` instead."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import (AutoConfig, AutoModelForCausalLM,
+                              AutoModelForSequenceClassification)
 
     cfg = tiny_hf_config(name, **overrides)
+    if reward_model:
+        cfg["architectures"] = [cfg["architectures"][0].replace("ForCausalLM",
+                                                                "ForSequenceClassification")]
+        cfg["num_labels"] = 1
     kwargs = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")}
     config = AutoConfig.for_model(cfg["model_type"], **kwargs)
     config.architectures = cfg["architectures"]
+    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
         # HF initialises biases (and DeepSeek's routing bias) to zero and norms to one: a
         # mapping that dropped or swapped them would go unseen
         for m in model.modules():

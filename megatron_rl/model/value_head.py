@@ -22,12 +22,12 @@ class ValueHead(torch.nn.Module):
     """``hidden [s(/tp), b, h] -> values [s, b, 1]``, called like megatron's output layer."""
 
     def __init__(self, hidden_size: int, dtype: torch.dtype, sequence_parallel: bool, tp_group,
-                 init_std: float = 0.0):
+                 init_std: float = 0.0, bias: bool = True):
         super().__init__()
         # ``weight`` / ``bias`` by those names: megatron's LanguageModule checkpoints the head
-        # as ``output_layer.weight``
+        # as ``output_layer.weight``; a reward model's ``score`` layer has no bias
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype)) if bias else None
         if init_std > 0:   # else values start at 0 and the first updates move the head first
             with torch.no_grad():
                 self.weight.normal_(0.0, init_std)
@@ -45,7 +45,7 @@ class ValueHead(torch.nn.Module):
         return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
 
 
-def attach_value_head(model, config, init_std: float = 0.0):
+def attach_value_head(model, config, init_std: float = 0.0, bias: bool = True):
     """Swap ``model.output_layer`` (the last stage's LM head) for a ``ValueHead``; other stages
     have no head and are returned as they are."""
     if not getattr(model, "post_process", False):
@@ -53,5 +53,5 @@ def attach_value_head(model, config, init_std: float = 0.0):
     from megatron.core import parallel_state as ps
 
     model.output_layer = ValueHead(config.hidden_size, config.params_dtype, config.sequence_parallel,
-                                   ps.get_tensor_model_parallel_group(), init_std)
+                                   ps.get_tensor_model_parallel_group(), init_std, bias)
     return model

@@ -59,6 +59,7 @@ def run(fn: Callable[..., Any], response: str, label: Any, *, prompt: str = "",
 
 
 SERVICE_TERM = "service"   # a term of ``combine`` scored by a service in batches (``service=``)
+MODEL_TERM = "model"       # the learned reward model's term: added on the trainer after the merge
 
 
 def combine(terms, response: str, label: Any, *, prompt: str = "",
@@ -67,9 +68,12 @@ def combine(terms, response: str, label: Any, *, prompt: str = "",
     """``sum(weight * score)`` over ``terms`` = ``(label, weight, bound fn)`` (TRL's
     ``reward_funcs`` + ``reward_weights``); a failing term scores ``failure_score``; every part kept.
     A ``SERVICE_TERM`` term takes ``service`` (the service's result for this response); when that
-    has no score, neither has the sum."""
+    has no score, neither has the sum. A ``MODEL_TERM`` term is left out here: the trainer adds
+    it (``rollout.scoring.add_model_scores``)."""
     total, parts, error = 0.0, {}, None
     for name, weight, fn in terms:
+        if fn == MODEL_TERM:
+            continue
         if fn == SERVICE_TERM:
             if service is None or service.score is None:
                 return RewardResult(None, f"{name}: {service.error if service else 'not scored'}")

@@ -16,6 +16,8 @@ from megatron_rl.rewards.http import HttpSettings
 from megatron_rl.rewards.user import is_user_reward, register_user_reward
 
 SERVICE_REWARDS = ("http",)   # scored in batches by a service (reward.http), not per response
+MODEL_REWARD = "model"        # scored by the learned reward model (reward.model) on the trainer
+TINY_RM = "tiny:digit_score"  # the CPU demo's reward model, made under train.output_dir on first use
 DEFAULT_JUDGE = ("Rate how well the response answers the prompt, from 0 (wrong or useless) to 10 "
                  "(correct and complete). Reply with the number only.\n\nPrompt:\n{prompt}\n\n"
                  "Response:\n{response}\n\nReference answer (may be empty):\n{label}\n\nScore:")
@@ -102,6 +104,56 @@ class HttpRewardConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """``reward.model``: the learned reward model ``reward.name: model`` (or a component named
+    ``model``) scores with, sharded like the policy on the trainer ranks (docs/rollout.md)."""
+    path: str = field_("", help="a Hugging Face *ForSequenceClassification directory (config.json, "
+                               "safetensors, tokenizer): Qwen2/Qwen3/Llama-style or MoE trunks "
+                               "that model.hf_config supports, one label; or tiny:digit_score, "
+                               "the CPU demo's (rewards/tiny_rm.py, made under train.output_dir)")
+    use_chat_template: bool = field_(True, help="score the conversation through the reward "
+                                     "model's own chat template (when its tokenizer has one); "
+                                     "false: its tokenizer on prompt + response text")
+    normalize: str = field_("none", choices=("none", "running"),
+                            help="running: scores minus the running mean over the running std of "
+                                 "every score so far (kept in checkpoints)")
+    clip: float = field_(0.0, ge=0, help="scores (after normalisation) clipped to [-clip, clip]; "
+                                         "0: no clip")
+    micro_batch_tokens: int = field_(8192, ge=1, help="tokens per forward micro-batch (each "
+                                     "data-parallel rank scores its share)")
+    offload: bool = field_(False, help="GPU: keep the reward model's weights in host memory "
+                                       "between scorings (frees GPU memory for training)")
+
+    def check(self, prefix: str) -> None:
+        """``ConfigError`` for a missing directory or a config that is not a one-label
+        sequence classifier (the weights are checked when they load)."""
+        from pathlib import Path
+
+        from megatron_rl.checkpoint.hf_mapping import num_labels, SEQUENCE_CLASSIFIER
+        from megatron_rl.model.hf_config import read_config_json
+
+        if not self.path:
+            raise ConfigError(f"{prefix}.path: required with a reward named {MODEL_REWARD!r}: a "
+                              "Hugging Face *ForSequenceClassification directory")
+        if self.path == TINY_RM:
+            return
+        if not (Path(self.path) / "config.json").is_file():
+            raise ConfigError(f"{prefix}.path: {self.path} has no config.json (give the reward "
+                              "model's Hugging Face directory)")
+        try:
+            raw = read_config_json(self.path)
+        except ValueError as e:
+            raise ConfigError(f"{prefix}.path: {str(e).split(': ', 1)[-1]}") from None
+        archs = raw.get("architectures") or []
+        if len(archs) != 1 or not str(archs[0]).endswith(SEQUENCE_CLASSIFIER):
+            raise ConfigError(f"{prefix}.path: architectures {archs} in {self.path}/config.json; "
+                              f"a reward model is one *{SEQUENCE_CLASSIFIER}")
+        if num_labels(raw) != 1:
+            raise ConfigError(f"{prefix}.path: {self.path}/config.json has {num_labels(raw)} labels "
+                              "(id2label / num_labels); a reward model scores with one")
+
+
+@dataclass
 class RewardConfig:
     """The ``reward`` section: the reward function (or components), its parameters and failure
     policy."""
@@ -118,10 +170,24 @@ class RewardConfig:
         "reward/<name>/mean")
     http: HttpRewardConfig = field_(default_factory=HttpRewardConfig,
                                     help="the service reward.name: http calls (rewards/http.py)")
+    model: RewardModelConfig = field_(default_factory=RewardModelConfig,
+                                      help="the learned reward model reward.name: model scores "
+                                           "with (train/reward_model.py)")
+    model_path: str = field_("", help="shorthand for reward.model.path")
 
     def names(self) -> List[str]:
         """The reward names in use: ``name``, or every component's."""
         return [c.name for c in self.components] if self.components else [self.name]
+
+    def uses_model(self) -> bool:
+        """Whether the learned reward model (``reward.model``) scores the responses."""
+        return MODEL_REWARD in self.names()
+
+    def model_weight(self) -> float:
+        """The learned reward model's weight in the reward (1 when it is ``reward.name``)."""
+        if not self.components:
+            return 1.0
+        return sum(float(c.weight) for c in self.components if c.name == MODEL_REWARD)
 
     def uses_service(self) -> bool:
         """Whether a reward service (``reward.http``) scores the responses."""
@@ -142,6 +208,13 @@ class RewardConfig:
         """``ConfigError`` for an unknown reward or parameters it does not take."""
         if self.uses_service():
             self.http.check(f"{prefix}.http")
+        if self.model_path:
+            if self.model.path and self.model.path != self.model_path:
+                raise ConfigError(f"{prefix}.model_path: {self.model_path!r} and {prefix}.model.path="
+                                  f"{self.model.path!r} differ; set one of them")
+            self.model.path = self.model_path
+        if self.uses_model():
+            self.model.check(f"{prefix}.model")
         if not self.components:
             _check_one(self.name, self.params, prefix)
             return
@@ -150,14 +223,14 @@ class RewardConfig:
                               f"{prefix}.name; give each component its own params")
         for i, c in enumerate(self.components):
             _check_one(c.name, c.params, f"{prefix}.components[{i}]")
-        for name in SERVICE_REWARDS:
+        for name in SERVICE_REWARDS + (MODEL_REWARD,):
             if self.names().count(name) > 1:
                 raise ConfigError(f"{prefix}.components: {name!r} appears more than once; one "
                                   f"service ({prefix}.{name}) scores a run, give it one weight")
 
 
 def _check_one(name: str, params: Dict[str, Any], prefix: str) -> None:
-    if name in SERVICE_REWARDS:
+    if name in SERVICE_REWARDS + (MODEL_REWARD,):
         if params:
             raise ConfigError(f"{prefix}.params: the {name} reward takes its settings from "
                               f"reward.{name}, not params; got {sorted(params)}")

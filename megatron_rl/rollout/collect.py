@@ -70,6 +70,7 @@ class Rollouts:
     skipped_groups: int = 0           # groups with a response the reward service did not score
     service: Dict[str, float] = field(default_factory=dict)   # reward.http call counts (sums)
     fatal: str = ""                   # the reward service is down: the run stops with this line
+    model_scores: List[float] = field(default_factory=list)   # the reward model's raw scores
 
     def metrics(self) -> Dict[str, float]:
         """The step's rollout metrics (``reward/*``, ``response/*``, ``rollout/*``, ``env/*``, ``r3/missing_frac``)."""
@@ -91,6 +92,10 @@ class Rollouts:
             out["r3/missing_frac"] = self.routes_missing / self.routes_asked
         if self.service:
             out.update(service_metrics(self.service, self.skipped_groups))
+        if self.model_scores:   # raw, before normalisation: the learning curve against the model
+            m = torch.tensor(self.model_scores, dtype=torch.float64)
+            out["reward/model_mean"] = float(m.mean())
+            out["reward/model_std"] = float(m.std()) if m.numel() > 1 else 0.0
         for name, total in self.components.items():   # every sampled response, like reward/mean
             out[f"reward/{name}/mean"] = total / n
         e = self.episodes
@@ -166,7 +171,7 @@ def merge_engine_parts(parts: Sequence[Any], n_drawn: int, n_engines: int):
 
 
 # sample(drawn) -> (groups [P][G], scores [P][G], reward failures, first error[, component sums
-# [, reward service call counts, fatal]])
+# [, reward service call counts, fatal[, the reward model's raw scores]]])
 SampleFn = Callable[[List[Tuple[PromptRow, List[int]]]], Tuple[List[List[Any]], List[List[float]], int, str]]
 
 
@@ -183,7 +188,8 @@ def collect_rollouts(draw: Callable[[int], List[Tuple[PromptRow, List[int]]]], s
         k = math.ceil(missing * plan.oversample) if plan.dynamic else missing
         drawn = draw(k)
         groups, raw, failures, error, *rest = sample(drawn)
-        comp, service, fatal = (list(rest) + [{}, {}, ""][len(rest):])[:3]
+        comp, service, fatal, model = (list(rest) + [{}, {}, "", []][len(rest):])[:4]
+        out.model_scores += model
         for into, add in ((out.components, comp), (out.service, service)):
             for name, v in add.items():
                 into[name] = into.get(name, 0.0) + v

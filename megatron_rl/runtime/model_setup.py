@@ -13,11 +13,11 @@ from megatron_rl.parallel.config import Layout
 
 def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = True,
                 distributed_optimizer: bool = False, value_head: bool = False,
-                value_head_init_std: float = 0.0) -> Tuple[List, object]:
+                value_head_init_std: float = 0.0, head_bias: bool = True) -> Tuple[List, object]:
     """``([model], transformer_config)``; with ``ddp`` the gradients go to fp32 buffers
     (``param.main_grad``), reduced over DP (x CP) and finalised by the schedule. ``value_head``
     builds the critic: the same trunk, a scalar ``ValueHead`` as ``output_layer``, embeddings
-    untied."""
+    untied; ``head_bias`` False: a reward model's bias-free ``score`` head."""
     from megatron.core import parallel_state as ps
 
     config = transformer_config(hf, layout, opt)
@@ -25,7 +25,7 @@ def build_model(hf: HFModel, layout: Layout, opt: ModelOptions, *, ddp: bool = T
                             post_process=ps.is_pipeline_last_stage(),
                             tie_embeddings=False if value_head else None)
     if value_head:
-        model = attach_value_head(model, config, value_head_init_std)
+        model = attach_value_head(model, config, value_head_init_std, head_bias)
     if hf.num_experts:   # expert routes can be recorded, replayed and compared (train.routing_replay)
         install_route_replay([model], hf.moe_layers)
     if not ddp:

@@ -11,8 +11,10 @@ from typing import Optional
 from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.parallel.weight_comm import all_gather_objects
 from megatron_rl.rewards.http import ServiceDown
+from megatron_rl.rewards.learned import shape_scores
 from megatron_rl.rollout.collect import (collect_rollouts, merge_engine_parts, Rollouts,
                                          SamplingPlan, score_groups)
+from megatron_rl.rollout.scoring import add_model_scores
 
 
 def sampling_plan(cfg, eos_token_id: int) -> SamplingPlan:
@@ -31,9 +33,10 @@ class RolloutProducer:
     are in the world the engines share (the whole job colocated, the engine ranks separate)."""
 
     def __init__(self, cfg, tok, prompts, scorer, episodes, rank: int, world: int,
-                 route_stash=None):
+                 route_stash=None, reward_model=None):
         self.cfg, self.tok, self.prompts, self.scorer = cfg, tok, prompts, scorer
         self.episodes, self.route_stash = episodes, route_stash
+        self.reward_model = reward_model   # train.reward_model.RewardModel: scores after the merge
         self.engine_tp = cfg.rollout.tensor_parallel_size
         self.engine_index, self.n_engines = rank // self.engine_tp, world // self.engine_tp
         self.leader = rank % self.engine_tp == 0    # one rank per engine scores and reports
@@ -47,9 +50,10 @@ class RolloutProducer:
                                 lambda drawn: self.sample(drawn, plan, next(rounds), step), plan)
 
     @cpu_modes_suspended()   # generation and rewards: no Megatron in them
-    def sample(self, drawn, plan: SamplingPlan, round_: int, step: int):
+    def sample(self, drawn, plan: SamplingPlan, round_: int, step: int, validation: bool = False):
         """This engine's share of ``drawn`` generated and scored (multi-turn: played and scored by
-        the environment), then everyone's, in draw order."""
+        the environment), then everyone's, in draw order, then the reward model's scores added
+        on every rank (``validation``: its normaliser is not updated)."""
         mine = drawn[self.engine_index::self.n_engines]
         seed = ((self.cfg.rollout.seed * 1_000_003 + step) * 1009 + round_) * 131 + self.engine_index
         parts: dict = {}   # reward components' sums (multi-turn episodes log their own metrics)
@@ -74,4 +78,18 @@ class RolloutProducer:
         service = self.scorer.service.take_stats() if self.scorer.service is not None else {}
         payload = ((self.engine_index, groups, scores, failures, error, parts, service, fatal)
                    if self.leader else None)
-        return merge_engine_parts(all_gather_objects(payload), len(drawn), self.n_engines)
+        merged = merge_engine_parts(all_gather_objects(payload), len(drawn), self.n_engines)
+        if self.reward_model is None or merged[-1]:   # none, or the reward service is down
+            return merged
+        return self._add_model_scores([r for r, _ in drawn], merged, validation)
+
+    def _add_model_scores(self, rows, merged, validation: bool):
+        """The merged parts with the reward model's term in the scores, its failures counted and
+        its raw scores appended (collective: every trainer rank)."""
+        groups, scores, failures, error, sums, service, fatal = merged
+        rm = self.reward_model
+        scores, more, first, raw = add_model_scores(
+            rm, rows, groups, scores, weight=rm.weight, decode=self.scorer.decode,
+            shape=lambda x: shape_scores(x, rm.moments, rm.clip, update=not validation),
+            failure_score=self.scorer.failure_score)
+        return groups, scores, failures + more, error or first, sums, service, fatal, raw

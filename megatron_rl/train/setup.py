@@ -169,6 +169,41 @@ def build_critic(cfg: RunConfig, hf, layout, pg, policy: ModelState):
                   agg=c.loss_agg), source
 
 
+def build_reward_model(cfg: RunConfig, layout, pg):
+    """The learned reward model (``reward.model``) in the policy's layout, or None when no reward
+    uses it (collective)."""
+    if not cfg.reward.uses_model():
+        return None
+    from megatron_rl.rewards.learned import RunningMoments
+    from megatron_rl.train.reward_model import load_reward_model
+
+    m = cfg.reward.model
+    rm = load_reward_model(_reward_model_dir(m.path, cfg.train.output_dir), layout, cfg.model.options(), pg,
+                           packed=cfg.train.pack_sequences, micro_batch_tokens=m.micro_batch_tokens,
+                           use_chat_template=m.use_chat_template, offload=m.offload)
+    rm.weight, rm.clip = cfg.reward.model_weight(), m.clip
+    rm.moments = RunningMoments() if m.normalize == "running" else None
+    return rm
+
+
+def _reward_model_dir(path: str, output_dir: str) -> str:
+    """``reward.model.path``, the demo's ``tiny:digit_score`` made (by rank 0, ~10 s) under
+    ``output_dir`` on first use."""
+    import torch.distributed as dist
+
+    from megatron_rl.rewards.config import TINY_RM
+
+    if path != TINY_RM:
+        return path
+    made = Path(output_dir) / "tiny_rm"
+    if dist.get_rank() == 0 and not (made / "config.json").is_file():
+        from megatron_rl.rewards.tiny_rm import train_tiny_rm
+
+        train_tiny_rm(str(made))
+    dist.barrier()
+    return str(made)
+
+
 def load_starting_weights(cfg: RunConfig, ms: ModelState) -> str:
     """The pre-resume weights (see the module doc); returns where they came from."""
     d = _hf_dir(cfg)
