@@ -105,11 +105,11 @@ class _FakeRM:
 
 
 def _sample(text):
-    return SimpleNamespace(token_ids=text)
+    return SimpleNamespace(token_ids=text, prompt_ids=[0], finish_reason="stop")
 
 
 def test_model_scores_are_added_with_their_weight_and_leave_unscored_groups_alone():
-    rows = [PromptRow("p", None, {}), PromptRow("q", None, {})]
+    rows = [PromptRow(0, "p"), PromptRow(1, "q")]
     groups = [[_sample("a b"), _sample("a b c")], [_sample("a"), _sample("a b c d e")]]
     rm = _FakeRM()
     out, failures, error, raw = add_model_scores(
@@ -128,11 +128,11 @@ def test_the_rule_part_leaves_the_model_term_to_the_trainer():
     cfg = RewardConfig(components=[RewardComponentConfig("model", 0.5),
                                    RewardComponentConfig("format", 0.2)])
     scorer = Scorer.of(cfg, SimpleNamespace(decode=lambda ids, **_: ""))
-    r = scorer("<answer>3</answer>", PromptRow("p", "3", {}))
+    r = scorer("<answer>3</answer>", PromptRow(0, "p", "3"))
     assert r.score == pytest.approx(0.2 * r.parts["format"]) and "model" not in r.parts
     assert cfg.model_weight() == 0.5
     alone = Scorer.of(RewardConfig(name="model"), SimpleNamespace(decode=lambda ids, **_: ""))
-    assert alone("x", PromptRow("p", "3", {})).score == 0.0
+    assert alone("x", PromptRow(0, "p", "3")).score == 0.0
 
 
 def test_model_scores_are_logged_raw():
@@ -213,3 +213,28 @@ def test_a_missing_or_misshapen_score_head_is_refused_naming_it(tmp_path, tiny_r
     d = _write_weights(tiny_rm_dir, tmp_path / "rm", edit)
     with pytest.raises(ConfigError, match=r"^reward\.model\.path: .*" + message):
         load_reward_model(str(d), Layout(), ModelOptions(), None)
+
+
+def test_dynamic_sampling_filters_on_the_reward_models_scores_and_logs_every_round():
+    from megatron_rl.rollout.collect import collect_rollouts, SamplingPlan
+
+    rm = _FakeRM()
+    texts = {0: ["a", "a"], 1: ["a", "a b"], 2: ["a b", "a b"], 3: ["a b c", "a"]}
+    position = iter(range(100))
+
+    def draw(k):
+        return [(PromptRow(i, str(i)), [i]) for i in (next(position) for _ in range(k))]
+
+    def sample(drawn):
+        """Every rule score 0: only the model's term tells the responses apart."""
+        groups = [[_sample(t) for t in texts[ids[0]]] for _, ids in drawn]
+        scores, failures, error, raw = add_model_scores(
+            rm, [r for r, _ in drawn], groups, [[0.0] * 2 for _ in drawn], weight=1.0,
+            shape=lambda x: x, decode=lambda t: t)
+        return groups, scores, failures, error, {}, {}, "", raw
+
+    out = collect_rollouts(draw, sample, SamplingPlan(groups_needed=2, n=2, max_tokens=4,
+                                                      dynamic=True, max_rounds=3))
+    assert [r.prompt for r in out.rows] == ["1", "3"]   # the groups whose model scores differ
+    assert out.model_scores == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 1.0]
+    assert out.rounds == 3 and len(rm.seen) == 3   # rounds of 2, 1 and 1 prompts
