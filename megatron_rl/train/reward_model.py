@@ -80,6 +80,8 @@ class RewardModel:
         the host, equal on every rank. Collective over the world: every trainer rank calls it
         with the same ``seqs``."""
         n, dp = len(seqs), self.pg.dp_size
+        if n == 0:   # every rank sees the same rollouts: all return here together
+            return torch.zeros(0, dtype=torch.float64)
         padded = list(seqs) + [[0]] * (-n % dp)   # dummies: each rank runs the same count
         lens = [len(s) for s in padded]
         cost = micro_batch_cost([[x] for x in lens], packed=self.packed, cp_size=self.pg.cp_size,

@@ -70,6 +70,7 @@ def rm_equivalence(rank: int, world: int, tmp: str, cases) -> dict:
             seqs = [rm_ids[:len(rm_ids)] for rm_ids in ref["seqs"]]
             cut = [s[:_read(s)] for s in seqs]
             got = rm.score_ids(cut)
+            empty = rm.score_ids([]).numel() == 0
             want = torch.tensor(ref["scores"][arch], dtype=torch.float64)
             everywhere = [None] * world
             dist.all_gather_object(everywhere, got.tolist())
@@ -77,7 +78,7 @@ def rm_equivalence(rank: int, world: int, tmp: str, cases) -> dict:
             results[f"{name}/{arch}"] = {
                 "max_diff": float((got - want).abs().max()),
                 "scale": float(want.abs().max()),
-                "ranks_agree": all(e == everywhere[0] for e in everywhere)}
+                "ranks_agree": all(e == everywhere[0] for e in everywhere), "empty": empty}
     return results
 
 

@@ -35,3 +35,4 @@ def test_reward_model_scores_equal_transformers_under_each_layout(rm_results, ca
     assert r["scale"] > 1e-3, r      # a random head: the scores are not all zero
     assert r["max_diff"] < 1e-5 * max(1.0, r["scale"]), r
     assert r["ranks_agree"], "ranks got different scores"
+    assert r["empty"]   # a round with nothing to score returns nothing, on every rank
