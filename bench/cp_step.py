@@ -15,8 +15,9 @@ wall time at CP 4 on 2 cores measures contention as much as the split; memory do
 step:      tiny Qwen3-MoE (hidden 64, 2 layers, 4 experts top-2, vocab 256, fp32), 2 sequences of a
            128-token prompt + the response (BSHD), GSPO loss, forward + backward + distributed
            optimizer through Megatron's schedule.
-attention: ``SDPAttention`` alone, 4 query heads / 2 K/V groups of 32, forward + backward of one
-           sequence: CP 1 is SDPA's causal kernel, CP > 1 the all-gather path (no masks).
+attention: the core attention alone, 4 query heads / 2 K/V groups of 32, forward + backward of
+           one sequence: CP 1 is SDPA's causal kernel, CP > 1 the ring (``model.ring_attention``,
+           CPU's path); ``attention_ag`` rows: the all-gather path (no masks), for comparison.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _step_case(L: int, cp: int):
     return step
 
 
-def _attention_case(L: int, cp: int):
+def _attention_case(L: int, cp: int, method: str = "ring"):
     import megatron_rl.model.attention as A
     from megatron_rl.model.attention import context_parallel_attention
     from megatron_rl.parallel.cp_layout import bshd_shard
@@ -104,7 +105,7 @@ def _attention_case(L: int, cp: int):
                                                  is_causal=True, enable_gqa=True)
         else:
             out = context_parallel_attention(q, k, v, cp_group=group,
-                                             seq_lens=[S])
+                                             seq_lens=[S], method=method)
         out.sum().backward()
 
     return run
@@ -115,7 +116,10 @@ def _worker(rank, world, port, what, L, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    fn = (_step_case if what == "step" else _attention_case)(L, world)
+    if what == "step":
+        fn = _step_case(L, world)
+    else:   # attention: the ring; attention_ag: the all-gather path
+        fn = _attention_case(L, world, "all_gather" if what == "attention_ag" else "ring")
     mem, seconds = _measured(fn)
     peaks = [None] * world
     dist.all_gather_object(peaks, (mem, seconds))
@@ -126,16 +130,17 @@ def _worker(rank, world, port, what, L, out):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=("step", "attention", "both"), default="both")
+    p.add_argument("--what", choices=("step", "attention", "attention_ag", "both"), default="both",
+                   help="attention: the ring (CPU's path); attention_ag: the all-gather path")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cps = sorted(set(a.cp) | {1})
     print(f"cpus={os.cpu_count()} torch={torch.__version__} prompt={PROMPT} batch={BATCH} (step)")
-    print(f"{'what':9s} {'resp len':>8s} {'CP':>2s} {'peak MiB/rank':>13s} {'s/step':>8s} "
+    print(f"{'what':12s} {'resp len':>8s} {'CP':>2s} {'peak MiB/rank':>13s} {'s/step':>8s} "
           f"{'mem / CP1':>9s} {'time / CP1':>10s}")
-    for what in (("step", "attention") if a.what == "both" else (a.what,)):
+    for what in (("step", "attention", "attention_ag") if a.what == "both" else (a.what,)):
         for L in a.lengths:
             base = None
             for cp in cps:
@@ -144,7 +149,7 @@ def main() -> None:
                     mp.spawn(_worker, args=(cp, free_port(), what, L, out), nprocs=cp, join=True)
                     mem, sec = out[0]
                 base = base or (mem, sec)
-                print(f"{what:9s} {L:8d} {cp:2d} {mem:13.1f} {sec:8.3f} {mem / base[0]:9.2f} "
+                print(f"{what:12s} {L:8d} {cp:2d} {mem:13.1f} {sec:8.3f} {mem / base[0]:9.2f} "
                       f"{sec / base[1]:10.2f}", flush=True)
 
 

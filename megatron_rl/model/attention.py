@@ -34,6 +34,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_rl.model import block_attention
+from megatron_rl.model.ring_attention import ring_attention
 from megatron_rl.parallel.collectives import Group, all_gather_partial, group_rank, group_size
 from megatron_rl.parallel.cp_layout import chunk_ids, thd_partition_index
 
@@ -97,14 +98,21 @@ class _Layout:
 
 def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, *, cp_group: Group,
                                seq_lens: Sequence[int], scale: Optional[float] = None,
-                               dropout_p: float = 0.0) -> Tensor:
+                               dropout_p: float = 0.0, method: str = "auto") -> Tensor:
     """Causal attention of this CP rank's queries over whole sequences.
 
     ``query[n, b, np, hn]``, ``key[n, b, ng, hn]``, ``value[n, b, ng, hv]``: this rank's ``n``
     tokens in Megatron's zigzag order (BSHD: every row is one sequence, ``seq_lens = [n * cp]``;
     THD: ``b = 1`` and ``seq_lens`` the padded lengths of the packed sequences, host ints). ``ng``
-    may divide ``np`` (grouped-query attention). Returns ``[n, b, np, hv]``.
+    may divide ``np`` (grouped-query attention). Returns ``[n, b, np, hv]``. ``method``: ``ring``
+    (``model.ring_attention``: CPU without dropout), ``all_gather``, or ``auto`` (the ring where
+    it runs).
     """
+    if method == "ring" or (method == "auto" and query.device.type == "cpu" and not dropout_p
+                            and group_size(cp_group) > 1):
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))   # [b, heads, n, h]
+        out = ring_attention(q, k, v, group=cp_group, seq_lens=seq_lens, scale=scale)
+        return out.permute(2, 0, 1, 3)                                   # [n, b, np, hv]
     cp, rank = group_size(cp_group), group_rank(cp_group)
     n, b, ng = key.shape[0], key.shape[1], key.shape[2]
     hk, hv = key.shape[3], value.shape[3]

@@ -145,3 +145,25 @@ def all_gather_partial(x: Tensor, group: Group, dim: int = 0) -> Tensor:
     only this rank's own gradient slice) would drop the other ranks' queries' terms.
     """
     return x if group_size(group) == 1 else _AllGatherPartial.apply(x, group, dim)
+
+
+class RingShift:
+    """``x`` sent to the next rank of ``group`` (index + 1, cyclic) while the previous rank's is
+    received, started at construction so that compute overlaps it; ``wait()`` returns what
+    arrived. Backward convention: none. It is a plain exchange for autograd Functions that run
+    their own ring in the backward (``model.ring_attention``) and state its convention there."""
+
+    def __init__(self, x: Tensor, group: Group):
+        size, rank = group_size(group), group_rank(group)
+        nxt = dist.get_global_rank(group, (rank + 1) % size)
+        prev = dist.get_global_rank(group, (rank - 1) % size)
+        self.received = torch.empty(x.shape, dtype=x.dtype, device=x.device)   # contiguous
+        self._sent = x.contiguous()   # kept alive until the send completes
+        self._reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, self._sent, nxt, group),
+                                             dist.P2POp(dist.irecv, self.received, prev, group)])
+
+    def wait(self) -> Tensor:
+        """What the previous rank sent, once both transfers are done."""
+        for req in self._reqs:
+            req.wait()
+        return self.received

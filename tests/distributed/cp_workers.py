@@ -71,7 +71,7 @@ def _gather(x, group, cp):
     return parts
 
 
-def _one_case(layout, dtype, cp, group, cp_rank) -> Dict[str, float]:
+def _one_case(layout, dtype, cp, group, cp_rank, method="auto") -> Dict[str, float]:
     from megatron_rl.model.attention import context_parallel_attention
 
     full, lens = _inputs(layout, dtype, seed=7)
@@ -81,7 +81,7 @@ def _one_case(layout, dtype, cp, group, cp_rank) -> Dict[str, float]:
     local = {k: _shard(v, layout, lens, cp, cp_rank) for k, v in full.items()}
     leaves = {k: local[k].clone().requires_grad_() for k in "qkv"}
     out = context_parallel_attention(leaves["q"], leaves["k"], leaves["v"], cp_group=group,
-                                     seq_lens=lens, scale=HK ** -0.5)
+                                     seq_lens=lens, scale=HK ** -0.5, method=method)
     (out * local["w"]).sum().backward()
     errs = {"out": (_unshard(_gather(out.detach(), group, cp), layout, lens).double() - ref.detach())}
     for k in "qkv":
@@ -143,15 +143,61 @@ def _mutation(name: str):
             yield
         finally:
             BA._CpuPrefixDiagonal.backward = orig
+    elif name.startswith("ring_"):
+        with _ring_mutation(name):
+            yield
     else:
         raise KeyError(name)
 
 
-CASES = [(layout, dtype, cp) for layout in ("bshd", "thd") for dtype in ("float64", "float32")
-         for cp in (2, 4)]
+@contextlib.contextmanager
+def _ring_mutation(name: str):
+    """The ring's three ways to go wrong: the K/V gradients kept where they were computed (the
+    last hop home skipped), causality by local chunk slot instead of global chunk, and each
+    block's backward with its own softmax statistics instead of the merged ones."""
+    from megatron_rl.model import ring_attention as RA
+
+    if name == "ring_grads_not_sent_home":
+        orig = RA._send_home
+        RA._send_home = lambda dkv, group: dkv
+        try:
+            yield
+        finally:
+            RA._send_home = orig
+    elif name == "ring_local_mask":
+        orig = RA.ring_blocks
+
+        def local_slots(seq_lens, cp, rank, src):   # every held chunk as if it were one's own
+            return [b._replace(causal=True) for b in orig(seq_lens, cp, rank, rank)]
+
+        RA.ring_blocks = local_slots
+        try:
+            yield
+        finally:
+            RA.ring_blocks = orig
+    else:
+        orig = RA._cpu_flash_backward
+
+        def block_stats(grad_out, q, k, v, out, lse, dropout, causal, scale):
+            o, l = RA._cpu_flash(q, k, v, 0.0, causal, scale=scale)[:2]
+            return orig(grad_out, q, k, v, o, l, dropout, causal, scale=scale)
+
+        RA._cpu_flash_backward = block_stats
+        try:
+            yield
+        finally:
+            RA._cpu_flash_backward = orig
+
+
+CASES = [(layout, dtype, cp, method) for layout in ("bshd", "thd")
+         for dtype in ("float64", "float32") for cp in (2, 4) for method in ("ring", "all_gather")]
+# the all-gather path's mutants, then the ring's (``ring_*``)
 MUTATIONS = [("identity_backward", "bshd", 2), ("identity_backward", "thd", 4),
              ("local_mask", "bshd", 4), ("local_mask", "thd", 2),
-             ("part_lse_backward", "bshd", 2), ("part_lse_backward", "thd", 4)]
+             ("part_lse_backward", "bshd", 2), ("part_lse_backward", "thd", 4),
+             ("ring_grads_not_sent_home", "bshd", 2), ("ring_grads_not_sent_home", "thd", 4),
+             ("ring_local_mask", "bshd", 4), ("ring_local_mask", "thd", 2),
+             ("ring_block_lse_backward", "bshd", 2), ("ring_block_lse_backward", "thd", 4)]
 
 
 def cp_attention_equivalence(rank: int, world: int) -> dict:
@@ -159,12 +205,14 @@ def cp_attention_equivalence(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     groups = {2: [dist.new_group([0, 1]), dist.new_group([2, 3])], 4: [dist.group.WORLD]}
 
-    def run(layout, dtype, cp):
+    def run(layout, dtype, cp, method):
         group = groups[cp][rank // cp]
-        return _one_case(layout, getattr(torch, dtype), cp, group, dist.get_rank(group))
+        return _one_case(layout, getattr(torch, dtype), cp, group, dist.get_rank(group), method)
 
-    out = {f"{layout}_{dtype}_cp{cp}": run(layout, dtype, cp) for layout, dtype, cp in CASES}
+    out = {f"{layout}_{dtype}_cp{cp}_{method}": run(layout, dtype, cp, method)
+           for layout, dtype, cp, method in CASES}
     for name, layout, cp in MUTATIONS:
         with _mutation(name):
-            out[f"mutant_{name}_{layout}_cp{cp}"] = run(layout, "float64", cp)
+            method = "ring" if name.startswith("ring_") else "all_gather"
+            out[f"mutant_{name}_{layout}_cp{cp}"] = run(layout, "float64", cp, method)
     return out
