@@ -8,7 +8,9 @@ memory-efficient kernel on GPU and runs on CPU. Inputs are Megatron's: ``[s, b, 
 its own, from ``cu_seqlens_padded``: one causal kernel call per sequence, no ``[t, t]`` mask).
 
 Context parallelism (``context_parallel_attention``): each CP rank holds its two zigzag chunks of
-every sequence (``parallel.cp_layout``) for q, k and v. It all-gathers the keys and values of the
+every sequence (``parallel.cp_layout``) for q, k and v. On CPU without dropout the keys and values
+travel a ring (``model.ring_attention``: memory per rank ``1 / cp`` of CP 1's). Otherwise (CUDA
+without TransformerEngine, or dropout) it all-gathers the keys and values of the
 whole sequence over the CP group (one collective for both; the backward reduce-scatters their
 gradients, see ``collectives.all_gather_partial``) and masks causally by *global* position: a
 local query at position ``p`` of sequence ``s`` attends exactly the keys of ``s`` at positions
