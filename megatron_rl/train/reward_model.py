@@ -146,6 +146,10 @@ def load_reward_model(path: str, layout: Layout, opt: ModelOptions, pg: Parallel
         layout = dataclasses.replace(layout, ep=1)
     reader = HFReader(path)
     _check_head(reader, hf, path, prefix)
+    tokenizer = _tokenizer(path, prefix)
+    if len(tokenizer) > hf.vocab_size:
+        raise ConfigError(f"{prefix}: its tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocab_size is {hf.vocab_size} ({path}): ids past it have no embedding")
     try:
         [model], _ = build_model(hf, layout, dataclasses.replace(opt, init_weights=False),
                                  ddp=False, value_head=True, head_bias=False)
@@ -154,7 +158,6 @@ def load_reward_model(path: str, layout: Layout, opt: ModelOptions, pg: Parallel
     except ValueError as e:
         raise ConfigError(f"{prefix}: {e}") from None
     model.eval()
-    tokenizer = _tokenizer(path, prefix)
     pad = raw.get("pad_token_id")
     rm = RewardModel([model], hf, pg, tokenizer, None if pad is None else int(pad),
                      micro_batch_tokens, packed, use_chat_template, offload)

@@ -215,6 +215,19 @@ def test_a_missing_or_misshapen_score_head_is_refused_naming_it(tmp_path, tiny_r
         load_reward_model(str(d), Layout(), ModelOptions(), None)
 
 
+def test_a_tokenizer_larger_than_the_reward_models_vocabulary_is_refused(tmp_path, tiny_rm_dir):
+    from megatron_rl.model.build import ModelOptions
+    from megatron_rl.parallel.config import Layout
+    from megatron_rl.train.reward_model import load_reward_model
+
+    d = _write_weights(tiny_rm_dir, tmp_path / "rm", lambda t: None)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 16}))
+    with pytest.raises(ConfigError, match=r"^reward\.model\.path: its tokenizer has 26 tokens "
+                                          r"but the model's vocab_size is 16"):
+        load_reward_model(str(d), Layout(), ModelOptions(), None)
+
+
 def test_dynamic_sampling_filters_on_the_reward_models_scores_and_logs_every_round():
     from megatron_rl.rollout.collect import collect_rollouts, SamplingPlan
 
