@@ -41,7 +41,8 @@ from megatron_rl.rollout.collect import sample_rows
 from megatron_rl.rollout.rollout_state import IN_FLIGHT_ROUTES, load_routes, save_routes
 from megatron_rl.rollout.scoring import Scorer
 from megatron_rl.runtime.crash_points import reached
-from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
+from megatron_rl.runtime.parallel_init import (compute_device, destroy_megatron_parallel,
+                                               init_megatron_parallel)
 from megatron_rl.runtime.preempt import EXIT_NONFINITE, EXIT_REQUEUE, mark_requeue
 from megatron_rl.trackers import check_installed, make_trackers
 from megatron_rl.train import rl_batch, setup as S
@@ -359,15 +360,10 @@ class Trainer(EngineLink):
                           f"{rollouts.first_error}")
         shape = S.batch_shape(self.cfg, self.dp, self.dp_rank, self._cp_rank(), self.route_spec,
                               self.routes)
-        return step_batch(rollouts, shape, self.pg, self._device(), self.route_stash), rollouts
+        return step_batch(rollouts, shape, self.pg, compute_device(), self.route_stash), rollouts
 
     def _cp_rank(self) -> int:
         return 0 if self.pg.cp is None else dist.get_rank(self.pg.cp)
-
-    @staticmethod
-    def _device() -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
 
     def _sample(self, drawn, plan, round_: int):
         """This step's engine-sharded generate-and-score (validation's sampler)."""

@@ -56,6 +56,12 @@ def init_megatron_parallel(layout: Layout, seed: int, cpu_patches: bool = True) 
         dp_cp=_or_none(ps.get_data_parallel_group(with_context_parallel=True)))
 
 
+def compute_device() -> torch.device:
+    """Where this rank computes: its current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
 def weight_groups():
     """Where this rank's weights sit, for the HF weight mapping (``checkpoint.hf_weights``)."""
     from megatron.core import parallel_state as ps

@@ -18,6 +18,7 @@ from megatron_rl.model.cpu_patches import cpu_modes_suspended
 from megatron_rl.rollout.engine import RolloutEngine
 from megatron_rl.rollout.weight_sync import sync_weights
 from megatron_rl.runtime.model_setup import unwrap
+from megatron_rl.runtime.parallel_init import compute_device
 from megatron_rl.train import rl_batch, setup as S
 
 
@@ -114,7 +115,7 @@ class EngineLink:
                                         max_tokens=min(16, r.max_response_len),
                                         temperature=r.temperature,
                                         cp_size=self.cfg.parallel.context_parallel_size,
-                                        cp_rank=self._cp_rank(), device=self._device())
+                                        cp_rank=self._cp_rank(), device=compute_device())
         if worst > r.probe_tolerance and self.log is not None:
             self.log.note(f"step {self.step}: engine and trainer log-probs differ by {worst:.2e} "
                           f"after the weight sync (rollout.probe_tolerance {r.probe_tolerance:g})")

@@ -38,7 +38,7 @@ from megatron_rl.parallel.config import Layout
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.rewards.learned import rm_token_ids, RunningMoments, scored_length
 from megatron_rl.runtime.model_setup import build_model, unwrap
-from megatron_rl.runtime.parallel_init import weight_groups
+from megatron_rl.runtime.parallel_init import compute_device, weight_groups
 from megatron_rl.train.batch_plan import micro_batch_cost, plan_step
 from megatron_rl.train.batches import build_micro_batch
 from megatron_rl.train.value_train import forward_values
@@ -88,7 +88,7 @@ class RewardModel:
                                 align_groups=False, tp_size=self.pg.tp_size)
         plan = plan_step(list(range(len(padded))), lens, dp, self.micro_batch_tokens, cost)
         mine = plan.ranks[self.pg.dp_rank]
-        device = _device()
+        device = compute_device()
         mbs = [self._micro_batch([padded[i] for i in b], device) for b in mine]
         self._to(device)
         try:
@@ -124,11 +124,6 @@ class RewardModel:
                 chunk.to(device)
             if device.type == "cpu":
                 torch.cuda.empty_cache()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
 
 
 def load_reward_model(path: str, layout: Layout, opt: ModelOptions, pg: ParallelGroups, *,
