@@ -108,8 +108,9 @@ class RewardModelConfig:
     """``reward.model``: the learned reward model ``reward.name: model`` (or a component named
     ``model``) scores with, sharded like the policy on the trainer ranks (docs/rollout.md)."""
     path: str = field_("", help="a Hugging Face *ForSequenceClassification directory (config.json, "
-                               "safetensors, tokenizer): Qwen2/Qwen3/Llama-style or MoE trunks "
-                               "that model.hf_config supports, one label; or tiny:digit_score, "
+                               "safetensors, tokenizer) of an architecture model.hf_config "
+                               "imports (Qwen2, Qwen3, Qwen3-MoE, Mixtral, DeepSeek-V3), one "
+                               "label; or tiny:digit_score, "
                                "the CPU demo's (rewards/tiny_rm.py, made under train.output_dir)")
     use_chat_template: bool = field_(True, help="score the conversation through the reward "
                                      "model's own chat template (when its tokenizer has one); "
