@@ -34,9 +34,9 @@ def keep_cpu_modes_everywhere() -> None:
     modules (they bind ``cpu_modes_suspended`` at import)."""
     import contextlib
 
-    from megatron_rl.model import cpu_patches
+    from megatron_rl.model import cpu_modes
 
-    cpu_patches.cpu_modes_suspended = contextlib.contextmanager(lambda: (yield))
+    cpu_modes.cpu_modes_suspended = contextlib.contextmanager(lambda: (yield))
 
 
 def run_separate_old_pass(trainer) -> None:

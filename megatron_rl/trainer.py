@@ -29,7 +29,7 @@ from megatron_rl.checkpoint.dist_ckpt import checkpoint_steps, load_rng_state, s
 from megatron_rl.config import ConfigError, RunConfig, to_yaml, validate_world
 from megatron_rl.config.run import check_cpu_engines
 from megatron_rl.config.soundness import load_warnings
-from megatron_rl.model.cpu_patches import cpu_modes_suspended
+from megatron_rl.model.cpu_modes import cpu_modes_suspended
 from megatron_rl.model.routing_replay import route_control
 from megatron_rl.observe import PhasePeaks, RunLog, memory_metrics, summarise_run
 from megatron_rl.parallel.collectives import all_reduce_nograd

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
-from torch.overrides import TorchFunctionMode
-
+from megatron_rl.model.cpu_modes import CudaToCpu, CudaTypeNames, enter_mode
 from megatron_rl.parallel.collectives import reduce_scatter_single
 
 Undo = Callable[[], None]
@@ -336,92 +335,6 @@ def _telinear() -> Undo:
     return _undo_all(undo)
 
 
-def _is_cuda(device) -> bool:
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    return isinstance(device, int) and not isinstance(device, bool)
-
-
-class _CudaToCpu(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
-        return func(*args, **kwargs)
-
-
-class _CudaTypeNames(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if (func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str)
-                and out.startswith("torch.") and not out.startswith("torch.cuda.")):
-            return "torch.cuda." + out[len("torch."):]
-        return out
-
-
-_MODES: List[TorchFunctionMode] = []   # the process-wide modes entered by the patches, in order
-
-
-def _enter_mode(mode: TorchFunctionMode) -> Undo:
-    mode.__enter__()
-    _MODES.append(mode)
-
-    def undo():
-        """Leave the mode and forget it."""
-        _MODES.remove(mode)
-        mode.__exit__(None, None, None)
-    return undo
-
-
-@contextlib.contextmanager
-def cpu_modes_suspended():
-    """Runs its body without the function modes above: only megatron-core hard-codes CUDA, and
-    every torch call under a Python function mode pays ~4 us (about 14,000 calls a step in vLLM
-    generation, batch building, weight sync and rewards). A no-op with CUDA (no modes) or when
-    another mode sits above ours (correct, only slower); usable as a decorator."""
-    from torch.overrides import _get_current_function_mode_stack
-
-    active = list(_MODES)
-    ours_on_top = bool(active) and _get_current_function_mode_stack()[-len(active):] == active
-    if ours_on_top:
-        for mode in reversed(active):
-            mode.__exit__(None, None, None)
-    try:
-        yield
-    finally:
-        if ours_on_top:
-            for mode in active:
-                mode.__enter__()
-
-
-@contextlib.contextmanager
-def cpu_modes_resumed():
-    """The function modes back for Megatron code called from inside ``cpu_modes_suspended``
-    (the reward model scores responses in the middle of a rollout); a no-op where they are on
-    or were never entered."""
-    from torch.overrides import _get_current_function_mode_stack
-
-    active = list(_MODES)
-    off = bool(active) and not any(m in _get_current_function_mode_stack() for m in active)
-    if off:
-        for mode in active:
-            mode.__enter__()
-    try:
-        yield
-    finally:
-        if off:
-            for mode in reversed(active):
-                mode.__exit__(None, None, None)
-
-
 @_patch("devmode", NO_CUDA,
         "optimizer/optimizer.py:__init__")
 def _devmode() -> Undo:
@@ -430,7 +343,7 @@ def _devmode() -> Undo:
     the optimizer (``found_inf``, ``_scale_one``), clip_grads and checkpoint exchange (0.16.1):
     "AssertionError: Torch not compiled with CUDA enabled". A process-wide function mode maps
     CUDA devices to the CPU and drops ``pin_memory``."""
-    return _enter_mode(_CudaToCpu())
+    return enter_mode(CudaToCpu())
 
 
 @_patch("sync", NO_CUDA,
@@ -452,7 +365,7 @@ def _typestr() -> Undo:
     clip_grads.py, 0.16.1): "TypeError: Wrapped parameters must be one of
     torch.cuda.FloatTensor, ...". A function mode makes a CPU tensor's ``type()`` report the
     ``torch.cuda.*`` name."""
-    return _enter_mode(_CudaTypeNames())
+    return enter_mode(CudaTypeNames())
 
 
 def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):

@@ -14,7 +14,7 @@ from megatron_rl.checkpoint.convert import write_hf_model
 from megatron_rl.checkpoint.hf_weights import iter_hf_weights
 from megatron_rl.data.prompts import render_prompt
 from megatron_rl.io_errors import reported_writes
-from megatron_rl.model.cpu_patches import cpu_modes_suspended
+from megatron_rl.model.cpu_modes import cpu_modes_suspended
 from megatron_rl.rollout.engine import RolloutEngine
 from megatron_rl.rollout.weight_sync import sync_weights
 from megatron_rl.runtime.model_setup import unwrap

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from megatron_rl.model.cpu_patches import cpu_modes_suspended
+from megatron_rl.model.cpu_modes import cpu_modes_suspended
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import ShardedMicroBatch, logprobs_entropy, sharded_policy_loss
 from megatron_rl.model import routing_replay

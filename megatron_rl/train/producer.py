@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_rl.model.cpu_patches import cpu_modes_suspended
+from megatron_rl.model.cpu_modes import cpu_modes_suspended
 from megatron_rl.parallel.weight_comm import all_gather_objects
 from megatron_rl.rewards.http import ServiceDown
 from megatron_rl.rewards.learned import shape_scores

@@ -31,7 +31,7 @@ from megatron_rl.checkpoint.hf_mapping import mapping_for, reward_model_mapping,
 from megatron_rl.checkpoint.hf_weights import load_hf_weights
 from megatron_rl.fields import ConfigError
 from megatron_rl.model.build import ModelOptions
-from megatron_rl.model.cpu_patches import cpu_modes_resumed
+from megatron_rl.model.cpu_modes import cpu_modes_resumed
 from megatron_rl.model.hf_config import HFModel, load_hf_config, read_config_json
 from megatron_rl.parallel.collectives import all_reduce_nograd
 from megatron_rl.parallel.config import Layout

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_rl.algo.value import ev_moments, value_loss
-from megatron_rl.model.cpu_patches import cpu_modes_suspended
+from megatron_rl.model.cpu_modes import cpu_modes_suspended
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.train.megatron_loss import (PolicyMicroBatch, megatron_loss_scale, model_forward,
                                              schedule_shapes)
