@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron_rl.model.build import ModelOptions
 from megatron_rl.model.tiny import write_tiny_hf_model
 from megatron_rl.parallel.config import Layout
+from megatron_rl.rewards.tiny_rm import rm_tokenizer
 from megatron_rl.runtime.parallel_init import destroy_megatron_parallel, init_megatron_parallel
 from megatron_rl.train.reward_model import load_reward_model
 
@@ -33,15 +34,9 @@ def write_models(tmp: str) -> dict:
     for name in ("qwen3", "qwen3_moe"):
         d = os.path.join(tmp, f"rm_{name}")
         write_tiny_hf_model(name, d, seed=3, reward_model=True, pad_token_id=PAD)
-        _tokenizer().save_pretrained(d)
+        rm_tokenizer().save_pretrained(d)
         out[name] = d
     return out
-
-
-def _tokenizer():
-    from megatron_rl.rewards.tiny_rm import rm_tokenizer
-
-    return rm_tokenizer()
 
 
 def transformers_scores(path: str, seqs) -> list:
@@ -67,8 +62,7 @@ def rm_equivalence(rank: int, world: int, tmp: str, cases) -> dict:
             pg = init_megatron_parallel(Layout(**kw), 0)
             rm = load_reward_model(ref["paths"][arch], Layout(**kw), ModelOptions(), pg,
                                    packed=packed, micro_batch_tokens=budget)
-            seqs = [rm_ids[:len(rm_ids)] for rm_ids in ref["seqs"]]
-            cut = [s[:_read(s)] for s in seqs]
+            cut = [s[:_read(s)] for s in ref["seqs"]]
             got = rm.score_ids(cut)
             empty = rm.score_ids([]).numel() == 0
             want = torch.tensor(ref["scores"][arch], dtype=torch.float64)
