@@ -17,7 +17,7 @@ SAFE = (
     "train.preempt_grace_s", "train.max_bad_steps", "train.output_dir", "train.samples_every",
     "train.samples_per_step", "train.val_every", "train.val_n", "train.val_temperature",
     "train.val_prompts", "data.val_path", "train.tracker_project",
-    "train.optimizer_checkpoint",
+    "train.optimizer_checkpoint", "train.logprob_max_tokens_per_micro_batch",
     "parallel.",
     "rollout.model_dir", "rollout.tensor_parallel_size", "rollout.enforce_eager",
     "rollout.gpu_memory_utilization", "rollout.cpu_kv_cache_gb", "rollout.sleep_mode",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_rl.algo.config import GROUP_ESTIMATORS, AlgoConfig
-from megatron_rl.config.soundness import check_placement, check_sampling
+from megatron_rl.config.soundness import check_batching, check_placement, check_sampling
 from megatron_rl.fields import ConfigError, check_fields
 from megatron_rl.data.config import DataConfig
 from megatron_rl.envs.config import EnvConfig
@@ -53,6 +53,7 @@ def validate(cfg: RunConfig) -> None:
                           "columns, or synthetic:<task>)")
     _check_model(cfg)
     check_sampling(cfg)
+    check_batching(cfg)
     check_placement(cfg)
     if cfg.algo.advantage.name == "gae":
         _check_critic(cfg)

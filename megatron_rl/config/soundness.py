@@ -28,6 +28,24 @@ def check_sampling(cfg) -> None:
                           "set it to false")
 
 
+def check_batching(cfg) -> None:
+    """``ConfigError`` for a forward-only token budget the batch layout cannot honour."""
+    t = cfg.train
+    if not t.logprob_max_tokens_per_micro_batch:
+        return
+    if not t.pack_sequences:
+        raise ConfigError("train.logprob_max_tokens_per_micro_batch: merging micro-batches for "
+                          "the log-prob passes needs packed sequences (a padded sequence's CP "
+                          "shard depends on its micro-batch); set train.pack_sequences=true or "
+                          "train.logprob_max_tokens_per_micro_batch=0")
+    if t.logprob_max_tokens_per_micro_batch < t.max_tokens_per_micro_batch:
+        raise ConfigError(f"train.logprob_max_tokens_per_micro_batch: "
+                          f"{t.logprob_max_tokens_per_micro_batch} is below "
+                          f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch}; "
+                          "the log-prob passes merge whole training micro-batches, never cut "
+                          "them: set it to 0 or at least the training budget")
+
+
 def check_placement(cfg) -> None:
     """``ConfigError`` for rollout placement settings that do not fit together (world-independent;
     ``config.run.validate_world`` checks the split against the launched world)."""

@@ -32,6 +32,11 @@ class TrainConfig:
                       "splits them), groups are spread over DP ranks by tokens and every rank runs "
                       "the same number of micro-batches; a group over it alone is a micro-batch "
                       "of its own; 0: micro_batch_size responses per micro-batch")
+    logprob_max_tokens_per_micro_batch: int = field_(
+        0, ge=0, help="the forward-only passes (old-policy and reference log-probs, the critic's "
+                      "values) merge whole training micro-batches up to this many laid-out tokens "
+                      "(verl's log_prob_max_token_len_per_gpu: no autograd graph, so more fit); "
+                      "needs pack_sequences; 0: the training micro-batches")
     pack_sequences: bool = field_(False, help="THD packing of a micro-batch (no padding)")
     routing_replay: str = field_("off", choices=("off", "old", "rollout"),
                                  help="MoE expert routes in training: off (live), old (replay the "

@@ -55,6 +55,24 @@ def all_reduce_nograd(x: Tensor, group: Group, op: dist.ReduceOp = dist.ReduceOp
     return out
 
 
+def all_gather_nograd(x: Tensor, group: Group, dim: int = 0) -> Tensor:
+    """Concatenation along ``dim`` of every rank's ``x`` (same shape on every rank), in rank order,
+    for data that is no function of the weights (expert routes: integers). ``x`` may live on the
+    host under NCCL: it crosses on the current GPU and comes back where it was.
+
+    Records no graph. Backward convention: none (nothing to differentiate).
+    """
+    if group_size(group) == 1:
+        return x
+    nccl = dist.get_backend(group) == "nccl"
+    wire = x.detach().to(torch.device("cuda", torch.cuda.current_device()) if nccl else x.device)
+    if wire.dtype == torch.int16 and not nccl:   # gloo has no int16 (our routes' dtype)
+        wire = wire.to(torch.int32)
+    parts = [torch.empty_like(wire) for _ in range(group_size(group))]
+    dist.all_gather(parts, wire.contiguous(), group=group)
+    return torch.cat(parts, dim=dim).to(device=x.device, dtype=x.dtype)
+
+
 class _AllReduceReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: Group) -> Tensor:

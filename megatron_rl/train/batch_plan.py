@@ -154,3 +154,19 @@ def fixed_plan(lengths: Sequence[Sequence[int]], dp: int, groups_per_micro_batch
                       for i in range(0, per_rank, groups_per_micro_batch)])
     tokens = [sum(n for b in r for g in b for n in lengths[g]) for r in ranks]
     return BatchPlan(ranks, tokens, [sum(cost(b) for b in r) for r in ranks], 0)
+
+
+def merged_passes(costs: Sequence[Sequence[int]], budget: int) -> List[List[List[int]]]:
+    """The no-grad passes' micro-batches (``train.logprob_max_tokens_per_micro_batch``): each DP
+    rank's training micro-batches (``costs[d][m]``: laid-out tokens of its ``m``-th) merged,
+    first-fit decreasing, into as few as fit ``budget``, then split back until every rank has
+    the same count (their passes run Megatron's schedule and EP's all-to-alls together). Returns
+    ``[d][pass] -> training micro-batch indices``, sorted. Merging never cuts a training
+    micro-batch, so the laid-out token count of a merged one is the sum of its parts'."""
+    packed = []
+    for rank_costs in costs:
+        total = lambda ms, c=rank_costs: sum(c[m] for m in ms)  # noqa: E731
+        packed.append((pack_groups(range(len(rank_costs)), rank_costs, total, budget), total))
+    count = max(len(p) for p, _ in packed)
+    return [sorted((sorted(b) for b in split_to(p, count, total)), key=lambda b: b[0])
+            for p, total in packed]

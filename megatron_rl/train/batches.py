@@ -141,6 +141,37 @@ def build_micro_batch(seqs: Sequence[Dict[str, Tensor]], group_ids: Tensor, *, p
                             engine_routes=routes, **{k: smb.view(local[k]) for k in present})
 
 
+def concat_micro_batches(parts: Sequence[PolicyMicroBatch], cp_group: Group,
+                         routes: Optional[Tensor] = None,
+                         engine_routes: Optional[Tensor] = None) -> PolicyMicroBatch:
+    """One packed (THD) micro-batch of ``parts`` (packed micro-batches of this CP rank), for a
+    forward-only pass: the model inputs and the ``[B, 2C]`` layout, no loss inputs. A sequence's
+    CP shard depends on its own padded length only, so this rank's stream of the whole is its
+    parts' streams one after the other, and the result equals ``build_micro_batch`` on their
+    sequences. ``routes`` / ``engine_routes``: the whole's, in its routers' order (the caller
+    re-orders them over TP: ``train.logprob_batches``)."""
+    if any(p.packed_seq_params is None for p in parts):
+        raise ValueError("only packed (THD) micro-batches can be concatenated: a padded (BSHD) "
+                         "sequence's CP shard depends on its micro-batch's longest sequence")
+    cu, groups, offset = [0], [], 0
+    for p in parts:
+        own = p.packed_seq_params.host_cu_seqlens
+        cu += [cu[-1] + c for c in own[1:]]
+        groups.append(p.shard.group_ids + offset)
+        offset += p.shard.ops.num_groups
+    first = parts[0].shard.shard
+    device = parts[0].tokens.device
+    shard = CPShard.thd(cu, first.cp_size, first.cp_rank, device=device)
+    mask = torch.cat([p.shard.shard.from_view(p.shard.mask) for p in parts])
+    smb = prepare_micro_batch(shard, mask, torch.cat(groups), cp_group, num_groups=offset)
+    lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    cat = lambda k: torch.cat([getattr(p, k) for p in parts], dim=1)  # noqa: E731
+    return PolicyMicroBatch(tokens=cat("tokens"), position_ids=cat("position_ids"),
+                            labels=cat("labels"), shard=smb, old_logprobs=None, advantages=None,
+                            packed_seq_params=_packed_seq_params(cu, max(lens), device),
+                            routes=routes, engine_routes=engine_routes)
+
+
 def actions_share_columns(loss_masks: Sequence[Tensor], group_of_seq: Sequence[int]) -> bool:
     """True when each sequence's actions are one contiguous run and the members of a group start
     it at the same token position (single-turn responses to one prompt): then the ``j``-th action

@@ -26,6 +26,7 @@ from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.loss import sharded_advantages, step_denominators, step_whiten
 from megatron_rl.runtime.crash_points import reached
 from megatron_rl.train.batches import build_micro_batch
+from megatron_rl.train.logprob_batches import merged_pass
 from megatron_rl.train.megatron_loss import (PolicyLoss, PolicyMicroBatch, forward_logprobs,
                                              train_forward_backward)
 from megatron_rl.train.optimizer import nonfinite_flag, optimizer_step
@@ -85,6 +86,7 @@ class StepBatch:
     returns: Optional[List[Tensor]] = None  # [B, 2C] the critic's targets: advantage + value
     update_sizes: Optional[List[int]] = None    # micro-batches per update (None: even cut)
     plan_metrics: Dict[str, float] = field(default_factory=dict)   # batch/* (same on every rank)
+    logprob_bins: Optional[List[List[int]]] = None  # micro-batches per no-grad pass (None: one)
 
 
 def group_sequences(prompt_ids: List[int], samples: Sequence,
@@ -197,10 +199,11 @@ def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: Step
         return
     batch.has_logprobs = ps.is_pipeline_last_stage(ignore_virtual=True)
     if plan.old_pass:
+        record = plan.routing_replay == "old"
         with router_load.counting() if router_load is not None else contextlib.nullcontext():
-            old = forward_logprobs(model, batch.micro_batches, pg, measure=True,
-                                   record_routes=plan.routing_replay == "old",
-                                   temperature=plan.temperature)
+            old = _no_grad_pass(batch, pg, lambda mbs: forward_logprobs(
+                model, mbs, pg, measure=True, record_routes=record, temperature=plan.temperature),
+                record_routes=record, measure=True)
         if plan.behaviour == "old":
             for mb, lp in zip(batch.micro_batches, old):
                 mb.old_logprobs = lp
@@ -208,18 +211,26 @@ def logprob_passes(model: List, batch: StepBatch, pg: ParallelGroups, plan: Step
     if plan.needs_reference:
         with reference.swapped_in():
             # the reference routes its own tokens: the replayed routes are the policy's
-            ref = forward_logprobs(model, batch.micro_batches, pg, replay_routes=False,
-                                   temperature=plan.temperature)
+            ref = _no_grad_pass(batch, pg, lambda mbs: forward_logprobs(
+                model, mbs, pg, replay_routes=False, temperature=plan.temperature))
         if batch.has_logprobs:
             batch.ref = ref
             for mb, r in zip(batch.micro_batches, ref):
                 mb.ref_logprobs = r
     if critic is not None:
-        values = critic.values(batch.micro_batches)
+        values = _no_grad_pass(batch, pg, critic.values)
         if batch.has_logprobs:
             batch.values, batch.returns = values, [torch.zeros_like(v) for v in values]
     if batch.has_logprobs:
         set_advantages(batch, range(len(batch.micro_batches)), plan, pg)
+
+
+def _no_grad_pass(batch: StepBatch, pg: ParallelGroups, run, **kw) -> List[Tensor]:
+    """``run`` (a forward-only pass) over the step's micro-batches, or over the larger ones of
+    ``batch.logprob_bins`` with its results cut back (``logprob_batches.merged_pass``)."""
+    if batch.logprob_bins is None:
+        return run(batch.micro_batches)
+    return merged_pass(run, batch.micro_batches, batch.logprob_bins, pg, **kw)
 
 
 def _old_from_update(batch: StepBatch, plan: StepPlan, pg: ParallelGroups, critic) -> None:

@@ -18,7 +18,8 @@ from megatron_rl.algo.advantages import PER_POSITION_ESTIMATORS
 from megatron_rl.parallel.groups import ParallelGroups
 from megatron_rl.parallel.rollout_comm import scatter_by_key
 from megatron_rl.rollout.collect import Rollouts
-from megatron_rl.train.batch_plan import BatchPlan, fixed_plan, micro_batch_cost, plan_step
+from megatron_rl.train.batch_plan import (BatchPlan, Cost, fixed_plan, merged_passes,
+                                          micro_batch_cost, plan_step)
 from megatron_rl.train.rl_batch import StepBatch, build_step_batch, group_sequences, update_slices
 
 
@@ -39,6 +40,7 @@ class BatchShape:
     max_tokens: int = 0            # train.max_tokens_per_micro_batch (0: fixed group counts)
     updates: int = 1               # train.updates_per_step: the token-budget plan is per update
     tp_size: int = 1               # sequences are padded to a multiple of 2 cp tp
+    logprob_max_tokens: int = 0    # train.logprob_max_tokens_per_micro_batch (0: training's)
 
 
 class RouteStash:
@@ -78,7 +80,7 @@ def step_batch(rollouts: Rollouts, shape: BatchShape, pg: ParallelGroups, device
     """This rank's micro-batches of ``rollouts`` (None when there are fewer groups than DP ranks),
     with their routes from ``stash`` (collective when given). Drops every sample's routes
     afterwards (host memory stays bounded by this rank's share of one step)."""
-    plan, update_sizes = _plan(rollouts, shape)
+    plan, update_sizes, cost = _plan(rollouts, shape)
     idx = sorted(g for mb in plan.ranks[shape.dp_rank] for g in mb)
     if stash is not None:   # a stage without routers (dense layers only) asks for none
         stash.fetch([rollouts.samples[i] for i in idx] if shape.route_layers is not None else [])
@@ -96,15 +98,21 @@ def step_batch(rollouts: Rollouts, shape: BatchShape, pg: ParallelGroups, device
             bins=[[local[g] for g in mb] for mb in plan.ranks[shape.dp_rank]])
         batch.update_sizes = update_sizes
         batch.plan_metrics = plan.metrics()
+        if shape.logprob_max_tokens:
+            merges = merged_passes([[cost(mb) for mb in r] for r in plan.ranks],
+                                   shape.logprob_max_tokens)
+            batch.logprob_bins = merges[shape.dp_rank]
+            batch.plan_metrics["batch/logprob_micro_batches"] = float(len(merges[0]))
     for group in rollouts.samples:
         for s in group:
             s.routed_experts = None
     return batch
 
 
-def _plan(rollouts: Rollouts, shape: BatchShape) -> Tuple[BatchPlan, Optional[List[int]]]:
+def _plan(rollouts: Rollouts, shape: BatchShape) -> Tuple[BatchPlan, Optional[List[int]], Cost]:
     """Every rank's micro-batches of the step's groups (``batch_plan``), the same on every rank,
-    and the micro-batches per update (None: ``rl_batch.update_slices`` cuts them evenly).
+    the micro-batches per update (None: ``rl_batch.update_slices`` cuts them evenly) and the
+    laid-out tokens of a micro-batch (``batch_plan.micro_batch_cost``).
 
     Fixed counts: rank ``r`` takes the ``r``-th contiguous share, cut into runs of
     ``groups_per_micro_batch``. Token budget: the kept groups (a multiple of ``dp``, as there)
@@ -116,12 +124,12 @@ def _plan(rollouts: Rollouts, shape: BatchShape) -> Tuple[BatchPlan, Optional[Li
                             align_groups=shape.advantage in PER_POSITION_ESTIMATORS,
                             tp_size=shape.tp_size)
     if not shape.max_tokens:
-        return fixed_plan(lengths, shape.dp, shape.groups_per_micro_batch, cost), None
+        return fixed_plan(lengths, shape.dp, shape.groups_per_micro_batch, cost), None, cost
     weights = [sum(ls) for ls in lengths]
     units = len(lengths) // shape.dp      # rounds of one group per DP rank (as the fixed path)
     plans = [plan_step(range(r.start * shape.dp, r.stop * shape.dp), weights, shape.dp,
                        shape.max_tokens, cost)
              for r in update_slices(units, shape.updates)] if units else []
     if not plans:
-        return fixed_plan(lengths[:0], shape.dp, 1, cost), None
-    return BatchPlan.concat(plans), [len(p.ranks[0]) for p in plans]
+        return fixed_plan(lengths[:0], shape.dp, 1, cost), None, cost
+    return BatchPlan.concat(plans), [len(p.ranks[0]) for p in plans], cost

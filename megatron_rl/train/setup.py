@@ -120,7 +120,8 @@ def batch_shape(cfg: RunConfig, dp: int, dp_rank: int, cp_rank: int, spec, route
         route_layers=None if routes is None else routes.layers,
         replay_rollout_routes=t.routing_replay == "rollout",
         max_tokens=t.max_tokens_per_micro_batch, updates=t.updates_per_step,
-        tp_size=cfg.parallel.tensor_model_parallel_size)
+        tp_size=cfg.parallel.tensor_model_parallel_size,
+        logprob_max_tokens=t.logprob_max_tokens_per_micro_batch)
 
 
 def optim_settings(section, train):
