@@ -27,7 +27,7 @@ from megatron_rl.checkpoint.dist_ckpt import (_rank, CRITIC_MARKER, load_model, 
 from megatron_rl.checkpoint.hf_io import SIDE_FILES, HFReader, HFWriter, copy_side_files
 from megatron_rl.checkpoint.hf_mapping import (IGNORED_HF, mapping_for, trunk_config,
                                                value_model_config, value_model_mapping)
-from megatron_rl.checkpoint.hf_weights import iter_hf_weights, load_hf_weights
+from megatron_rl.checkpoint.hf_weights import hf_layout, hf_plan, iter_hf_weights, load_hf_weights
 from megatron_rl.model.build import ModelOptions
 from megatron_rl.model.hf_config import HFModel, load_hf_config, read_config_json
 from megatron_rl.parallel.config import Layout
@@ -288,11 +288,13 @@ def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     writer = None
+    planned = hf_plan(unwrap(model), mapping, groups, hf.num_experts)
     try:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            writer = HFWriter(tmp, shard_bytes)
-        for name, t in iter_hf_weights(unwrap(model), mapping, groups, hf.num_experts, dst=0):
+            writer = HFWriter(tmp, hf_layout(planned[0], mapping, dtype), shard_bytes)
+        for name, t in iter_hf_weights(unwrap(model), mapping, groups, hf.num_experts, dst=0,
+                                       planned=planned):
             writer.add(name, t.to(dtype))
         if writer is not None:
             writer.close()
@@ -305,6 +307,7 @@ def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
             os.replace(tmp, out)
     except BaseException:
         if writer is not None:
+            writer.abort()
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return all_gather_objects((writer.count, writer.total_bytes) if writer else None)[0]

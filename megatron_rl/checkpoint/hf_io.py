@@ -2,9 +2,10 @@
 
 The reader opens the files of ``model.safetensors.index.json`` (or one ``model.safetensors``)
 memory-mapped and reads a tensor only when asked; it records which names were read, so that the
-caller can prove every tensor was used. The writer takes tensors one at a time, flushes a shard
-file when it reaches ``shard_bytes``, and writes the index last: a directory with an index is
-complete. Only safetensors are read: nothing is ever unpickled.
+caller can prove every tensor was used. The writer is given every tensor's name, shape and dtype
+first (the export's plan), lays the shard files out, then writes each tensor into its place as it
+arrives, holding none; the index comes last: a directory with an index is complete. Only
+safetensors are read: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 
+from megatron_rl.checkpoint.safetensors_stream import Entry, SafetensorsFile, nbytes
 from megatron_rl.model.hf_config import read_config_json
 
 Tensor = torch.Tensor
@@ -122,10 +124,13 @@ def _check_index(index: Path, weight_map: Dict[str, str], held: Dict[str, Set[st
 
 
 class HFWriter:
-    """``add(name, tensor)`` in any order; ``close()`` writes the index. Shard files are named
-    ``model-XXXXX.safetensors`` while writing and renamed to HF's ``-of-N`` names at the end."""
+    """An HF safetensors directory of the tensors ``layout`` names (``(name, shape, dtype)`` in
+    file order), cut into files of at most ``shard_bytes`` (a larger tensor alone). ``add(name,
+    tensor)`` in any order writes the tensor into its file at once (``SafetensorsFile``: nothing is
+    held); ``close()`` checks every tensor came and writes the index (with more than one file)."""
 
-    def __init__(self, directory: os.PathLike, shard_bytes: int = 4 << 30):
+    def __init__(self, directory: os.PathLike, layout: Sequence[Entry],
+                 shard_bytes: int = 4 << 30):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         leftovers = [p.name for p in self.dir.glob("*.safetensors")] + (
@@ -133,57 +138,60 @@ class HFWriter:
         if leftovers:
             raise ValueError(f"{self.dir}: already holds {leftovers[0]}; export into an empty "
                              "directory (nothing there was changed)")
-        self.shard_bytes = shard_bytes
-        self._pending: Dict[str, Tensor] = {}
-        self._pending_bytes = 0
-        self._files: List[List[str]] = []
-        self._names: Set[str] = set()
-        self.total_bytes = 0
+        files: List[List[Entry]] = [[]]
+        size = 0
+        for entry in layout:
+            n = nbytes(entry[1], entry[2])
+            if files[-1] and size + n > shard_bytes:
+                files.append([])
+                size = 0
+            files[-1].append(entry)
+            size += n
+        k = len(files)
+        names = [SINGLE] if k == 1 else [f"model-{i:05d}-of-{k:05d}.safetensors"
+                                         for i in range(1, k + 1)]
+        self._files = [SafetensorsFile(self.dir / f, entries) for f, entries in zip(names, files)]
+        self.weight_map = {e[0]: f for f, entries in zip(names, files) for e in entries}
+        if len(self.weight_map) < len(layout):
+            raise ValueError("a tensor name is laid out twice (a mapping bug)")
+        self._file_of = {e[0]: self._files[i] for i, entries in enumerate(files) for e in entries}
+        self.total_bytes = sum(nbytes(e[1], e[2]) for e in layout)
         self.count = 0
 
     def add(self, name: str, tensor: Tensor) -> None:
-        """Queue a host copy of ``tensor`` under ``name`` (a name twice is a mapping bug); a shard
-        is written when the next tensor would overflow it."""
-        if name in self._names:
-            raise ValueError(f"tensor {name!r} written twice (a mapping bug)")
-        self._names.add(name)
-        # a copy: views of a fused tensor share storage, which safetensors refuses
-        t = tensor.detach().to("cpu", copy=True).contiguous()
-        size = t.numel() * t.element_size()
-        if self._pending and self._pending_bytes + size > self.shard_bytes:
-            self._flush()
-        self._pending[name] = t
-        self._pending_bytes += size
-        self.total_bytes += size
+        """Write ``tensor`` (its laid-out shape and dtype) into its file; a file is closed when
+        its last tensor arrives."""
+        f = self._file_of.get(name)
+        if f is None:
+            raise ValueError(f"tensor {name!r} is not in the export's layout (a mapping bug)")
+        f.write(name, tensor)
         self.count += 1
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        i = len(self._files) + 1
-        save_file(self._pending, str(self.dir / f".part-{i:05d}.safetensors"), metadata={"format": "pt"})
-        self._files.append(sorted(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        if f.complete:
+            f.close()
 
     def close(self) -> Dict[str, str]:
-        """Write what is pending, name the shards as HF does, and return the weight map (name ->
-        file)."""
-        if self._pending or not self._files:
-            self._flush()
-        n = len(self._files)
-        weight_map = {}
-        for i, names in enumerate(self._files, 1):
-            final = SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / f".part-{i:05d}.safetensors", self.dir / final)
-            _normal_mode(self.dir / final)
-            weight_map.update({k: final for k in names})
-        if n > 1:
+        """Check every file is whole, give them a plain file's mode, write the index; returns the
+        weight map (name -> file)."""
+        try:
+            for f in self._files:
+                f.close()
+        finally:
+            for f in self._files:
+                f.abort()
+        for f in self._files:
+            _normal_mode(f.path)
+        if len(self._files) > 1:
             index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": dict(sorted(weight_map.items()))}
+                     "weight_map": dict(sorted(self.weight_map.items()))}
             tmp = self.dir / (INDEX + ".tmp")
             tmp.write_text(json.dumps(index, indent=2))
             os.replace(tmp, self.dir / INDEX)
-        return weight_map
+        return self.weight_map
+
+    def abort(self) -> None:
+        """Close every open file (the caller removes the directory)."""
+        for f in self._files:
+            f.abort()
 
 
 def _normal_mode(path: Path) -> None:

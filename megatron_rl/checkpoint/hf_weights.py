@@ -135,12 +135,28 @@ def hf_plan(model, mapping: Mapping, groups: ShardGroups, num_experts: int):
     return plan, {e.name: e for e in entries}
 
 
+def hf_layout(plan, mapping: Mapping, dtype: torch.dtype) -> List[Tuple[str, Tuple[int, ...],
+                                                                       torch.dtype]]:
+    """The HF tensors ``iter_hf_weights`` yields for ``plan`` (``hf_plan``'s), in its order, as
+    ``(name, shape, dtype)``: the mapping applied to meta tensors (no data, no communication)."""
+    out = []
+    for name, shape, _, _ in plan:
+        rule, index = mapping.match(name)
+        if rule.tied:
+            continue
+        whole = torch.empty(shape, device="meta")
+        for hf_name, t in zip(rule.hf_names(**index), mapping.to_hf(rule, whole)):
+            out.append((hf_name, tuple(t.shape), dtype))
+    return out
+
+
 @torch.no_grad()
 def iter_hf_weights(model, mapping: Mapping, groups: ShardGroups, num_experts: int,
-                    dst: Optional[int] = None) -> Iterator[Tuple[str, Tensor]]:
+                    dst: Optional[int] = None, planned=None) -> Iterator[Tuple[str, Tensor]]:
     """``(hf_name, tensor)`` for every HF tensor of the model, on global rank ``dst`` (or on every
-    rank when None). Collective: every rank must iterate it to the end."""
-    plan, local = hf_plan(model, mapping, groups, num_experts)
+    rank when None). Collective: every rank must iterate it to the end. ``planned``: ``hf_plan``'s
+    result when the caller has it already (it is collective)."""
+    plan, local = planned or hf_plan(model, mapping, groups, num_experts)
     device = next(iter(local.values())).tensor.device if local else torch.device("cpu")
     for name, shape, dtype, owners in plan:
         e = local.get(name)

@@ -39,7 +39,8 @@ def test_exported_safetensors_get_the_mode_of_a_plain_new_file(tmp_path):
 
     for shard_bytes in (1 << 30, 8):          # one file, and shards with an index
         out = tmp_path / f"hf_{shard_bytes}"
-        w = HFWriter(out, shard_bytes=shard_bytes)
+        w = HFWriter(out, [("a.weight", (4,), torch.float32), ("b.weight", (4,), torch.float32)],
+                     shard_bytes=shard_bytes)
         w.add("a.weight", torch.ones(4))
         w.add("b.weight", torch.zeros(4))
         w.close()

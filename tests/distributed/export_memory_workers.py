@@ -1,0 +1,62 @@
+"""Worker for test_export_memory: a fresh process exports a ~100 MB model while a thread samples
+its anonymous resident memory (``RssAnon``: heap and tensors, not the page cache of the files it
+reads or writes) from the moment the HF writer is created to the end of the export."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import megatron_rl.checkpoint.convert as convert
+from megatron_rl.checkpoint.convert import export_hf, import_hf
+
+
+def rss_anon() -> int:
+    """This process's anonymous resident bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class _Sampler:
+    """The peak of ``rss_anon`` from ``start`` on, sampled every millisecond on a thread."""
+
+    def __init__(self):
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.base = self.peak = rss_anon()
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss_anon()) - self.base
+
+
+def export_growth(rank: int, world: int, hf_dir: str, tmp: str) -> dict:
+    """Import ``hf_dir``, then export it with a 1 GB shard budget (one file: the old writer held
+    all of it); the anonymous memory the writing adds beyond what the loaded model holds."""
+    import_hf(hf_dir, f"{tmp}/mc", check=False)
+    sampler = _Sampler()
+    real = convert.HFWriter
+
+    def writer(*a, **kw):
+        sampler.start()
+        return real(*a, **kw)
+
+    convert.HFWriter = writer
+    try:
+        export_hf(f"{tmp}/mc", f"{tmp}/out", shard_bytes=1 << 30)
+    finally:
+        convert.HFWriter = real
+    return {"growth": sampler.stop()}
