@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
 MANIFEST = "manifest.json"
+HASH_THREADS = 4     # per rank: ranks already split the files (``my_share``)
 _VERSION = 1
 
 
@@ -48,7 +50,17 @@ def digest(path: Path) -> Dict[str, object]:
 
 def digests(root: Path, files: List[str]) -> Dict[str, Dict[str, object]]:
     """``digest`` of each of ``files`` under ``root``, by relative path."""
-    return {rel: digest(root / rel) for rel in files}
+    return dict(zip(files, _threaded(lambda rel: digest(root / rel), files)))
+
+
+def _threaded(fn, items: List[str]) -> list:
+    """``[fn(x) for x in items]``, a few files at a time: hashlib and file reads release the GIL,
+    so a rank's share of a checkpoint (its ``torch_dist`` writer's files, each up to GBs) hashes
+    on several cores."""
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), HASH_THREADS)) as pool:
+        return list(pool.map(fn, items))
 
 
 def write_manifest(root: Path, entries: Dict[str, Dict[str, object]], run_id: str = "") -> None:
@@ -98,19 +110,20 @@ def read_manifest(root: Path) -> Dict[str, Dict[str, object]]:
 
 def check_files(root: Path, expected: Dict[str, Dict[str, object]], files: List[str]) -> List[str]:
     """What is wrong with ``files`` (a share of the manifest's keys), one line each."""
-    problems = []
-    for rel in files:
+    def problem(rel: str) -> str:
+        """What is wrong with one file ('' when nothing)."""
         want, path = expected[rel], root / rel
         if not path.is_file():
-            problems.append(f"{rel} is missing")
-            continue
+            return f"{rel} is missing"
         size = path.stat().st_size
         if size != want["size"]:
-            problems.append(f"{rel} is {'truncated' if size < want['size'] else 'longer than written'} "
-                            f"({size} of {want['size']} bytes)")
-        elif digest(path)["sha256"] != want["sha256"]:
-            problems.append(f"{rel} was altered (its SHA-256 differs from {MANIFEST})")
-    return problems
+            return (f"{rel} is {'truncated' if size < want['size'] else 'longer than written'} "
+                    f"({size} of {want['size']} bytes)")
+        if digest(path)["sha256"] != want["sha256"]:
+            return f"{rel} was altered (its SHA-256 differs from {MANIFEST})"
+        return ""
+
+    return [p for p in _threaded(problem, files) if p]
 
 
 def problem_message(root: Path, problems: List[str]) -> str:
