@@ -1,6 +1,6 @@
-"""Worker for test_export_memory: a fresh process exports a ~100 MB model while a thread samples
-its anonymous resident memory (``RssAnon``: heap and tensors, not the page cache of the files it
-reads or writes) from the moment the HF writer is created to the end of the export."""
+"""Worker for test_export_memory: a fresh process exports a 231 MB model under a memory limit
+set when the HF writer is created, while a thread samples its anonymous resident memory
+(``RssAnon``: heap and tensors, not the page cache of the files it reads or writes)."""
 
 from __future__ import annotations
 
@@ -43,20 +43,38 @@ class _Sampler:
         return max(self.peak, rss_anon()) - self.base
 
 
-def export_growth(rank: int, world: int, hf_dir: str, tmp: str) -> dict:
-    """Import ``hf_dir``, then export it with a 1 GB shard budget (one file: the old writer held
-    all of it); the anonymous memory the writing adds beyond what the loaded model holds."""
+def vm_data() -> int:
+    """This process's private writable memory (``VmData``: what ``RLIMIT_DATA`` limits)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmData in /proc/self/status")
+
+
+def export_growth(rank: int, world: int, hf_dir: str, tmp: str, limit: int) -> dict:
+    """Import ``hf_dir``, then export it with a 1 GB shard budget (one file: a writer holding its
+    shard holds the whole model): from the writer's creation on, the process runs under a memory
+    limit of ``limit`` bytes more than it has (``RLIMIT_DATA``: allocations past it fail), and the
+    anonymous memory the writing adds is measured. Returns the growth and the error, if any."""
+    import resource
+
     import_hf(hf_dir, f"{tmp}/mc", check=False)
     sampler = _Sampler()
-    real = convert.HFWriter
+    real, hard = convert.HFWriter, resource.getrlimit(resource.RLIMIT_DATA)
 
     def writer(*a, **kw):
         sampler.start()
+        resource.setrlimit(resource.RLIMIT_DATA, (vm_data() + limit, hard[1]))
         return real(*a, **kw)
 
     convert.HFWriter = writer
+    error = ""
     try:
         export_hf(f"{tmp}/mc", f"{tmp}/out", shard_bytes=1 << 30)
+    except (MemoryError, RuntimeError) as e:
+        error = f"{type(e).__name__}: {str(e)[:200]}"
     finally:
+        resource.setrlimit(resource.RLIMIT_DATA, hard)
         convert.HFWriter = real
-    return {"growth": sampler.stop()}
+    return {"growth": sampler.stop(), "error": error}
