@@ -135,6 +135,7 @@ class Trainer(EngineLink):
 
             load_rng_state(self.resumed_from)
         self.plan = S.step_plan(cfg, self.reference is not None)
+        self.warnings += S.plan_warnings(cfg, self.plan, self.critic is not None)
 
         self.router_load = RouterLoad(self.ms.model) if self.hf.num_experts else None
         self.routes = route_control(self.ms.model[0])   # None on a dense model or stage

@@ -103,6 +103,16 @@ def step_plan(cfg: RunConfig, needs_reference: bool):
         routing_replay=t.routing_replay, behaviour=a.mismatch.behaviour, packed=t.pack_sequences)
 
 
+def plan_warnings(cfg: RunConfig, plan: StepPlan, critic: bool) -> List[str]:
+    """Settings the step's plan makes idle (the run is right, the knob does nothing)."""
+    budget = cfg.train.logprob_max_tokens_per_micro_batch
+    if budget and not (plan.old_pass or plan.needs_reference or critic):
+        return [f"train.logprob_max_tokens_per_micro_batch={budget} has no effect: no "
+                "forward-only pass runs (the old log-probs come from the update's own forward, "
+                "and there is no reference KL or critic)"]
+    return []
+
+
 def route_spec(cfg: RunConfig, hf):
     """The ``rollout.routes.RouteSpec`` the engine returns routes for, or None (not asked)."""
     wanted = cfg.train.routing_replay == "rollout" or cfg.rollout.return_routes

@@ -112,3 +112,21 @@ def test_a_logprob_budget_the_merge_cannot_honour_is_refused(overrides, needle):
         load_config(RECIPES / "tiny_moe_gspo.yaml", overrides)
     load_config(RECIPES / "tiny_moe_gspo.yaml", ["train.pack_sequences=true",
                                                  "train.logprob_max_tokens_per_micro_batch=4096"])
+
+
+@pytest.mark.parametrize("recipe,warned", [("tiny_moe_gspo", True),              # no pass runs
+                                           ("tiny_moe_future_kl_grpo", False),   # reference pass
+                                           ("tiny_moe_r3", False)])              # old pass
+def test_a_logprob_budget_with_no_forward_only_pass_is_warned_about(recipe, warned):
+    from megatron_rl.config import load_config
+    from megatron_rl.train import setup as S
+
+    cfg = load_config(RECIPES / f"{recipe}.yaml", ["train.pack_sequences=true",
+                                                   "train.logprob_max_tokens_per_micro_batch=8192"])
+    plan = S.step_plan(cfg, S.needs_reference(cfg))
+    got = S.plan_warnings(cfg, plan, critic=False)
+    assert bool(got) == warned, got
+    if warned:
+        assert "train.logprob_max_tokens_per_micro_batch=8192 has no effect" in got[0]
+    cfg = load_config(RECIPES / f"{recipe}.yaml")
+    assert S.plan_warnings(cfg, S.step_plan(cfg, S.needs_reference(cfg)), critic=False) == []
