@@ -59,8 +59,11 @@ def _merged(micro_batches: Sequence[PolicyMicroBatch], idx: Sequence[int],
             pg: ParallelGroups) -> PolicyMicroBatch:
     """The training micro-batches ``idx`` as one, with their routes in the whole's order."""
     parts = [micro_batches[i] for i in idx]
-    return concat_micro_batches(parts, pg.cp, routes=_joined_routes([p.routes for p in parts], pg),
-                                engine_routes=_joined_routes([p.engine_routes for p in parts], pg))
+    engine = _joined_routes([p.engine_routes for p in parts], pg)
+    # R3 replays the engine's routes (the same tensors): one exchange serves both
+    same = all(p.routes is p.engine_routes for p in parts)
+    routes = engine if same else _joined_routes([p.routes for p in parts], pg)
+    return concat_micro_batches(parts, pg.cp, routes=routes, engine_routes=engine)
 
 
 def _split_view(whole_view: Tensor, whole: PolicyMicroBatch,
