@@ -11,17 +11,18 @@ import megatron_rl.checkpoint.convert as convert
 from megatron_rl.checkpoint.convert import export_hf, import_hf
 
 
-def rss_anon() -> int:
-    """This process's anonymous resident bytes."""
+def status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes: ``RssAnon`` (anonymous resident memory) or
+    ``VmData`` (private writable memory: what ``RLIMIT_DATA`` limits)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 class _Sampler:
-    """The peak of ``rss_anon`` from ``start`` on, sampled every millisecond on a thread."""
+    """The peak of ``RssAnon`` from ``start`` on, sampled every millisecond on a thread."""
 
     def __init__(self):
         self.base = self.peak = 0
@@ -29,27 +30,18 @@ class _Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:
-        self.base = self.peak = rss_anon()
+        self.base = self.peak = status_bytes("RssAnon")
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon())
+            self.peak = max(self.peak, status_bytes("RssAnon"))
             time.sleep(0.001)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        return max(self.peak, rss_anon()) - self.base
-
-
-def vm_data() -> int:
-    """This process's private writable memory (``VmData``: what ``RLIMIT_DATA`` limits)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmData:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmData in /proc/self/status")
+        return max(self.peak, status_bytes("RssAnon")) - self.base
 
 
 def export_growth(rank: int, world: int, hf_dir: str, tmp: str, limit: int) -> dict:
@@ -65,7 +57,7 @@ def export_growth(rank: int, world: int, hf_dir: str, tmp: str, limit: int) -> d
 
     def writer(*a, **kw):
         sampler.start()
-        resource.setrlimit(resource.RLIMIT_DATA, (vm_data() + limit, hard[1]))
+        resource.setrlimit(resource.RLIMIT_DATA, (status_bytes("VmData") + limit, hard[1]))
         return real(*a, **kw)
 
     convert.HFWriter = writer
