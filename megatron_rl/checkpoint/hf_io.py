@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 
-from megatron_rl.checkpoint.safetensors_stream import Entry, SafetensorsFile, nbytes
+from megatron_rl.checkpoint.safetensors_stream import DTYPE_NAMES, Entry, SafetensorsFile, nbytes
 from megatron_rl.model.hf_config import read_config_json
 
 Tensor = torch.Tensor
@@ -30,8 +30,8 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "added_tokens.json", "chat_template.jinja")
 
 
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2,
-                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+# a safetensors dtype name -> bytes per element, from the writer's table of the same names
+_DTYPE_BYTES = {name: nbytes((), dtype) for dtype, name in DTYPE_NAMES.items()}
 
 
 class HFReader:
