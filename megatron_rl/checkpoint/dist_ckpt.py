@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.checkpoint import manifest as M
+from megatron_rl.checkpoint.dcp_scale import scalable_planning
 from megatron_rl.checkpoint.hf_io import SIDE_FILES, copy_side_files
 from megatron_rl.checkpoint.optim_state import (destination_keeps_adam_step, prime_adam_state,
                                                 restore_adam_step, sharding_metadata)
@@ -203,7 +204,7 @@ def _write_shards(directory: Path, model, optimizer, optimizer_format: str) -> N
     prime_adam_state(optimizer)  # a checkpoint before the first update (no Adam state yet)
     # the unwrapped model: the same keys as `save_model`, so either kind loads through `load_model`
     msd = unwrap(model).sharded_state_dict()
-    with in_process_checkpoint_writes():
+    with in_process_checkpoint_writes(), scalable_planning():
         dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(
             msd, metadata=sharding_metadata(optimizer_format))}, str(directory))
 
@@ -309,7 +310,7 @@ def _load_shards(path: Path, model, optimizer, fmt: str, what: str) -> None:
     msd = model.sharded_state_dict()
     with torch.no_grad():  # the fp32 optimizer copies into views of parameters that need grads
         try:
-            with safe_checkpoint_loads():
+            with safe_checkpoint_loads(), scalable_planning():
                 loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
                     msd, is_loading=True, metadata=sharding_metadata(fmt))}, str(path))
         except (KeyboardInterrupt, SystemExit):
@@ -391,7 +392,7 @@ def save_model(path: os.PathLike, model, info: Dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    with in_process_checkpoint_writes():
+    with in_process_checkpoint_writes(), scalable_planning():
         dist_checkpointing.save({"model": unwrap(model).sharded_state_dict()}, str(tmp))
     if _rank() == 0:
         (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2))
@@ -427,7 +428,7 @@ def load_model(path: os.PathLike, model, skip: tuple = ()) -> None:
     wanted = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith(skip)} \
         if skip else model.sharded_state_dict()
     try:
-        with safe_checkpoint_loads():
+        with safe_checkpoint_loads(), scalable_planning():
             loaded = dist_checkpointing.load({"model": wanted}, str(path))
         model.load_state_dict(loaded["model"], strict=not skip)
     except (KeyboardInterrupt, SystemExit):
