@@ -31,7 +31,8 @@ from megatron_rl.checkpoint.optim_state import (destination_keeps_adam_step, pri
                                                 restore_adam_step, sharding_metadata)
 from megatron_rl.checkpoint.safe_load import safe_checkpoint_loads
 from megatron_rl.io_errors import WriteFailed, diagnose
-from megatron_rl.model.cpu_patches import in_process_checkpoint_writes
+from megatron_rl.model.cpu_patches import (checkpoint_reads_without_modes,
+                                           in_process_checkpoint_writes)
 from megatron_rl.parallel.weight_comm import all_gather_objects
 from megatron_rl.runtime.crash_points import reached
 from megatron_rl.runtime.model_setup import unwrap
@@ -310,7 +311,7 @@ def _load_shards(path: Path, model, optimizer, fmt: str, what: str) -> None:
     msd = model.sharded_state_dict()
     with torch.no_grad():  # the fp32 optimizer copies into views of parameters that need grads
         try:
-            with safe_checkpoint_loads(), scalable_planning():
+            with safe_checkpoint_loads(), scalable_planning(), checkpoint_reads_without_modes():
                 loaded = dist_checkpointing.load({"model": msd, "optimizer": optimizer.sharded_state_dict(
                     msd, is_loading=True, metadata=sharding_metadata(fmt))}, str(path))
         except (KeyboardInterrupt, SystemExit):
@@ -428,7 +429,7 @@ def load_model(path: os.PathLike, model, skip: tuple = ()) -> None:
     wanted = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith(skip)} \
         if skip else model.sharded_state_dict()
     try:
-        with safe_checkpoint_loads(), scalable_planning():
+        with safe_checkpoint_loads(), scalable_planning(), checkpoint_reads_without_modes():
             loaded = dist_checkpointing.load({"model": wanted}, str(path))
         model.load_state_dict(loaded["model"], strict=not skip)
     except (KeyboardInterrupt, SystemExit):

@@ -48,3 +48,30 @@ def test_exported_safetensors_get_the_mode_of_a_plain_new_file(tmp_path):
         os.umask(umask)
         for f in out.glob("*.safetensors"):
             assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def test_checkpoint_reads_run_without_the_cpu_modes_and_the_patch_undoes_itself():
+    import torch
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.overrides import _get_current_function_mode_stack
+
+    from megatron_rl.model.cpu_modes import CudaToCpu, enter_mode
+    from megatron_rl.model.cpu_patches import checkpoint_reads_without_modes
+
+    before = FileSystemReader.__dict__["read_data"]
+    seen = []
+
+    def spy(self, plan, planner):
+        seen.append(list(_get_current_function_mode_stack()))
+    FileSystemReader.read_data = spy
+    leave = enter_mode(CudaToCpu())
+    try:
+        with checkpoint_reads_without_modes():
+            FileSystemReader.read_data(None, None, None)
+            outside = list(_get_current_function_mode_stack())
+    finally:
+        leave()
+        FileSystemReader.read_data = before
+    if torch.cuda.is_available():   # the modes are never entered with CUDA: nothing to drop
+        return
+    assert seen == [[]] and len(outside) == 1

@@ -1,4 +1,4 @@
-"""The near-linear checkpoint metadata passes give torch's own answers (megatron_rl.checkpoint.dcp_scale).
+"""The near-linear checkpoint metadata passes give torch's own answers (checkpoint.dcp_scale).
 
 Reference: torch's original functions and, for overlap, a brute-force pairwise check. Layouts are
 random grids (uneven splits, several split dims, like megatron-core's layer x expert x TP grids),
