@@ -2,6 +2,7 @@
 
     python bench/convert.py                 # ~0.5 GB bf16 Qwen3-MoE-shaped model, world of one
     python bench/convert.py --size tiny
+    python bench/convert.py --stream-ab     # plus export whole vs streamed, fresh processes
 
 The baseline, measured in the same run on the same files: read every tensor of the HF directory
 with safetensors and write it back out (the I/O floor any converter pays). Import = HF directory
@@ -39,11 +40,50 @@ def _copy_baseline(src: str, dst: str) -> float:
     return time.perf_counter() - t
 
 
+def _export_child(ckpt: str, out: str, stream: bool) -> None:
+    """One export in this fresh process; prints seconds, the process's resident memory before
+    it and its peak (``ru_maxrss``) as JSON."""
+    import importlib
+    import resource
+
+    importlib.import_module("megatron.core.models.gpt")
+    from megatron_rl.checkpoint.convert import export_hf
+
+    with open("/proc/self/status") as f:
+        before = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+    r = export_hf(ckpt, out, stream=stream)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": r.seconds, "rss_before": before, "rss_peak": peak}))
+
+
+def _stream_ab(ckpt: str, root: str, rounds: int = 2) -> dict:
+    """Whole-model and streamed export of ``ckpt``, alternating, each in a fresh process."""
+    import subprocess
+    import sys
+
+    res = {"whole": [], "streamed": []}
+    for i in range(rounds):
+        for side in ("whole", "streamed"):
+            out = os.path.join(root, f"ab_{side}_{i}")
+            r = subprocess.run([sys.executable, __file__, "--export-child", ckpt, out, side],
+                               capture_output=True, text=True, check=True)
+            res[side].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--json")
+    ap.add_argument("--stream-ab", action="store_true",
+                    help="also export whole and streamed in fresh processes: time, peak memory")
+    ap.add_argument("--export-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.export_child:
+        ckpt, out, side = args.export_child
+        _export_child(ckpt, out, side == "streamed")
+        return
 
     import torch
 
@@ -75,13 +115,15 @@ def main() -> None:
         gb = sum(os.path.getsize(f) for f in glob.glob(os.path.join(hf, "*.safetensors"))) / 1e9
         base = _copy_baseline(hf, os.path.join(root, "copy"))
         imp = import_hf(hf, os.path.join(root, "mc"))
-        exp = export_hf(os.path.join(root, "mc"), os.path.join(root, "out"))
+        exp = export_hf(os.path.join(root, "mc"), os.path.join(root, "out"), stream=False)
         res = {"size": args.size, "gb": gb, "threads": torch.get_num_threads(),
                "megatron_core_import_s": module_import_s,
                "baseline_copy_s": base, "import_s": imp.seconds, "export_s": exp.seconds,
                "baseline_gb_s": gb / base, "import_gb_s": gb / imp.seconds,
                "export_gb_s": gb / exp.seconds,
                "import_over_copy": imp.seconds / base, "export_over_copy": exp.seconds / base}
+        if args.stream_ab:
+            res["stream_ab"] = _stream_ab(os.path.join(root, "mc"), root)
         print(json.dumps(res, indent=1))
         if args.json:
             json.dump(res, open(args.json, "w"), indent=1)

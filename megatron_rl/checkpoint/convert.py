@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, TypeVar
@@ -23,10 +24,11 @@ from typing import Callable, Dict, Optional, TypeVar
 import torch
 
 from megatron_rl.checkpoint.dist_ckpt import (_rank, CRITIC_MARKER, load_model, model_info,
-                                              save_model)
+                                              save_model, verify_model_dir)
 from megatron_rl.checkpoint.hf_io import SIDE_FILES, HFReader, HFWriter, copy_side_files
 from megatron_rl.checkpoint.hf_mapping import (IGNORED_HF, mapping_for, trunk_config,
                                                value_model_config, value_model_mapping)
+from megatron_rl.checkpoint.export_stream import on_meta, stream_hf_weights
 from megatron_rl.checkpoint.hf_weights import hf_layout, hf_plan, iter_hf_weights, load_hf_weights
 from megatron_rl.model.build import ModelOptions
 from megatron_rl.model.hf_config import HFModel, load_hf_config, read_config_json
@@ -106,11 +108,14 @@ def _require_empty(out: Path) -> None:
                          "(nothing was written)")
 
 
-def _build(hf: HFModel, layout: Layout, dtype: torch.dtype, value_head: bool = False):
-    init_megatron_parallel(layout, seed=0)
+def _build(hf: HFModel, layout: Layout, dtype: torch.dtype, value_head: bool = False,
+           meta: bool = False):
+    init_megatron_parallel(layout, seed=0)   # enters the CPU patches' modes: not under on_meta
     try:
-        [model], _ = build_model(hf, layout, ModelOptions(params_dtype=dtype, init_weights=False),
-                                 ddp=False, value_head=value_head)
+        with on_meta() if meta else nullcontext():
+            [model], _ = build_model(hf, layout, ModelOptions(params_dtype=dtype,
+                                                              init_weights=False),
+                                     ddp=False, value_head=value_head)
     except BaseException:
         destroy_megatron_parallel()
         raise
@@ -246,9 +251,11 @@ def _hf_config_for(ckpt: Path, hf_config: Optional[os.PathLike]) -> Path:
 def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
               hf_config: Optional[os.PathLike] = None, tokenizer: Optional[os.PathLike] = None,
               dtype: Optional[str] = None, shard_bytes: int = 4 << 30,
-              allow_unknown_keys: bool = False) -> Report:
+              allow_unknown_keys: bool = False, stream: Optional[bool] = None) -> Report:
     """Distributed checkpoint -> HF directory at ``out`` (collective; rank 0 writes). A training
-    checkpoint's ``critic/`` (PPO) exports as the architecture's token classifier."""
+    checkpoint's ``critic/`` (PPO) exports as the architecture's token classifier. ``stream``:
+    load and export one segment at a time (``export_stream``); None: when a rank's share of the
+    checkpoint exceeds half the host memory it may use."""
     init_distributed()
     ckpt, out = Path(ckpt), Path(out)
     critic = (ckpt / CRITIC_MARKER).is_file()
@@ -265,21 +272,32 @@ def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
     info = model_info(ckpt) or {}
     params_dtype = DTYPES[info.get("dtype", "float32")]
     out_dtype = _everywhere(lambda: _dtype(dtype, hf_cfg) if dtype else params_dtype)
+    if stream is None:   # rank 0's host decides, for every rank
+        stream = all_gather_objects(_share_bytes(ckpt, layout) > _available_memory() // 2)[0]
     t0 = time.perf_counter()
-    model, groups = _everywhere(lambda: _build(hf, layout, params_dtype, value_head=critic))
+    model, groups = _everywhere(lambda: _build(hf, layout, params_dtype, value_head=critic,
+                                               meta=stream))
     try:
-        _everywhere(lambda: load_model(ckpt, model))
+        _everywhere(lambda: verify_model_dir(ckpt) if stream else load_model(ckpt, model))
         side = tokenizer or (ckpt / "hf" if (ckpt / "hf").is_dir() else None)
         count, nbytes = write_hf_model(model, hf, mapping, groups, hf_cfg, out, out_dtype, side,
-                                       shard_bytes)
+                                       shard_bytes, stream_from=ckpt if stream else None)
     finally:
         destroy_megatron_parallel()
     return Report(count, nbytes, time.perf_counter() - t0)
 
 
+def _share_bytes(ckpt: Path, layout: Layout) -> int:
+    """About what one rank holds of the checkpoint's tensors (at most: optimizer state and
+    expert parallelism make the real share smaller)."""
+    total = sum(f.stat().st_size for f in ckpt.glob("*.distcp"))
+    return total // max(1, layout.tp * layout.pp)
+
+
 def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
                    dtype: torch.dtype, side_files: Optional[os.PathLike] = None,
-                   shard_bytes: int = 4 << 30, tokenizer=None):
+                   shard_bytes: int = 4 << 30, tokenizer=None,
+                   stream_from: Optional[Path] = None):
     """The weights of ``model`` (any layout, collective) as an HF directory at ``out``, written
     by rank 0 to ``.<name>.partial`` and renamed when complete; ``config.json`` from ``hf_cfg``,
     tokenizer and generation files copied from ``side_files`` (or ``tokenizer`` saved). A failed
@@ -293,8 +311,10 @@ def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             writer = HFWriter(tmp, hf_layout(planned[0], mapping, dtype), shard_bytes)
-        for name, t in iter_hf_weights(unwrap(model), mapping, groups, hf.num_experts, dst=0,
-                                       planned=planned):
+        weights = stream_hf_weights(unwrap(model), stream_from, mapping, groups, hf.num_experts,
+                                    planned, dst=0) if stream_from is not None else \
+            iter_hf_weights(unwrap(model), mapping, groups, hf.num_experts, dst=0, planned=planned)
+        for name, t in weights:
             writer.add(name, t.to(dtype))
         if writer is not None:
             writer.close()

@@ -438,6 +438,34 @@ def load_model(path: os.PathLike, model, skip: tuple = ()) -> None:
         raise _load_error(path, e, "the model") from None
 
 
+def load_model_part(path: os.PathLike, model, local_names, reader=None) -> None:
+    """The tensors of ``model`` whose state-dict names are in ``local_names`` from a checkpoint
+    ``load_model`` takes (any layout); the rest of ``model`` may be on the meta device. Local to
+    this rank (``partial_load``). The caller has verified the directory (``verify_model_dir``)
+    once: this runs per segment of a streaming export. ``reader``: a ``CheckpointReader`` of
+    ``path`` to reuse across calls."""
+    from megatron_rl.checkpoint.partial_load import CheckpointReader, model_boxes, read_boxes
+
+    model = unwrap(model)
+    wanted = {k: v for k, v in model.sharded_state_dict().items() if k in local_names}
+    unmapped = sorted(set(local_names) - set(wanted))
+    if unmapped:  # left unloaded they would export uninitialised memory
+        raise ValueError(f"{path}: no checkpoint entry for {', '.join(unmapped[:3])}: this "
+                         "model cannot be exported in segments; export without streaming")
+    try:
+        boxes, merge = model_boxes(wanted)
+        with safe_checkpoint_loads(), scalable_planning(), checkpoint_reads_without_modes():
+            read_boxes(reader or CheckpointReader(path), boxes)
+        model.load_state_dict(merge(), strict=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 -- torch's CheckpointException is a BaseException
+        if "can't allocate memory" in str(e):
+            raise MemoryError(f"checkpoint {path}: out of host memory loading one segment of "
+                              "the model (of one decoder layer)") from None
+        raise _load_error(Path(path), e, "the model") from None
+
+
 def verify_model_dir(path: Path) -> None:
     """``verify_checkpoint`` of a weights directory; a training checkpoint's ``critic/`` is
     covered by its step directory's manifest."""

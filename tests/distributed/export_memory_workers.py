@@ -70,3 +70,63 @@ def export_growth(rank: int, world: int, hf_dir: str, tmp: str, limit: int) -> d
         resource.setrlimit(resource.RLIMIT_DATA, hard)
         convert.HFWriter = real
     return {"growth": sampler.stop(), "error": error}
+
+
+def _limited_export(ckpt: str, out: str, limit: int, stream: bool) -> dict:
+    """Export ``ckpt`` under ``RLIMIT_DATA`` of ``limit`` bytes more than the process has when
+    the model is built (after the process groups, whose threads' stacks count too); the error,
+    if any, and the anonymous memory the export added from then on."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_DATA)
+    sampler, real = _Sampler(), convert.build_model
+
+    def build(*a, **kw):
+        sampler.start()
+        resource.setrlimit(resource.RLIMIT_DATA, (status_bytes("VmData") + limit, hard[1]))
+        return real(*a, **kw)
+
+    convert.build_model = build
+    error = ""
+    try:
+        export_hf(ckpt, out, shard_bytes=1 << 30, stream=stream)
+    except (MemoryError, RuntimeError, ValueError) as e:
+        error = f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, hard)
+        convert.build_model = real
+    return {"growth": sampler.stop(), "error": error}
+
+
+def import_and_export(rank: int, world: int, hf_dir: str, tmp: str) -> None:
+    """The checkpoint and the whole-model export without a limit (the reference files)."""
+    import_hf(hf_dir, f"{tmp}/mc", check=False)
+    export_hf(f"{tmp}/mc", f"{tmp}/reference", shard_bytes=1 << 30, stream=False)
+
+
+def export_under_limit(rank: int, world: int, tmp: str, limit: int, stream: bool) -> dict:
+    """In a fresh process (freed memory another export left in the heap would hide the model's),
+    export ``tmp/mc`` under ``limit``, streamed or whole; whether its files equal the reference's."""
+    out = f"{tmp}/{'streamed' if stream else 'whole'}"
+    r = _limited_export(f"{tmp}/mc", out, limit, stream=stream)
+    return {**r, "same": not r["error"] and _same_files(f"{tmp}/reference", out)}
+
+
+def _same_files(a: str, b: str) -> bool:
+    import filecmp
+    import os
+
+    names = sorted(os.listdir(a))
+    return names == sorted(os.listdir(b)) and all(
+        filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
+
+
+def streamed_equals_whole(rank: int, world: int, hf_dir: str, tmp: str, layout: dict) -> bool:
+    """Import at ``layout``, export whole and streamed at the same layout: identical files."""
+    from megatron_rl.parallel.config import Layout
+
+    lay = Layout(**layout)
+    import_hf(hf_dir, f"{tmp}/mc", layout=lay, check=False)
+    export_hf(f"{tmp}/mc", f"{tmp}/whole", layout=lay, stream=False)
+    export_hf(f"{tmp}/mc", f"{tmp}/streamed", layout=lay, stream=True)
+    return _same_files(f"{tmp}/whole", f"{tmp}/streamed") if rank == 0 else True
