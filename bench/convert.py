@@ -42,17 +42,19 @@ def _copy_baseline(src: str, dst: str) -> float:
 
 def _export_child(ckpt: str, out: str, stream: bool) -> None:
     """One export in this fresh process; prints seconds, the process's resident memory before
-    it and its peak (``ru_maxrss``) as JSON."""
+    it and its peak (``VmHWM``: ``ru_maxrss`` would carry the forking parent's) as JSON."""
     import importlib
-    import resource
 
     importlib.import_module("megatron.core.models.gpt")
     from megatron_rl.checkpoint.convert import export_hf
 
-    with open("/proc/self/status") as f:
-        before = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
+
+    before = status("VmRSS")
     r = export_hf(ckpt, out, stream=stream)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM")
     print(json.dumps({"seconds": r.seconds, "rss_before": before, "rss_peak": peak}))
 
 
@@ -65,8 +67,12 @@ def _stream_ab(ckpt: str, root: str, rounds: int = 2) -> dict:
     for i in range(rounds):
         for side in ("whole", "streamed"):
             out = os.path.join(root, f"ab_{side}_{i}")
+            # not this process's rendezvous: the child starts its own world of one
+            env = {k: v for k, v in os.environ.items() if k not in (
+                "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE")}
             r = subprocess.run([sys.executable, __file__, "--export-child", ckpt, out, side],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True, check=True, env=env)
             res[side].append(json.loads(r.stdout.strip().splitlines()[-1]))
             shutil.rmtree(out, ignore_errors=True)
     return res

@@ -5,7 +5,7 @@
   megatron-rl eval --config RECIPE --model HF_DIR [--prompts N] [--n N] [key=value ...]
   megatron-rl convert import HF_DIR OUT_CKPT [--tp N --pp N --ep N --etp N] [--dtype D]
                              [--no-verify] [--allow-unknown-config-keys]
-  megatron-rl convert export CKPT OUT_HF_DIR [layout] [--hf-config F] [--tokenizer DIR] [--dtype D] [--stream]
+  megatron-rl convert export CKPT OUT_HF_DIR [layout] [--hf-config F] [--tokenizer DIR] [--dtype D] [--no-stream]
   megatron-rl convert verify HF_DIR CKPT [--tp N --ep N] [--tolerance X]
 
 Every command runs as one process or under torchrun (the layout's product must divide the world).
@@ -94,9 +94,9 @@ def _convert_parser(sub) -> None:
     ex.add_argument("--tokenizer", help="directory whose tokenizer/generation files to copy")
     ex.add_argument("--dtype", default=None, help="tensor dtype of the export (default: the checkpoint's)")
     ex.add_argument("--shard-size-gb", type=float, default=4.0)
-    ex.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                    help="load and export one decoder layer at a time (default: when a rank's "
-                         "share of the checkpoint exceeds half the host memory it may use)")
+    ex.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                    help="load and export one decoder layer at a time (the default; "
+                         "--no-stream loads the whole model first)")
     _unknown_keys_arg(ex)
     _layout_args(ex)
     ve = verbs.add_parser("verify", help="compare logits of an HF model and a distributed checkpoint")

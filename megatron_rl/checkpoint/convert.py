@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, TypeVar
 import torch
 
 from megatron_rl.checkpoint.dist_ckpt import (_rank, CRITIC_MARKER, load_model, model_info,
-                                              save_model, verify_model_dir)
+                                              save_model, check_model_checkpoint)
 from megatron_rl.checkpoint.hf_io import SIDE_FILES, HFReader, HFWriter, copy_side_files
 from megatron_rl.checkpoint.hf_mapping import (IGNORED_HF, mapping_for, trunk_config,
                                                value_model_config, value_model_mapping)
@@ -251,11 +251,11 @@ def _hf_config_for(ckpt: Path, hf_config: Optional[os.PathLike]) -> Path:
 def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
               hf_config: Optional[os.PathLike] = None, tokenizer: Optional[os.PathLike] = None,
               dtype: Optional[str] = None, shard_bytes: int = 4 << 30,
-              allow_unknown_keys: bool = False, stream: Optional[bool] = None) -> Report:
+              allow_unknown_keys: bool = False, stream: bool = True) -> Report:
     """Distributed checkpoint -> HF directory at ``out`` (collective; rank 0 writes). A training
     checkpoint's ``critic/`` (PPO) exports as the architecture's token classifier. ``stream``:
-    load and export one segment at a time (``export_stream``); None: when a rank's share of the
-    checkpoint exceeds half the host memory it may use."""
+    the model on the meta device, loaded and exported one segment (a decoder layer) at a time
+    (``export_stream``: a model larger than host memory, and faster); False loads it whole."""
     init_distributed()
     ckpt, out = Path(ckpt), Path(out)
     critic = (ckpt / CRITIC_MARKER).is_file()
@@ -272,26 +272,17 @@ def export_hf(ckpt: os.PathLike, out: os.PathLike, layout: Layout = Layout(),
     info = model_info(ckpt) or {}
     params_dtype = DTYPES[info.get("dtype", "float32")]
     out_dtype = _everywhere(lambda: _dtype(dtype, hf_cfg) if dtype else params_dtype)
-    if stream is None:   # rank 0's host decides, for every rank
-        stream = all_gather_objects(_share_bytes(ckpt, layout) > _available_memory() // 2)[0]
     t0 = time.perf_counter()
     model, groups = _everywhere(lambda: _build(hf, layout, params_dtype, value_head=critic,
                                                meta=stream))
     try:
-        _everywhere(lambda: verify_model_dir(ckpt) if stream else load_model(ckpt, model))
+        _everywhere(lambda: check_model_checkpoint(ckpt) if stream else load_model(ckpt, model))
         side = tokenizer or (ckpt / "hf" if (ckpt / "hf").is_dir() else None)
         count, nbytes = write_hf_model(model, hf, mapping, groups, hf_cfg, out, out_dtype, side,
                                        shard_bytes, stream_from=ckpt if stream else None)
     finally:
         destroy_megatron_parallel()
     return Report(count, nbytes, time.perf_counter() - t0)
-
-
-def _share_bytes(ckpt: Path, layout: Layout) -> int:
-    """About what one rank holds of the checkpoint's tensors (at most: optimizer state and
-    expert parallelism make the real share smaller)."""
-    total = sum(f.stat().st_size for f in ckpt.glob("*.distcp"))
-    return total // max(1, layout.tp * layout.pp)
 
 
 def write_hf_model(model, hf: HFModel, mapping, groups, hf_cfg: Dict, out: Path,

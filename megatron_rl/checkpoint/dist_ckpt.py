@@ -423,8 +423,7 @@ def load_model(path: os.PathLike, model, skip: tuple = ()) -> None:
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    _check_dist_checkpoint(path)
-    verify_model_dir(path)
+    check_model_checkpoint(path)
     model = unwrap(model)  # a DDP wrapper's state dict keys say "module."
     wanted = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith(skip)} \
         if skip else model.sharded_state_dict()
@@ -441,8 +440,8 @@ def load_model(path: os.PathLike, model, skip: tuple = ()) -> None:
 def load_model_part(path: os.PathLike, model, local_names, reader=None) -> None:
     """The tensors of ``model`` whose state-dict names are in ``local_names`` from a checkpoint
     ``load_model`` takes (any layout); the rest of ``model`` may be on the meta device. Local to
-    this rank (``partial_load``). The caller has verified the directory (``verify_model_dir``)
-    once: this runs per segment of a streaming export. ``reader``: a ``CheckpointReader`` of
+    this rank (``partial_load``). The caller has checked the directory
+    (``check_model_checkpoint``) once: this runs per segment of a streaming export. ``reader``: a ``CheckpointReader`` of
     ``path`` to reuse across calls."""
     from megatron_rl.checkpoint.partial_load import CheckpointReader, model_boxes, read_boxes
 
@@ -464,6 +463,13 @@ def load_model_part(path: os.PathLike, model, local_names, reader=None) -> None:
             raise MemoryError(f"checkpoint {path}: out of host memory loading one segment of "
                               "the model (of one decoder layer)") from None
         raise _load_error(Path(path), e, "the model") from None
+
+
+def check_model_checkpoint(path: Path) -> None:
+    """What ``load_model`` requires of ``path`` before reading: a megatron-core checkpoint (not,
+    say, an HF directory) whose manifest checks out."""
+    _check_dist_checkpoint(path)
+    verify_model_dir(path)
 
 
 def verify_model_dir(path: Path) -> None:
