@@ -1,11 +1,11 @@
-"""Export a distributed checkpoint larger than host memory: the model lives on the meta device
-and is loaded one segment (the embedding, one decoder layer, the final norm and output layer) at
-a time, exported, and released. Peak memory: one segment's shard plus the writer's tensor.
+"""The export of a distributed checkpoint one segment at a time, so a model larger than host
+memory exports too: the model lives on the meta device, and each segment (the embedding, one
+decoder layer, the final norm and output layer) is materialised, read from the checkpoint,
+exported and released. Peak memory: one segment's shard plus the writer's tensor.
 
-The segments follow ``iter_hf_weights``'s plan order, which every rank shares, so the collective
-checkpoint load of each segment runs on all ranks together (a rank with nothing in a segment, a
-pipeline stage without that layer, loads an empty part). The results are the same bytes as the
-whole-model export (``tests/distributed/test_export_memory.py``).
+The reads are local to each rank (``partial_load``); the segments follow ``iter_hf_weights``'s
+plan order, which every rank shares, so its per-tensor gathers still meet. The files are the
+same bytes as the whole-model export (``tests/distributed/test_export_memory.py``).
 """
 
 from __future__ import annotations

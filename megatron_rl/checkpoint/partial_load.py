@@ -13,7 +13,7 @@ and writes them into the parameters' memory. Items are unpickled with ``weights_
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -106,7 +106,7 @@ def read_boxes(reader: CheckpointReader, boxes: Iterable[Box]) -> None:
         _load_state_dict({}, reader, planner=_BoxPlanner(boxes), no_dist=True)
 
 
-def model_boxes(sharded_state_dict) -> Tuple[List[Box], callable]:
+def model_boxes(sharded_state_dict) -> Tuple[List[Box], Callable[[], dict]]:
     """The boxes of a megatron-core model sharded state dict (its ``ShardedTensor`` entries and
     what its factories build), and ``merge()`` -> the plain state dict once they are filled."""
     from megatron.core.dist_checkpointing.dict_utils import (dict_list_map_inplace,
@@ -128,6 +128,7 @@ def model_boxes(sharded_state_dict) -> Tuple[List[Box], callable]:
         boxes.append((st.key, tuple(st.global_offset), st.data.view(shape)))
 
     def merge():
+        """The plain state dict: filled tensors, factory parts merged back."""
         plain = dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else x, sd)
         return apply_factory_merges(plain, factories)
     return boxes, merge

@@ -44,58 +44,39 @@ class _Sampler:
         return max(self.peak, status_bytes("RssAnon")) - self.base
 
 
-def export_growth(rank: int, world: int, hf_dir: str, tmp: str, limit: int) -> dict:
-    """Import ``hf_dir``, then export it with a 1 GB shard budget (one file: a writer holding its
-    shard holds the whole model): from the writer's creation on, the process runs under a memory
-    limit of ``limit`` bytes more than it has (``RLIMIT_DATA``: allocations past it fail), and the
-    anonymous memory the writing adds is measured. Returns the growth and the error, if any."""
+def _export_under_limit(hook: str, limit: int, *args, **kwargs) -> dict:
+    """``export_hf(*args, **kwargs)`` under ``RLIMIT_DATA`` of ``limit`` bytes more than the
+    process has when it first calls ``convert.<hook>`` (``HFWriter``: the writing alone;
+    ``build_model``: everything after the process groups, whose threads' stacks count too).
+    Returns the error, if any, and the anonymous memory added from then on."""
     import resource
 
-    import_hf(hf_dir, f"{tmp}/mc", check=False)
-    sampler = _Sampler()
-    real, hard = convert.HFWriter, resource.getrlimit(resource.RLIMIT_DATA)
-
-    def writer(*a, **kw):
-        sampler.start()
-        resource.setrlimit(resource.RLIMIT_DATA, (status_bytes("VmData") + limit, hard[1]))
-        return real(*a, **kw)
-
-    convert.HFWriter = writer
-    error = ""
-    try:
-        export_hf(f"{tmp}/mc", f"{tmp}/out", shard_bytes=1 << 30)
-    except (MemoryError, RuntimeError) as e:
-        error = f"{type(e).__name__}: {str(e)[:200]}"
-    finally:
-        resource.setrlimit(resource.RLIMIT_DATA, hard)
-        convert.HFWriter = real
-    return {"growth": sampler.stop(), "error": error}
-
-
-def _limited_export(ckpt: str, out: str, limit: int, stream: bool) -> dict:
-    """Export ``ckpt`` under ``RLIMIT_DATA`` of ``limit`` bytes more than the process has when
-    the model is built (after the process groups, whose threads' stacks count too); the error,
-    if any, and the anonymous memory the export added from then on."""
-    import resource
-
+    sampler, real = _Sampler(), getattr(convert, hook)
     hard = resource.getrlimit(resource.RLIMIT_DATA)
-    sampler, real = _Sampler(), convert.build_model
 
-    def build(*a, **kw):
+    def limited(*a, **kw):
         sampler.start()
         resource.setrlimit(resource.RLIMIT_DATA, (status_bytes("VmData") + limit, hard[1]))
         return real(*a, **kw)
 
-    convert.build_model = build
+    setattr(convert, hook, limited)
     error = ""
     try:
-        export_hf(ckpt, out, shard_bytes=1 << 30, stream=stream)
+        export_hf(*args, shard_bytes=1 << 30, **kwargs)
     except (MemoryError, RuntimeError, ValueError) as e:
         error = f"{type(e).__name__}: {str(e)[:200]}"
     finally:
         resource.setrlimit(resource.RLIMIT_DATA, hard)
-        convert.build_model = real
+        setattr(convert, hook, real)
     return {"growth": sampler.stop(), "error": error}
+
+
+def export_growth(rank: int, world: int, hf_dir: str, tmp: str, limit: int) -> dict:
+    """Import ``hf_dir``, then export it whole with a 1 GB shard budget (one file: a writer
+    holding its shard holds the whole model) under ``limit`` from the writer's creation on: the
+    writing's growth and error, if any."""
+    import_hf(hf_dir, f"{tmp}/mc", check=False)
+    return _export_under_limit("HFWriter", limit, f"{tmp}/mc", f"{tmp}/out", stream=False)
 
 
 def import_and_export(rank: int, world: int, hf_dir: str, tmp: str) -> None:
@@ -108,7 +89,7 @@ def export_under_limit(rank: int, world: int, tmp: str, limit: int, stream: bool
     """In a fresh process (freed memory another export left in the heap would hide the model's),
     export ``tmp/mc`` under ``limit``, streamed or whole; whether its files equal the reference's."""
     out = f"{tmp}/{'streamed' if stream else 'whole'}"
-    r = _limited_export(f"{tmp}/mc", out, limit, stream=stream)
+    r = _export_under_limit("build_model", limit, f"{tmp}/mc", out, stream=stream)
     return {**r, "same": not r["error"] and _same_files(f"{tmp}/reference", out)}
 
 
