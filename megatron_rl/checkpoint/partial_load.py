@@ -12,17 +12,32 @@ and writes them into the parameters' memory. Items are unpickled with ``weights_
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 Box = Tuple[str, Tuple[int, ...], torch.Tensor]   # (checkpoint key, global offsets, destination)
+
+
+def _require_covered(key: str, parts, reads) -> None:
+    """Every element of every box is read: a box the checkpoint covers only in part would keep
+    uninitialised memory (the saved chunks are disjoint, so the read volumes add up exactly)."""
+    got: Dict[Tuple[int, ...], int] = {}
+    for r in reads:
+        offsets = tuple(r.dest_index.offset)
+        got[offsets] = got.get(offsets, 0) + math.prod(r.lengths)
+    for offsets, dest in parts:
+        if got.get(tuple(offsets), 0) != dest.numel():
+            raise ValueError(f"{key}: the checkpoint holds {got.get(tuple(offsets), 0)} of the "
+                             f"{dest.numel()} elements of the shard at {list(offsets)}")
 
 
 class _BoxPlanner(DefaultLoadPlanner):
@@ -55,7 +70,9 @@ class _BoxPlanner(DefaultLoadPlanner):
                     raise ValueError(f"{key}: a shard at {list(offsets)} of {list(dest.shape)} "
                                      f"lies outside the checkpoint's {list(md.size)}")
             chunks = [ChunkStorageMetadata(torch.Size(o), d.shape) for o, d in parts]
-            items += create_read_items_for_chunk_list(key, md, chunks)
+            reads = create_read_items_for_chunk_list(key, md, chunks)
+            _require_covered(key, parts, reads)
+            items += reads
         return LoadPlan(items)
 
     def create_global_plan(self, global_plan):
@@ -101,9 +118,22 @@ def read_boxes(reader: CheckpointReader, boxes: Iterable[Box]) -> None:
     """Fill every box's destination from the checkpoint ``reader`` reads; local to this rank."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    boxes = list(boxes)
-    if boxes:
-        _load_state_dict({}, reader, planner=_BoxPlanner(boxes), no_dist=True)
+    first: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
+    twins = []   # a box asked for twice (two parameters of one shard) is read once, then copied
+    for key, offsets, dest in boxes:
+        if (key, tuple(offsets)) in first:
+            twins.append((first[(key, tuple(offsets))], dest))
+        else:
+            first[(key, tuple(offsets))] = dest
+    if first:
+        try:
+            _load_state_dict({}, reader, no_dist=True,
+                             planner=_BoxPlanner([(k, o, d) for (k, o), d in first.items()]))
+        except CheckpointException as e:   # a BaseException carrying the rank's traceback
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise ValueError(lines[-1] if lines else "checkpoint read failed") from None
+    for src, dest in twins:
+        dest.copy_(src)
 
 
 def model_boxes(sharded_state_dict) -> Tuple[List[Box], Callable[[], dict]]:
